@@ -1,0 +1,27 @@
+"""Grids and rounding: pure functions, no state (PAPER.md §1)."""
+
+from qtrain.quant.grids import (
+    GRID_KINDS,
+    Grid,
+    binary,
+    compute_dtype,
+    kbit,
+    lattice,
+    parse_grid,
+    ternary,
+)
+from qtrain.quant.rounding import quantize, round_nearest, round_stochastic
+
+__all__ = [
+    "GRID_KINDS",
+    "Grid",
+    "binary",
+    "compute_dtype",
+    "kbit",
+    "lattice",
+    "parse_grid",
+    "quantize",
+    "round_nearest",
+    "round_stochastic",
+    "ternary",
+]

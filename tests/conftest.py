@@ -1,0 +1,29 @@
+"""Shared fixtures: seeded randomness and the location of the real CIFAR-10 files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The real CIFAR-10 (official python format) sits beside the checkout when it is available.
+CIFAR10_DIR = Path(
+    os.environ.get("QTRAIN_CIFAR10_DIR", REPO_ROOT.parent / "shared" / "data")
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def cifar10_root() -> Path:
+    """Folder holding `cifar-10-batches-py`; skips the test when it is absent."""
+    if not (CIFAR10_DIR / "cifar-10-batches-py" / "data_batch_1").exists():
+        pytest.skip(f"real CIFAR-10 not found under {CIFAR10_DIR}")
+    return CIFAR10_DIR
