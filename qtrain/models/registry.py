@@ -1,0 +1,82 @@
+"""Model registry: every selectable network is registered by name (timm style).
+
+A factory has the signature ``factory(num_classes, width, in_channels) -> nn.Module``; its
+docstring's first line is the model's one-line description. `create` scales every layer's
+channel count by ``width`` so the paper's architectures can be trained at reduced cost.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+Factory = Callable[[int, float, int], nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a caller needs to know about a registered model before building it."""
+
+    name: str
+    description: str
+    input_size: int  # default square input side in pixels (32 for CIFAR, 224 for ImageNet)
+    dataset: str  # the data set the model is meant for (a `qtrain.data` name or "imagenet")
+
+
+_FACTORIES: dict[str, Factory] = {}
+_INFOS: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, *, input_size: int = 32, dataset: str = "cifar10"):
+    """Decorator registering ``factory`` under ``name``; a duplicate name is a programming error."""
+
+    def decorate(factory: Factory) -> Factory:
+        if name in _FACTORIES:
+            raise ValueError(f"model name {name!r} is already registered; pick another name")
+        doc = (factory.__doc__ or name).strip().splitlines()[0]
+        _FACTORIES[name] = factory
+        _INFOS[name] = ModelInfo(name, doc, input_size, dataset)
+        return factory
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_FACTORIES)
+
+
+def _check_name(name: str) -> None:
+    if name in _FACTORIES:
+        return
+    close = difflib.get_close_matches(str(name), list_models(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"unknown model {name!r}; {hint}choose one of {', '.join(list_models())}")
+
+
+def model_info(name: str) -> ModelInfo:
+    """Description, default input size and intended data set of a registered model."""
+    _check_name(name)
+    return _INFOS[name]
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count ``channels`` scaled by ``width``, rounded, never below 1."""
+    return max(1, round(channels * width))
+
+
+def create(name: str, num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> nn.Module:
+    """Build the registered model ``name`` with fresh (PyTorch default) initialisation."""
+    _check_name(name)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width):
+        raise ValueError(f"model width must be a finite number > 0, got {width!r}")
+    if width <= 0:
+        raise ValueError(f"model width must be > 0 (1.0 is the paper's size), got {width}")
+    for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    return _FACTORIES[name](num_classes, float(width), in_channels)
