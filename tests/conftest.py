@@ -10,9 +10,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The real CIFAR-10 (official python format) sits beside the checkout when it is available.
-CIFAR10_DIR = Path(
-    os.environ.get("QTRAIN_CIFAR10_DIR", REPO_ROOT.parent / "shared" / "data")
-)
+CIFAR10_DIR = Path(os.environ.get("QTRAIN_CIFAR10_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture(autouse=True)

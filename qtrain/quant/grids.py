@@ -102,7 +102,9 @@ class Grid:
     def code_bits(self) -> int:
         """Bits per packed code: ⌈log2 n⌉ (1 binary, 2 ternary, k for k-bit)."""
         if not self.bounded:
-            raise ValueError("the unbounded lattice Δ·ℤ has no fixed code width; use a bounded grid")
+            raise ValueError(
+                "the unbounded lattice Δ·ℤ has no fixed code width; use a bounded grid"
+            )
         return max(1, math.ceil(math.log2(self.num_levels)))
 
     def levels(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:

@@ -1,0 +1,26 @@
+"""Training methods as optimizers over quantized parameters (PAPER.md §2)."""
+
+from qtrain.methods.optimizer import MODES, QuantizedOptimizer
+from qtrain.methods.policy import POLICIES, quantized_parameter_names, split_parameters
+from qtrain.methods.presets import (
+    METHODS,
+    MethodSpec,
+    create,
+    list_methods,
+    parse_method,
+    rademacher_,
+)
+
+__all__ = [
+    "METHODS",
+    "MODES",
+    "POLICIES",
+    "MethodSpec",
+    "QuantizedOptimizer",
+    "create",
+    "list_methods",
+    "parse_method",
+    "quantized_parameter_names",
+    "rademacher_",
+    "split_parameters",
+]

@@ -1,0 +1,264 @@
+"""The BC / SR / R training methods: exact updates, grid membership, state round trips."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qtrain.methods import (
+    METHODS,
+    QuantizedOptimizer,
+    create,
+    quantized_parameter_names,
+)
+from qtrain.quant import binary, parse_grid, round_nearest, ternary
+
+QUANTIZED_METHODS = [m for m in METHODS if not m.startswith("fp")]
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),  # a bias before BatchNorm has no gradient
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def batch(seed: int = 0, n: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def train_steps(model, opt, steps: int, first_batch: int = 0) -> None:
+    for i in range(first_batch, first_batch + steps):
+        x, y = batch(i)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("method", QUANTIZED_METHODS)
+@pytest.mark.parametrize("grid", ["binary", "ternary", "2bit"])
+def test_quantized_weights_are_on_the_grid_after_every_step(method, grid):
+    model = small_net()
+    opt = create(method, model, lr=0.05, grid=grid, delta=0.5)
+    g = parse_grid(grid, 0.5)
+    names = set(quantized_parameter_names(model, "conv"))
+    for i in range(4):
+        train_steps(model, opt, 1, first_batch=i)
+        for name, p in model.named_parameters():
+            if name in names:
+                assert g.contains(p.detach()), f"{name} left the grid at step {i}"
+
+
+def test_policy_selects_conv_then_linear_then_everything():
+    model = small_net()
+    assert quantized_parameter_names(model, "conv") == ["0.weight", "3.weight"]
+    assert quantized_parameter_names(model, "conv+linear") == ["0.weight", "3.weight", "8.weight"]
+    assert len(quantized_parameter_names(model, "all")) == len(list(model.parameters()))
+    opt = create("sr-adam", model, lr=0.01, policy="conv+linear")
+    assert binary().contains(model[8].weight.detach())
+    assert not binary().contains(model[8].bias.detach())
+    assert opt.num_quantized == 8 * 3 * 9 + 8 * 8 * 9 + 4 * 8
+
+
+def _manual_adam(p, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8):
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+
+
+def test_bc_adam_step_matches_a_hand_written_reference():
+    """w_r follows Adam driven by ∇f̃(w_b); other parameters follow plain Adam."""
+    model = small_net()
+    reference = small_net()
+    reference.load_state_dict(model.state_dict())
+    lr = 0.01
+    opt = create("bc-adam", model, lr=lr)
+    names = quantized_parameter_names(model, "conv")
+    params = dict(reference.named_parameters())
+    latent = {n: params[n].detach().clone().clamp(-1, 1) for n in names}
+    moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
+    for t in range(1, 6):
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(round_nearest(latent[n], binary()))
+        x, y = batch(t)
+        reference.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        with torch.no_grad():
+            for n, p in params.items():
+                target = latent[n] if n in names else p
+                _manual_adam(target, p.grad, *moments[n], t, lr)
+            for n in names:
+                latent[n].clamp_(-1, 1)
+        train_steps(model, opt, 1, first_batch=t)
+    got = dict(model.named_parameters())
+    latent_got = dict(zip(names, opt.latent_weights(), strict=True))
+    for n, p in params.items():
+        if n in names:
+            torch.testing.assert_close(latent_got[n], latent[n], rtol=1e-5, atol=1e-6)
+            assert torch.equal(got[n].detach(), round_nearest(latent_got[n], binary()))
+        else:
+            torch.testing.assert_close(got[n].detach(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_full_precision_parameters_move_exactly_as_under_the_plain_optimizer():
+    """At the same w_b, the non-quantized parameters take the very same Adam step."""
+    model, plain = small_net(), small_net()
+    opt = create("sr-adam", model, lr=0.01)
+    plain.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.Adam(plain.parameters(), lr=0.01)
+    train_steps(model, opt, 1)
+    train_steps(plain, ref_opt, 1)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        if name not in ("0.weight", "3.weight"):
+            assert torch.equal(p, q), name
+
+
+def test_r_adam_stagnates_on_binary_weights():
+    """|Adam step| ≈ lr = 0.01 ≪ Δ: Q_d puts every binary weight straight back."""
+    model = small_net()
+    opt = create("r-adam", model, lr=0.01)
+    before = [p.detach().clone() for p in (model[0].weight, model[3].weight)]
+    for i in range(10):
+        train_steps(model, opt, 1, first_batch=i)
+        assert opt.flip_rate() == 0.0
+    assert all(torch.equal(b, p) for b, p in zip(before, (model[0].weight, model[3].weight)))
+    assert opt.mean_flip_rate() == 0.0
+
+
+def test_sr_adam_flips_weights_with_the_predicted_probability():
+    """Adam's first step is lr·sign(g); a weight ±1 moved inwards by lr flips w.p. lr/2."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 5), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 12, 12))
+    lr = 0.04
+    opt = create("sr-adam", model, lr=lr, seed=3)
+    w0 = model[0].weight.detach().clone()
+    x, y = torch.randn(64, 3, 12, 12), torch.randint(0, 2, (64,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    inwards = (torch.sign(model[0].weight.grad) == torch.sign(w0)).sum().item()
+    opt.step()
+    flips = (model[0].weight != w0).sum().item()
+    expected = inwards * lr / 2
+    standard_error = math.sqrt(inwards * (lr / 2) * (1 - lr / 2))
+    assert abs(flips - expected) <= 4 * standard_error
+    assert opt.flip_rate() == pytest.approx(flips / w0.numel())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_and_restore_gives_bit_identical_next_steps(method):
+    model = small_net()
+    opt = create(method, model, lr=0.02, seed=11, grid=ternary(0.5))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    train_steps(model, opt, 3)
+    scheduler.step()
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train_steps(model, opt, 3, first_batch=3)
+
+    restored_model = small_net(seed=99)
+    restored = create(method, restored_model, lr=0.02, seed=0, grid=ternary(0.5))
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    restored_model.load_state_dict(saved["model"])
+    restored.load_state_dict(saved["opt"])
+    assert restored.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    train_steps(restored_model, restored, 3, first_batch=3)
+    for a, b in zip(model.state_dict().values(), restored_model.state_dict().values()):
+        assert torch.equal(a, b)
+    if method.startswith("bc"):
+        for a, b in zip(opt.latent_weights(), restored.latent_weights(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_lr_scheduler_drives_the_base_optimizer():
+    model = small_net()
+    opt = create("bc-sgd", model, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.1)
+    train_steps(model, opt, 1)
+    scheduler.step()
+    assert opt.base.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert [g["name"] for g in opt.param_groups] == ["quantized", "full_precision"]
+
+
+def test_weight_decay_shrinks_the_latent_weights_of_bc():
+    """Figure 7's mechanism: with decay, w_r drifts to 0 and the gap (1/d)‖w_b − w_r‖₁ grows."""
+    gaps = {}
+    for decay in (0.0, 0.5):
+        model = small_net()
+        opt = create("bc-sgd", model, lr=0.05, weight_decay=decay, momentum=0.0)
+        train_steps(model, opt, 30)
+        gaps[decay] = opt.latent_gap()
+    assert gaps[0.5] > gaps[0.0]
+    assert 0.0 <= gaps[0.0] <= 1.0
+
+
+def test_stochastic_bc_writes_a_stochastic_rounding_of_the_latent_weights():
+    model = small_net()
+    opt = create("bc-adam", model, lr=0.01, bc_stochastic=True, seed=5)
+    train_steps(model, opt, 2)
+    assert binary().contains(model[0].weight.detach())
+    # Q_s keeps signs unchanged only with probability (1+|w_r|)/2 < 1 for small |w_r|
+    assert not torch.equal(model[0].weight, round_nearest(opt.latent_weights()[0], binary()))
+
+
+def test_fp_method_is_the_plain_optimizer():
+    model, plain = small_net(), small_net()
+    opt = create("fp-adam", model, lr=0.01)
+    ref = torch.optim.Adam(plain.parameters(), lr=0.01)
+    train_steps(model, opt, 3)
+    train_steps(plain, ref, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+    assert opt.num_quantized == 0 and opt.latent_gap() is None
+
+
+def test_channels_last_layout_survives():
+    model = small_net().to(memory_format=torch.channels_last)
+    create("bc-adam", model, lr=0.01)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda m: create("sr-adamw", m, lr=0.01), "did you mean 'sr-adam'"),
+        (lambda m: create("bc-adam", m, lr=0.0), "learning rate"),
+        (lambda m: create("bc-adam", m, lr=-1.0), "learning rate"),
+        (lambda m: create("bc-adam", m, lr=0.01, delta=0.0), "delta"),
+        (lambda m: create("bc-adam", m, lr=0.01, grid="0bit"), "bits"),
+        (lambda m: create("bc-adam", m, lr=0.01, policy="convs"), "did you mean 'conv'"),
+        (lambda m: create("bc-adam", m, lr=0.01, weight_decay=-1e-5), "weight decay"),
+        (
+            lambda m: QuantizedOptimizer(
+                torch.optim.Adam(m.parameters()), [m[0].weight], "sr", binary()
+            ),
+            "must start on the grid",
+        ),
+    ],
+)
+def test_bad_input_gets_a_clear_value_error(build, message):
+    with pytest.raises(ValueError, match=message):
+        build(small_net())
+
+
+def test_loading_state_of_another_method_is_refused():
+    model = small_net()
+    saved = create("bc-adam", model, lr=0.01).state_dict()
+    with pytest.raises(ValueError, match="resume with the method"):
+        create("sr-adam", small_net(), lr=0.01).load_state_dict(saved)
