@@ -1,0 +1,1 @@
+"""Training: the loop, schedules, atomic checkpoints, configuration, distributed set-up."""

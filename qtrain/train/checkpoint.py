@@ -1,0 +1,143 @@
+"""Checkpoints: atomic writes, safe loads, and rebuilding the model they describe.
+
+A checkpoint is one `torch.save`d dict that `torch.load(weights_only=True)` can read (tensors,
+dicts, lists, strings and numbers only, so loading never runs code):
+
+    format          "qtrain-checkpoint"
+    format_version  1
+    qtrain_version  package version that wrote it
+    config          the resolved run configuration (a flat dict of primitives)
+    model           {"name", "num_classes", "width", "in_channels"}: enough to rebuild it
+    method          {"name", "grid": Grid.to_dict(), "policy"}
+    quantized       names of the parameters that live on the grid
+    model_state     model.state_dict()
+    training        optimizer / scheduler / progress state (absent in exported weights)
+
+Writes go to a temporary file in the same folder, are fsync'ed, then atomically renamed over
+the target, so a crash at any moment leaves either the old or the new checkpoint, never a
+torn one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import qtrain
+
+FORMAT = "qtrain-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, corrupt or of another kind."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Atomically save a checkpoint dict (adds the format header)."""
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "qtrain_version": qtrain.__version__,
+    }
+    record.update(payload)
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load and validate a checkpoint without executing code (`weights_only=True`)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        candidate = path / "checkpoint.pt"
+        if not candidate.exists():
+            raise CheckpointError(
+                f"{path} is a folder without checkpoint.pt; pass a run folder or a .pt file"
+            )
+        path = candidate
+    try:
+        record = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is not a readable qtrain checkpoint ({reason[:160]}); "
+            "it may be truncated or not a checkpoint at all"
+        ) from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not a qtrain checkpoint; pass a checkpoint.pt "
+            "written by `qtrain train`"
+        )
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {record.get('format_version')!r}, this qtrain reads "
+            f"format {FORMAT_VERSION}; load it with the qtrain version that wrote it "
+            f"({record.get('qtrain_version', 'unknown')})"
+        )
+    for key in ("model", "method", "quantized", "model_state"):
+        if key not in record:
+            raise CheckpointError(f"{path} lacks the {key!r} entry; the file is damaged")
+    return record
+
+
+def build_model(record: dict) -> nn.Module:
+    """The model a checkpoint describes, with its saved weights loaded (eval mode)."""
+    from qtrain import models
+
+    spec = record["model"]
+    model = models.create(
+        spec["name"],
+        num_classes=int(spec["num_classes"]),
+        width=float(spec["width"]),
+        in_channels=int(spec["in_channels"]),
+    )
+    try:
+        model.load_state_dict(record["model_state"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit model {spec['name']!r} ({first[:160]}); "
+            "the file is damaged or was edited"
+        ) from None
+    return model.eval()
