@@ -1,0 +1,71 @@
+"""In-memory image data sets: the whole split as one uint8 tensor.
+
+Pixel values are kept as uint8 0..255 everywhere; normalisation happens per batch in the
+loader, x = (pixel − mean) / std with mean and std per channel in the same 0..255 units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ArrayDataset:
+    """``images`` uint8 [N, C, H, W] and ``labels`` int64 [N] of one split."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"images must be a uint8 tensor [N, C, H, W], got {self.images.dtype} "
+                f"of shape {tuple(self.images.shape)}; convert the pixels to uint8 first"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(
+                f"labels must be an int64 tensor [N] with N = {self.images.shape[0]}, got "
+                f"{self.labels.dtype} of shape {tuple(self.labels.shape)}; pass one label per image"
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class DataSplits:
+    """A train/test pair plus what a model and loader need to know about it.
+
+    ``mean`` and ``std`` are per channel in pixel units (0..255), computed on the training
+    split. ``augment`` is the set's default for training-time augmentation (4-pixel padded
+    random crop + horizontal flip).
+    """
+
+    train: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+    name: str
+    class_names: list[str] | None = None
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 [N, C, H, W] in pixel units.
+
+    Exact and fast: from the per-channel histogram h_c(v) of the 256 pixel values,
+    mean_c = Σ v·h_c(v) / n and std_c = √(Σ v²·h_c(v) / n − mean_c²) in float64.
+    """
+    histograms = torch.stack(
+        [torch.bincount(images[:, c].reshape(-1), minlength=256) for c in range(images.shape[1])]
+    ).to(torch.float64)  # [C, 256]
+    values = torch.arange(256, dtype=torch.float64)
+    count = histograms.sum(1)
+    mean = (histograms * values).sum(1) / count
+    std = ((histograms * values.square()).sum(1) / count - mean.square()).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())

@@ -1,0 +1,209 @@
+"""Fast in-memory batches: the whole split lives on the device as one uint8 tensor.
+
+Per batch, everything is a batched tensor op (no per-image Python):
+
+    idx   = perm[b·B : (b+1)·B]                      indices of global batch b   [B]
+    x     = images[idx]                              uint8                       [B, C, H, W]
+    x_pad = zero-pad x by p on each side             uint8                       [B, C, H+2p, W+2p]
+    out[i, c, h, w] = x_pad[i, c, h + dy_i, w' + dx_i],  w' = W−1−w if flip_i else w
+    x     = (out − mean_c) / std_c                   float32                     [B, C, H, W]
+
+with crop offsets dy_i, dx_i uniform in {0, …, 2p} and flip_i ~ Bernoulli(½). The crop and the
+flip are one `gather` over flat pixel indices.
+
+Reproducibility: the shuffle of an epoch is a pure function of (seed, epoch) and the
+augmentation of batch b a pure function of (seed, epoch, b), each drawn from its own CPU
+`torch.Generator` (so batches are identical on every device). Resuming an epoch at batch b
+therefore yields exactly the batches an uninterrupted epoch would.
+
+Sharding: with world size W the batch size B is global; rank r gets the contiguous slice
+[r·B/W, (r+1)·B/W) of every global batch, and all ranks share the permutation and the
+augmentation draws, so the union of the ranks' slices is the single-process batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .arrays import ArrayDataset
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # x float32 [B, C, H, W], y int64 [B]
+
+SHUFFLE_STREAM = 0
+AUGMENT_STREAM = 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of the integers ``parts`` (BLAKE2b of them)."""
+    data = b"".join(int(part).to_bytes(8, "little", signed=True) for part in parts)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def generator_for(*parts: int) -> torch.Generator:
+    """A CPU generator seeded with `mix_seed` of ``parts``."""
+    return torch.Generator().manual_seed(mix_seed(*parts))
+
+
+def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of ``epoch``: a permutation of range(size), int64 [size] on the CPU."""
+    return torch.randperm(size, generator=generator_for(seed, epoch, SHUFFLE_STREAM))
+
+
+def rank_slice(size: int, rank: int, world_size: int) -> slice:
+    """Contiguous part of a global batch of ``size`` for ``rank``.
+
+    Equal parts when ``world_size`` divides ``size`` (always true for full training batches);
+    a short last batch is split like `torch.tensor_split`, so some ranks may get fewer items.
+    """
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def draw_augmentation(
+    size: int, padding: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop offsets dy, dx (int64 [size], uniform in 0..2·padding) and flips (bool [size])."""
+    dy = torch.randint(0, 2 * padding + 1, (size,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (size,), generator=generator)
+    flip = torch.rand(size, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def crop_flip(
+    images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, padding: int
+) -> torch.Tensor:
+    """Zero-padded random crop and horizontal flip of uint8 [B, C, H, W], as one gather.
+
+    Image i is padded by ``padding`` zeros on every side, cropped back to H×W at offset
+    (dy_i, dx_i) of the padded image, and mirrored left-right where flip_i is true.
+    """
+    batch, channels, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4)  # [B, C, H+2p, W+2p]
+    padded_width = width + 2 * padding
+    columns = torch.arange(width, device=images.device)
+    rows = dy[:, None] + torch.arange(height, device=images.device)  # [B, H]
+    cols = dx[:, None] + torch.where(flip[:, None], columns.flip(0), columns)  # [B, W]
+    flat = (rows[:, :, None] * padded_width + cols[:, None, :]).reshape(batch, 1, -1)
+    picked = padded.reshape(batch, channels, -1).gather(2, flat.expand(-1, channels, -1))
+    return picked.reshape(batch, channels, height, width)
+
+
+class BatchLoader:
+    """Iterates normalised float32 batches of an `ArrayDataset` stored on ``device``.
+
+    ``batch_size`` is global (split across ``world_size`` ranks). ``mean`` and ``std`` are per
+    channel in pixel units (0..255). With ``train`` the order is shuffled per epoch and, if
+    ``augment``, images get a ``padding``-pixel random crop and a horizontal flip; without
+    ``train`` the order is the dataset's and nothing is augmented. ``drop_last`` defaults to
+    ``train``. Every rank yields the same number of batches; with ``drop_last`` false a rank's
+    share of the short last batch may be empty.
+    """
+
+    def __init__(
+        self,
+        dataset: ArrayDataset,
+        batch_size: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        augment: bool,
+        seed: int,
+        device: torch.device | str = "cpu",
+        drop_last: bool | None = None,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        padding: int = 4,
+    ) -> None:
+        channels = dataset.images.shape[1]
+        _check_sizes(len(dataset), batch_size, rank, world_size, padding)
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise ValueError(
+                f"mean and std need {channels} values (one per channel) with std > 0, got "
+                f"mean={tuple(mean)} std={tuple(std)}; pass the data set's statistics"
+            )
+        self.batch_size = batch_size
+        self.train = train
+        self.augment = train and augment
+        self.seed = seed
+        self.drop_last = train if drop_last is None else drop_last
+        self.channels_last = channels_last
+        self.rank = rank
+        self.world_size = world_size
+        self.padding = padding
+        self.device = torch.device(device)
+        self.images = dataset.images.to(self.device)  # uint8 [N, C, H, W], stored once
+        self.labels = dataset.labels.to(self.device)
+        shape = (1, channels, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
+        if self.drop_last and len(dataset) < batch_size:
+            raise ValueError(
+                f"batch size {batch_size} is larger than the {len(dataset)} images of the "
+                "split, so dropping the last partial batch leaves none; use a smaller batch"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        """Images per epoch over all ranks."""
+        return len(self) * self.batch_size if self.drop_last else self.images.shape[0]
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        size = self.images.shape[0]
+        return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches ``start_batch`` … len−1 of ``epoch``: x float32 [B/W, C, H, W], y int64."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(
+                f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch); "
+                "resume from a batch index of this epoch"
+            )
+        return self._batches(epoch, start_batch)
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        size = self.images.shape[0]
+        if self.train:
+            order = epoch_permutation(size, self.seed, epoch).to(self.device)
+        else:
+            order = torch.arange(size, device=self.device)
+        for b in range(start_batch, len(self)):
+            global_indices = order[b * self.batch_size : (b + 1) * self.batch_size]
+            part = rank_slice(global_indices.shape[0], self.rank, self.world_size)
+            indices = global_indices[part]
+            x = self.images.index_select(0, indices)
+            if self.augment:
+                generator = generator_for(self.seed, epoch, b, AUGMENT_STREAM)
+                draws = draw_augmentation(global_indices.shape[0], self.padding, generator)
+                dy, dx, flip = (d[part].to(self.device) for d in draws)
+                x = crop_flip(x, dy, dx, flip, self.padding)
+            x = (x.float() - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels.index_select(0, indices)
+
+
+def _check_sizes(size: int, batch_size: int, rank: int, world_size: int, padding: int) -> None:
+    if size == 0:
+        raise ValueError("the data set is empty; load a split that holds images")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"rank {rank} is not in 0..{world_size - 1} for world size {world_size}; "
+            "pass the process's rank and the number of processes"
+        )
+    if batch_size % world_size:
+        raise ValueError(
+            f"global batch size {batch_size} is not divisible by world size {world_size}; "
+            "choose a batch size that is a multiple of the number of processes"
+        )
+    if not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"crop padding must be an integer >= 0, got {padding!r}")
