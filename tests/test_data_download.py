@@ -1,0 +1,121 @@
+"""Downloading CIFAR end to end against a local HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from test_data_cifar import write_archive, write_fake_cifar
+
+import qtrain.data as data
+from qtrain.data.cifar import CIFAR10
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # keep pytest output clean
+        pass
+
+
+class TruncatingHandler(QuietHandler):
+    """Announces the full length but sends only half of the body, then hangs up."""
+
+    def do_GET(self):
+        body = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.close_connection = True
+
+
+def serve(directory: Path, handler=QuietHandler):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def archive_site(tmp_path):
+    """A server publishing a fake cifar-10-python.tar.gz; yields (url, md5)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    archive = write_archive(write_fake_cifar(tmp_path / "build"), site / CIFAR10.archive)
+    server, base = serve(site)
+    yield f"{base}/{CIFAR10.archive}", hashlib.md5(archive.read_bytes()).hexdigest()
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_verifies_and_extracts(tmp_path, archive_site):
+    url, md5 = archive_site
+    root = tmp_path / "cache"
+    splits = data.load("cifar10", root=root, download=True, url=url, md5=md5)
+    assert len(splits.train) == 100 and len(splits.test) == 20
+    # Only the extracted folder remains: no archive, no temporaries.
+    assert [p.name for p in root.iterdir()] == [CIFAR10.folder]
+    again = data.load("cifar10", root=root)  # now read from disk, no download
+    assert torch.equal(again.train.images, splits.train.images)
+
+
+def test_url_can_come_from_the_environment(tmp_path, archive_site, monkeypatch):
+    url, md5 = archive_site
+    monkeypatch.setenv("QTRAIN_CIFAR10_URL", url)
+    splits = data.load("cifar10", root=tmp_path / "cache", download=True, md5=md5)
+    assert len(splits.test) == 20
+
+
+def test_md5_mismatch_leaves_nothing_behind(tmp_path, archive_site):
+    url, _ = archive_site
+    root = tmp_path / "cache"
+    with pytest.raises(data.ChecksumError) as info:
+        data.load("cifar10", root=root, download=True, url=url)  # the official MD5
+    message = str(info.value)
+    assert CIFAR10.md5 in message and "deleted" in message
+    assert list(root.iterdir()) == []
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path):
+    with socket.socket() as probe:  # a port that nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = tmp_path / "cache"
+    url = f"http://127.0.0.1:{port}/{CIFAR10.archive}"
+    with pytest.raises(data.DownloadError, match="could not download .*network connection"):
+        data.load("cifar10", root=root, download=True, url=url)
+    assert list(root.iterdir()) == []
+
+
+def test_missing_file_on_server_reports_the_http_status(tmp_path, archive_site):
+    url, md5 = archive_site
+    root = tmp_path / "cache"
+    with pytest.raises(data.DownloadError, match="HTTP 404"):
+        data.load("cifar10", root=root, download=True, url=url + ".missing", md5=md5)
+    assert list(root.iterdir()) == []
+
+
+def test_truncated_transfer_is_detected(tmp_path, archive_site):
+    url, md5 = archive_site
+    site = Path(tmp_path / "site")
+    server, base = serve(site, TruncatingHandler)
+    root = tmp_path / "cache"
+    try:
+        with pytest.raises(data.DownloadError, match="ended after .* bytes"):
+            data.load("cifar10", root=root, download=True, url=f"{base}/{CIFAR10.archive}", md5=md5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert list(root.iterdir()) == []
+
+
+def test_no_download_without_permission(tmp_path, archive_site):
+    url, md5 = archive_site
+    with pytest.raises(data.DatasetNotFoundError, match="--download"):
+        data.load("cifar10", root=tmp_path / "cache", url=url, md5=md5)
+    assert not (tmp_path / "cache").exists()
