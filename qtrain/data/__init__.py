@@ -2,7 +2,7 @@
 
 `load` returns `DataSplits` (both splits as uint8 tensors plus their statistics) and
 `BatchLoader` turns a split into normalised, augmented batches with batched tensor ops.
-ImageNet folders are read by `qtrain.data.imagenet` (needs Pillow).
+ImageNet folders are read by `load_imagenet` and batched by `ImageNetLoader` (needs Pillow).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .errors import (
     MissingDependencyError,
     UnsafePickleError,
 )
+from .imagenet import ImageNetLoader, ImageNetSplits, load_imagenet
 from .loader import BatchLoader
 from .synthetic import make_synthetic
 
@@ -87,10 +88,13 @@ __all__ = [
     "DataSplits",
     "DatasetNotFoundError",
     "DownloadError",
+    "ImageNetLoader",
+    "ImageNetSplits",
     "MissingDependencyError",
     "UnsafePickleError",
     "default_root",
     "list_datasets",
     "load",
+    "load_imagenet",
     "make_synthetic",
 ]

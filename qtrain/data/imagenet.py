@@ -1,0 +1,304 @@
+"""ImageNet from the standard folder layout, with the usual ResNet training transforms.
+
+    root/train/<class>/<image>.JPEG      root/val/<class>/<image>.JPEG
+
+Classes are the sorted folder names of ``train/`` (label = position). Per image, as in the
+reference PyTorch ImageNet recipe (torchvision's RandomResizedCrop / Resize / CenterCrop on
+PIL images, bilinear):
+
+    train: area fraction s ~ U(0.08, 1), aspect ratio r ~ logU(3/4, 4/3), crop
+           w = √(s·A·r) × h = √(s·A/r) at a uniform position (10 tries, else the centre
+           crop of the largest allowed ratio), resize to 224×224, mirror with p = ½
+    eval:  resize the shorter side to 256, centre crop 224×224
+
+Decoding and these per-image steps run in DataLoader worker processes and yield uint8
+[3, 224, 224]; normalisation (x − mean)/std happens per batch on the device. Only Pillow is
+needed. The random draws of an image are a pure function of (seed, epoch, position in the
+epoch), so batches do not depend on the number of workers and a resumed epoch repeats
+exactly; sharding over ranks is the same as `BatchLoader`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import CorruptDataError, DataError, DatasetNotFoundError, MissingDependencyError
+from .loader import AUGMENT_STREAM, Batch, epoch_permutation, mix_seed, rank_slice
+
+# The usual ImageNet statistics, converted to pixel units (0..255) like every qtrain set.
+IMAGENET_MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))
+IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".webp", ".tif", ".tiff")
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise MissingDependencyError(
+            "ImageNet decoding needs Pillow, which is not installed; install it with "
+            "pip install 'qtrain[imagenet]'"
+        ) from None
+    return Image
+
+
+@dataclass
+class ImageFolder:
+    """Image files of one split with their labels; ``class_names[label]`` names a label."""
+
+    root: Path
+    samples: list[tuple[Path, int]]
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@dataclass
+class ImageNetSplits:
+    """The train and val folders plus what models and loaders need to know."""
+
+    train: ImageFolder
+    val: ImageFolder
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    in_channels: int = 3
+    image_size: int = 224
+
+
+def scan_folder(folder: Path, class_names: Sequence[str] | None = None) -> ImageFolder:
+    """List ``folder/<class>/<image>``; labels follow ``class_names`` (default: sorted folders)."""
+    if not folder.is_dir():
+        raise DatasetNotFoundError(
+            f"{folder} does not exist; put the ImageNet split there with one subfolder per class"
+        )
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    names = list(class_names) if class_names is not None else found
+    if class_names is not None and found != names:
+        raise DataError(
+            f"{folder} has class folders {found[:3]}… ({len(found)}) that differ from the "
+            f"training classes ({len(names)}); give every split the same class folders"
+        )
+    samples = [
+        (path, label)
+        for label, name in enumerate(names)
+        for path in sorted((folder / name).iterdir())
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    ]
+    if not samples:
+        raise DataError(
+            f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in class subfolders; "
+            "put the split's images in one folder per class"
+        )
+    return ImageFolder(folder, samples, names)
+
+
+def load_imagenet(root: str | Path) -> ImageNetSplits:
+    """Scan ``root/train`` and ``root/val`` (same class folders) into `ImageNetSplits`."""
+    root = Path(root).expanduser()
+    train = scan_folder(root / "train")
+    val = scan_folder(root / "val", train.class_names)
+    return ImageNetSplits(train, val, len(train.class_names), train.class_names)
+
+
+def random_resized_crop_box(
+    width: int, height: int, generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """(left, top, crop width, crop height) drawn as torchvision's RandomResizedCrop does."""
+    area = width * height
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        draws = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * draws[0])
+        ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * draws[1])
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return left, top, w, h
+    # Fallback: the centre crop whose aspect ratio is the nearest allowed one.
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        w, h = round(height * CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def resize_shorter(image, size: int):
+    """Resize a PIL image so its shorter side is ``size`` (torchvision's ``Resize(size)``)."""
+    width, height = image.size
+    if width <= height:
+        new = (size, int(size * height / width))
+    else:
+        new = (int(size * width / height), size)
+    return image if new == (width, height) else image.resize(new, _pil().BILINEAR)
+
+
+def center_crop(image, size: int):
+    """The centred ``size``×``size`` crop of a PIL image at least that large."""
+    width, height = image.size
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_uint8(image) -> torch.Tensor:
+    """PIL RGB image → uint8 tensor [3, H, W]."""
+    width, height = image.size
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).contiguous()
+
+
+def open_rgb(path: Path):
+    """Decode ``path`` to an RGB PIL image; a broken file is a `CorruptDataError`."""
+    image_module = _pil()
+    try:
+        with image_module.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise CorruptDataError(
+            f"{path} cannot be decoded as an image ({error}); replace or delete the file"
+        ) from None
+
+
+class FolderImages(Dataset):
+    """Decodes and transforms one image per key (index, sample seed) into uint8 [3, S, S]."""
+
+    def __init__(self, folder: ImageFolder, train: bool, image_size: int, resize_size: int):
+        self.folder = folder
+        self.train = train
+        self.image_size = image_size
+        self.resize_size = resize_size
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, sample_seed = key
+        path, label = self.folder.samples[index]
+        image = open_rgb(path)
+        size = self.image_size
+        if self.train:
+            generator = torch.Generator().manual_seed(sample_seed)
+            left, top, w, h = random_resized_crop_box(*image.size, generator)
+            image = image.crop((left, top, left + w, top + h)).resize((size, size), _pil().BILINEAR)
+            if torch.rand(1, generator=generator).item() < 0.5:
+                image = image.transpose(_pil().FLIP_LEFT_RIGHT)
+        else:
+            image = center_crop(resize_shorter(image, self.resize_size), size)
+        return to_uint8(image), label
+
+
+class ImageNetLoader:
+    """Batches of an `ImageFolder` with the `BatchLoader` interface (``len``, ``epoch``).
+
+    ``batch_size`` is global; rank r of ``world_size`` gets the contiguous slice
+    [r·B/W, (r+1)·B/W) of every global batch of the shared per-epoch permutation. ``mean``
+    and ``std`` are in pixel units. ``num_workers`` processes decode and transform images.
+    """
+
+    def __init__(
+        self,
+        folder: ImageFolder,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        device: torch.device | str = "cpu",
+        num_workers: int = 4,
+        drop_last: bool | None = None,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        image_size: int = 224,
+        resize_size: int = 256,
+    ) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"batch size {batch_size}, rank {rank} and world size {world_size} are not "
+                "valid; pass a positive batch size and a rank in 0..world_size−1"
+            )
+        if not 0 < image_size <= resize_size:
+            raise ValueError(
+                f"crop size {image_size} must be positive and at most the resize size "
+                f"{resize_size}; pass a smaller image_size or a larger resize_size"
+            )
+        if batch_size % world_size:
+            raise ValueError(
+                f"global batch size {batch_size} is not divisible by world size {world_size}; "
+                "choose a batch size that is a multiple of the number of processes"
+            )
+        self.images = FolderImages(folder, train, image_size, resize_size)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.drop_last = train if drop_last is None else drop_last
+        if self.drop_last and len(folder) < batch_size:
+            raise ValueError(
+                f"batch size {batch_size} is larger than the {len(folder)} images of "
+                f"{folder.root}, so no full batch exists; use a smaller batch"
+            )
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+        self.channels_last = channels_last
+        self.rank = rank
+        self.world_size = world_size
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        size = len(self.images)
+        return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
+
+    def batch_keys(self, epoch: int, start_batch: int) -> list[list[tuple[int, int]]]:
+        """Per batch of this rank: the (image index, sample seed) keys, in order."""
+        size = len(self.images)
+        order = epoch_permutation(size, self.seed, epoch).tolist() if self.train else range(size)
+        batches = []
+        for b in range(start_batch, len(self)):
+            first = b * self.batch_size
+            positions = range(first, min(first + self.batch_size, size))
+            mine = positions[rank_slice(len(positions), self.rank, self.world_size)]
+            batches.append(
+                [(order[p], mix_seed(self.seed, epoch, p, AUGMENT_STREAM)) for p in mine]
+            )
+        return batches
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches ``start_batch`` … len−1 of ``epoch``: x float32 [B/W, 3, S, S], y int64."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(
+                f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch); "
+                "resume from a batch index of this epoch"
+            )
+        loader = DataLoader(
+            self.images,
+            batch_sampler=self.batch_keys(epoch, start_batch),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        return self._normalised(loader)
+
+    def _normalised(self, loader: DataLoader) -> Iterator[Batch]:
+        for pixels, labels in loader:
+            x = pixels.to(self.device, non_blocking=True).float()
+            x = (x - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, labels.to(self.device, non_blocking=True)
