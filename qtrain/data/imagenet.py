@@ -297,8 +297,7 @@ class ImageNetLoader:
 
     def _normalised(self, loader: DataLoader) -> Iterator[Batch]:
         for pixels, labels in loader:
-            x = pixels.to(self.device, non_blocking=True).float()
-            x = (x - self.mean) / self.std
+            x = pixels.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, labels.to(self.device, non_blocking=True)

@@ -184,7 +184,7 @@ class BatchLoader:
                 draws = draw_augmentation(global_indices.shape[0], self.padding, generator)
                 dy, dx, flip = (d[part].to(self.device) for d in draws)
                 x = crop_flip(x, dy, dx, flip, self.padding)
-            x = (x.float() - self.mean) / self.std
+            x = x.float().sub_(self.mean).div_(self.std)  # in place: no extra [B,C,H,W]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels.index_select(0, indices)
