@@ -9,7 +9,7 @@ horizontal flip and per-channel normalisation, as float32 [B, 3, 32, 32] with in
   (written in torch, as torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip and
   Normalize would do them) with ``--workers`` worker processes and default collation.
 
-Run:  python benchmarks/bench_data.py [--root DIR] [--batch-size 128] [--workers 2]
+Run:  python benchmarks/bench_data.py [--root DIR] [--batch-size 128] [--workers 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--batches", type=int, default=200, help="timed batches per loader")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     splits = data.load("cifar10", root=args.root)
     fast = data.BatchLoader(
@@ -90,8 +93,8 @@ def main() -> None:
     fast_rate = rate_of(fast.epoch(0), limit)
     standard_rate = rate_of(standard, limit)
 
-    print(f"CIFAR-10 train, batch {args.batch_size}, {limit} timed batches each, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")  # fmt: skip
+    threads = torch.get_num_threads()
+    print(f"CIFAR-10 train, batch {args.batch_size}, {limit} timed batches each, {threads} threads")
     print(f"{'loader':<44}{'images/s':>12}")
     print(f"{'BatchLoader (batched tensor ops)':<44}{fast_rate:>12,.0f}")
     label = f"DataLoader (per-sample, {args.workers} workers)"
