@@ -1,0 +1,312 @@
+"""Bit-packed model files: quantized weights as packed grid codes in a safetensors file.
+
+A packed file is a standard safetensors file (no pickle, so loading never runs code):
+
+    tensors
+      <name> of every quantized parameter   uint8 [⌈n·b/8⌉]: its n codes i = (m + M)/step
+                                            (see `qtrain.quant.grids`), b = grid.code_bits,
+                                            packed as in `qtrain.export.packing`
+      every other entry of model.state_dict()  as it is (BN weights and running statistics,
+                                            num_batches_tracked, linear layers, biases)
+    __metadata__ = {"qtrain": one JSON string} holding
+      format "qtrain-packed", format_version 1, qtrain_version
+      model      {"name", "num_classes", "width", "in_channels"}  (rebuilds the network)
+      method     {"name", "grid": Grid.to_dict(), "policy"}
+      quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order
+      config     the training run's configuration, when the checkpoint had one
+      bit_order  "little"
+
+A weight is restored as grid.from_codes(codes, dtype).reshape(shape). That is the exact
+value it had, because export refuses weights that are not exactly on the grid; so a model
+loaded from a packed file computes bit-identical outputs to the checkpoint's model.
+Everything is validated on load; a problem raises `PackedFormatError` naming it and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import qtrain
+from qtrain.data.errors import MissingDependencyError
+from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
+from qtrain.quant import Grid
+from qtrain.train.checkpoint import atomic_write_bytes, build_model
+
+FORMAT = "qtrain-packed"
+FORMAT_VERSION = 1
+METADATA_KEY = "qtrain"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float64": torch.float64}  # fmt: skip
+REEXPORT = "export it again with `qtrain export CHECKPOINT --format packed`"
+MAX_HEADER_BYTES = 100_000_000  # the safetensors limit on the JSON header
+
+
+class PackedFormatError(ValueError):
+    """A packed model file that is missing, unreadable, corrupt or inconsistent."""
+
+
+def save_packed(path: str | Path, record: dict) -> None:
+    """Write the checkpoint `record` (as from `load_checkpoint`) as a packed file, atomically.
+
+    Raises ValueError (nothing is written) when a quantized weight is not exactly on the
+    record's grid, when the grid has no fixed code width, or when the weights do not fit
+    the model the record names (`CheckpointError`).
+    """
+    _require_safetensors()
+    import safetensors.torch
+
+    model = build_model(record)
+    grid = Grid.from_dict(record["method"].get("grid"))
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    tensors, quantized = dict(state), {}
+    for name in record["quantized"]:
+        if name not in state:
+            raise PackedFormatError(
+                f"the checkpoint lists quantized parameter {name!r}, which model "
+                f"{record['model']['name']!r} does not have; the checkpoint is damaged"
+            )
+        tensors[name], quantized[name] = _pack_weight(name, state[name], grid)
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "qtrain_version": qtrain.__version__,
+        "model": record["model"],
+        "method": record["method"],
+        "quantized": quantized,
+        "config": record.get("config", {}),
+        "bit_order": "little",
+    }
+    metadata = {METADATA_KEY: json.dumps(header)}
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _pack_weight(name: str, weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, dict]:
+    """(packed uint8 codes, metadata entry) of one quantized weight."""
+    if not grid.bounded:
+        raise PackedFormatError(
+            f"grid {grid.describe()} has no fixed code width, so its weights cannot be "
+            "packed; export with --format onnx instead"
+        )
+    dtype = str(weight.dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise PackedFormatError(
+            f"quantized parameter {name!r} has dtype {dtype}, packed files hold float weights "
+            f"({', '.join(DTYPES)}); the checkpoint is damaged"
+        )
+    codes = grid.to_codes(weight)
+    exact = codes.numel() == 0 or (
+        int(codes.min()) >= 0
+        and int(codes.max()) < grid.num_levels
+        and torch.equal(grid.from_codes(codes, weight.dtype), weight)
+    )
+    if not exact:  # restoring from the codes would change the weight
+        raise PackedFormatError(
+            f"quantized parameter {name!r} is not exactly on the grid {grid.describe()}, so it "
+            "cannot be packed without changing the model; export a checkpoint written by a "
+            "quantized method (bc, sr or r), not a full-precision one"
+        )
+    entry = {"shape": list(weight.shape), "dtype": dtype, "code_bits": grid.code_bits}
+    return pack_codes(codes, grid.code_bits), entry
+
+
+def is_packed_file(path: str | Path) -> bool:
+    """True when `path` is a file that starts like a safetensors file (a cheap sniff)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        start = f.read(9)
+    if len(start) < 9:
+        return False
+    header_bytes = struct.unpack("<Q", start[:8])[0]
+    return start[8:9] == b"{" and header_bytes <= MAX_HEADER_BYTES
+
+
+def load_packed(path: str | Path) -> nn.Module:
+    """The model stored in a packed file, rebuilt with its exact weights, in eval mode."""
+    return read_packed(path)[0]
+
+
+def read_packed(path: str | Path) -> tuple[nn.Module, dict]:
+    """(model in eval mode, checkpoint-like record) of a packed file, validated throughout.
+
+    The record has the keys `load_checkpoint` guarantees: model, method, quantized (a list
+    of names), model_state (the unpacked state dict), config, plus format "qtrain-packed".
+    """
+    _require_safetensors()
+    import safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise PackedFormatError(f"packed model file {path} does not exist; check the path")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            header = _parse_header(path, f.metadata())
+            stored = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except (safetensors.SafetensorError, OSError) as e:
+        raise PackedFormatError(
+            f"{path} is not a readable safetensors file ({str(e)[:160]}); it may be truncated, "
+            f"so {REEXPORT}"
+        ) from None
+    grid = _grid(path, header)
+    model = _create_model(path, header["model"])
+    expected = model.state_dict()
+    _check_names(path, set(stored), set(expected), set(header["quantized"]))
+    state = {}
+    for name, reference in expected.items():
+        entry = header["quantized"].get(name)
+        tensor = (
+            stored[name] if entry is None else _unpack_weight(path, name, stored[name], entry, grid)
+        )
+        if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
+            raise PackedFormatError(
+                f"{path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)} but model "
+                f"{header['model']['name']!r} needs {reference.dtype} {list(reference.shape)}; "
+                f"{REEXPORT}"
+            )
+        state[name] = tensor
+    model.load_state_dict(state)
+    record = {
+        "format": FORMAT,
+        "model": header["model"],
+        "method": header["method"],
+        "quantized": list(header["quantized"]),
+        "model_state": state,
+        "config": header["config"],
+    }
+    return model.eval(), record
+
+
+def _parse_header(path: Path, metadata: dict | None) -> dict:
+    """The qtrain JSON header of a safetensors file, with its structure checked."""
+    if not metadata or METADATA_KEY not in metadata:
+        raise PackedFormatError(
+            f"{path} is a safetensors file without qtrain metadata, so it is not a qtrain "
+            f"packed model; {REEXPORT}"
+        )
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise PackedFormatError(
+            f"{path} has qtrain metadata that is not valid JSON ({e.msg}); {REEXPORT}"
+        ) from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise PackedFormatError(f"{path} has metadata of another format; {REEXPORT}")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise PackedFormatError(
+            f"{path} has packed format version {header.get('format_version')!r}, this qtrain "
+            f"reads version {FORMAT_VERSION}; load it with the qtrain version that wrote it "
+            f"({header.get('qtrain_version', 'unknown')})"
+        )
+    kinds = {"model": dict, "method": dict, "quantized": dict, "config": dict}
+    for key, kind in kinds.items():
+        if not isinstance(header.get(key), kind):
+            raise PackedFormatError(
+                f"{path} has metadata without a valid {key!r} entry; {REEXPORT}"
+            )
+    if header.get("bit_order") != "little":
+        raise PackedFormatError(
+            f"{path} declares bit order {header.get('bit_order')!r}, only 'little' exists; "
+            f"{REEXPORT}"
+        )
+    return header
+
+
+def _grid(path: Path, header: dict) -> Grid:
+    """The grid of the header; it must have a code width when any tensor is packed."""
+    try:
+        grid = Grid.from_dict(header["method"].get("grid"))
+    except ValueError as e:
+        raise PackedFormatError(
+            f"{path} has an invalid grid in its metadata ({e}); {REEXPORT}"
+        ) from None
+    if header["quantized"] and not grid.bounded:
+        raise PackedFormatError(
+            f"{path} declares packed tensors on the unbounded grid {grid.describe()}, which has "
+            f"no code width; {REEXPORT}"
+        )
+    return grid
+
+
+def _create_model(path: Path, spec: dict) -> nn.Module:
+    from qtrain import models
+
+    try:
+        return models.create(
+            spec["name"],
+            num_classes=spec["num_classes"],
+            width=spec["width"],
+            in_channels=spec["in_channels"],
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackedFormatError(
+            f"{path} describes a model that cannot be built ({e}); {REEXPORT}"
+        ) from None
+
+
+def _check_names(path: Path, stored: set[str], expected: set[str], quantized: set[str]) -> None:
+    missing, extra = sorted(expected - stored), sorted(stored - expected)
+    if quantized - expected:
+        raise PackedFormatError(
+            f"{path} declares quantized tensor {sorted(quantized - expected)[0]!r}, which the "
+            f"model does not have; {REEXPORT}"
+        )
+    if missing or extra:
+        problems = []
+        if missing:
+            problems.append(f"lacks {len(missing)} tensor(s) such as {missing[0]!r}")
+        if extra:
+            problems.append(f"has {len(extra)} unexpected tensor(s) such as {extra[0]!r}")
+        raise PackedFormatError(f"{path} {' and '.join(problems)}; {REEXPORT}")
+
+
+def _unpack_weight(
+    path: Path, name: str, packed: torch.Tensor, entry: object, grid: Grid
+) -> torch.Tensor:
+    """The float weight that one packed tensor and its metadata entry describe."""
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("shape"), list)
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry["shape"])
+        and entry.get("dtype") in DTYPES
+        and entry.get("code_bits") == grid.code_bits
+    ):
+        raise PackedFormatError(
+            f"{path}: the metadata of quantized tensor {name!r} is invalid (it needs an integer "
+            f"shape, a float dtype and code_bits {grid.code_bits}); {REEXPORT}"
+        )
+    count = math.prod(entry["shape"])
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise PackedFormatError(
+            f"{path}: quantized tensor {name!r} is {packed.dtype} {list(packed.shape)}, packed "
+            f"codes are 1-D uint8; {REEXPORT}"
+        )
+    if packed.numel() != packed_nbytes(count, grid.code_bits):
+        raise PackedFormatError(
+            f"{path}: quantized tensor {name!r} has {packed.numel()} bytes, but {count} codes "
+            f"of {grid.code_bits} bits need {packed_nbytes(count, grid.code_bits)}; {REEXPORT}"
+        )
+    try:
+        codes = unpack_codes(packed, grid.code_bits, count)
+    except ValueError as e:
+        raise PackedFormatError(f"{path}: quantized tensor {name!r}: {e}; {REEXPORT}") from None
+    if count and int(codes.max()) >= grid.num_levels:
+        raise PackedFormatError(
+            f"{path}: quantized tensor {name!r} holds code {int(codes.max())}, grid "
+            f"{grid.describe()} has {grid.num_levels} levels; {REEXPORT}"
+        )
+    return grid.from_codes(codes, DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _require_safetensors() -> None:
+    if importlib.util.find_spec("safetensors") is None:
+        raise MissingDependencyError(
+            "packed model files need safetensors; install it with pip install 'qtrain[export]'"
+        )
