@@ -1,0 +1,42 @@
+"""Deployment: bit-packed safetensors files, ONNX, and model size summaries.
+
+    save_packed(path, record)         checkpoint record → packed file (1 bit per binary weight)
+    load_packed(path) -> nn.Module    packed file → model with bit-identical weights
+    read_packed(path) -> (model, record)
+    export_onnx(model, path, shape)   ONNX graph that onnxruntime runs
+    summarize(model, quantized, grid) per-layer parameters, bits, float vs packed bytes
+    load_any_model(path)              a checkpoint, run folder or packed file → (model, record)
+
+safetensors and onnx (the `export` extra) are imported only when a file is written or read.
+"""
+
+from qtrain.export.cli import add_parsers, load_any_model, summary_of_target
+from qtrain.export.onnx import export_onnx, input_shape
+from qtrain.export.packed import (
+    PackedFormatError,
+    is_packed_file,
+    load_packed,
+    read_packed,
+    save_packed,
+)
+from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
+from qtrain.export.summary import LayerRow, Summary, summarize
+
+__all__ = [
+    "LayerRow",
+    "PackedFormatError",
+    "Summary",
+    "add_parsers",
+    "export_onnx",
+    "input_shape",
+    "is_packed_file",
+    "load_any_model",
+    "load_packed",
+    "pack_codes",
+    "packed_nbytes",
+    "read_packed",
+    "save_packed",
+    "summarize",
+    "summary_of_target",
+    "unpack_codes",
+]

@@ -1,0 +1,137 @@
+"""The `qtrain export` and `qtrain summary` commands, and loading a model from either file kind.
+
+    qtrain export SOURCE --format packed --out model.safetensors
+    qtrain export SOURCE --format onnx --out model.onnx [--input-size 32] [--opset 17]
+    qtrain summary TARGET [--json] [--grid binary --policy conv --width 1.0 ...]
+
+SOURCE is a checkpoint (file or run folder) or a packed file; TARGET is either of those or a
+registered model name (then the policy's parameters are counted as quantized on the grid).
+User errors are raised as ValueError / FileNotFoundError (or `MissingDependencyError`, an
+ImportError, for an extra that is not installed) with one sentence; the main CLI prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from torch import nn
+
+from qtrain.export.onnx import DEFAULT_OPSET, export_onnx, input_shape
+from qtrain.export.packed import is_packed_file, read_packed, save_packed
+from qtrain.export.summary import Summary, human_bytes, summarize
+from qtrain.quant import Grid, parse_grid
+from qtrain.train.checkpoint import build_model, load_checkpoint
+
+FORMATS = ("packed", "onnx")
+MODEL_OPTIONS = {"grid": "binary", "policy": "conv", "width": 1.0, "num_classes": 10,
+                 "in_channels": 3}  # fmt: skip
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register `export` and `summary` on the main CLI's subparsers."""
+    export = subparsers.add_parser(
+        "export",
+        help="write a checkpoint as a bit-packed safetensors file or as ONNX",
+        description="Write a checkpoint (or packed file) as a bit-packed safetensors file "
+        "(1 bit per binary weight) or as an ONNX model that onnxruntime runs.",
+    )
+    export.add_argument("source", help="checkpoint file, run folder or packed file")
+    export.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    export.add_argument("--out", required=True, type=Path, help="file to write")
+    export.add_argument(
+        "--input-size", type=int, help="ONNX input side in pixels (default: the model's own)"
+    )
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 17)")
+    export.set_defaults(func=run_export)
+
+    summary = subparsers.add_parser(
+        "summary",
+        help="per-layer parameters, bits and bytes, float vs packed",
+        description="Per-layer storage table of a checkpoint, packed file or registered model: "
+        "parameters, bits per weight, bytes as float tensors and bit-packed.",
+    )
+    summary.add_argument("target", help="checkpoint, packed file or registered model name")
+    summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    model_options = summary.add_argument_group("for a model name only")
+    model_options.add_argument("--grid", help="grid: binary, ternary or <k>bit (default binary)")
+    model_options.add_argument("--policy", help="quantized parameters: conv, conv+linear, all")
+    model_options.add_argument("--width", type=float, help="channel width multiplier (1.0)")
+    model_options.add_argument("--num-classes", type=int, help="output classes (10)")
+    model_options.add_argument("--in-channels", type=int, help="input channels (3)")
+    summary.set_defaults(func=run_summary)
+
+
+def load_any_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """(model in eval mode, record) from a checkpoint, a run folder or a packed file."""
+    if is_packed_file(path):
+        return read_packed(path)
+    record = load_checkpoint(path)
+    return build_model(record), record
+
+
+def run_export(args: argparse.Namespace) -> int:
+    source, out = Path(args.source), Path(args.out)
+    if out.exists() and source.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the source file itself; choose another output path")
+    model, record = load_any_model(source)
+    if args.format == "packed":
+        save_packed(out, record)
+        summary = _summary_of(model, record)
+        print(
+            f"wrote {out}: {human_bytes(out.stat().st_size)} ({out.stat().st_size:,} bytes); "
+            f"as float tensors {human_bytes(summary.float_bytes)}, {summary.ratio:.2f}x larger"
+        )
+        return 0
+    shape = input_shape(record)
+    if args.input_size is not None:
+        if args.input_size < 1:
+            raise ValueError(
+                f"--input-size must be a positive number of pixels, got {args.input_size}"
+            )
+        shape = (shape[0], args.input_size, args.input_size)
+    export_onnx(model, out, shape, opset=args.opset)
+    print(
+        f"wrote {out}: {human_bytes(out.stat().st_size)}, input images [batch, "
+        f"{', '.join(map(str, shape))}], output logits, opset {args.opset}"
+    )
+    return 0
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    summary = summary_of_target(
+        args.target, **{k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
+    )
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format_table())
+    return 0
+
+
+def summary_of_target(target: str, **model_options) -> Summary:
+    """Summary of a checkpoint or packed file, or of a registered model name.
+
+    For a model name, `model_options` (grid, policy, width, num_classes, in_channels; the
+    defaults are in MODEL_OPTIONS) choose the network and which parameters count as packed.
+    """
+    from qtrain import methods, models
+
+    if Path(target).exists():
+        if model_options:
+            raise ValueError(
+                f"--{next(iter(model_options)).replace('_', '-')} applies to model names only; "
+                f"{target} carries its own model and grid"
+            )
+        return _summary_of(*load_any_model(target))
+    if target not in models.list_models():
+        raise FileNotFoundError(
+            f"{target} is neither an existing file nor a registered model; pass a checkpoint, "
+            f"a packed file or one of {', '.join(models.list_models())}"
+        )
+    options = {**MODEL_OPTIONS, **model_options}
+    model = models.create(target, options["num_classes"], options["width"], options["in_channels"])
+    names = methods.quantized_parameter_names(model, options["policy"])
+    return summarize(model, names, parse_grid(options["grid"]))
+
+
+def _summary_of(model: nn.Module, record: dict) -> Summary:
+    return summarize(model, record["quantized"], Grid.from_dict(record["method"]["grid"]))
