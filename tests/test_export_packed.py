@@ -358,8 +358,13 @@ def test_truncated_file_is_refused(packed):
 
 
 def test_non_checkpoint_file_is_refused(tmp_path):
-    (tmp_path / "notes.txt").write_text("not a model\n")
-    assert_export_refused(tmp_path / "notes.txt", tmp_path / "out.bin", "not a readable qtrain")
+    for text in ("not a model\n", "hello"):  # "h" is an unpickler opcode
+        (tmp_path / "notes.txt").write_text(text)
+        assert_export_refused(tmp_path / "notes.txt", tmp_path / "out.bin", "neither a qtrain")
+    make_checkpoint(tmp_path / "c.pt")
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(data[: len(data) // 2])
+    assert_export_refused(tmp_path / "c.pt", tmp_path / "out.bin", "or is truncated")
     assert_export_refused(tmp_path / "missing.pt", tmp_path / "out.bin", "does not exist")
 
 
@@ -391,4 +396,11 @@ def test_output_over_its_own_source_is_refused(tmp_path):
     data = (tmp_path / "c.pt").read_bytes()
     with pytest.raises(ValueError, match="is the source file itself"):
         export_cli(tmp_path / "c.pt", "--format", "packed", "--out", tmp_path / "c.pt")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(data)
+    with pytest.raises(ValueError, match="is the source file itself"):
+        export_cli(
+            tmp_path / "run", "--format", "onnx", "--out", tmp_path / "run" / "checkpoint.pt"
+        )
     assert (tmp_path / "c.pt").read_bytes() == data
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == data

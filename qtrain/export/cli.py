@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from pathlib import Path
 
 from torch import nn
@@ -22,7 +23,7 @@ from qtrain.export.onnx import DEFAULT_OPSET, export_onnx, input_shape
 from qtrain.export.packed import is_packed_file, read_packed, save_packed
 from qtrain.export.summary import Summary, human_bytes, summarize
 from qtrain.quant import Grid, parse_grid
-from qtrain.train.checkpoint import build_model, load_checkpoint
+from qtrain.train.checkpoint import CheckpointError, build_model, load_checkpoint
 
 FORMATS = ("packed", "onnx")
 MODEL_OPTIONS = {"grid": "binary", "policy": "conv", "width": 1.0, "num_classes": 10,
@@ -64,24 +65,36 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_any_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """(model in eval mode, record) from a checkpoint, a run folder or a packed file."""
+    """(model in eval mode, record) from a checkpoint, a run folder or a packed file.
+
+    Checkpoints are zip archives (`torch.save`) and packed files safetensors; any other file
+    is refused before it reaches an unpickler.
+    """
+    path = Path(path)
     if is_packed_file(path):
         return read_packed(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is neither a qtrain checkpoint nor a packed model file (or is truncated); "
+            "pass a checkpoint.pt written by `qtrain train` or a file from `qtrain export`"
+        )
     record = load_checkpoint(path)
     return build_model(record), record
 
 
 def run_export(args: argparse.Namespace) -> int:
     source, out = Path(args.source), Path(args.out)
-    if out.exists() and source.exists() and out.resolve() == source.resolve():
+    written = source / "checkpoint.pt" if source.is_dir() else source
+    if out.exists() and written.exists() and out.resolve() == written.resolve():
         raise ValueError(f"--out {out} is the source file itself; choose another output path")
     model, record = load_any_model(source)
     if args.format == "packed":
         save_packed(out, record)
         summary = _summary_of(model, record)
+        size = out.stat().st_size
         print(
-            f"wrote {out}: {human_bytes(out.stat().st_size)} ({out.stat().st_size:,} bytes); "
-            f"as float tensors {human_bytes(summary.float_bytes)}, {summary.ratio:.2f}x larger"
+            f"wrote {out}: {human_bytes(size)} ({size:,} bytes), {summary.float_bytes / size:.2f}x "
+            f"smaller than its {human_bytes(summary.float_bytes)} of float tensors"
         )
         return 0
     shape = input_shape(record)

@@ -1,0 +1,175 @@
+"""Size summary: exact per-layer and total bytes, agreement with packed files, the command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qtrain import methods, models
+from qtrain.export import add_parsers, save_packed, summarize, summary_of_target
+from qtrain.export.summary import human_bytes
+from qtrain.quant import grids, parse_grid
+from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors run fastest on one thread; more threads only contend on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def summary_cli(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="qtrain")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["summary", *map(str, argv)])
+    return args.func(args)
+
+
+def write_checkpoint(path, name="tiny_cnn", grid="ternary", width=0.2, method="sr-adam"):
+    """A checkpoint of a freshly initialised model (SR/R start from ±Δ: on every grid)."""
+    model = models.create(name, 10, width, 3)
+    methods.create(method, model, lr=0.01, grid=grid)
+    quantized = [] if method.startswith("fp") else methods.quantized_parameter_names(model)
+    save_checkpoint(
+        path,
+        {
+            "model": {"name": name, "num_classes": 10, "width": width, "in_channels": 3},
+            "method": {"name": method, "grid": parse_grid(grid).to_dict(), "policy": "conv"},
+            "quantized": quantized,
+            "model_state": model.state_dict(),
+        },
+    )
+    return model
+
+
+def test_vgg9_binary_totals_are_exact():
+    model = models.create("vgg9")
+    summary = summarize(model, methods.quantized_parameter_names(model), grids.binary())
+    assert summary.params == 2_791_378  # 1.73M conv + 1.05M linear weights + BN entries
+    assert summary.quantized == 1_734_336
+    assert summary.float_bytes == 11_165_544
+    assert summary.quantized_float_bytes == 4 * 1_734_336
+    assert summary.quantized_packed_bytes == 1_734_336 // 8
+    assert summary.quantized_ratio == 32.0
+    assert summary.packed_bytes == 11_165_544 - 4 * 1_734_336 + 1_734_336 // 8 == 4_444_992
+    assert summary.ratio == pytest.approx(11_165_544 / 4_444_992)
+
+
+@pytest.mark.parametrize("grid", ["binary", "ternary", "3bit"])
+def test_rows_count_every_state_entry(grid):
+    grid = parse_grid(grid)
+    model = models.create("resnet18", 10, 0.25, 3)
+    names = methods.quantized_parameter_names(model, "conv+linear")
+    summary = summarize(model, names, grid)
+    state = model.state_dict()
+    layers = list(dict.fromkeys(key.rpartition(".")[0] for key in state))
+    assert [r.layer for r in summary.rows] == layers
+    for row in summary.rows:
+        entries = {k: t for k, t in state.items() if k.rpartition(".")[0] == row.layer}
+        assert row.params == sum(t.numel() for t in entries.values())
+        assert row.float_bytes == sum(t.numel() * t.element_size() for t in entries.values())
+        weight = f"{row.layer}.weight"
+        if weight in names:
+            n = state[weight].numel()
+            assert row.bits == grid.code_bits and row.quantized == n
+            assert row.packed_bytes == row.float_bytes - 4 * n + -(-n * grid.code_bits // 8)
+        else:
+            assert row.bits == 32 and row.quantized == 0
+            assert row.packed_bytes == row.float_bytes
+    assert summary.params == sum(t.numel() for t in state.values())
+
+
+def test_packed_bytes_equal_the_tensor_bytes_of_the_packed_file(tmp_path):
+    write_checkpoint(tmp_path / "c.pt", "wrn56_2", "3bit", width=0.3)
+    record = load_checkpoint(tmp_path / "c.pt")
+    save_packed(tmp_path / "m.safetensors", record)
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        stored = [f.get_tensor(key) for key in f.keys()]  # noqa: SIM118
+    summary = summary_of_target(str(tmp_path / "c.pt"))
+    assert summary.packed_bytes == sum(t.numel() * t.element_size() for t in stored)
+    assert summary_of_target(str(tmp_path / "m.safetensors")) == summary
+
+
+def test_table_is_aligned_and_ends_with_totals():
+    model = models.create("tiny_cnn", 10, 1.0, 3)
+    summary = summarize(model, methods.quantized_parameter_names(model), grids.binary())
+    lines = summary.format_table().splitlines()
+    header, rule = lines[0], lines[1]
+    assert header.split() == ["layer", "type", "params", "quantized", "bits", "float", "bytes",
+                              "packed", "bytes"]  # fmt: skip
+    rows = lines[2 : 2 + len(summary.rows)]
+    assert [line.split()[0] for line in rows] == [r.layer for r in summary.rows]
+    assert lines[2 + len(summary.rows)] == rule
+    total = lines[3 + len(summary.rows)].split()
+    assert total[0] == "total" and total[-1] == f"{summary.packed_bytes:,}"
+    # right-aligned numeric columns: every number ends where its header ends
+    for line in rows:
+        assert line.rstrip().endswith(f"{int(line.split()[-1].replace(',', '')):,}")
+        assert len(line) == len(header)
+    assert lines[-1].startswith(f"float {human_bytes(summary.float_bytes)} -> packed")
+    assert "(32.00x)" in lines[-1]
+
+
+def test_to_dict_is_json_with_totals():
+    model = models.create("tiny_mlp", 10, 0.25, 3)
+    summary = summarize(model, methods.quantized_parameter_names(model), grids.kbit(2))
+    report = json.loads(json.dumps(summary.to_dict()))
+    assert report["grid"] == {"kind": "kbit", "delta": 1.0, "bits": 2}
+    assert len(report["rows"]) == len(summary.rows)
+    assert report["rows"][0] == {
+        "layer": "hidden.1",
+        "kind": "Conv2d",
+        "params": 16 * 3 * 4 * 4,
+        "quantized": 16 * 3 * 4 * 4,
+        "bits": 2,
+        "float_bytes": 4 * 768,
+        "packed_bytes": 768 * 2 // 8,
+    }
+    assert report["totals"]["packed_bytes"] == summary.packed_bytes
+    assert report["totals"]["quantized_ratio"] == 16.0
+
+
+def test_full_precision_model_is_not_compressed(tmp_path):
+    write_checkpoint(tmp_path / "c.pt", method="fp-adam")
+    summary = summary_of_target(str(tmp_path / "c.pt"))
+    assert summary.quantized == 0 and summary.ratio == 1.0 and summary.quantized_ratio == 1.0
+
+
+def test_model_name_uses_conv_policy_and_binary_grid_by_default():
+    model = models.create("resnet56")
+    expected = summarize(model, methods.quantized_parameter_names(model), grids.binary())
+    assert summary_of_target("resnet56") == expected
+    wide = summary_of_target("resnet56", grid="ternary", policy="all", width=0.5)
+    assert wide.quantized == wide.params - sum(  # every parameter, but no buffer
+        t.numel() for t in models.create("resnet56", 10, 0.5, 3).buffers()
+    )
+    assert all(r.bits == 2 for r in wide.rows if r.quantized)
+
+
+def test_command_prints_table_or_json(tmp_path, capsys):
+    write_checkpoint(tmp_path / "c.pt")
+    assert summary_cli(tmp_path / "c.pt") == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("on grid ternary(delta=1)")
+    assert summary_cli("vgg9", "--json", "--width", "0.5", "--num-classes", "100") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"][-1]["params"] == 128 * 100 + 100  # the last linear layer
+
+
+def test_bad_targets_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing file nor a registered model"):
+        summary_cli("vgg10")
+    write_checkpoint(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="--grid applies to model names only"):
+        summary_cli(tmp_path / "c.pt", "--grid", "binary")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="neither a qtrain checkpoint nor a packed model file"):
+        summary_cli(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="'fc.nothing' is not in the model"):
+        summarize(models.create("tiny_mlp"), ["fc.nothing"], grids.binary())
