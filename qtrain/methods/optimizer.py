@@ -252,7 +252,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The base optimizer's state plus w_r (BC), the rounding generator and the mode."""
+        """The base optimizer's state plus w_r (BC), the rounding generator, flip counters."""
         return {
             "base": self.base.state_dict(),
             "quantization": {
@@ -262,6 +262,11 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 "num_quantized": self.num_quantized,
                 "latent": None if self._flat_wr is None else self._flat_wr.clone(),
                 "generator": None if self.generator is None else self.generator.get_state(),
+                "flips": {
+                    "sum": self._flips_sum.clone(),
+                    "last": self._flips_last.clone(),
+                    "steps": self._steps_since_reset,
+                },
             },
         }
 
@@ -293,6 +298,11 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             self._flat_wr.copy_(q["latent"])
         if self.generator is not None and q["generator"] is not None:
             self.generator.set_state(q["generator"])
+        flips = q.get("flips")
+        if flips is not None:
+            self._flips_sum.copy_(flips["sum"])
+            self._flips_last.copy_(flips["last"])
+            self._steps_since_reset = int(flips["steps"])
 
     def __repr__(self) -> str:
         return (

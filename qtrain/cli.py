@@ -1,0 +1,282 @@
+"""The `qtrain` command line: parses arguments, then calls the library.
+
+Expected user errors (bad paths, unknown names, impossible values, corrupt files) end with one
+line on stderr and exit code 2; an interrupted run saves a checkpoint and exits with 130
+(SIGINT) or 143 (SIGTERM); anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML preset file (flat key = value; see qtrain/configs)")
+    p.add_argument("--model", help="network name (qtrain list models)")
+    p.add_argument("--dataset", help="data set name (qtrain list datasets)")
+    p.add_argument("--method", help="training method (qtrain list methods)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--width", type=float, help="channel width multiplier")
+    p.add_argument("--grid", help="binary, ternary or <k>bit")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data-dir", dest="data_dir", help="folder holding the data set")
+    p.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fetch a missing CIFAR archive (default: yes for `qtrain train`)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set weight_decay=1e-5 (repeatable)",
+    )
+
+
+def _resolve_config(args, defaults: dict | None = None):
+    from qtrain.train.config import from_dict, load_toml, parse_override
+
+    values = dict(defaults or {})
+    if getattr(args, "config", None):
+        values.update(load_toml(args.config))
+    for key in (
+        "model",
+        "dataset",
+        "method",
+        "epochs",
+        "batch_size",
+        "lr",
+        "width",
+        "grid",
+        "seed",
+        "data_dir",
+        "download",
+    ):
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    for item in args.set:
+        key, value = parse_override(item)
+        values[key] = value
+    return from_dict(values)
+
+
+def cmd_train(args) -> int:
+    from qtrain.train.distributed import DistributedContext
+    from qtrain.train.trainer import train
+
+    config = _resolve_config(args, defaults={"download": True})
+    out = Path(args.out or f"runs/{config.model}-{config.dataset}-{config.method}-s{config.seed}")
+    dist = DistributedContext.from_env(config.device, timeout_s=args.dist_timeout)
+    try:
+        metrics = train(config, out, resume=args.resume, dist=dist)
+    finally:
+        dist.close()
+    if dist.is_main and metrics:
+        last = metrics[-1]
+        print(
+            f"finished: test error {last['test_error']:.2f}% after {last['epoch']} epochs; "
+            f"run folder {out}"
+        )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from qtrain.evaluate import evaluate_file
+
+    result = evaluate_file(args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size)
+    print(
+        json.dumps(result, indent=2)
+        if args.json
+        else f"{result['model']} ({result['method']}) on {result['dataset']}: "
+        f"test error {result['test_error']:.2f}% over {result['images']} images"
+    )
+    return 0
+
+
+def cmd_list(args) -> int:
+    from qtrain import data, methods, models
+
+    if args.what == "models":
+        for name in models.list_models():
+            print(f"{name:12s} {models.model_info(name).description}")
+    elif args.what == "methods":
+        for name in methods.list_methods():
+            print(f"{name:10s} {methods.parse_method(name).describe}")
+    else:
+        for name in data.list_datasets():
+            print(name)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from qtrain.experiments.demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from qtrain.experiments import fig7, table1
+
+    if args.experiment == "table1":
+        table1.run(
+            Path(args.out),
+            rows=args.rows,
+            budget=args.budget,
+            seeds=args.seeds,
+            data_dir=args.data_dir,
+            download=args.download,
+        )
+    else:
+        fig7.run(Path(args.out), budget=args.budget, data_dir=args.data_dir, download=args.download)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from qtrain.report.collect import report_runs
+
+    report_runs([Path(p) for p in args.run_dirs], Path(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import qtrain
+
+    parser = argparse.ArgumentParser(
+        prog="qtrain",
+        description="Train networks with binary and low-bit weights (BC, SR, R; Li et al. 2017).",
+    )
+    parser.add_argument("--version", action="version", version=f"qtrain {qtrain.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="train five methods on the embedded digits (minutes, offline)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per method (default 30)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train one network with one method")
+    _add_train_options(p)
+    p.add_argument("--out", help="run folder (default runs/MODEL-DATASET-METHOD-sSEED)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        dest="dist_timeout",
+        help="seconds before a distributed collective gives up on a dead rank",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test error of a checkpoint or packed model")
+    p.add_argument("checkpoint", help="checkpoint.pt, a run folder, or a packed .safetensors")
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--batch-size", type=int, default=1000, dest="batch_size")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("list", help="list models, methods or datasets")
+    p.add_argument("what", choices=["models", "methods", "datasets"])
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("reproduce", help="the paper's experiments: table1 or fig7")
+    p.add_argument("experiment", choices=["table1", "fig7"])
+    p.add_argument("--rows", nargs="+", default=None, help="Table 1 rows (default: all)")
+    p.add_argument("--budget", choices=["paper", "short"], default="short")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("report", help="redraw tables and figures from run folders")
+    p.add_argument("run_dirs", nargs="+", help="run folders (or folders of run folders)")
+    p.add_argument("--out", default="runs/report")
+    p.set_defaults(func=cmd_report)
+
+    for module in ("qtrain.export.cli", "qtrain.theory.cli"):
+        _register_optional(module, sub)
+    return parser
+
+
+def _register_optional(module_name: str, sub) -> None:
+    """Commands that live beside their package (export, summary, theory)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module_name) is None:
+        return
+    module = importlib.import_module(module_name)
+    register = getattr(module, "add_parsers", None) or module.add_parser
+    register(sub)
+
+
+def _user_error_types() -> tuple[type, ...]:
+    from qtrain.train.trainer import DivergenceError
+
+    return (
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        DivergenceError,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from qtrain.train.trainer import TrainingInterrupted
+
+    try:
+        return int(args.func(args) or 0)
+    except TrainingInterrupted as stop:
+        signum = int(stop.args[0]) if stop.args else 2
+        print(
+            "qtrain: interrupted; a checkpoint was saved, continue with --resume", file=sys.stderr
+        )
+        return 128 + signum
+    except KeyboardInterrupt:
+        print("qtrain: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(
+                f"qtrain: error: the disk is full ({e.filename or 'output folder'}); free "
+                "space or choose another --out; the last checkpoint is intact",
+                file=sys.stderr,
+            )
+            return EXIT_USER_ERROR
+        if isinstance(e, _user_error_types()):
+            print(f"qtrain: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+    except _user_error_types() as e:
+        print(f"qtrain: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.strerror}: {e.filename}; check the path"
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

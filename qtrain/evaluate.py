@@ -1,0 +1,55 @@
+"""Test error of a saved model: a checkpoint, a run folder, or a packed export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qtrain import data as qdata
+from qtrain.train.checkpoint import build_model, load_checkpoint
+from qtrain.train.trainer import evaluate
+
+
+def load_saved_model(path: str | Path):
+    """(model in eval mode, record) from a checkpoint/run folder or a packed .safetensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from qtrain.export import load_any_model
+
+        return load_any_model(path)
+    record = load_checkpoint(path)
+    return build_model(record), record
+
+
+def evaluate_file(
+    path: str | Path, data_dir: str | None = None, batch_size: int = 1000, device: str = "cpu"
+) -> dict:
+    """Evaluate a saved model on the test split of the data set it was trained on."""
+    model, record = load_saved_model(path)
+    config = record.get("config") or {}
+    dataset = config.get("dataset")
+    if not dataset:
+        raise ValueError(
+            f"{path} does not name the data set it was trained on; it cannot be evaluated"
+        )
+    splits = qdata.load(dataset, data_dir or config.get("data_dir"), download=False)
+    loader = qdata.BatchLoader(
+        splits.test,
+        batch_size,
+        mean=splits.mean,
+        std=splits.std,
+        train=False,
+        augment=False,
+        seed=0,
+        device=device,
+    )
+    result = evaluate(model.to(torch.device(device)), loader, torch.device(device))
+    return {
+        "model": record["model"]["name"],
+        "method": record["method"]["name"],
+        "dataset": dataset,
+        "images": len(splits.test),
+        "test_error": result["error"],
+        "test_loss": result["loss"],
+    }

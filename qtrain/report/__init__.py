@@ -1,0 +1,1 @@
+"""Tables and figures redrawn from run folders; never imported by training."""

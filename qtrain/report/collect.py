@@ -1,0 +1,85 @@
+"""`qtrain report`: find run folders, then redraw the table and figures from their files.
+
+A run folder is any folder holding `metrics.jsonl` and `config.toml`; nothing but those files
+is read, so a report can be redrawn long after training, on another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from qtrain.experiments.methods import LABEL_ORDER
+from qtrain.report.figures import plot_error_curves
+from qtrain.report.tables import markdown_table, summarize
+from qtrain.train import rundir
+from qtrain.train.checkpoint import atomic_write_bytes
+from qtrain.train.config import load_toml
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Every run folder at or below `paths` (sorted)."""
+    found = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"run folder {path} does not exist; check the path")
+        if (path / rundir.METRICS).exists():
+            found.append(path)
+        found.extend(p.parent for p in sorted(path.rglob(rundir.METRICS)) if p.parent != path)
+    if not found:
+        raise ValueError(
+            f"no run folders (with {rundir.METRICS}) under {', '.join(map(str, paths))}; "
+            "point qtrain report at the output of qtrain train or reproduce"
+        )
+    return sorted(set(found))
+
+
+def run_label(run: Path, config: dict) -> tuple[str, str]:
+    """(row, method label) of a run: from its `label.json` if present, else its config."""
+    label_file = run / "label.json"
+    if label_file.exists():
+        label = json.loads(label_file.read_text())
+        return label["row"], label["method"]
+    return f"{config['model']} {config['dataset']}", config["method"].upper()
+
+
+def load_run(run: Path) -> dict:
+    config = load_toml(run / rundir.CONFIG)
+    metrics = rundir.read_metrics(run)
+    row, method = run_label(run, config)
+    return {"row": row, "method": method, "seed": config.get("seed", 0), "metrics": metrics}
+
+
+def report_runs(paths: list[Path], out: Path, log=print) -> dict:
+    """Write table.md, table.json and curves.png for the runs under `paths` into `out`."""
+    runs = [r for r in (load_run(p) for p in find_runs(paths)) if r["metrics"]]
+    if not runs:
+        raise ValueError("the run folders hold no finished epoch yet; train first")
+    results = [
+        {
+            "row": r["row"],
+            "method": r["method"],
+            "seed": r["seed"],
+            "epochs": r["metrics"][-1]["epoch"],
+            "test_error": r["metrics"][-1]["test_error"],
+            "train_error": r["metrics"][-1]["train_error"],
+            "seconds": sum(m["seconds"] for m in r["metrics"]),
+        }
+        for r in runs
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results, LABEL_ORDER)
+    atomic_write_bytes(out / "table.md", table.encode())
+    summary = {"runs": results, "summary": summarize(results)}
+    atomic_write_bytes(out / "table.json", (json.dumps(summary, indent=2) + "\n").encode())
+    panels: dict[str, dict[str, list]] = {}
+    for r in runs:
+        panels.setdefault(r["row"], {}).setdefault(r["method"], []).append(r["metrics"])
+    for row in panels:
+        order = {m: i for i, m in enumerate(LABEL_ORDER)}
+        panels[row] = dict(sorted(panels[row].items(), key=lambda kv: order.get(kv[0], 99)))
+    plot_error_curves(panels, out / "curves.png")
+    log(table, end="")
+    log(f"wrote {out / 'table.md'}, {out / 'table.json'} and {out / 'curves.png'}", file=sys.stderr)
+    return summary

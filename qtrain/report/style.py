@@ -1,0 +1,40 @@
+"""Figure styling shared by every plot: one colour per method, the paper's line styles."""
+
+from __future__ import annotations
+
+METHOD_COLOURS = {
+    "FP-ADAM": "#1f77b4",
+    "BC-ADAM": "#2ca02c",
+    "big-batch SR-ADAM": "#9467bd",
+    "SR-ADAM": "#ff7f0e",
+    "R-ADAM": "#d62728",
+}
+FALLBACK_COLOURS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def colour(label: str, index: int) -> str:
+    return METHOD_COLOURS.get(label, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or a clear error when absent."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(
+            "figures need matplotlib; install it with `pip install 'qtrain[demo]'`"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(
+        {
+            "figure.dpi": 110,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "font.size": 10,
+        }
+    )
+    return plt

@@ -1,0 +1,199 @@
+"""Typed run configuration: one flat dataclass, loaded from TOML, overridable from the CLI.
+
+Every run directory and checkpoint stores the resolved configuration, so a run can be
+repeated from its folder alone. Unknown keys and values of the wrong type are rejected with
+one sentence that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SCHEDULES = ("step", "cosine", "constant")
+AMP_MODES = ("auto", "off", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a training run (PAPER.md §2 defaults)."""
+
+    # what to train
+    model: str = "vgg9"
+    width: float = 1.0
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    train_subset: int | None = None  # use only the first N training images (seeded shuffle)
+    augment: bool | None = None  # None: the data set's default (CIFAR: crop + flip)
+    # how to train it
+    method: str = "bc-adam"
+    grid: str = "binary"
+    delta: float = 1.0
+    policy: str = "conv"
+    bc_stochastic: bool = False
+    epochs: int = 160
+    batch_size: int = 128
+    lr: float = 0.01
+    schedule: str = "step"  # ×0.1 at 50% and 75% of training [ours]
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    seed: int = 0
+    # where and how fast
+    device: str = "auto"
+    amp: str = "auto"  # bf16 autocast on CUDA, off on CPU
+    channels_last: bool = True
+    compile: bool = False
+    eval_batch_size: int = 1000
+    checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
+    threads: int = 0  # torch intra-op threads; 0 keeps PyTorch's default
+
+    def validate(self) -> RunConfig:
+        """Check value ranges; returns self so calls chain."""
+        _positive_int("epochs", self.epochs)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("eval_batch_size", self.eval_batch_size)
+        _positive_number("lr", self.lr)
+        _positive_number("width", self.width)
+        _positive_number("delta", self.delta)
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.train_subset is not None:
+            _positive_int("train_subset", self.train_subset)
+        if self.checkpoint_every_steps < 0 or self.threads < 0:
+            raise ConfigError("checkpoint_every_steps and threads must be >= 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> RunConfig:
+        return from_dict({**self.to_dict(), **changes})
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a whole number > 0, got {value!r}")
+
+
+def _positive_number(name: str, value) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+_FIELDS = {f.name: f for f in fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def _allowed_types(name: str) -> tuple[type, ...]:
+    hint = _HINTS[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(typing.get_args(hint))
+    return (hint,)
+
+
+def _unknown_key(key: str) -> ConfigError:
+    hint = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return ConfigError(
+        f"unknown config key {key!r}{did_you_mean}; see `qtrain train --help` for the keys"
+    )
+
+
+def coerce(key: str, value):
+    """Check `value` against the type of `key`; ints are accepted where floats are expected."""
+    if key not in _FIELDS:
+        raise _unknown_key(key)
+    allowed = _allowed_types(key)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, (int, float)) and float in allowed:
+        return float(value)
+    elif isinstance(value, str) and str in allowed:
+        return value
+    names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"config key {key!r} needs a value of type {names}, got {value!r}")
+
+
+def from_dict(values: dict) -> RunConfig:
+    """A validated RunConfig from a flat dict (unknown keys and wrong types are refused)."""
+    checked = {key: coerce(key, value) for key, value in values.items()}
+    return RunConfig(**checked).validate()
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key=value` from `--set`; the value is read as TOML (numbers, true/false, strings)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if key not in _FIELDS:
+        raise _unknown_key(key)
+    if raw.lower() in ("none", "null"):
+        return key, None
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as bc-adam is a string
+    return key, coerce(key, value)
+
+
+def load_toml(path: str | Path) -> dict:
+    """The flat key/value table of a TOML preset file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the path")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(
+                f"config file {path} has a table [{key}]; qtrain configs are flat key = value"
+            )
+        coerce(key, value)
+    return data
+
+
+def to_toml(config: RunConfig) -> str:
+    """The config as TOML text (keys whose value is None are left out)."""
+    lines = []
+    for key, value in config.to_dict().items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

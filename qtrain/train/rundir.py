@@ -1,0 +1,94 @@
+"""The run directory: resolved config, metrics, provenance and checkpoints, all rewritable.
+
+    RUN/config.toml      the resolved RunConfig
+    RUN/meta.json        qtrain/torch/python versions, git revision, command line, host
+    RUN/metrics.jsonl    one JSON record per finished epoch
+    RUN/checkpoint.pt    the latest checkpoint (atomic; see checkpoint.py)
+    RUN/summary.json     written once the run has finished all its epochs
+
+metrics.jsonl is rewritten atomically from the list held in the checkpoint, so the two never
+disagree after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import qtrain
+from qtrain.train.checkpoint import atomic_write_bytes
+from qtrain.train.config import RunConfig, to_toml
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.toml"
+META = "meta.json"
+
+
+def git_revision() -> str | None:
+    """The commit of the qtrain source tree, when it runs from a git checkout."""
+    root = Path(qtrain.__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance() -> dict:
+    return {
+        "qtrain_version": qtrain.__version__,
+        "git_revision": git_revision(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "command": sys.argv,
+    }
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_run_files(run_dir: Path, config: RunConfig) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / CONFIG, to_toml(config).encode())
+    write_json(run_dir / META, provenance())
+
+
+def write_metrics(run_dir: Path, records: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write_bytes(run_dir / METRICS, text.encode())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The per-epoch records of a run (empty when it has none yet)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(
+                    f"{path} line {number} is not JSON; the file was edited or damaged"
+                ) from None
+    return records
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / SUMMARY).exists()

@@ -1,0 +1,405 @@
+"""One training loop for every method: data → model → quantized optimizer → metrics.
+
+The loop is the same for FP, BC, SR and R, which is what makes the comparison fair; the
+method lives entirely in the optimizer. Each epoch: train over the shuffled split
+(x: [B, C, H, W] normalised, channels_last), step the LR schedule, evaluate on the test split
+and append one record to metrics.jsonl, then checkpoint atomically.
+
+Exact resume: the data order and augmentation of batch b in epoch e are a pure function of
+(seed, e, b); the model, optimizer (including BC's w_r and the rounding generator), scheduler,
+running epoch sums and torch's global RNG are all in the checkpoint. A run interrupted at any
+point and resumed therefore ends with bit-identical weights and metrics (CPU, same threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from qtrain import data as qdata
+from qtrain import methods, models
+from qtrain.train import rundir
+from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
+from qtrain.train.config import RunConfig
+from qtrain.train.distributed import DistributedContext
+from qtrain.train.schedules import make_scheduler
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+
+class DivergenceError(ValueError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} was requested but CUDA is not available; use --set device=cpu"
+        )
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+
+
+def autocast_context(device: torch.device, amp: str):
+    """bf16 autocast on CUDA ('auto' or 'bf16'); explicit 'bf16' also on CPU; else nothing.
+
+    Only activations run in bf16: parameters, BC's latent w_r and optimizer moments stay fp32.
+    """
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, amp: str = "off") -> dict:
+    """Test loss and top-1 error (%) of `model` over every batch of `loader`."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    for x, y in loader.epoch(0):
+        with autocast_context(device, amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        wrong += (logits.argmax(1) != y).sum()
+        seen += y.numel()
+    model.train(was_training)
+    return {"loss": float(loss_sum) / seen, "error": 100.0 * float(wrong) / seen}
+
+
+@dataclass
+class EpochSums:
+    """Running sums of the epoch in progress (checkpointed for mid-epoch resume)."""
+
+    loss: float = 0.0
+    wrong: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    batch: int = 0  # next batch index
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epoch in progress (0-based)
+    sums: EpochSums = field(default_factory=EpochSums)
+    metrics: list = field(default_factory=list)
+
+
+def _subset(dataset, n: int | None, seed: int):
+    if n is None or n >= len(dataset):
+        return dataset
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(dataset), generator=g)[:n]
+    return qdata.ArrayDataset(dataset.images[keep], dataset.labels[keep])
+
+
+class Trainer:
+    """Trains `config` into `run_dir`; `run()` returns the per-epoch metric records."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: str | Path,
+        *,
+        log=print,
+        progress: bool | None = None,
+        dist: DistributedContext | None = None,
+    ) -> None:
+        self.config = config.validate()
+        self.run_dir = Path(run_dir)
+        self.dist = dist or DistributedContext.single()
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self._stop_signal: int | None = None
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = self.dist.device or resolve_device(config.device)
+        self._build()
+
+    # -- construction ----------------------------------------------------------------------
+    def _build(self) -> None:
+        c = self.config
+        splits = qdata.load(c.dataset, c.data_dir, download=c.download)
+        self.splits = splits
+        train_set = _subset(splits.train, c.train_subset, c.seed)
+        augment = splits.augment if c.augment is None else c.augment
+        common = dict(mean=splits.mean, std=splits.std, seed=c.seed, device=self.device)
+        common["channels_last"] = c.channels_last
+        self.train_loader = qdata.BatchLoader(
+            train_set,
+            c.batch_size,
+            train=True,
+            augment=augment,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            **common,
+        )
+        if len(self.train_loader) == 0:
+            raise ValueError(
+                f"batch_size {c.batch_size} is larger than the {len(train_set)} training images; "
+                "lower --batch-size"
+            )
+        self.test_loader = qdata.BatchLoader(
+            splits.test, c.eval_batch_size, train=False, augment=False, **common
+        )
+        torch.manual_seed(c.seed)  # model initialisation
+        self.model = models.create(
+            c.model, num_classes=splits.num_classes, width=c.width, in_channels=splits.in_channels
+        ).to(self.device)
+        if c.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = methods.create(
+            c.method,
+            self.model,
+            lr=c.lr,
+            grid=c.grid,
+            delta=c.delta,
+            policy=c.policy,
+            seed=c.seed,
+            weight_decay=c.weight_decay,
+            momentum=c.momentum,
+            bc_stochastic=c.bc_stochastic,
+        )
+        self.scheduler = make_scheduler(self.optimizer, c.schedule, c.epochs)
+        self.forward_model = self.dist.wrap(self.model)
+        if c.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.quantized_names = methods.quantized_parameter_names(self.model, c.policy)
+        if self.optimizer.mode == "fp":
+            self.quantized_names = []
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _checkpoint_payload(self, state: TrainState, finished: bool) -> dict:
+        c = self.config
+        return {
+            "config": c.to_dict(),
+            "model": {
+                "name": c.model,
+                "num_classes": self.splits.num_classes,
+                "width": c.width,
+                "in_channels": self.splits.in_channels,
+            },
+            "method": {
+                "name": c.method,
+                "grid": self.optimizer.grid.to_dict(),
+                "policy": c.policy,
+            },
+            "quantized": list(self.quantized_names),
+            "model_state": self.model.state_dict(),
+            "training": {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "epoch": state.epoch,
+                "sums": state.sums.to_dict(),
+                "metrics": list(state.metrics),
+                "torch_rng": torch.get_rng_state(),
+                "finished": finished,
+            },
+        }
+
+    def save(self, state: TrainState, finished: bool = False) -> None:
+        if self.dist.is_main:
+            save_checkpoint(
+                self.run_dir / rundir.CHECKPOINT, self._checkpoint_payload(state, finished)
+            )
+            rundir.write_metrics(self.run_dir, state.metrics)
+        self.dist.barrier()
+
+    def _restore(self) -> TrainState:
+        record = load_checkpoint(self.run_dir / rundir.CHECKPOINT, map_location=self.device)
+        saved = record.get("config", {})
+        for key in ("model", "dataset", "method", "grid", "delta", "policy", "width", "seed"):
+            if key in saved and saved[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"cannot resume: the run in {self.run_dir} was trained with {key}="
+                    f"{saved[key]!r}, not {getattr(self.config, key)!r}; use a new --out folder"
+                )
+        training = record.get("training")
+        if training is None:
+            raise ValueError(f"{self.run_dir} holds exported weights, not a resumable checkpoint")
+        self.model.load_state_dict(record["model_state"])
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        torch.set_rng_state(training["torch_rng"].cpu())
+        return TrainState(
+            epoch=int(training["epoch"]),
+            sums=EpochSums(**training["sums"]),
+            metrics=list(training["metrics"]),
+        )
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> list[dict]:
+        c = self.config
+        checkpoint_exists = (self.run_dir / rundir.CHECKPOINT).exists()
+        if resume and checkpoint_exists:
+            state = self._restore()
+            self.log(
+                f"resuming {self.run_dir} at epoch {state.epoch + 1}, batch {state.sums.batch}"
+            )
+        elif checkpoint_exists and not resume:
+            raise ValueError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it "
+                "or choose another --out folder"
+            )
+        else:
+            state = TrainState()
+        if self.dist.is_main:
+            rundir.write_run_files(self.run_dir, c)
+        with self._signals_save_and_stop():
+            while state.epoch < c.epochs:
+                self._train_epoch(state)
+                record = self._finish_epoch(state)
+                self.log(_format_record(record, c.epochs))
+                self.save(state, finished=state.epoch >= c.epochs)
+                if self._stop_signal is not None and state.epoch < c.epochs:
+                    raise TrainingInterrupted(self._stop_signal)
+        if self.dist.is_main:
+            rundir.write_json(self.run_dir / rundir.SUMMARY, self.summary(state.metrics))
+        return state.metrics
+
+    def _train_epoch(self, state: TrainState) -> None:
+        c, opt, sums = self.config, self.optimizer, state.sums
+        self.forward_model.train()
+        if sums.batch == 0:
+            opt.reset_flip_stats()
+        loss_sum = torch.tensor(sums.loss, dtype=torch.float64, device=self.device)
+        wrong = torch.tensor(sums.wrong, dtype=torch.int64, device=self.device)
+        started = time.perf_counter() - sums.seconds
+        batches = self.train_loader.epoch(state.epoch, start_batch=sums.batch)
+        bar = self._progress_bar(len(self.train_loader), sums.batch, state.epoch)
+        for x, y in batches:
+            with autocast_context(self.device, c.amp):
+                logits = self.forward_model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach().double() * y.numel()
+            wrong += (logits.detach().argmax(1) != y).sum()
+            sums.seen += y.numel()
+            sums.batch += 1
+            self._check_finite(loss, state)
+            if bar is not None:
+                bar.update(1)
+            interrupted = self._stop_signal is not None
+            periodic = c.checkpoint_every_steps and sums.batch % c.checkpoint_every_steps == 0
+            if (interrupted or periodic) and sums.batch < len(self.train_loader):
+                sums.loss, sums.wrong = float(loss_sum), int(wrong)
+                sums.seconds = time.perf_counter() - started
+                self.save(state)
+                if interrupted:
+                    raise TrainingInterrupted(self._stop_signal)
+        if bar is not None:
+            bar.close()
+        sums.loss, sums.wrong = float(self.dist.all_sum(loss_sum)), int(self.dist.all_sum(wrong))
+        sums.seen = int(self.dist.all_sum(torch.tensor(sums.seen, device=self.device)))
+        sums.seconds = time.perf_counter() - started
+
+    def _finish_epoch(self, state: TrainState) -> dict:
+        sums, opt = state.sums, self.optimizer
+        lr = opt.param_groups[0]["lr"]
+        test = evaluate(self.forward_model, self.test_loader, self.device, self.config.amp)
+        record = {
+            "epoch": state.epoch + 1,
+            "train_loss": sums.loss / sums.seen,
+            "train_error": 100.0 * sums.wrong / sums.seen,
+            "test_loss": test["loss"],
+            "test_error": test["error"],
+            "lr": lr,
+            "seconds": sums.seconds,
+            "images_per_second": sums.seen / max(sums.seconds, 1e-9),
+            "flip_rate": opt.mean_flip_rate(),
+            "wb_wr_gap": opt.latent_gap(),
+        }
+        state.metrics.append(record)
+        state.epoch += 1
+        state.sums = EpochSums()
+        self.scheduler.step()
+        return record
+
+    def _check_finite(self, loss: torch.Tensor, state: TrainState) -> None:
+        # On CUDA a host sync every step would stall the queue; every 25 steps is enough to
+        # stop a diverged run early while the last good checkpoint is still on disk.
+        if self.device.type == "cuda" and state.sums.batch % 25:
+            return
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise DivergenceError(
+                f"the loss became {value} at epoch {state.epoch + 1}, batch "
+                f"{state.sums.batch}; the last good checkpoint in {self.run_dir} is kept — "
+                f"lower the learning rate (now {self.config.lr:g}) and start a new run"
+            )
+
+    def _progress_bar(self, total: int, start: int, epoch: int):
+        if not (self.progress and self.dist.is_main):
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(
+            total=total, initial=start, desc=f"epoch {epoch + 1}", leave=False, file=sys.stderr
+        )
+
+    @contextlib.contextmanager
+    def _signals_save_and_stop(self):
+        """SIGINT/SIGTERM finish the current step, save a checkpoint and stop the run."""
+
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: leave signal handling to the caller
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def summary(self, metrics: list[dict]) -> dict:
+        last = metrics[-1] if metrics else {}
+        return {
+            "config": self.config.to_dict(),
+            "epochs": len(metrics),
+            "final_test_error": last.get("test_error"),
+            "final_train_error": last.get("train_error"),
+            "best_test_error": min((m["test_error"] for m in metrics), default=None),
+            "seconds": sum(m["seconds"] for m in metrics),
+            "num_quantized": self.optimizer.num_quantized,
+        }
+
+
+def _format_record(r: dict, epochs: int) -> str:
+    gap = f"  gap {r['wb_wr_gap']:.3f}" if r["wb_wr_gap"] is not None else ""
+    return (
+        f"epoch {r['epoch']:>3}/{epochs}  loss {r['train_loss']:.4f}  "
+        f"train err {r['train_error']:5.2f}%  test err {r['test_error']:5.2f}%  "
+        f"lr {r['lr']:.2g}  flips {r['flip_rate']:.2e}{gap}  {r['seconds']:.1f}s"
+    )
+
+
+def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs) -> list[dict]:
+    """Train `config` into `run_dir` and return the per-epoch metrics."""
+    return Trainer(config, run_dir, **kwargs).run(resume=resume)
