@@ -165,11 +165,24 @@ def parse_override(text: str) -> tuple[str, object]:
     return key, coerce(key, value)
 
 
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def list_presets() -> list[str]:
+    """Names of the TOML presets shipped with qtrain (usable as `--config NAME`)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
 def load_toml(path: str | Path) -> dict:
-    """The flat key/value table of a TOML preset file."""
+    """The flat key/value table of a TOML file, or of a shipped preset given by name."""
     path = Path(path)
+    if not path.is_file() and (PRESET_DIR / f"{path.name}.toml").is_file():
+        path = PRESET_DIR / f"{path.name}.toml"
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; check the path")
+        raise ConfigError(
+            f"config file {path} does not exist; pass a TOML file or one of the presets "
+            f"{', '.join(list_presets())}"
+        )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
