@@ -25,7 +25,7 @@ from qtrain.train.checkpoint import atomic_write_bytes
 from qtrain.train.config import RunConfig
 from qtrain.train.trainer import Trainer
 
-DEMO_EPOCHS = 30
+DEMO_EPOCHS = 20
 DEMO_BATCH = 32
 BIG_BATCH = 256  # 8× the base batch, as 1024 vs 128 in the paper
 

@@ -59,16 +59,19 @@ def plot_error_curves(panels: dict[str, dict[str, list[list[dict]]]], path: str 
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(
-        handles,
-        labels,
-        loc="lower center",
-        ncol=min(len(labels), 5),
-        frameon=False,
-        bbox_to_anchor=(0.5, -0.02 - 0.03 * math.ceil(len(labels) / 5)),
-    )
     fig.suptitle("Training (solid) and test (dashed) error per epoch")
     fig.tight_layout()
+    if n == 1:  # one panel: the legend reads best beside it
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    else:
+        fig.legend(
+            handles,
+            labels,
+            loc="upper center",
+            ncol=min(len(labels), 5),
+            frameon=False,
+            bbox_to_anchor=(0.5, 0.0),
+        )
     _save(fig, Path(path))
     plt.close(fig)
 
