@@ -154,3 +154,13 @@ def test_drop_last_can_be_overridden(splits):
     loader = make_loader(splits, batch_size=16, drop_last=False)
     assert len(loader) == 7 and loader.num_samples == 100
     assert sum(len(y) for _, y in loader.epoch(0)) == 100
+
+
+def test_caller_thread_count_is_untouched_between_batches(splits):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in make_loader(splits).epoch(0):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
