@@ -8,6 +8,7 @@ line on stderr and exit code 2; an interrupted run saves a checkpoint and exits 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import os
@@ -15,6 +16,26 @@ import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+# A full disk and an exhausted quota (common on shared machines) mean the same to the user.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error style: one line, a did-you-mean, exit code 2."""
+
+    def error(self, message: str):
+        # argparse calls error() while it handles the ArgumentError, whose action has the choices.
+        action = getattr(sys.exc_info()[1], "argument", None)
+        hint = _did_you_mean(message, getattr(action, "choices", None))
+        self.exit(EXIT_USER_ERROR, f"qtrain: error: {message}{hint}; see `{self.prog} --help`\n")
+
+
+def _did_you_mean(message: str, choices) -> str:
+    if "invalid choice: " not in message or not choices:
+        return ""
+    value = message.split("invalid choice: ", 1)[1].split(" ", 1)[0].strip("'")
+    close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -154,7 +175,7 @@ def cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import qtrain
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qtrain",
         description="Train networks with binary and low-bit weights (BC, SR, R; Li et al. 2017).",
     )
@@ -225,13 +246,16 @@ def _register_optional(module_name: str, sub) -> None:
 
 
 def _user_error_types() -> tuple[type, ...]:
+    from qtrain.data.errors import MissingDependencyError
     from qtrain.train.trainer import DivergenceError
 
     return (
+        MissingDependencyError,
         ValueError,
         FileNotFoundError,
         NotADirectoryError,
         IsADirectoryError,
+        FileExistsError,
         PermissionError,
         DivergenceError,
     )
@@ -254,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print("qtrain: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno in DISK_FULL_ERRNOS:
             print(
                 f"qtrain: error: the disk is full ({e.filename or 'output folder'}); free "
                 "space or choose another --out; the last checkpoint is intact",
@@ -271,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, FileExistsError) and e.filename:
+        return f"{e.filename} is a file where a folder is needed; choose another path"
     if isinstance(e, OSError) and e.filename and e.strerror:
         return f"{e.strerror}: {e.filename}; check the path"
     text = str(e).strip() or type(e).__name__

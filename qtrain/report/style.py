@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from qtrain.data.errors import MissingDependencyError
+
 METHOD_COLOURS = {
     "FP-ADAM": "#1f77b4",
     "BC-ADAM": "#2ca02c",
@@ -21,7 +23,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ValueError(
+        raise MissingDependencyError(
             "figures need matplotlib; install it with `pip install 'qtrain[demo]'`"
         ) from None
     matplotlib.use("Agg")
