@@ -13,6 +13,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_DIR = Path(os.environ.get("QTRAIN_CIFAR10_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """The suite's tensors are tiny: a second intra-op thread only adds hand-off latency."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
