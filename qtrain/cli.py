@@ -24,17 +24,17 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the house error style: one line, a did-you-mean, exit code 2."""
 
     def error(self, message: str):
-        # argparse calls error() while it handles the ArgumentError, whose action has the choices.
-        action = getattr(sys.exc_info()[1], "argument", None)
-        hint = _did_you_mean(message, getattr(action, "choices", None))
+        hint = _did_you_mean(message)
         self.exit(EXIT_USER_ERROR, f"qtrain: error: {message}{hint}; see `{self.prog} --help`\n")
 
 
-def _did_you_mean(message: str, choices) -> str:
-    if "invalid choice: " not in message or not choices:
+def _did_you_mean(message: str) -> str:
+    """' (did you mean X?)' for argparse's "invalid choice: V (choose from A, B, ...)"."""
+    if "invalid choice: " not in message or "(choose from " not in message:
         return ""
-    value = message.split("invalid choice: ", 1)[1].split(" ", 1)[0].strip("'")
-    close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+    value = message.split("invalid choice: ", 1)[1].split(" (choose from ", 1)[0].strip("'")
+    listed = message.rsplit("(choose from ", 1)[1].rstrip(")").split(", ")
+    close = difflib.get_close_matches(value, [c.strip("'") for c in listed], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
