@@ -15,16 +15,20 @@ dicts, lists, strings and numbers only, so loading never runs code):
 
 Writes go to a temporary file in the same folder, are fsync'ed, then atomically renamed over
 the target, so a crash at any moment leaves either the old or the new checkpoint, never a
-torn one.
+torn one. A temporary file left by a killed write is removed by the next successful write of
+the same target (one writer per file, as in a run folder). Loading checks every member's
+CRC-32 first, because `torch.load` does not and would return silently damaged tensors.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import pickle
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -55,6 +59,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    # Writes killed before their rename (SIGKILL, power loss) leave temporaries behind.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -96,6 +103,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"{path} is a folder without checkpoint.pt; pass a run folder or a .pt file"
             )
         path = candidate
+    damaged = _first_damaged_member(path)
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is corrupt: its part {damaged!r} fails the CRC-32 check, so the file was "
+            "damaged after it was written; use another copy or train again"
+        )
     try:
         record = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
@@ -119,6 +132,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if key not in record:
             raise CheckpointError(f"{path} lacks the {key!r} entry; the file is damaged")
     return record
+
+
+def _first_damaged_member(path: Path) -> str | None:
+    """Name of the first zip member whose data does not match its stored CRC-32, else None.
+
+    Files that are not zip archives (or not readable) pass here; `torch.load` reports them.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error):
+        return None
 
 
 def build_model(record: dict) -> nn.Module:
