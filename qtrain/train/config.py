@@ -23,6 +23,8 @@ else:  # pragma: no cover
 
 SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("auto", "off", "bf16")
+# No method learns with steps this large, and near 1e38 Adam's step size overflows float32.
+MAX_LR = 1e6
 
 
 class ConfigError(ValueError):
@@ -69,6 +71,8 @@ class RunConfig:
         _positive_int("batch_size", self.batch_size)
         _positive_int("eval_batch_size", self.eval_batch_size)
         _positive_number("lr", self.lr)
+        if self.lr > MAX_LR:
+            raise ConfigError(f"lr must be at most {MAX_LR:g}, got {self.lr:g}; lower --lr")
         _positive_number("width", self.width)
         _positive_number("delta", self.delta)
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
