@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import pytest
@@ -10,12 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from qtrain import data, methods, models
+from qtrain.data.errors import MissingDependencyError
 from qtrain.export import add_parsers, export_onnx, input_shape, load_any_model
 from qtrain.quant import grids
 from qtrain.train.checkpoint import save_checkpoint
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("safetensors")  # packed files are exported here too
 
 TOLERANCE = 1e-4  # max |Δlogit| between onnxruntime and PyTorch
 
@@ -168,3 +171,10 @@ def test_bad_options_write_nothing(tmp_path, option, match):
     with pytest.raises(ValueError, match=match):
         export_cli(tmp_path / "c.pt", "--format", "onnx", "--out", tmp_path / "m.onnx", option)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_missing_onnx_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if it were not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'qtrain\[export\]'"):
+        export_onnx(models.create("tiny_mlp"), tmp_path / "m.onnx", (3, 8, 8))
+    assert not (tmp_path / "m.onnx").exists()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from qtrain import methods, models
+from qtrain.data.errors import MissingDependencyError
 from qtrain.export import (
     PackedFormatError,
     add_parsers,
@@ -22,8 +22,12 @@ from qtrain.export import (
     read_packed,
     save_packed,
 )
+from qtrain.export.packed import tensor_crc32
 from qtrain.quant import grids, parse_grid
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
+
+safe_open = pytest.importorskip("safetensors").safe_open
+save_file = pytest.importorskip("safetensors.torch").save_file
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -200,6 +204,8 @@ def test_metadata_states_the_format(tmp_path):
     assert header["method"]["grid"] == {"kind": "ternary", "delta": 1.0, "bits": None}
     assert header["model"]["name"] == "tiny_cnn"
     assert header["config"] == {"seed": 0}
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        assert header["crc32"] == {key: tensor_crc32(f.get_tensor(key)) for key in f.keys()}  # noqa: SIM118
     first = header["quantized"]["features.0.0.weight"]
     assert first == {"shape": [6, 3, 3, 3], "dtype": "float32", "code_bits": 2}
 
@@ -239,15 +245,22 @@ def packed(tmp_path):
 
 
 def rewrite(path, *, tensors=None, header=None, metadata=None):
-    """Rewrite a packed file with edited tensors (dict → dict) and/or header (dict → dict)."""
+    """Rewrite a packed file with edited tensors (dict → dict) and/or header (dict → dict).
+
+    Checksums are recomputed first: the file is consistently written but wrong, as a buggy
+    or hostile producer would write it, so the validation behind the checksums is tested.
+    """
     with safe_open(path, framework="pt") as f:
         stored = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-        meta = f.metadata()
+        edited = json.loads(f.metadata()["qtrain"])
     if tensors:
         stored = tensors(stored)
+    edited["crc32"] = {key: tensor_crc32(t) for key, t in stored.items()}
     if header:
-        meta = {"qtrain": json.dumps(header(json.loads(meta["qtrain"])))}
-    save_file(stored, path, metadata=meta if metadata is None else metadata)
+        edited = header(edited)
+    save_file(
+        stored, path, metadata={"qtrain": json.dumps(edited)} if metadata is None else metadata
+    )
 
 
 def assert_export_refused(source, out, match):
@@ -336,6 +349,10 @@ CORRUPTIONS = {
         "declares quantized tensor 'fc.nothing'",
     ),
     "missing model entry": (dict(header=lambda h: _drop(h, "model")), "valid 'model' entry"),
+    "wrong checksum": (
+        dict(header=lambda h: _set(h["crc32"], "fc.bias", h["crc32"]["fc.bias"] ^ 1) and h),
+        "'fc.bias' fails its CRC-32 check",
+    ),
 }
 
 
@@ -347,6 +364,17 @@ def test_corrupt_packed_file_is_refused(packed, case):
         load_packed(packed)
     assert "export it again" in str(error.value) or "qtrain version" in str(error.value)
     assert_export_refused(packed, packed.parent / "out.bin", match)
+
+
+@pytest.mark.parametrize("name", ["fc.weight", FIRST])  # a float tensor, packed codes
+def test_flipped_bit_is_refused(packed, name):
+    data = bytearray(packed.read_bytes())
+    header_bytes = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8 : 8 + header_bytes])[name]["data_offsets"]
+    data[8 + header_bytes + start] ^= 0x10
+    packed.write_bytes(bytes(data))
+    with pytest.raises(PackedFormatError, match=f"'{name}' fails its CRC-32 check"):
+        load_packed(packed)
 
 
 def test_truncated_file_is_refused(packed):
@@ -404,3 +432,11 @@ def test_output_over_its_own_source_is_refused(tmp_path):
         )
     assert (tmp_path / "c.pt").read_bytes() == data
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == data
+
+
+def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path / "c.pt")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if it were not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'qtrain\[export\]'"):
+        export_cli(tmp_path / "c.pt", "--format", "packed", "--out", tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from qtrain import methods, models
 from qtrain.export import add_parsers, save_packed, summarize, summary_of_target
 from qtrain.export.summary import human_bytes
 from qtrain.quant import grids, parse_grid
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
+
+safe_open = pytest.importorskip("safetensors").safe_open
 
 
 @pytest.fixture(autouse=True, scope="module")

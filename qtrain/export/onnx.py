@@ -11,7 +11,6 @@ it needs no extra packages; the opset defaults to 17.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import warnings
 from pathlib import Path
@@ -45,12 +44,12 @@ def export_onnx(
 
     The exported graph is checked with `onnx.checker` before anything is written.
     """
-    if importlib.util.find_spec("onnx") is None:
+    try:
+        import onnx
+    except ImportError:
         raise MissingDependencyError(
             "ONNX export needs the onnx package; install it with pip install 'qtrain[export]'"
-        )
-    import onnx
-
+        ) from None
     if opset < DEFAULT_OPSET:
         raise ValueError(f"ONNX opset must be >= {DEFAULT_OPSET}, got {opset}; use a newer opset")
     model.eval()

@@ -15,19 +15,22 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
       quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order
       config     the training run's configuration, when the checkpoint had one
       bit_order  "little"
+      crc32      {name: CRC-32 (zlib) of the tensor's stored bytes} for every tensor
 
 A weight is restored as grid.from_codes(codes, dtype).reshape(shape). That is the exact
 value it had, because export refuses weights that are not exactly on the grid; so a model
 loaded from a packed file computes bit-identical outputs to the checkpoint's model.
-Everything is validated on load; a problem raises `PackedFormatError` naming it and the fix.
+Everything is validated on load, the checksums first (safetensors has none, and a flipped
+bit in a float tensor would otherwise pass unnoticed); a problem raises `PackedFormatError`
+naming it and the fix.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -59,9 +62,7 @@ def save_packed(path: str | Path, record: dict) -> None:
     record's grid, when the grid has no fixed code width, or when the weights do not fit
     the model the record names (`CheckpointError`).
     """
-    _require_safetensors()
-    import safetensors.torch
-
+    safetensors = _safetensors()
     model = build_model(record)
     grid = Grid.from_dict(record["method"].get("grid"))
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
@@ -82,6 +83,7 @@ def save_packed(path: str | Path, record: dict) -> None:
         "quantized": quantized,
         "config": record.get("config", {}),
         "bit_order": "little",
+        "crc32": {name: tensor_crc32(t) for name, t in tensors.items()},
     }
     metadata = {METADATA_KEY: json.dumps(header)}
     atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
@@ -140,9 +142,7 @@ def read_packed(path: str | Path) -> tuple[nn.Module, dict]:
     The record has the keys `load_checkpoint` guarantees: model, method, quantized (a list
     of names), model_state (the unpacked state dict), config, plus format "qtrain-packed".
     """
-    _require_safetensors()
-    import safetensors
-
+    safetensors = _safetensors()
     path = Path(path)
     if not path.is_file():
         raise PackedFormatError(f"packed model file {path} does not exist; check the path")
@@ -159,6 +159,7 @@ def read_packed(path: str | Path) -> tuple[nn.Module, dict]:
     model = _create_model(path, header["model"])
     expected = model.state_dict()
     _check_names(path, set(stored), set(expected), set(header["quantized"]))
+    _check_crc32(path, stored, header["crc32"])
     state = {}
     for name, reference in expected.items():
         entry = header["quantized"].get(name)
@@ -205,7 +206,7 @@ def _parse_header(path: Path, metadata: dict | None) -> dict:
             f"reads version {FORMAT_VERSION}; load it with the qtrain version that wrote it "
             f"({header.get('qtrain_version', 'unknown')})"
         )
-    kinds = {"model": dict, "method": dict, "quantized": dict, "config": dict}
+    kinds = {"model": dict, "method": dict, "quantized": dict, "config": dict, "crc32": dict}
     for key, kind in kinds.items():
         if not isinstance(header.get(key), kind):
             raise PackedFormatError(
@@ -267,6 +268,20 @@ def _check_names(path: Path, stored: set[str], expected: set[str], quantized: se
         raise PackedFormatError(f"{path} {' and '.join(problems)}; {REEXPORT}")
 
 
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 (zlib) of a contiguous tensor's bytes as stored."""
+    return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _check_crc32(path: Path, stored: dict[str, torch.Tensor], checksums: dict) -> None:
+    for name in sorted(stored):
+        if checksums.get(name) != tensor_crc32(stored[name]):
+            raise PackedFormatError(
+                f"{path}: tensor {name!r} fails its CRC-32 check, so the file was damaged or "
+                f"edited after it was written; {REEXPORT}"
+            )
+
+
 def _unpack_weight(
     path: Path, name: str, packed: torch.Tensor, entry: object, grid: Grid
 ) -> torch.Tensor:
@@ -305,8 +320,13 @@ def _unpack_weight(
     return grid.from_codes(codes, DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
-def _require_safetensors() -> None:
-    if importlib.util.find_spec("safetensors") is None:
+def _safetensors():
+    """The safetensors package, or MissingDependencyError naming the extra to install."""
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError:
         raise MissingDependencyError(
             "packed model files need safetensors; install it with pip install 'qtrain[export]'"
-        )
+        ) from None
+    return safetensors
