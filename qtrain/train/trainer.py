@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.schedules import make_scheduler
+
+IMAGENET = "imagenet"
 
 
 class TrainingInterrupted(Exception):
@@ -65,8 +68,13 @@ def autocast_context(device: torch.device, amp: str):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, amp: str = "off") -> dict:
-    """Test loss and top-1 error (%) of `model` over every batch of `loader`."""
+def evaluate(
+    model, loader, device: torch.device, amp: str = "off", dist: DistributedContext | None = None
+) -> dict:
+    """Test loss and top-1 error (%) of `model` over every batch of `loader`.
+
+    Under `dist` each rank evaluates its shard of every batch and the sums are added up.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -79,6 +87,9 @@ def evaluate(model, loader, device: torch.device, amp: str = "off") -> dict:
         wrong += (logits.argmax(1) != y).sum()
         seen += y.numel()
     model.train(was_training)
+    if dist is not None:
+        loss_sum, wrong = dist.all_sum(loss_sum), dist.all_sum(wrong)
+        seen = int(dist.all_sum(torch.tensor(seen, device=device)))
     return {"loss": float(loss_sum) / seen, "error": 100.0 * float(wrong) / seen}
 
 
@@ -108,7 +119,9 @@ def _subset(dataset, n: int | None, seed: int):
         return dataset
     g = torch.Generator().manual_seed(seed)
     keep = torch.randperm(len(dataset), generator=g)[:n]
-    return qdata.ArrayDataset(dataset.images[keep], dataset.labels[keep])
+    if isinstance(dataset, qdata.ArrayDataset):
+        return qdata.ArrayDataset(dataset.images[keep], dataset.labels[keep])
+    return replace(dataset, samples=[dataset.samples[i] for i in keep.tolist()])
 
 
 class Trainer:
@@ -137,29 +150,18 @@ class Trainer:
     # -- construction ----------------------------------------------------------------------
     def _build(self) -> None:
         c = self.config
-        splits = qdata.load(c.dataset, c.data_dir, download=c.download)
+        self.dist.check_divides("batch_size", c.batch_size)
+        self.dist.check_divides("eval_batch_size", c.eval_batch_size)
+        if c.dataset == IMAGENET:
+            splits, train_set = self._imagenet_loaders()
+        else:
+            splits, train_set = self._array_loaders()
         self.splits = splits
-        train_set = _subset(splits.train, c.train_subset, c.seed)
-        augment = splits.augment if c.augment is None else c.augment
-        common = dict(mean=splits.mean, std=splits.std, seed=c.seed, device=self.device)
-        common["channels_last"] = c.channels_last
-        self.train_loader = qdata.BatchLoader(
-            train_set,
-            c.batch_size,
-            train=True,
-            augment=augment,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            **common,
-        )
         if len(self.train_loader) == 0:
             raise ValueError(
                 f"batch_size {c.batch_size} is larger than the {len(train_set)} training images; "
                 "lower --batch-size"
             )
-        self.test_loader = qdata.BatchLoader(
-            splits.test, c.eval_batch_size, train=False, augment=False, **common
-        )
         torch.manual_seed(c.seed)  # model initialisation
         self.model = models.create(
             c.model, num_classes=splits.num_classes, width=c.width, in_channels=splits.in_channels
@@ -185,6 +187,61 @@ class Trainer:
         self.quantized_names = methods.quantized_parameter_names(self.model, c.policy)
         if self.optimizer.mode == "fp":
             self.quantized_names = []
+
+    def _array_loaders(self):
+        """In-memory splits (CIFAR, digits, synthetic): both splits sharded over the ranks."""
+        c = self.config
+        splits = qdata.load(c.dataset, c.data_dir, download=c.download)
+        train_set = _subset(splits.train, c.train_subset, c.seed)
+        augment = splits.augment if c.augment is None else c.augment
+        common = dict(mean=splits.mean, std=splits.std, seed=c.seed, device=self.device)
+        common.update(
+            channels_last=c.channels_last, rank=self.dist.rank, world_size=self.dist.world_size
+        )
+        self.train_loader = qdata.BatchLoader(
+            train_set, c.batch_size, train=True, augment=augment, **common
+        )
+        self.test_loader = qdata.BatchLoader(
+            splits.test, c.eval_batch_size, train=False, augment=False, **common
+        )
+        return splits, train_set
+
+    def _imagenet_loaders(self):
+        """ImageNet folders under data_dir (default: the data root's imagenet/), val as test.
+
+        Images are cropped to the model's input size (224 for ResNet-18) after resizing the
+        shorter side to 256/224 of it; training always uses random-resized crops and flips.
+        Each rank decodes with an equal share of the node's CPUs, one kept for itself.
+        """
+        c = self.config
+        if c.augment is False:
+            raise ValueError(
+                "ImageNet training always uses random-resized crops and flips; remove augment=false"
+            )
+        root = Path(c.data_dir) if c.data_dir else qdata.default_root() / IMAGENET
+        splits = qdata.load_imagenet(root)
+        train_set = _subset(splits.train, c.train_subset, c.seed)
+        size = models.model_info(c.model).input_size
+        cpus = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
+        common = dict(
+            seed=c.seed,
+            device=self.device,
+            channels_last=c.channels_last,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            image_size=size,
+            resize_size=round(size * 256 / 224),
+            num_workers=max(1, cpus // self.dist.local_world_size - 1),
+        )
+        self.train_loader = qdata.ImageNetLoader(train_set, c.batch_size, train=True, **common)
+        self.test_loader = qdata.ImageNetLoader(
+            splits.val, c.eval_batch_size, train=False, **common
+        )
+        return splits, train_set
 
     # -- checkpoints -----------------------------------------------------------------------
     def _checkpoint_payload(self, state: TrainState, finished: bool) -> dict:
@@ -224,7 +281,10 @@ class Trainer:
         self.dist.barrier()
 
     def _restore(self) -> TrainState:
-        record = load_checkpoint(self.run_dir / rundir.CHECKPOINT, map_location=self.device)
+        # Rank 0 reads and every rank gets its record, so no shared file system is needed;
+        # tensors arrive on the CPU and load_state_dict moves them to the device.
+        path = self.run_dir / rundir.CHECKPOINT
+        record = self.dist.broadcast_object(load_checkpoint(path) if self.dist.is_main else None)
         saved = record.get("config", {})
         for key in ("model", "dataset", "method", "grid", "delta", "policy", "width", "seed"):
             if key in saved and saved[key] != getattr(self.config, key):
@@ -248,7 +308,10 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[dict]:
         c = self.config
-        checkpoint_exists = (self.run_dir / rundir.CHECKPOINT).exists()
+        # Rank 0's view decides, so that every rank resumes or none does.
+        checkpoint_exists = self.dist.broadcast_object(
+            self.dist.is_main and (self.run_dir / rundir.CHECKPOINT).exists()
+        )
         if resume and checkpoint_exists:
             state = self._restore()
             self.log(
@@ -269,8 +332,9 @@ class Trainer:
                 record = self._finish_epoch(state)
                 self.log(_format_record(record, c.epochs))
                 self.save(state, finished=state.epoch >= c.epochs)
-                if self._stop_signal is not None and state.epoch < c.epochs:
-                    raise TrainingInterrupted(self._stop_signal)
+                stop = self.dist.all_max(self._stop_signal or 0)
+                if stop and state.epoch < c.epochs:
+                    raise TrainingInterrupted(stop)
         if self.dist.is_main:
             rundir.write_json(self.run_dir / rundir.SUMMARY, self.summary(state.metrics))
         return state.metrics
@@ -280,8 +344,12 @@ class Trainer:
         self.forward_model.train()
         if sums.batch == 0:
             opt.reset_flip_stats()
-        loss_sum = torch.tensor(sums.loss, dtype=torch.float64, device=self.device)
-        wrong = torch.tensor(sums.wrong, dtype=torch.int64, device=self.device)
+        # `sums` holds totals over all ranks: rank 0 carries those restored from a checkpoint,
+        # every rank adds its own shard, and the sum over ranks is the epoch's total.
+        main = self.dist.is_main
+        loss_sum = torch.tensor(sums.loss if main else 0.0, dtype=torch.float64, device=self.device)
+        wrong = torch.tensor(sums.wrong if main else 0, dtype=torch.int64, device=self.device)
+        seen = sums.seen if main else 0
         started = time.perf_counter() - sums.seconds
         batches = self.train_loader.epoch(state.epoch, start_batch=sums.batch)
         bar = self._progress_bar(len(self.train_loader), sums.batch, state.epoch)
@@ -294,29 +362,48 @@ class Trainer:
             opt.step()
             loss_sum += loss.detach().double() * y.numel()
             wrong += (logits.detach().argmax(1) != y).sum()
-            sums.seen += y.numel()
+            seen += y.numel()
             sums.batch += 1
             self._check_finite(loss, state)
             if bar is not None:
                 bar.update(1)
-            interrupted = self._stop_signal is not None
+            stop = self._agreed_stop(sums.batch)
             periodic = c.checkpoint_every_steps and sums.batch % c.checkpoint_every_steps == 0
-            if (interrupted or periodic) and sums.batch < len(self.train_loader):
-                sums.loss, sums.wrong = float(loss_sum), int(wrong)
-                sums.seconds = time.perf_counter() - started
+            if (stop or periodic) and sums.batch < len(self.train_loader):
+                self._total_sums(sums, loss_sum, wrong, seen, started)
                 self.save(state)
-                if interrupted:
-                    raise TrainingInterrupted(self._stop_signal)
+                if stop:
+                    raise TrainingInterrupted(stop)
         if bar is not None:
             bar.close()
+        self._total_sums(sums, loss_sum, wrong, seen, started)
+
+    def _total_sums(self, sums: EpochSums, loss_sum, wrong, seen: int, started: float) -> None:
+        """Set `sums` to the totals over all ranks of the running per-rank sums."""
         sums.loss, sums.wrong = float(self.dist.all_sum(loss_sum)), int(self.dist.all_sum(wrong))
-        sums.seen = int(self.dist.all_sum(torch.tensor(sums.seen, device=self.device)))
+        sums.seen = int(self.dist.all_sum(torch.tensor(seen, device=self.device)))
         sums.seconds = time.perf_counter() - started
+
+    def _agreed_stop(self, batch: int) -> int:
+        """The signal that stops the run after this step on every rank (0: none yet).
+
+        Ranks must stop after the same step, or one rank's checkpoint collectives would meet
+        another's gradient all-reduce. Agreeing is a host sync, so on CUDA it happens every
+        25 steps, like the finiteness check; a signal is then acted on within 25 steps.
+        """
+        if self.dist.enabled and self.device.type == "cuda" and batch % 25:
+            return 0
+        return self.dist.all_max(self._stop_signal or 0)
 
     def _finish_epoch(self, state: TrainState) -> dict:
         sums, opt = state.sums, self.optimizer
         lr = opt.param_groups[0]["lr"]
-        test = evaluate(self.forward_model, self.test_loader, self.device, self.config.amp)
+        # Each rank's last step updated its own BatchNorm statistics; evaluate rank 0's,
+        # which are also the ones the checkpoint keeps.
+        self.dist.broadcast_buffers(self.model)
+        test = evaluate(
+            self.forward_model, self.test_loader, self.device, self.config.amp, dist=self.dist
+        )
         record = {
             "epoch": state.epoch + 1,
             "train_loss": sums.loss / sums.seen,
