@@ -101,7 +101,8 @@ def cmd_train(args) -> int:
     out = Path(args.out or f"runs/{config.model}-{config.dataset}-{config.method}-s{config.seed}")
     dist = DistributedContext.from_env(config.device, timeout_s=args.dist_timeout)
     try:
-        metrics = train(config, out, resume=args.resume, dist=dist)
+        with dist.naming_failed_ranks():
+            metrics = train(config, out, resume=args.resume, dist=dist)
     finally:
         dist.close()
     if dist.is_main and metrics:
@@ -247,6 +248,7 @@ def _register_optional(module_name: str, sub) -> None:
 
 def _user_error_types() -> tuple[type, ...]:
     from qtrain.data.errors import MissingDependencyError
+    from qtrain.train.distributed import RankFailure
     from qtrain.train.trainer import DivergenceError
 
     return (
@@ -258,6 +260,7 @@ def _user_error_types() -> tuple[type, ...]:
         FileExistsError,
         PermissionError,
         DivergenceError,
+        RankFailure,
     )
 
 
