@@ -326,6 +326,10 @@ class Trainer:
             state = TrainState()
         if self.dist.is_main:
             rundir.write_run_files(self.run_dir, c)
+            if state.metrics:
+                # A kill between the checkpoint's write and metrics.jsonl's leaves the file one
+                # epoch behind; when that checkpoint was the last, no later save would fix it.
+                rundir.write_metrics(self.run_dir, state.metrics)
         with self._signals_save_and_stop():
             while state.epoch < c.epochs:
                 self._train_epoch(state)
