@@ -7,19 +7,14 @@ from pathlib import Path
 import torch
 
 from qtrain import data as qdata
-from qtrain.train.checkpoint import build_model, load_checkpoint
 from qtrain.train.trainer import evaluate
 
 
 def load_saved_model(path: str | Path):
     """(model in eval mode, record) from a checkpoint/run folder or a packed .safetensors."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from qtrain.export import load_any_model
+    from qtrain.export import load_any_model  # tells the two kinds apart by content
 
-        return load_any_model(path)
-    record = load_checkpoint(path)
-    return build_model(record), record
+    return load_any_model(path)
 
 
 def evaluate_file(

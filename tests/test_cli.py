@@ -93,7 +93,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"not a checkpoint at all")
     code, _, err = run_cli(["eval", bogus], capsys)
-    assert code == 2 and "not a readable qtrain checkpoint" in err
+    assert code == 2 and "neither a qtrain checkpoint nor a packed model" in err
 
 
 def test_a_bad_config_file_is_refused(tmp_path, capsys):

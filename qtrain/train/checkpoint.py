@@ -49,6 +49,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -62,6 +63,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     # Writes killed before their rename (SIGKILL, power loss) leave temporaries behind.
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -111,8 +118,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     try:
         record = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # torch.load reports a foreign or damaged file through many exception types
+    except (
+        pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, KeyError,
+        ValueError, TypeError, AttributeError, IndexError,
+    ) as e:  # fmt: skip
+        message = str(e).strip()
+        reason = (
+            message.splitlines()[0]
+            if isinstance(e, RuntimeError) and message
+            else ("not a PyTorch checkpoint file")
+        )
         raise CheckpointError(
             f"{path} is not a readable qtrain checkpoint ({reason[:160]}); "
             "it may be truncated or not a checkpoint at all"
