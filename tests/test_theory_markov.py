@@ -106,7 +106,7 @@ def test_limit_does_not_concentrate_but_sgd_and_bc_do():
     sr = concentration(ONE, ONE.states(), pi_limit)
     levels = ONE.levels()
     bracket = np.zeros(len(levels), dtype=bool)  # the two levels around each minimizer
-    for m in ONE.minimizers()[:, 0]:
+    for m in ONE.minimizers[:, 0]:
         i = np.searchsorted(levels, m)
         bracket[i - 1 : i + 1] = True
     # SR's limit keeps mass on the worse minimum and away from the minimizers

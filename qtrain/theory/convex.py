@@ -162,7 +162,7 @@ class ConvexConfig:
     problems: tuple[str, ...] = ("least_squares", "logistic")
     dims: tuple[int, ...] = (4, 16, 64)
     deltas: tuple[float, ...] = (0.025, 0.05, 0.1, 0.2)
-    steps: int = 4096
+    steps: int = 8192
     seeds: int = 128
     seed: int = 0
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -85,6 +86,7 @@ class ChainProblem:
         q = np.array([math.prod(p) for p in itertools.product(self.probs, repeat=self.dim)])
         return xi, q
 
+    @cached_property
     def minimizers(self) -> np.ndarray:
         """The local minimizers of f inside the grid's range (k, m), best first.
 
@@ -295,7 +297,7 @@ def concentration(problem: ChainProblem, w: np.ndarray, weights: np.ndarray) -> 
     dist: E‖w − nearest minimizer‖; global: P(the nearest minimizer is the global one);
     gap: E[f(w)] − min f.
     """
-    mins = problem.minimizers()
+    mins = problem.minimizers
     distances = np.linalg.norm(w[:, None, :] - mins[None], axis=-1)
     return {
         "dist": float(weights @ distances.min(1)),
@@ -375,7 +377,7 @@ def sweep(problem: ChainProblem, cfg: MarkovConfig) -> dict:
         "levels": problem.levels().tolist(),
         "states": x.tolist(),
         "values": problem.value(x).tolist(),
-        "minimizers": problem.minimizers().tolist(),
+        "minimizers": problem.minimizers.tolist(),
         "alpha_star": max_skip_free_alpha(problem),
         "limit": {
             "pi": pi_limit.tolist(),
