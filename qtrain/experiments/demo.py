@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from qtrain.experiments.methods import PAPER_METHODS
+from qtrain.export.summary import summarize
 from qtrain.report.figures import plot_error_curves
 from qtrain.train import rundir
 from qtrain.train.checkpoint import atomic_write_bytes
@@ -47,12 +48,8 @@ def demo_config(method: str, batch_size: int, epochs: int, seed: int) -> RunConf
 
 def _model_bytes(trainer: Trainer) -> dict:
     """Float vs packed storage of the trained model (1 bit per binary weight)."""
-    quantized = set(trainer.quantized_names)
-    float_bytes = packed_bits = 0
-    for name, p in trainer.model.named_parameters():
-        float_bytes += p.numel() * p.element_size()
-        packed_bits += p.numel() * (trainer.optimizer.grid.code_bits if name in quantized else 32)
-    return {"float_bytes": float_bytes, "packed_bytes": (packed_bits + 7) // 8}
+    sizes = summarize(trainer.model, trainer.quantized_names, trainer.optimizer.grid)
+    return {"float_bytes": sizes.float_bytes, "packed_bytes": sizes.packed_bytes}
 
 
 def run_demo(out: Path, epochs: int | None = None, seed: int = 0, log=print) -> list[dict]:
