@@ -26,6 +26,7 @@ import glob
 import io
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 import zlib
@@ -118,12 +119,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     try:
         record = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as e:
+        raise CheckpointError(
+            f"{path} cannot be read ({e.strerror}); check its permissions"
+        ) from None
     # torch.load reports a foreign or damaged file through many exception types
     except (
         pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, KeyError,
         ValueError, TypeError, AttributeError, IndexError,
     ) as e:  # fmt: skip
         message = str(e).strip()
+        refused = re.search(r"unsupported GLOBAL ([\w.]+)", message)
+        if refused:
+            raise CheckpointError(
+                f"{path} refers to {refused[1]}, which a checkpoint never contains; it was "
+                "refused without running any code, do not use this file"
+            ) from None
         reason = (
             message.splitlines()[0]
             if isinstance(e, RuntimeError) and message
