@@ -32,7 +32,9 @@ from qtrain.theory import bounds
 from qtrain.theory.problems import make_problem
 
 METHODS = ("fp", "sr", "r", "bc")
-SCHEDULES = ("strongly_convex", "convex")
+# the methods run under each step rule: the ones a theorem covers, plus R under the first
+SCHEDULE_METHODS = {"strongly_convex": ("fp", "sr", "r", "bc"), "convex": ("fp", "sr")}
+SCHEDULES = tuple(SCHEDULE_METHODS)
 
 
 def step_rule(schedule: str, mu: float, c: float) -> Callable[[int], float]:
@@ -182,9 +184,6 @@ def _bound(theorem: str, problem, delta: float, D: float, G: float, T: list[int]
     if theorem == "theorem2":
         return bounds.theorem2(T, c, D, G, problem.d, delta)
     return bounds.theorem3(T, G, problem.mu, D, problem.L2, problem.d, delta)
-
-
-SCHEDULE_METHODS = {"strongly_convex": ("fp", "sr", "r", "bc"), "convex": ("fp", "sr")}
 
 
 def _record(problem, name: str, c: float, trace: Trace) -> dict:
