@@ -56,3 +56,16 @@ def test_impossible_values_are_usage_errors(option, capsys):
         _run(["theory", "convex", *option])
     assert stop.value.code == 2
     assert option[0] in capsys.readouterr().err
+
+
+def test_missing_optional_dependency_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real(name, *a)
+    )
+    assert _run(["theory", "markov", "--quick", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "scipy is not installed" in err and "qtrain[theory]" in err
+    assert not any((tmp_path / "out").glob("*"))

@@ -110,10 +110,11 @@ def _provenance() -> dict:
     return {"version": qtrain.__version__, "git_revision": rev}
 
 
-def _check_output(out: Path) -> str | None:
-    """The problem with --out, or None; checked before any work so nothing is half-written."""
-    if importlib.util.find_spec("matplotlib") is None:
-        return "matplotlib is not installed; install it with: pip install 'qtrain[theory]'"
+def _check_output(out: Path, modules: tuple[str, ...]) -> str | None:
+    """The problem with --out or a missing module, or None; checked before any work."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed; install it with: pip install 'qtrain[theory]'"
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file; pass a folder"
     try:
@@ -142,7 +143,7 @@ def _fail(message: str) -> int:
 
 
 def run_convex(args: argparse.Namespace) -> int:
-    problem = _check_output(args.out)
+    problem = _check_output(args.out, ("matplotlib",))
     if problem:
         return _fail(problem)
     names = ("steps", "seeds", "dims", "deltas", "problems")
@@ -173,7 +174,7 @@ def run_convex(args: argparse.Namespace) -> int:
 
 
 def run_markov(args: argparse.Namespace) -> int:
-    problem = _check_output(args.out)
+    problem = _check_output(args.out, ("matplotlib", "scipy"))
     if problem:
         return _fail(problem)
     cfg = _resolve(args, markov.MarkovConfig, QUICK_MARKOV, ("alphas", "chains", "horizon"))

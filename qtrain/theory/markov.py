@@ -33,7 +33,6 @@ from functools import cached_property
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 
 from qtrain.quant import Grid, kbit, round_nearest, round_stochastic
 
@@ -93,6 +92,8 @@ class ChainProblem:
         BFGS from a 7^m mesh over the range; a limit point counts when its Hessian (central
         differences of ∇f) is positive definite, which rules out saddles.
         """
+        from scipy.optimize import minimize  # scipy is the optional 'theory' extra
+
         found: list[np.ndarray] = []
         eye = 1e-5 * np.eye(self.dim)
         for start in itertools.product(np.linspace(self.grid.lo, self.grid.hi, 7), repeat=self.dim):
