@@ -1,0 +1,444 @@
+"""The bad-input catalogue: every input a user can get wrong ends in one clear line.
+
+Each case runs the real command line in-process in a folder of its own and must end with
+exit code 2, exactly one line on stderr (`qtrain: error: ...`) that names the problem, nothing
+on stdout, no traceback, and no partial output: the folder's files, sizes and modification
+times are the same after the command as before. docs/errors.md lists the same cases.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_data_cifar import PER_FILE, fake_batch, write_fake_cifar, write_pickle
+
+from qtrain.cli import main
+from qtrain.data.cifar import CIFAR10
+from qtrain.train import checkpoint as checkpoint_module
+from qtrain.train import rundir
+from qtrain.train.checkpoint import load_checkpoint
+
+TINY = "--model tiny_mlp --epochs 1 --batch-size 64 --set device=cpu"
+SYNTHETIC = f"train {TINY} --dataset synthetic"
+CIFAR = f"train {TINY} --dataset cifar10 --data-dir data --no-download"
+
+
+def synthetic(*extra) -> list[str]:
+    return [*shlex.split(SYNTHETIC), *map(str, extra)]
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def snapshot(folder: Path) -> dict:
+    """Every path under `folder`; files with size, mtime and mode (needs no read permission).
+
+    A folder's own mtime is left out: a temporary made and removed again changes it.
+    """
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.lstat()
+        key = str(path.relative_to(folder))
+        state[key] = "folder" if path.is_dir() else (info.st_size, info.st_mtime_ns, info.st_mode)
+    return state
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished one-epoch run of tiny_mlp on the synthetic set (its folder)."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    assert main(synthetic("--out", run_dir)) == 0
+    packed = run_dir.parent / "model.safetensors"
+    assert main(["export", str(run_dir), "--format", "packed", "--out", str(packed)]) == 0
+    return run_dir
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- preparing a case's folder -----------------------------------------------------------------
+
+
+def deny_reading(monkeypatch, path: Path) -> None:
+    """Make `path` unreadable. chmod 000 suffices for users; root ignores file modes, so the
+    kernel's answer (EACCES at open) is also given in-process at open() for that one path."""
+    path.chmod(0)
+    target = str(path.resolve())
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and str(Path(file).resolve()) == target:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)
+
+
+def edit_checkpoint(path: Path, **changes) -> None:
+    record = torch.load(path, weights_only=True)
+    record.update(changes)
+    torch.save(record, path)
+
+
+def flip_byte_in_weights(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    offset = data.index(b"archive/data/0") + 200  # inside the first tensor's bytes
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def corrupt_batch(folder: Path, key: bytes, value) -> None:
+    good = fake_batch(CIFAR10, PER_FILE, 2)
+    write_pickle(folder / "data" / CIFAR10.folder / "data_batch_3", {**good, key: value})
+
+
+# Preparations of a case's folder: prepare(folder, trained run folder, monkeypatch).
+
+
+def write(name: str, content: bytes):
+    def prepare(folder, trained, monkeypatch):
+        (folder / name).write_bytes(content)
+
+    return prepare
+
+
+def then(*steps):
+    def prepare(folder, trained, monkeypatch):
+        for step in steps:
+            step(folder, trained, monkeypatch)
+
+    return prepare
+
+
+def with_run(folder, trained, monkeypatch):
+    shutil.copytree(trained, folder / "run")
+
+
+def with_cifar(folder, trained, monkeypatch):
+    write_fake_cifar(folder / "data")
+
+
+def empty_data_dir(folder, trained, monkeypatch):
+    (folder / "data").mkdir()
+
+
+def batch_missing(folder, trained, monkeypatch):
+    (folder / "data" / CIFAR10.folder / "data_batch_3").unlink()
+
+
+def batch_truncated(folder, trained, monkeypatch):
+    path = folder / "data" / CIFAR10.folder / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:4000])
+
+
+def batch_wrong_shape(folder, trained, monkeypatch):
+    corrupt_batch(folder, b"data", np.zeros((PER_FILE, 1024), np.uint8))
+
+
+def batch_labels_out_of_range(folder, trained, monkeypatch):
+    corrupt_batch(folder, b"labels", [10] * PER_FILE)
+
+
+def batch_labels_short(folder, trained, monkeypatch):
+    corrupt_batch(folder, b"labels", [0] * (PER_FILE - 1))
+
+
+def batch_unreadable(folder, trained, monkeypatch):
+    deny_reading(monkeypatch, folder / "data" / CIFAR10.folder / "data_batch_3")
+
+
+def archive_garbled(folder, trained, monkeypatch):
+    (folder / "data").mkdir()
+    (folder / "data" / CIFAR10.archive).write_bytes(b"\x1f\x8b" + bytes(range(256)) * 2)
+
+
+def config_unreadable(folder, trained, monkeypatch):
+    deny_reading(monkeypatch, folder / "c.toml")
+
+
+def checkpoint_truncated(folder, trained, monkeypatch):
+    path = folder / "run" / rundir.CHECKPOINT
+    path.write_bytes(path.read_bytes()[:30000])
+
+
+def checkpoint_bit_flip(folder, trained, monkeypatch):
+    flip_byte_in_weights(folder / "run" / rundir.CHECKPOINT)
+
+
+def checkpoint_unreadable(folder, trained, monkeypatch):
+    deny_reading(monkeypatch, folder / "run" / rundir.CHECKPOINT)
+
+
+def checkpoint_newer_format(folder, trained, monkeypatch):
+    edit_checkpoint(folder / "run" / rundir.CHECKPOINT, format_version=2, qtrain_version="9.0")
+
+
+def checkpoint_other_model(folder, trained, monkeypatch):
+    path = folder / "run" / rundir.CHECKPOINT
+    edit_checkpoint(path, model={**load_checkpoint(path)["model"], "name": "tiny_cnn"})
+
+
+def foreign_torch_file(folder, trained, monkeypatch):
+    torch.save({"weight": torch.ones(3)}, folder / "w.pt")
+
+
+def packed_truncated(folder, trained, monkeypatch):
+    packed = (trained.parent / "model.safetensors").read_bytes()
+    (folder / "m.safetensors").write_bytes(packed[:2000])
+
+
+@dataclass(frozen=True)
+class Case:
+    area: str
+    input: str  # what the user got wrong, as docs/errors.md lists it
+    argv: str  # {syn}: a tiny synthetic training run; {cifar}: the same on data/ (CIFAR-10)
+    says: str  # what the one line must contain
+    prepare: object = None
+
+    def arguments(self) -> list[str]:
+        return shlex.split(self.argv.format(syn=SYNTHETIC, cifar=CIFAR))
+
+
+CASES = [
+    Case("cli", "misspelt command", "trian", "did you mean 'train'"),
+    Case("cli", "misspelt choice", "list model", "did you mean 'models'"),
+    Case("cli", "text where a number goes", "train --epochs ten", "invalid int value: 'ten'"),
+    Case("cli", "unknown option", "train --learning-rate 0.1", "unrecognized arguments"),
+    Case("cli", "required option missing", "export run", "arguments are required: --format"),
+    Case("cli", "unknown model", "{syn} --model vgg99 --out o", "did you mean 'vgg9'"),
+    Case("cli", "unknown method", "{syn} --method bc-adamm --out o", "did you mean 'bc-adam'"),
+    Case("cli", "unknown data set", "{syn} --dataset cifar11 --out o", "did you mean 'cifar10'"),
+    Case("cli", "unknown grid", "{syn} --grid quaternary --out o", "unknown grid 'quaternary'"),
+    Case("cli", "unknown device", "{syn} --set device=tpu --out o", "unknown device 'tpu'"),
+    Case("cli", "--out is an existing file", "{syn} --out taken",
+         "taken is a file where a folder is needed", write("taken", b"x")),
+    Case("config", "misspelt key", "{syn} --set weight_decy=1e-4 --out o",
+         "did you mean 'weight_decay'"),
+    Case("config", "--set without =", "{syn} --set epochs --out o", "--set expects key=value"),
+    Case("config", "wrong type", "{syn} --set batch_size=2.5 --out o",
+         "'batch_size' needs a value of type int"),
+    Case("config", "negative epochs", "{syn} --set epochs=-3 --out o",
+         "epochs must be a whole number > 0"),
+    Case("config", "zero learning rate", "{syn} --lr 0 --out o", "lr must be a finite number > 0"),
+    Case("config", "NaN learning rate", "{syn} --lr nan --out o",
+         "lr must be a finite number > 0"),
+    Case("config", "absurd learning rate", "{syn} --lr 1e38 --out o", "lr must be at most 1e+06"),
+    Case("config", "momentum of 1 or more", "{syn} --set momentum=1.5 --out o",
+         "momentum must be in [0, 1)"),
+    Case("config", "unknown schedule", "{syn} --set schedule=linear --out o",
+         "schedule must be one of"),
+    Case("config", "unknown policy", "{syn} --set policy=everything --out o",
+         "unknown quantization policy 'everything'"),
+    Case("config", "batch larger than the data", "{syn} --batch-size 100000 --out o",
+         "batch size 100000 is larger than the 512 images"),
+    Case("config", "missing config file", "{syn} --config nope.toml --out o",
+         "config file nope.toml does not exist"),
+    Case("config", "config file with bad syntax", "{syn} --config c.toml --out o",
+         "is not valid TOML", write("c.toml", b"epochs = [unclosed\n")),
+    Case("config", "config file that is binary", "{syn} --config c.toml --out o",
+         "is not valid TOML", write("c.toml", bytes(range(256)))),
+    Case("config", "config file with a [table]", "{syn} --config c.toml --out o",
+         "configs are flat", write("c.toml", b"[train]\nepochs = 3\n")),
+    Case("config", "unknown key in a config file", "{syn} --config c.toml --out o",
+         "did you mean 'epochs'", write("c.toml", b"epoch = 3\n")),
+    Case("config", "unreadable config file", "{syn} --config c.toml --out o",
+         "Permission denied", then(write("c.toml", b"epochs = 3\n"), config_unreadable)),
+    Case("data", "CIFAR not downloaded", "{cifar} --out o", "CIFAR-10 was not found in data",
+         empty_data_dir),
+    Case("data", "--data-dir is a file", "{syn} --dataset cifar10 --data-dir taken "
+         "--no-download --out o", "was not found in taken", write("taken", b"x")),
+    Case("data", "batch file missing", "{cifar} --out o", "lacks data_batch_3",
+         then(with_cifar, batch_missing)),
+    Case("data", "truncated batch file", "{cifar} --out o", "is truncated or corrupt",
+         then(with_cifar, batch_truncated)),
+    Case("data", "images of the wrong shape", "{cifar} --out o", "has data of shape (20, 1024)",
+         then(with_cifar, batch_wrong_shape)),
+    Case("data", "labels out of range", "{cifar} --out o", "outside 0..9 of CIFAR-10",
+         then(with_cifar, batch_labels_out_of_range)),
+    Case("data", "fewer labels than images", "{cifar} --out o", "not 20 integers (one per image)",
+         then(with_cifar, batch_labels_short)),
+    Case("data", "unreadable batch file", "{cifar} --out o", "Permission denied",
+         then(with_cifar, batch_unreadable)),
+    Case("data", "archive that is not a tar.gz", "{cifar} --out o",
+         "cifar-10-python.tar.gz is truncated or corrupt (not a gzip file)",
+         archive_garbled),
+    Case("checkpoint", "missing checkpoint", "eval nope.pt", "nope.pt does not exist"),
+    Case("checkpoint", "folder without a checkpoint", "eval .",
+         "is a folder without checkpoint.pt"),
+    Case("checkpoint", "text file as checkpoint", "eval notes.pt",
+         "notes.pt is neither a qtrain checkpoint nor a packed model file",
+         write("notes.pt", b"not a checkpoint\n")),
+    Case("checkpoint", "empty checkpoint file", "eval empty.pt",
+         "empty.pt is neither a qtrain checkpoint nor a packed model file",
+         write("empty.pt", b"")),
+    Case("checkpoint", "truncated checkpoint", "eval run", "is not a readable qtrain checkpoint",
+         then(with_run, checkpoint_truncated)),
+    Case("checkpoint", "bit flip inside the weights", "eval run", "fails the CRC-32 check",
+         then(with_run, checkpoint_bit_flip)),
+    Case("checkpoint", "PyTorch file of another program", "eval w.pt",
+         "not a qtrain checkpoint", foreign_torch_file),
+    Case("checkpoint", "checkpoint from a newer version", "eval run", "has checkpoint format 2",
+         then(with_run, checkpoint_newer_format)),
+    Case("checkpoint", "weights of another model", "eval run", "do not fit model 'tiny_cnn'",
+         then(with_run, checkpoint_other_model)),
+    Case("checkpoint", "unreadable checkpoint", "eval run", "cannot be read",
+         then(with_run, checkpoint_unreadable)),
+    Case("checkpoint", "resume with another model", "{syn} --model tiny_cnn --out run --resume",
+         "trained with model='tiny_mlp'", with_run),
+    Case("checkpoint", "new run into an existing run", "{syn} --out run",
+         "already holds a run; pass --resume", with_run),
+    Case("checkpoint", "resume from a damaged checkpoint", "{syn} --out run --resume",
+         "fails the CRC-32 check", then(with_run, checkpoint_bit_flip)),
+    Case("export", "missing source", "export nope.pt --format packed --out m",
+         "nope.pt does not exist"),
+    Case("export", "output over its own source",
+         "export run/checkpoint.pt --format packed --out run/checkpoint.pt",
+         "is the source file itself", with_run),
+    Case("export", "impossible input size", "export run --format onnx --out m --input-size 0",
+         "--input-size must be a positive", with_run),
+    Case("export", "unsupported ONNX opset", "export run --format onnx --out m --opset 9",
+         "opset must be >= 17", with_run),
+    Case("export", "output inside a file", "export run --format packed --out taken/m",
+         "taken is a file where a folder is needed", then(with_run, write("taken", b"x"))),
+    Case("export", "truncated packed file", "summary m.safetensors",
+         "m.safetensors is not a readable safetensors file",
+         packed_truncated),
+    Case("export", "model options with a file", "summary run --grid ternary",
+         "applies to model names only", with_run),
+    Case("export", "summary of an unknown name", "summary vgg99",
+         "neither an existing file nor a registered model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.area}: {c.input}" for c in CASES])
+def test_bad_input_ends_with_one_clear_line_and_no_output(
+    case, trained, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QTRAIN_DATA", str(tmp_path / "cache"))  # never the user's cache
+    if case.prepare is not None:
+        case.prepare(tmp_path, trained, monkeypatch)
+    before = snapshot(tmp_path)
+    code, out, err = run(case.arguments(), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("qtrain: error: "), err
+    assert case.says in lines[0]
+    assert out == ""
+    assert snapshot(tmp_path) == before, "the failed command left output behind"
+
+
+def test_the_catalogue_covers_every_area_with_at_least_thirty_cases():
+    areas = {case.area for case in CASES}
+    assert areas == {"cli", "config", "data", "checkpoint", "export"} and len(CASES) >= 30
+
+
+# -- a full disk and a diverging run: the run folder keeps its last good checkpoint ----------
+
+
+class _FullDiskFile:
+    """A file on a disk with `room` bytes left: a longer write stores what fits, then fails."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) <= self.room:
+            return self.file.write(data)
+        self.file.write(data[: self.room])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+class _FullDiskOs:
+    """`os` as checkpoint.py sees it on a nearly full disk (otherwise the real os)."""
+
+    def __init__(self, room: int):
+        self.room = room
+
+    def fdopen(self, fd, *args, **kwargs):
+        return _FullDiskFile(os.fdopen(fd, *args, **kwargs), self.room)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+# config.toml, meta.json and metrics.jsonl take < 2 kB; a tiny_mlp checkpoint about 75 kB.
+ROOM_FOR_SMALL_FILES = 10_000
+
+
+def test_a_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = synthetic("--set", "checkpoint_every_steps=2", "--out", run_dir)
+    assert run(argv, capsys)[0] == 0
+    kept = (rundir.CHECKPOINT, rundir.METRICS)
+    before = {name: (run_dir / name).read_bytes() for name in kept}
+    longer = [a if a != "1" else "2" for a in argv]  # --epochs 2, resumed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint_module, "os", _FullDiskOs(ROOM_FOR_SMALL_FILES))
+        code, _, err = run([*longer, "--resume"], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "qtrain: error: the disk is full (output folder); free space or choose another --out; "
+        "the last checkpoint is intact"
+    ]
+    # The half-written temporary is gone; checkpoint and metrics are as epoch 1 left them.
+    assert {name: (run_dir / name).read_bytes() for name in kept} == before
+    assert list(run_dir.glob(".*")) == []
+    # The small files fitted (config.toml now says 2 epochs): the checkpoint's write failed.
+    assert "epochs = 2" in (run_dir / rundir.CONFIG).read_text()
+    assert run([*longer, "--resume"], capsys)[0] == 0  # space is back: the run goes on
+    assert len(rundir.read_metrics(run_dir)) == 2
+
+
+def test_a_full_disk_at_the_start_leaves_no_files(tmp_path, capsys):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint_module, "os", _FullDiskOs(0))
+        code, _, err = run(synthetic("--out", tmp_path / "run"), capsys)
+    assert code == 2 and "the disk is full" in err and len(err.strip().splitlines()) == 1
+    assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
+
+
+def test_divergence_stops_with_one_line_naming_the_lr_and_keeps_the_last_good_checkpoint(
+    tmp_path, capsys
+):
+    # Plain SGD at lr 1e6 on the synthetic set overflows to a NaN loss at step 5 (seeded).
+    argv = synthetic("--method", "fp-sgd", "--lr", "1e6", "--set", "checkpoint_every_steps=1")
+    code, _, err = run([*argv, "--out", tmp_path / "run"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert "the loss became nan at epoch 1, batch 5" in lines[0]
+    assert "last good checkpoint" in lines[0] and "lower the learning rate (now 1e+06)" in lines[0]
+    record = load_checkpoint(tmp_path / "run")
+    assert record["training"]["sums"]["batch"] == 4  # the step before the NaN
+    assert all(torch.isfinite(t).all() for t in record["model_state"].values())
