@@ -132,19 +132,31 @@ def test_a_code_carrying_checkpoint_is_named_as_such(tmp_path, capsys):
 # -- CIFAR batch files -----------------------------------------------------------------------
 
 
-def crafted_batch(path: Path, how: str, marker: Path) -> None:
-    good = fake_batch(CIFAR10, PER_FILE, 0)
+def crafted_batch(path: Path, how: str, marker: Path) -> str:
+    """Write a crafted batch file; returns the global that the loader must refuse.
+
+    Keys are str and there are no bytes values: Python 3 pickles bytes at protocol 2 through
+    _codecs.encode, which would be refused first and hide whether the payload is reached.
+    """
+    labels = [0] * PER_FILE
     if how == "protocol 2 (as official)":
-        path.write_bytes(pickle.dumps({**good, b"data": PAYLOADS["os.system"](marker)}, 2))
-    elif how == "protocol 4 (STACK_GLOBAL)":
-        path.write_bytes(pickle.dumps({**good, b"labels": PAYLOADS["exec"](marker)}, 4))
-    elif how == "protocol 0 (INST)":
+        batch = {"data": PAYLOADS["os.system"](marker), "labels": labels}
+        path.write_bytes(pickle.dumps(batch, protocol=2))
+        return f"{os.system.__module__}.system"
+    if how == "protocol 4 (STACK_GLOBAL)":
+        batch = {"data": fake_batch(CIFAR10, PER_FILE, 0)[b"data"], "labels": labels}
+        batch["labels"] = PAYLOADS["exec"](marker)
+        path.write_bytes(pickle.dumps(batch, protocol=4))
+        return "builtins.exec"
+    if how == "protocol 0 (INST)":
         path.write_bytes(inst_pickle(marker))
-    elif how == "inside an object array":
-        # numpy's own globals are allowed; the payload hides among the array's elements.
-        hidden = np.empty(PER_FILE, dtype=object)
-        hidden[:] = [PAYLOADS["os.system"](marker)] * PER_FILE
-        path.write_bytes(pickle.dumps({**good, b"data": hidden}, 2))
+        return "os.system"
+    # numpy's own globals are allowed; the payload hides among an object array's elements.
+    # (Protocol 3: an array's reduce holds bytes, see above.)
+    hidden = np.empty(PER_FILE, dtype=object)
+    hidden[:] = [PAYLOADS["os.system"](marker)] * PER_FILE
+    path.write_bytes(pickle.dumps({"data": hidden, "labels": labels}, protocol=3))
+    return f"{os.system.__module__}.system"
 
 
 @pytest.mark.parametrize(
@@ -155,14 +167,14 @@ def crafted_batch(path: Path, how: str, marker: Path) -> None:
 def test_a_crafted_cifar_batch_never_runs_code(tmp_path, capsys, how):
     marker = tmp_path / "MARKER"
     folder = write_fake_cifar(tmp_path / "data")
-    crafted_batch(folder / "data_batch_3", how, marker)
+    refused = crafted_batch(folder / "data_batch_3", how, marker)
     argv = [
         *("train", "--model", "tiny_mlp", "--dataset", "cifar10", "--epochs", "1"),
         *("--data-dir", tmp_path / "data", "--no-download", "--set", "device=cpu"),
         *("--out", tmp_path / "run"),
     ]
     code, out, err = run(argv, capsys)
-    assert_refused(code, err, marker, "data_batch_3", "never contain", "download")
+    assert_refused(code, err, marker, "data_batch_3", f"refers to {refused}", "never contain")
     assert out == "" and not (tmp_path / "run").exists()
 
 
