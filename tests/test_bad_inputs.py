@@ -33,6 +33,9 @@ SYNTHETIC = f"train {TINY} --dataset synthetic"
 CIFAR = f"train {TINY} --dataset cifar10 --data-dir data --no-download"
 
 
+ERRORS_DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+
+
 def synthetic(*extra) -> list[str]:
     return [*shlex.split(SYNTHETIC), *map(str, extra)]
 
@@ -349,9 +352,15 @@ def test_bad_input_ends_with_one_clear_line_and_no_output(
     assert snapshot(tmp_path) == before, "the failed command left output behind"
 
 
-def test_the_catalogue_covers_every_area_with_at_least_thirty_cases():
+def test_the_catalogue_covers_every_area_and_docs_errors_md_lists_each_case():
     areas = {case.area for case in CASES}
     assert areas == {"cli", "config", "data", "checkpoint", "export"} and len(CASES) >= 30
+    rows = {
+        tuple(cell.strip() for cell in line.split(" | ")[:2])
+        for line in ERRORS_DOC.read_text().splitlines()
+        if line.startswith("| ")
+    }
+    assert [c.input for c in CASES if (f"| {c.area}", c.input) not in rows] == []
 
 
 # -- a full disk and a diverging run: the run folder keeps its last good checkpoint ----------
