@@ -9,12 +9,13 @@ server runs no tensor ops itself, so children do not inherit a started OpenMP po
 
 The server reads one JSON request per line on stdin and answers one JSON line on stdout:
 
-    → {"argv": [...], "log": path, "kill_after": s, "watch": folder or null, "limit": s}
+    → {"argv": [...], "log": path, "limit": s, "kill_after": s, "kill_at_write": [folder, k]}
     ← {"code": exit code (-9 when killed), "seconds": wall time of the child}
 
-The child is killed `kill_after` seconds after it starts; with `watch`, the server then waits
-until a write is in progress in that folder (a `.checkpoint.pt.*.tmp` temporary exists) and
-kills at once, which aims the kill at a checkpoint write without any hook in qtrain. `limit`
+With `kill_after`, the child is killed that many seconds after it starts. With
+`kill_at_write`, it is killed as soon as its k-th checkpoint write is seen in progress in that
+folder (a `.checkpoint.pt.*.tmp` temporary exists), which aims the kill at a write, without
+any hook in qtrain, and ties it to progress rather than to the machine's speed. `limit`
 bounds every attempt: a child still running then is killed too.
 """
 
@@ -71,14 +72,12 @@ def _serve_one(request: dict) -> dict:
     if pid == 0:
         _run_child(request["argv"], request["log"])
     pidfd = os.pidfd_open(pid)
-    deadline = started + request["limit"]
+    limit = request["limit"]
     try:
-        exited = _wait(pidfd, min(request["kill_after"], request["limit"]))
-        watch = request.get("watch")
-        while watch and not exited and time.perf_counter() < deadline:
-            if any(Path(watch).glob(WRITE_IN_PROGRESS)):
-                break
-            exited = _wait(pidfd, WATCH_POLL_S)
+        if request.get("kill_at_write"):
+            exited = _wait_for_write(pidfd, *request["kill_at_write"], started + limit)
+        else:
+            exited = _wait(pidfd, min(request.get("kill_after") or limit, limit))
         if not exited:
             # The child is not reaped until waitpid below, so this pid is still ours.
             os.kill(pid, signal.SIGKILL)
@@ -86,6 +85,18 @@ def _serve_one(request: dict) -> dict:
     finally:
         os.close(pidfd)
     return {"code": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - started}
+
+
+def _wait_for_write(pidfd: int, folder: str, count: int, deadline: float) -> bool:
+    """Poll until the `count`-th checkpoint temporary appears (False) or the child exits."""
+    seen: set[str] = set()
+    while time.perf_counter() < deadline:
+        seen.update(path.name for path in Path(folder).glob(WRITE_IN_PROGRESS))
+        if len(seen) >= count:
+            return False
+        if _wait(pidfd, WATCH_POLL_S):
+            return True
+    return False
 
 
 def serve() -> None:
@@ -128,14 +139,20 @@ class CrashServer:
         return json.loads(line)
 
     def attempt(
-        self, argv: list[str], log: Path, kill_after: float, watch: Path | None, limit: float
+        self,
+        argv: list[str],
+        log: Path,
+        limit: float,
+        kill_after: float | None = None,
+        kill_at_write: tuple[Path, int] | None = None,
     ) -> dict:
+        """Run `qtrain` with `argv`; kill it after `kill_after` s or at write k in a folder."""
         request = {
             "argv": [str(a) for a in argv],
             "log": str(log),
-            "kill_after": kill_after,
-            "watch": str(watch) if watch else None,
             "limit": limit,
+            "kill_after": kill_after,
+            "kill_at_write": [str(kill_at_write[0]), kill_at_write[1]] if kill_at_write else None,
         }
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()

@@ -1,9 +1,9 @@
 """Crash torture: SIGKILL `qtrain train` at random moments, resume, demand identical results.
 
 A pre-empted job gets no warning and no chance to save. This test kills real training
-processes (see crash_harness.py) at moments drawn from a seeded numpy Generator, half of them
-at a random time (startup, loading, training, evaluation, writing) and half aimed at a
-checkpoint write in progress. After every kill the run folder must hold either no checkpoint
+processes (see crash_harness.py) at moments drawn from a seeded numpy Generator: half at a
+random time (startup, loading, training, evaluation, writing), half inside a random one of the
+next few checkpoint writes. After every kill the run folder must hold either no checkpoint
 or a complete one that loads (CRC-checked) and is no older than the one before; the next
 attempt resumes with `--resume`. Once a chain of attempts finishes, its final weights,
 optimizer state (BC's latent weights, SR's rounding generator), RNG state and metrics must
@@ -32,7 +32,7 @@ MIN_KILLS = 24
 MIN_KILLS_IN_CHECKPOINT_WRITES = 6
 MAX_CHAINS = 16  # bounds the test if kills keep missing writes
 MAX_ATTEMPTS_PER_CHAIN = 60
-DELAY_FRACTION = 0.6
+MAX_WRITES_PER_ATTEMPT = 6  # an aimed kill lands in one of an attempt's first 6 writes
 LIMIT_S = 60.0  # a single attempt never legitimately takes this long
 TIMING_KEYS = {"seconds", "images_per_second"}
 
@@ -68,6 +68,7 @@ def train_argv(method: str, out: Path) -> list[str]:
 @dataclass
 class Tally:
     kills: int = 0
+    aimed: int = 0  # of the kills, those aimed at a checkpoint write
     in_checkpoint_write: int = 0  # a .checkpoint.pt.*.tmp was left behind
     in_other_write: int = 0  # a temporary of metrics.jsonl, config.toml or meta.json
     attempts: int = 0
@@ -151,19 +152,23 @@ def torture_chain(
 ) -> None:
     """Kill-and-resume `run_dir` until an attempt finishes the run."""
     progress = None
+    argv = train_argv(method, run_dir)
     for _ in range(MAX_ATTEMPTS_PER_CHAIN):
         aimed = rng.random() < 0.5
-        # Kills span startup, loading, training, evaluation and writing; capped below a whole
-        # run's length so that most runs are killed and resumed several times.
-        delay = float(rng.uniform(0.0, DELAY_FRACTION * reference_s))
-        result = server.attempt(
-            train_argv(method, run_dir), log, delay, run_dir if aimed else None, LIMIT_S
-        )
+        if not aimed:
+            # Up to one uninterrupted run's length: startup, loading, training, evaluation and
+            # the final writes are all in reach (resumed attempts start part-way).
+            delay = float(rng.uniform(0.0, reference_s))
+            result = server.attempt(argv, log, LIMIT_S, kill_after=delay)
+        else:
+            write = int(rng.integers(1, MAX_WRITES_PER_ATTEMPT + 1))
+            result = server.attempt(argv, log, LIMIT_S, kill_at_write=(run_dir, write))
         tally.attempts += 1
         if result["code"] == 0:
             return
         assert result["code"] == -signal.SIGKILL, log_tail(log)
         tally.kills += 1
+        tally.aimed += aimed
         left = temporaries(run_dir)
         tally.in_checkpoint_write += any(name.startswith(".checkpoint.pt.") for name in left)
         tally.in_other_write += any(not name.startswith(".checkpoint.pt.") for name in left)
@@ -182,7 +187,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         for method in METHODS:
             ref = tmp_path / f"reference-{method}"
             log = logs / f"reference-{method}.log"
-            result = server.attempt(train_argv(method, ref), log, LIMIT_S, None, LIMIT_S)
+            result = server.attempt(train_argv(method, ref), log, LIMIT_S)
             assert result["code"] == 0, log_tail(log)
             reference_s[method] = result["seconds"]
         while tally.kills < MIN_KILLS or tally.in_checkpoint_write < MIN_KILLS_IN_CHECKPOINT_WRITES:
@@ -194,8 +199,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
             assert_same_result(run_dir, tmp_path / f"reference-{method}")
             tally.chains += 1
     print(
-        f"crash torture: {tally.kills} SIGKILLs in {tally.attempts} attempts over "
-        f"{tally.chains} runs; {tally.in_checkpoint_write} landed inside a checkpoint write, "
+        f"crash torture: {tally.kills} SIGKILLs ({tally.kills - tally.aimed} at random times, "
+        f"{tally.aimed} aimed at writes) in {tally.attempts} attempts over {tally.chains} "
+        f"runs; {tally.in_checkpoint_write} landed inside a checkpoint write, "
         f"{tally.in_other_write} inside another file's write; "
         f"{time.perf_counter() - started:.1f} s"
     )
