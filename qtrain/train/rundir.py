@@ -52,6 +52,8 @@ def provenance() -> dict:
         "qtrain_version": qtrain.__version__,
         "git_revision": git_revision(),
         "torch_version": torch.__version__,
+        # CPU results are bit-exact only for the same thread count (threads=0 follows the cores).
+        "torch_threads": torch.get_num_threads(),
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "command": sys.argv,
