@@ -74,3 +74,4 @@ def test_the_run_folder_alone_repeats_the_run(tmp_path, capsys):
     meta = json.loads((tmp_path / "original" / rundir.META).read_text())
     for key in ("qtrain_version", "git_revision", "torch_version", "python_version", "command"):
         assert meta[key], key
+    assert meta["torch_threads"] == 1  # the count the numbers depend on
