@@ -76,7 +76,9 @@ def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path):
     assert len(rundir.read_metrics(run_dir)) == 2
     summary = report_runs([tmp_path], tmp_path / "report", log=quiet)
     assert summary["summary"][0]["method"] == "BC-ADAM"
-    assert "| r |" in (tmp_path / "report" / "table.md").read_text()
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| r |" in table and "smaller by" in table
+    assert summary["model_sizes"]["r"]["packed_bytes"] < summary["model_sizes"]["r"]["float_bytes"]
 
 
 def test_unknown_rows_and_budgets_are_refused():

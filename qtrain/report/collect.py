@@ -48,7 +48,38 @@ def load_run(run: Path) -> dict:
     config = load_toml(run / rundir.CONFIG)
     metrics = rundir.read_metrics(run)
     row, method = run_label(run, config)
-    return {"row": row, "method": method, "seed": config.get("seed", 0), "metrics": metrics}
+    return {
+        "row": row,
+        "method": method,
+        "seed": config.get("seed", 0),
+        "metrics": metrics,
+        "path": run,
+        "quantized": config.get("method", "").split("-")[0] != "fp",
+    }
+
+
+def model_sizes(runs: list[dict]) -> dict[str, dict]:
+    """Float vs packed bytes of each row's model, from one quantized run's checkpoint."""
+    from qtrain.export.cli import summary_of_target
+
+    sizes: dict[str, dict] = {}
+    for r in runs:
+        checkpoint = r["path"] / rundir.CHECKPOINT
+        if r["row"] not in sizes and r["quantized"] and checkpoint.exists():
+            sizes[r["row"]] = summary_of_target(str(checkpoint)).to_dict()["totals"]
+    return sizes
+
+
+def sizes_table(sizes: dict[str, dict]) -> str:
+    lines = [
+        "| row | float bytes | packed bytes | smaller by |",
+        "|---|---|---|---|",
+    ]
+    for row, t in sizes.items():
+        lines.append(
+            f"| {row} | {t['float_bytes']:,} | {t['packed_bytes']:,} | {t['ratio']:.1f}× |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def report_runs(paths: list[Path], out: Path, log=print) -> dict:
@@ -70,8 +101,12 @@ def report_runs(paths: list[Path], out: Path, log=print) -> dict:
     ]
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results, LABEL_ORDER)
+    sizes = model_sizes(runs)
+    if sizes:
+        table += "\nModel size (quantized weights packed at their code width):\n\n"
+        table += sizes_table(sizes)
     atomic_write_bytes(out / "table.md", table.encode())
-    summary = {"runs": results, "summary": summarize(results)}
+    summary = {"runs": results, "summary": summarize(results), "model_sizes": sizes}
     atomic_write_bytes(out / "table.json", (json.dumps(summary, indent=2) + "\n").encode())
     panels: dict[str, dict[str, list]] = {}
     for r in runs:
