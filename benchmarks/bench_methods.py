@@ -63,8 +63,10 @@ def main() -> None:
             step()
             times[m].append(time.perf_counter() - start)
     fp = statistics.median(times["fp-adam"])
-    print(f"{args.model} width {args.width} batch {args.batch}, {torch.get_num_threads()} threads,"
-          f" {args.rounds} interleaved rounds, median step time")
+    print(
+        f"{args.model} width {args.width} batch {args.batch}, {torch.get_num_threads()} threads,"
+        f" {args.rounds} interleaved rounds, median step time"
+    )
     print(f"{'method':8s} {'ms/step':>9s} {'vs FP-ADAM':>11s}")
     for m in METHODS:
         t = statistics.median(times[m])
@@ -76,8 +78,10 @@ def main() -> None:
         for _ in range(20):
             opt._round(flat, stochastic=opt.mode == "sr")
         rounding = (time.perf_counter() - start) / 20
-        print(f"{m}: rounding {opt.num_quantized:,} weights takes {rounding * 1e3:.2f} ms "
-              f"= {100 * rounding / fp:.2f}% of the FP step")
+        print(
+            f"{m}: rounding {opt.num_quantized:,} weights takes {rounding * 1e3:.2f} ms "
+            f"= {100 * rounding / fp:.2f}% of the FP step"
+        )
 
 
 if __name__ == "__main__":

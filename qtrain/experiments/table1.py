@@ -10,8 +10,9 @@ Budgets:
 `short` keeps the paper's learning rate 0.01, schedule shape and batch sizes, and shrinks the
 channel width, the number of epochs and the training set (the test set stays whole), so that
 a row of five methods finishes in under an hour on a 2-core CPU. Its absolute errors are
-higher than the paper's; the ordering of the methods is what it tests. Finished runs are skipped and interrupted ones resumed, so the
-command can be re-run after a crash until it completes.
+higher than the paper's; the ordering of the methods is what it tests. Finished runs are
+skipped and interrupted ones resumed, so the command can be re-run after a crash until it
+completes.
 """
 
 from __future__ import annotations
