@@ -57,6 +57,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         help="fetch a missing CIFAR archive (default: yes for `qtrain train`)",
     )
     p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the model through torch.compile (pays off on GPUs and long runs)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -83,6 +89,7 @@ def _resolve_config(args, defaults: dict | None = None):
         "seed",
         "data_dir",
         "download",
+        "compile",
     ):
         value = getattr(args, key, None)
         if value is not None:
