@@ -1,0 +1,99 @@
+"""Shared by the speed benchmarks: CIFAR-10 or a stand-in, the qtrain trainer, timing.
+
+- `cifar10_folder`: the real CIFAR-10 when ``--data-dir`` holds it, else synthetic images of
+  the same shape written in the official format, so every benchmark runs the same code path.
+- `qtrain_trainer`: the library's `Trainer` over a fixed random subset of the training split;
+  `train_round` runs one epoch of it, i.e. the trainer's own loop, not a copy of it.
+- `interleave`: times the variants round-robin, so drift in the machine's speed (other jobs
+  on a shared host) hits every variant alike; benchmarks report medians and their ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qtrain.train.config import RunConfig
+from qtrain.train.trainer import Trainer, TrainState
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def write_synthetic_cifar10(root: Path, images_per_file: int = 2000, seed: int = 0) -> Path:
+    """Random uint8 images [N, 3, 32, 32] in CIFAR-10's python format under root."""
+    folder = root / CIFAR10_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in (*CIFAR10_TRAIN_FILES, "test_batch"):
+        batch = {
+            b"data": rng.integers(0, 256, (images_per_file, 3 * 32 * 32), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, images_per_file).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    names = {b"label_names": [f"class{k}".encode() for k in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(names, protocol=2))
+    return root
+
+
+def cifar10_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
+    """(folder holding cifar-10-batches-py, description): data_dir, else synthetic in scratch."""
+    if (data_dir / CIFAR10_FOLDER / "data_batch_1").is_file():
+        return data_dir, f"CIFAR-10 from {data_dir}"
+    return write_synthetic_cifar10(scratch), "synthetic 32x32 images (CIFAR-10 not found)"
+
+
+def qtrain_trainer(root: Path, run_dir: Path, images: int, **config) -> Trainer:
+    """A `Trainer` for VGG-9 on `images` random CIFAR-10 training images (one epoch = a round)."""
+    base = dict(
+        model="vgg9",
+        dataset="cifar10",
+        data_dir=str(root),
+        train_subset=images,
+        method="bc-adam",
+        epochs=1,
+        device="cpu",
+    )
+    return Trainer(RunConfig(**{**base, **config}), run_dir, log=lambda *a: None, progress=False)
+
+
+def train_round(trainer: Trainer, epoch: int) -> None:
+    """One epoch of the trainer's own loop (`Trainer._train_epoch`), without evaluation."""
+    trainer._train_epoch(TrainState(epoch=epoch))
+
+
+def interleave(variants: dict[str, Callable[[int], None]], rounds: int) -> dict[str, list]:
+    """Seconds per call of each variant (called with the round index), round-robin.
+
+    One untimed warm-up call each first: memory, oneDNN primitives, worker processes.
+    """
+    for run in variants.values():
+        run(rounds)
+    times: dict[str, list] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run(r)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine_line() -> str:
+    """Threads, load average (1, 5, 15 min), torch version and CPU vector capability."""
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (
+        f"{torch.get_num_threads()} threads, load average {load} on {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+    )
