@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU check, under 8 minutes on one H100/H200-class GPU: the CUDA tests, then VGG-9 BC-ADAM on
+# CIFAR-10 with bf16 autocast, channels_last and torch.compile (benchmarks/gpu_check.py).
+#
+#   bash benchmarks/gpu_check.sh [--data-dir ../shared/data] [gpu_check.py options]
+#
+# Each stage has its own time limit so a hung stage cannot eat the whole budget.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
+  'gpu_check.sh: torch sees no CUDA GPU; run it on a machine with one and a CUDA build of torch')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+echo "== CUDA tests"
+timeout 180 python -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py \
+  tests/test_data_loader.py
+
+echo "== VGG-9 BC-ADAM, bf16 autocast, channels_last, torch.compile"
+timeout 300 python benchmarks/gpu_check.py "$@"
