@@ -2,7 +2,7 @@
 
     pip install --no-deps brevitas dependencies==2.0.1 unfoldNd   # keeps the installed torch
     python benchmarks/bench_brevitas.py [--data-dir ../shared/data] [--width 0.5] [--batch 128]
-        [--chunk 4] [--rounds 7] [--threads N]
+        [--chunk 4] [--rounds 7] [--threads N] [--device cpu]
 
 Both train the same VGG-9 with binary weights ±1 on the convolutions (linear layers and
 BatchNorm in float) with Adam, on the same CIFAR-10 batches (qtrain's `BatchLoader`: one
@@ -19,6 +19,7 @@ machinery alone:
 
 Each runs in float32 and under bf16 autocast. Rounds of --chunk batches alternate between
 variants; medians give images/s. Without brevitas installed the benchmark says so and stops.
+With --device cuda the same comparison runs on a GPU (each round ends with a synchronisation).
 """
 
 from __future__ import annotations
@@ -77,9 +78,9 @@ def plain_loop(trainer, width: float, amp: str, brevitas: bool):
     model = models.create("vgg9", num_classes=10, width=width, in_channels=3)
     if brevitas:
         model = binarise_convs_with_brevitas(model)
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     device = trainer.device
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
 
     def run(r: int) -> None:
         for x, y in trainer.train_loader.epoch(r):
@@ -88,6 +89,8 @@ def plain_loop(trainer, width: float, amp: str, brevitas: bool):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     return run
 
@@ -100,6 +103,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4, help="batches per round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     try:
         import brevitas
@@ -116,6 +120,7 @@ def main() -> None:
         root, source = cifar10_folder(args.data_dir, Path(scratch))
         images = args.chunk * args.batch
         common = dict(width=args.width, batch_size=args.batch, threads=args.threads)
+        common["device"] = args.device
         variants = {}
         for amp in ("off", "bf16"):
             trainer = qtrain_trainer(root, Path(scratch) / amp, images, amp=amp, **common)

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_end_to_end.py [--data-dir ../shared/data] [--width 0.5]
         [--batch 128] [--chunk 4] [--rounds 7] [--workers 2] [--threads N] [--compile]
+        [--breakdown]
 
 The same VGG-9 (width --width) trains on CIFAR-10 batches of --batch images:
 
@@ -13,7 +14,9 @@ The same VGG-9 (width --width) trains on CIFAR-10 batches of --batch images:
 - qtrain: BC-ADAM (binary weights) through `qtrain.train.Trainer`'s own epoch loop with its
   defaults (in-memory batched augmentation, channels_last), once as is (float32 activations)
   and once with ``amp="bf16"`` (bf16 autocast; binary weights ±1 are exact in bf16);
-- with --compile also qtrain with bf16 and ``compile=True`` (the compile time is printed).
+- with --compile also qtrain with bf16 and ``compile=True`` (the compile time is printed);
+- with --breakdown also the tutorial's float Adam step on ready-made batches (no DataLoader),
+  once NCHW and once channels_last: what the data pipeline and the memory layout each cost.
 
 A round is one pass of each variant over --chunk batches (its own random subset of the
 training split, the same size for all); rounds alternate between variants and the median
@@ -72,6 +75,25 @@ def tutorial_round(args, splits: qdata.DataSplits):
     return run
 
 
+def ready_batches_round(args, trainer, channels_last: bool):
+    """The tutorial's float Adam step on batches made once in advance; returns run(round)."""
+    torch.manual_seed(0)
+    model = models.create("vgg9", num_classes=10, width=args.width, in_channels=3)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = [(x.contiguous(memory_format=layout), y) for x, y in trainer.train_loader.epoch(0)]
+
+    def run(_round: int) -> None:
+        for x, y in batches:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
@@ -82,6 +104,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="tutorial DataLoader workers")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="add qtrain with compile=True")
+    parser.add_argument("--breakdown", action="store_true", help="add ready-batch float loops")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,6 +119,13 @@ def main() -> None:
             trainer = qtrain_trainer(root, Path(scratch) / name, images, **common, **config)
             return lambda r: train_round(trainer, r)
 
+        def ready_variants() -> dict:
+            trainer = qtrain_trainer(root, Path(scratch) / "ready", images, **common)
+            return {
+                "FP Adam, ready batches, NCHW": ready_batches_round(args, trainer, False),
+                "FP Adam, ready batches, channels_last": ready_batches_round(args, trainer, True),
+            }
+
         variants = {
             "tutorial: DataLoader + NCHW + FP Adam": tutorial_round(args, splits),
             "qtrain BC-ADAM (defaults)": qtrain_variant("fp32", amp="off"),
@@ -108,6 +138,8 @@ def main() -> None:
             compiled(args.rounds + 1)  # compiles forward and backward
             compile_note = f"; compiling took {time.perf_counter() - start:.0f} s"
             variants["qtrain BC-ADAM, amp=bf16, compile"] = compiled
+        if args.breakdown:
+            variants.update(ready_variants())
         times = interleave(variants, args.rounds)
 
     print(

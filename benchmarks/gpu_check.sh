@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check, under 8 minutes on one H100/H200-class GPU: the CUDA tests, then VGG-9 BC-ADAM on
-# CIFAR-10 with bf16 autocast, channels_last and torch.compile (benchmarks/gpu_check.py).
+# CIFAR-10 with bf16 autocast, channels_last and torch.compile (benchmarks/gpu_check.py), then
+# qtrain against Brevitas on the GPU (skipped with a message when brevitas is not installed).
 #
-#   bash benchmarks/gpu_check.sh [--data-dir ../shared/data] [gpu_check.py options]
+#   bash benchmarks/gpu_check.sh [--data-dir ../shared/data]
 #
 # Each stage has its own time limit so a hung stage cannot eat the whole budget.
 set -euo pipefail
@@ -18,3 +19,6 @@ timeout 180 python -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py \
 
 echo "== VGG-9 BC-ADAM, bf16 autocast, channels_last, torch.compile"
 timeout 300 python benchmarks/gpu_check.py "$@"
+
+echo "== qtrain vs Brevitas on the GPU, VGG-9 width 1"
+timeout 120 python benchmarks/bench_brevitas.py --device cuda --width 1.0 --chunk 20 "$@"

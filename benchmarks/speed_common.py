@@ -38,9 +38,9 @@ def write_synthetic_cifar10(root: Path, images_per_file: int = 2000, seed: int =
             b"data": rng.integers(0, 256, (images_per_file, 3 * 32 * 32), dtype=np.uint8),
             b"labels": rng.integers(0, 10, images_per_file).tolist(),
         }
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
     names = {b"label_names": [f"class{k}".encode() for k in range(10)]}
-    (folder / "batches.meta").write_bytes(pickle.dumps(names, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps(names, protocol=4))
     return root
 
 
