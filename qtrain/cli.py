@@ -152,7 +152,7 @@ def cmd_list(args) -> int:
 def cmd_demo(args) -> int:
     from qtrain.experiments.demo import run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, seed=args.seed)
+    run_demo(Path(args.out), epochs=args.epochs, seed=args.seed, seeds=args.seeds)
     return 0
 
 
@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train five methods on the embedded digits (minutes, offline)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per method (default 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train one network with one method")

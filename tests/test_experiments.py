@@ -18,13 +18,14 @@ def quiet(*_args, **_kwargs):
 
 
 def test_demo_writes_results_for_the_five_methods_and_a_figure(tmp_path):
-    results = run_demo(tmp_path, epochs=1, log=quiet)
+    results = run_demo(tmp_path, epochs=1, seeds=2, log=quiet)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == results
     assert [r["method"] for r in saved] == LABEL_ORDER
     for r in saved:
         assert {"method", "test_error", "train_error", "epochs", "seconds"} <= r.keys()
-        assert 0 <= r["test_error"] <= 100 and r["epochs"] == 1
+        assert 0 <= r["test_error"] <= 100 and r["epochs"] == 1 and len(r["test_errors"]) == 2
+        assert r["test_error"] == pytest.approx(sum(r["test_errors"]) / 2)
     # binary conv weights are stored with 1 bit: the quantized models are smaller
     fp, bc = saved[0], saved[1]
     assert bc["packed_bytes"] < fp["packed_bytes"] == fp["float_bytes"]
