@@ -13,6 +13,7 @@ ImportError, for an extra that is not installed) with one sentence; the main CLI
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import zipfile
 from pathlib import Path
@@ -136,9 +137,11 @@ def summary_of_target(target: str, **model_options) -> Summary:
             )
         return _summary_of(*load_any_model(target))
     if target not in models.list_models():
+        close = difflib.get_close_matches(target, models.list_models(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise FileNotFoundError(
-            f"{target} is neither an existing file nor a registered model; pass a checkpoint, "
-            f"a packed file or one of {', '.join(models.list_models())}"
+            f"{target} is neither an existing file nor a registered model{hint}; pass a "
+            f"checkpoint, a packed file or one of {', '.join(models.list_models())}"
         )
     options = {**MODEL_OPTIONS, **model_options}
     model = models.create(target, options["num_classes"], options["width"], options["in_channels"])
