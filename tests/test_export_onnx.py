@@ -23,15 +23,6 @@ pytest.importorskip("safetensors")  # packed files are exported here too
 TOLERANCE = 1e-4  # max |Δlogit| between onnxruntime and PyTorch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run fastest on one thread; more threads only contend on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def run_onnx(path, images: torch.Tensor) -> torch.Tensor:
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1

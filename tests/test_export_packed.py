@@ -30,15 +30,6 @@ safe_open = pytest.importorskip("safetensors").safe_open
 save_file = pytest.importorskip("safetensors.torch").save_file
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run fastest on one thread; more threads only contend on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 GRIDS = {
     "binary": grids.binary(),
     "ternary": grids.ternary(0.5),

@@ -11,15 +11,6 @@ from hypothesis import strategies as st
 from qtrain.export.packing import MAX_CODE_BITS, pack_codes, packed_nbytes, unpack_codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run fastest on one thread; more threads only contend on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize(
     ("codes", "bits", "expected"),
     [

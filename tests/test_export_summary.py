@@ -6,7 +6,6 @@ import argparse
 import json
 
 import pytest
-import torch
 
 from qtrain import methods, models
 from qtrain.export import add_parsers, save_packed, summarize, summary_of_target
@@ -15,15 +14,6 @@ from qtrain.quant import grids, parse_grid
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 
 safe_open = pytest.importorskip("safetensors").safe_open
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run fastest on one thread; more threads only contend on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def summary_cli(*argv) -> int:

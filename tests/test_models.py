@@ -52,15 +52,6 @@ def test_every_paper_model_is_registered():
     assert {"tiny_cnn", "tiny_mlp"} <= set(models.list_models())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead, and stall on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def input_for(name: str, batch: int = 4) -> torch.Tensor:
     side = 32 if name.startswith("vgg") else 16  # the VGGs need 32×32, the rest take any size
     return torch.randn(batch, 3, side, side)

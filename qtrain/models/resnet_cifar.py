@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model, scaled
+from .resnet_trunk import ResNetTrunk
 
 STAGE_CHANNELS = (16, 32, 64)
 STEM_CHANNELS = 16
@@ -62,8 +63,8 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    """Stem, three stages of ``blocks_per_stage`` basic blocks, average pool, linear."""
+class CifarResNet(ResNetTrunk):
+    """3×3 stem, three stages of ``blocks_per_stage`` basic blocks, average pool, linear."""
 
     def __init__(
         self,
@@ -73,27 +74,14 @@ class CifarResNet(nn.Module):
         width: float,
         in_channels: int,
     ) -> None:
-        super().__init__()
         channels = scaled(STEM_CHANNELS, width)
-        self.stem = nn.Sequential(
+        stem = nn.Sequential(
             nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
         )
-        blocks: list[nn.Module] = []
-        for stage, base in enumerate(STAGE_CHANNELS):
-            out = scaled(base * widen, width)
-            for index in range(blocks_per_stage):
-                stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(BasicBlock(channels, out, stride))
-                channels = out
-        self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C_in, H, W] → logits [B, num_classes]."""
-        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+        stages = [scaled(base * widen, width) for base in STAGE_CHANNELS]
+        super().__init__(stem, channels, BasicBlock, stages, blocks_per_stage, num_classes)
 
 
 @register_model("resnet56")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .registry import register_model, scaled
+from .resnet_trunk import ResNetTrunk
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = 2
@@ -44,32 +45,19 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.downsample(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(ResNetTrunk):
     """The 18-layer ImageNet ResNet: 17 3×3/7×7 convs (+3 projections) and one linear layer."""
 
     def __init__(self, num_classes: int, width: float, in_channels: int) -> None:
-        super().__init__()
         channels = scaled(STAGE_CHANNELS[0], width)
-        self.stem = nn.Sequential(
+        stem = nn.Sequential(
             nn.Conv2d(in_channels, channels, 7, 2, padding=3, bias=False),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, padding=1),
         )
-        blocks: list[nn.Module] = []
-        for stage, base in enumerate(STAGE_CHANNELS):
-            out = scaled(base, width)
-            for index in range(BLOCKS_PER_STAGE):
-                stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(BasicBlock(channels, out, stride))
-                channels = out
-        self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C_in, H, W] → logits [B, num_classes]."""
-        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+        stages = [scaled(base, width) for base in STAGE_CHANNELS]
+        super().__init__(stem, channels, BasicBlock, stages, BLOCKS_PER_STAGE, num_classes)
 
 
 @register_model("resnet18", input_size=224, dataset="imagenet")
