@@ -10,6 +10,7 @@ from qtrain.experiments import table1
 from qtrain.experiments.demo import run_demo
 from qtrain.experiments.methods import LABEL_ORDER, PAPER_METHODS
 from qtrain.report.collect import report_runs
+from qtrain.report.style import METHOD_ORDER
 from qtrain.train import rundir
 
 
@@ -31,6 +32,10 @@ def test_demo_writes_results_for_the_five_methods_and_a_figure(tmp_path):
     assert bc["packed_bytes"] < fp["packed_bytes"] == fp["float_bytes"]
     png = (tmp_path / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+
+def test_reports_order_methods_as_the_experiments_define_them():
+    assert list(METHOD_ORDER) == LABEL_ORDER
 
 
 def test_big_batch_sr_adam_uses_the_papers_batch_sizes():

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from qtrain.experiments.methods import LABEL_ORDER
 from qtrain.report.figures import plot_error_curves
+from qtrain.report.style import METHOD_ORDER
 from qtrain.report.tables import markdown_table, summarize
 from qtrain.train import rundir
 from qtrain.train.checkpoint import atomic_write_bytes
@@ -100,7 +100,7 @@ def report_runs(paths: list[Path], out: Path, log=print) -> dict:
         for r in runs
     ]
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results, LABEL_ORDER)
+    table = markdown_table(results, list(METHOD_ORDER))
     sizes = model_sizes(runs)
     if sizes:
         table += "\nModel size (quantized weights packed at their code width):\n\n"
@@ -112,7 +112,7 @@ def report_runs(paths: list[Path], out: Path, log=print) -> dict:
     for r in runs:
         panels.setdefault(r["row"], {}).setdefault(r["method"], []).append(r["metrics"])
     for row in panels:
-        order = {m: i for i, m in enumerate(LABEL_ORDER)}
+        order = {m: i for i, m in enumerate(METHOD_ORDER)}
         panels[row] = dict(sorted(panels[row].items(), key=lambda kv: order.get(kv[0], 99)))
     plot_error_curves(panels, out / "curves.png")
     log(table, end="")

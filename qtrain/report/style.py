@@ -11,6 +11,8 @@ METHOD_COLOURS = {
     "SR-ADAM": "#ff7f0e",
     "R-ADAM": "#d62728",
 }
+# Tables and legends list methods in the paper's order: the order of this mapping.
+METHOD_ORDER = tuple(METHOD_COLOURS)
 FALLBACK_COLOURS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
