@@ -10,7 +10,7 @@ from qtrain import models
 from qtrain.models.registry import register_model
 
 # name, num_classes, conv params, linear params (weights + biases), paper conv / linear in
-# millions as printed (PAPER.md §3). Convolutions carry no bias (BatchNorm follows each one);
+# millions as printed (docs/paper.md §3). Convolutions carry no bias (BatchNorm follows each one);
 # counting conv biases would give ResNet-56 0.850 M, one printed unit away from the paper's
 # 0.84, so the paper's figures are read without them. Linear biases are counted.
 PAPER_COUNTS = [

@@ -1,4 +1,4 @@
-"""`qtrain reproduce fig7`: BC-ADAM on VGG-BC with weight decay 1e-5 vs 0 (PAPER.md §4).
+"""`qtrain reproduce fig7`: BC-ADAM on VGG-BC with weight decay 1e-5 vs 0 (docs/paper.md §4).
 
 The paper's claim: with weight decay the latent weights w_r shrink towards 0, so the mean gap
 (1/d)‖w_b − w_r‖₁ between the binary and the real-valued weights approaches 1 and accuracy

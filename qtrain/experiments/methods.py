@@ -1,6 +1,6 @@
 """The five method rows of Table 1 and how each is configured.
 
-Big-batch SR-ADAM is SR-ADAM with a larger minibatch (PAPER.md §2: 1024 instead of 128 for
+Big-batch SR-ADAM is SR-ADAM with a larger minibatch (docs/paper.md §2: 1024 instead of 128 for
 VGG-9, VGG-BC and ResNet-56; 512 for WRN-56-2 and ResNet-18); every other setting is shared.
 """
 

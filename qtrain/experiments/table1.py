@@ -1,4 +1,4 @@
-"""`qtrain reproduce table1`: the paper's Table 1 rows × its five methods (PAPER.md §4).
+"""`qtrain reproduce table1`: the paper's Table 1 rows × its five methods (docs/paper.md §4).
 
 Budgets:
 

@@ -1,4 +1,4 @@
-"""Training methods as optimizers over quantized parameters (PAPER.md §2)."""
+"""Training methods as optimizers over quantized parameters (docs/paper.md §2)."""
 
 from qtrain.methods.optimizer import MODES, QuantizedOptimizer
 from qtrain.methods.policy import POLICIES, quantized_parameter_names, split_parameters

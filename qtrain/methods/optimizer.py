@@ -1,4 +1,4 @@
-"""The quantized optimizer: FP, BC, SR and R over any `torch.optim` optimizer (PAPER.md §2).
+"""The quantized optimizer: FP, BC, SR and R over any `torch.optim` optimizer (docs/paper.md §2).
 
 A training method decides two things only: where the real-valued state lives and how values
 are put back on the grid after each step. With u(·) the base optimizer's step direction

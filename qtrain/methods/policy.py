@@ -1,7 +1,7 @@
 """Which parameters a training method quantizes.
 
 The paper quantizes convolution weights only; linear layers, BatchNorm and biases stay in
-full precision (PAPER.md §2). The policy is an option:
+full precision (docs/paper.md §2). The policy is an option:
 
 | policy        | quantized parameters                                       |
 |---------------|------------------------------------------------------------|

@@ -1,6 +1,6 @@
 """Named training methods: `create("bc-adam", model, lr=0.01)` and friends.
 
-A preset name is `<mode>-<base>`: mode ∈ {fp, bc, sr, r} (PAPER.md §2), base ∈ {sgd, adam}.
+A preset name is `<mode>-<base>`: mode ∈ {fp, bc, sr, r} (docs/paper.md §2), base ∈ {sgd, adam}.
 
 | preset   | paper name | quantized weights start from            |
 |----------|------------|-----------------------------------------|
@@ -9,7 +9,7 @@ A preset name is `<mode>-<base>`: mode ∈ {fp, bc, sr, r} (PAPER.md §2), base 
 | sr-*     | "SR-ADAM"  | Rademacher signs ±Δ                     |
 | r-*      | "R-ADAM"   | Rademacher signs ±Δ                     |
 
-Defaults: Adam β = (0.9, 0.999), ε = 1e-8; SGD momentum 0.9; no weight decay [PAPER.md].
+Defaults: Adam β = (0.9, 0.999), ε = 1e-8; SGD momentum 0.9; no weight decay [docs/paper.md].
 """
 
 from __future__ import annotations

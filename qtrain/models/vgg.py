@@ -1,4 +1,4 @@
-"""VGG-style CIFAR networks of the paper (PAPER.md §3, Tables 2 and 3).
+"""VGG-style CIFAR networks of the paper (docs/paper.md §3, Tables 2 and 3).
 
 Every 3×3 convolution (padding 1, no bias: the BatchNorm after it has its own shift) is
 followed by BatchNorm2d + ReLU; "M" is a 2×2 max-pool halving the resolution. Three pools

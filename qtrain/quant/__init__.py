@@ -1,4 +1,4 @@
-"""Grids and rounding: pure functions, no state (PAPER.md §1)."""
+"""Grids and rounding: pure functions, no state (docs/paper.md §1)."""
 
 from qtrain.quant.grids import (
     GRID_KINDS,

@@ -1,4 +1,4 @@
-"""Theory lab: the paper's theorems seen numerically (PAPER.md §5).
+"""Theory lab: the paper's theorems seen numerically (docs/paper.md §5).
 
 - `problems`, `convex`, `bounds`: FP/SR/R/BC-SGD on the lattice Δ·ℤ on convex problems with a
   known optimum, measured against the bounds of Theorems 1–3;

@@ -1,4 +1,4 @@
-"""The convex bounds of Theorems 1–3 (PAPER.md §5) on E[F(w̄_T) − F*].
+"""The convex bounds of Theorems 1–3 (docs/paper.md §5) on E[F(w̄_T) − F*].
 
 Notation: T steps, w̄_T the average of the T iterates the gradients were evaluated at, d the
 number of weights, Δ the lattice spacing, G² ≥ E‖∇f̃‖² at every iterate, D ≥ ‖w_t − w*‖ for every

@@ -1,6 +1,6 @@
 """SGD on the lattice Δ·ℤ, vectorised over seeds, and the convex error-floor experiment.
 
-The four methods (PAPER.md §2), each with stochastic gradients ∇f̃ and step α_t, t = 0 … T−1,
+The four methods (docs/paper.md §2), each with stochastic gradients ∇f̃ and step α_t, t = 0 … T−1,
 all starting from w_0 = 0 (a point of every lattice):
 
 - FP-SGD:  w_{t+1} = w_t − α_t ∇f̃(w_t)                       (full precision, no grid)

@@ -21,7 +21,7 @@ generator Q of those rates (for m = 1 the O(α²) term is exactly zero). The sta
 tends to the stationary law of Q — a limit that does not depend on α and does not concentrate
 on the minimizer (for m = 1 detailed balance gives π_{i+1}/π_i = E[(−g(x_i))⁺]/E[g(x_{i+1})⁺],
 where α cancels) — while the spectral gap of P_α is α times that of Q, so the mixing time grows
-like 1/α (Theorems 5 and 6 of the paper as stated in PAPER.md §5).
+like 1/α (Theorems 5 and 6 of the paper as stated in docs/paper.md §5).
 """
 
 from __future__ import annotations

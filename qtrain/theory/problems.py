@@ -5,7 +5,7 @@ gradient ∇f̃(w) averages the per-sample gradients of a minibatch of B indices
 with replacement, so it is unbiased. Weights come batched: w has shape (R, d), one row per
 independent run, and every method below returns one value (or one gradient) per row.
 
-The constants of Theorems 1–3 (PAPER.md §5):
+The constants of Theorems 1–3 (docs/paper.md §5):
 
 - μ: strong convexity, ∇²F ⪰ μI everywhere;
 - L₂: Lipschitz constant of the Hessian, ‖∇²F(u) − ∇²F(v)‖₂ ≤ L₂‖u − v‖;

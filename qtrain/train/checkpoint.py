@@ -22,12 +22,9 @@ CRC-32 first, because `torch.load` does not and would return silently damaged te
 
 from __future__ import annotations
 
-import glob
 import io
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -36,6 +33,7 @@ import torch
 from torch import nn
 
 import qtrain
+from qtrain.base.io import atomic_write_bytes
 
 FORMAT = "qtrain-checkpoint"
 FORMAT_VERSION = 1
@@ -43,47 +41,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, corrupt or of another kind."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    # Writes killed before their rename (SIGKILL, power loss) leave temporaries behind.
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | Path, payload: dict) -> None:

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    """Everything that determines a training run (PAPER.md §2 defaults)."""
+    """Everything that determines a training run (docs/paper.md §2 defaults)."""
 
     # what to train
     model: str = "vgg9"

@@ -2,7 +2,7 @@
 
 | schedule  | α(e) / α₀ for epoch e of E (0-based)                                  |
 |-----------|-----------------------------------------------------------------------|
-| step      | 1 before ⌈E/2⌉, 0.1 before ⌈3E/4⌉, 0.01 after  [PAPER.md §2, ours]     |
+| step      | 1 before ⌈E/2⌉, 0.1 before ⌈3E/4⌉, 0.01 after  [docs/paper.md §2, ours]     |
 | cosine    | ½(1 + cos(π e / E))                                                   |
 | constant  | 1                                                                     |
 """

@@ -1,0 +1,4 @@
+"""The base layer: errors, atomic file I/O, name lookup, optional dependencies, random streams.
+
+Every other layer may import from here; nothing here imports another qtrain package.
+"""
