@@ -1,0 +1,71 @@
+"""Quantized weights stored packed inside an exported graph, and unpacked by the graph itself.
+
+`pack_into_model(model, weights)` replaces each named quantized weight of `model` by a
+`PackedWeight`: the weight's n codes packed b bits each into ⌈n·b/8⌉ uint8 bytes (the layout
+of `qtrain.export.packing`), its grid's level table and its scale. Before every forward the
+module rebuilds the weight with plain tensor arithmetic, which an ONNX exporter records as
+standard operators (Cast, Div, Mod, Reshape, Slice, Mul, ReduceSum, Gather), so a runtime
+runs the file as it is while the file stores 1 bit per binary weight:
+
+    bits[s]   = ⌊byte[s // 8] / 2^(s mod 8)⌋ mod 2              stream bit s (little-endian)
+    code[i]   = Σ_j bits[i·b + j]·2^j                            j < b
+    w         = (levels[code] ⊙ scale).reshape(shape)           levels = grid multiples m
+
+`scale` is Δ for a fixed grid, or one Δ_c per output channel ([C_out, 1, …]) for a scaled
+one; m·Δ is one float32 product, the same one rounding produces, so the rebuilt weight is
+bit-identical to the trained one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qtrain.export.packing import pack_codes
+
+
+class PackedWeight(nn.Module):
+    """A weight tensor kept as packed codes; `forward()` returns it unpacked (see module doc)."""
+
+    def __init__(
+        self, codes: torch.Tensor, bits: int, levels: torch.Tensor, scale: torch.Tensor
+    ) -> None:
+        super().__init__()
+        self.shape = tuple(codes.shape)
+        self.count = codes.numel()
+        self.bits = int(bits)
+        self.register_buffer("packed", pack_codes(codes, bits))  # uint8 [⌈n·b/8⌉]
+        self.register_buffer("levels", levels.detach().to(torch.float32).reshape(-1))
+        self.register_buffer("scale", scale.detach().to(torch.float32))
+        self.register_buffer("byte_powers", 2 ** torch.arange(8, dtype=torch.int32))
+        self.register_buffer("code_powers", 2 ** torch.arange(self.bits, dtype=torch.int32))
+
+    def forward(self) -> torch.Tensor:
+        byte = self.packed.to(torch.int32).unsqueeze(1)  # [nbytes, 1]
+        stream = torch.remainder(torch.div(byte, self.byte_powers, rounding_mode="floor"), 2)
+        stream = stream.reshape(-1)[: self.count * self.bits].reshape(self.count, self.bits)
+        codes = (stream * self.code_powers).sum(dim=1)  # [n] int32
+        return (self.levels[codes].reshape(self.shape) * self.scale).contiguous()
+
+
+def _install(module: nn.Module, attribute: str, packed: PackedWeight) -> None:
+    """Replace parameter `attribute` of `module` by the output of `packed`, before each call."""
+    delattr(module, attribute)
+    module.add_module(f"{attribute}_packed", packed)
+    setattr(module, attribute, packed())  # a plain tensor until the next forward refreshes it
+
+    def refresh(mod: nn.Module, _inputs) -> None:
+        setattr(mod, attribute, getattr(mod, f"{attribute}_packed")())
+
+    module.register_forward_pre_hook(refresh)
+
+
+def pack_into_model(model: nn.Module, weights: dict[str, PackedWeight]) -> nn.Module:
+    """`model` with each parameter named in `weights` served by its `PackedWeight` (in place)."""
+    for name, packed in weights.items():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if not isinstance(getattr(owner, attribute, None), nn.Parameter):
+            raise ValueError(f"{name!r} is not a parameter of the model; cannot pack it")
+        _install(owner, attribute, packed)
+    return model
