@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from qtrain import methods, models
-from qtrain.data.errors import MissingDependencyError
+from qtrain.base.errors import MissingDependencyError
 from qtrain.export import (
     PackedFormatError,
-    add_parsers,
     is_packed_file,
     load_any_model,
     load_packed,
@@ -22,6 +21,7 @@ from qtrain.export import (
     read_packed,
     save_packed,
 )
+from qtrain.export.cli import add_parsers
 from qtrain.export.packed import tensor_crc32
 from qtrain.quant import grids, parse_grid
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint

@@ -6,7 +6,7 @@ DataError(ValueError)                    the files are there but unusable
   ├─ UnsafePickleError                   a pickle asks for code outside the allow-list
   └─ DownloadError                       fetching failed (network, HTTP status)
        └─ ChecksumError                  the downloaded archive has the wrong MD5
-MissingDependencyError(ImportError)      an optional extra is not installed
+(MissingDependencyError, for an optional extra, is in qtrain.base.errors.)
 """
 
 from __future__ import annotations
@@ -34,7 +34,3 @@ class DownloadError(DataError):
 
 class ChecksumError(DownloadError):
     """A downloaded archive does not have the expected MD5; it was deleted."""
-
-
-class MissingDependencyError(ImportError):
-    """An optional dependency (an extra of the qtrain package) is not installed."""

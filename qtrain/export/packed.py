@@ -37,10 +37,11 @@ import torch
 from torch import nn
 
 import qtrain
-from qtrain.data.errors import MissingDependencyError
+from qtrain.base.io import atomic_write_bytes
+from qtrain.base.optional import require
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
 from qtrain.quant import Grid
-from qtrain.train.checkpoint import atomic_write_bytes, build_model
+from qtrain.train.checkpoint import build_model
 
 FORMAT = "qtrain-packed"
 FORMAT_VERSION = 1
@@ -322,11 +323,5 @@ def _unpack_weight(
 
 def _safetensors():
     """The safetensors package, or MissingDependencyError naming the extra to install."""
-    try:
-        import safetensors
-        import safetensors.torch
-    except ImportError:
-        raise MissingDependencyError(
-            "packed model files need safetensors; install it with pip install 'qtrain[export]'"
-        ) from None
-    return safetensors
+    require("safetensors.torch", "export", "reading or writing packed model files")
+    return require("safetensors", "export", "reading or writing packed model files")
