@@ -8,12 +8,13 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
                                             packed as in `qtrain.export.packing`
       every other entry of model.state_dict()  as it is (BN weights and running statistics,
                                             num_batches_tracked, linear layers, biases)
-    __metadata__ = {"qtrain": one JSON string} holding
-      format "qtrain-packed", format_version 1, qtrain_version
+    __metadata__ = {"qtrain": one JSON string, "qtrain_crc32": CRC-32 of that string} holding
+      format "qtrain-packed", format_version 2, qtrain_version
       model      {"name", "num_classes", "width", "in_channels"}  (rebuilds the network)
       method     {"name", "grid": Grid.to_dict(), "policy"}
       quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order
-      config     the training run's configuration, when the checkpoint had one
+      config     the training run's configuration without its machine-local keys (data
+                 folder, device, threads, ...): nothing of the training machine travels along
       bit_order  "little"
       crc32      {name: CRC-32 (zlib) of the tensor's stored bytes} for every tensor
 
@@ -22,7 +23,9 @@ value it had, because export refuses weights that are not exactly on the grid; s
 loaded from a packed file computes bit-identical outputs to the checkpoint's model.
 Everything is validated on load, the checksums first (safetensors has none, and a flipped
 bit in a float tensor would otherwise pass unnoticed); a problem raises `PackedFormatError`
-naming it and the fix.
+naming it and the fix. The header's own CRC-32 covers every byte of the JSON string, so an
+edited value (a grid's Δ, a model's width) is refused like a damaged tensor. Files of format
+version 1 (qtrain 0.1) have no header checksum and are still read, with their tensors checked.
 """
 
 from __future__ import annotations
@@ -44,8 +47,15 @@ from qtrain.quant import Grid
 from qtrain.train.checkpoint import build_model
 
 FORMAT = "qtrain-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no header checksum (qtrain 0.1)
 METADATA_KEY = "qtrain"
+HEADER_CRC_KEY = "qtrain_crc32"
+# RunConfig keys that describe the training machine, not the model: never exported.
+MACHINE_LOCAL_KEYS = frozenset(
+    {"data_dir", "download", "device", "amp", "channels_last", "compile", "eval_batch_size",
+     "checkpoint_every_steps", "threads"}
+)  # fmt: skip
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}  # fmt: skip
 REEXPORT = "export it again with `qtrain export CHECKPOINT --format packed`"
@@ -82,12 +92,30 @@ def save_packed(path: str | Path, record: dict) -> None:
         "model": record["model"],
         "method": record["method"],
         "quantized": quantized,
-        "config": record.get("config", {}),
+        "config": deployable_config(record.get("config") or {}),
         "bit_order": "little",
         "crc32": {name: tensor_crc32(t) for name, t in tensors.items()},
     }
-    metadata = {METADATA_KEY: json.dumps(header)}
-    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=packed_metadata(header)))
+
+
+def packed_metadata(header: dict) -> dict[str, str]:
+    """The safetensors metadata of a packed file: the JSON header and its CRC-32 (zlib)."""
+    text = json.dumps(header)
+    return {METADATA_KEY: text, HEADER_CRC_KEY: str(zlib.crc32(text.encode()))}
+
+
+def deployable_config(config: dict) -> dict:
+    """`config` without MACHINE_LOCAL_KEYS and without any value that is an absolute path."""
+    return {
+        key: value
+        for key, value in config.items()
+        if key not in MACHINE_LOCAL_KEYS and not _is_local_path(value)
+    }
+
+
+def _is_local_path(value: object) -> bool:
+    return isinstance(value, str) and (value.startswith("~") or Path(value).is_absolute())
 
 
 def _pack_weight(name: str, weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, dict]:
@@ -193,6 +221,12 @@ def _parse_header(path: Path, metadata: dict | None) -> dict:
             f"{path} is a safetensors file without qtrain metadata, so it is not a qtrain "
             f"packed model; {REEXPORT}"
         )
+    stored_crc = metadata.get(HEADER_CRC_KEY)
+    if stored_crc is not None and stored_crc != str(zlib.crc32(metadata[METADATA_KEY].encode())):
+        raise PackedFormatError(
+            f"{path}: the qtrain header fails its CRC-32 check, so the file was damaged or "
+            f"edited after it was written; {REEXPORT}"
+        )
     try:
         header = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as e:
@@ -201,11 +235,17 @@ def _parse_header(path: Path, metadata: dict | None) -> dict:
         ) from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise PackedFormatError(f"{path} has metadata of another format; {REEXPORT}")
-    if header.get("format_version") != FORMAT_VERSION:
+    version = header.get("format_version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise PackedFormatError(
-            f"{path} has packed format version {header.get('format_version')!r}, this qtrain "
-            f"reads version {FORMAT_VERSION}; load it with the qtrain version that wrote it "
-            f"({header.get('qtrain_version', 'unknown')})"
+            f"{path} has packed format version {version!r}, this qtrain reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; load it with the qtrain version that "
+            f"wrote it ({header.get('qtrain_version', 'unknown')})"
+        )
+    if version >= 2 and stored_crc is None:
+        raise PackedFormatError(
+            f"{path} lacks the CRC-32 of its qtrain header that format version {version} "
+            f"carries, so it was edited after it was written; {REEXPORT}"
         )
     kinds = {"model": dict, "method": dict, "quantized": dict, "config": dict, "crc32": dict}
     for key, kind in kinds.items():
