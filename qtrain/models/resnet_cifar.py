@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model, scaled
-from .resnet_trunk import BasicBlock, ResNetTrunk
+from .resnet_trunk import ResNetTrunk
 
 STAGE_CHANNELS = (16, 32, 64)
 STEM_CHANNELS = 16
@@ -44,11 +44,23 @@ class IdentityShortcut(nn.Module):
         return x
 
 
-def basic_block(in_channels: int, out_channels: int, stride: int) -> BasicBlock:
-    """A basic block with the parameter-free identity shortcut."""
-    return BasicBlock(
-        in_channels, out_channels, stride, IdentityShortcut(in_channels, out_channels, stride)
-    )
+class BasicBlock(nn.Module):
+    """Two 3×3 conv/BN layers with a ReLU between and after the residual sum."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = IdentityShortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] → [B, C_out, H/stride, W/stride]."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
 
 
 class CifarResNet(ResNetTrunk):
@@ -69,7 +81,7 @@ class CifarResNet(ResNetTrunk):
             nn.ReLU(inplace=True),
         )
         stages = [scaled(base * widen, width) for base in STAGE_CHANNELS]
-        super().__init__(stem, channels, basic_block, stages, blocks_per_stage, num_classes)
+        super().__init__(stem, channels, BasicBlock, stages, blocks_per_stage, num_classes)
 
 
 @register_model("resnet56")

@@ -11,24 +11,38 @@ the projection shortcut (1×1 conv/2 + BN, option B), as the ImageNet ResNets do
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .registry import register_model, scaled
-from .resnet_trunk import BasicBlock, ResNetTrunk
+from .resnet_trunk import ResNetTrunk
 
 STAGE_CHANNELS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = 2
 
 
-def basic_block(in_channels: int, out_channels: int, stride: int) -> BasicBlock:
-    """A basic block; a 1×1/stride projection + BN shortcut where shape changes, else identity."""
-    shortcut: nn.Module = nn.Identity()
-    if stride != 1 or in_channels != out_channels:
-        shortcut = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
-    return BasicBlock(in_channels, out_channels, stride, shortcut)
+class BasicBlock(nn.Module):
+    """relu(bn(conv3×3(relu(bn(conv3×3(x))))) + shortcut(x)), projection if needed."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] → [B, C_out, H/stride, W/stride]."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
 
 
 class ResNet18(ResNetTrunk):
@@ -43,7 +57,7 @@ class ResNet18(ResNetTrunk):
             nn.MaxPool2d(3, 2, padding=1),
         )
         stages = [scaled(base, width) for base in STAGE_CHANNELS]
-        super().__init__(stem, channels, basic_block, stages, BLOCKS_PER_STAGE, num_classes)
+        super().__init__(stem, channels, BasicBlock, stages, BLOCKS_PER_STAGE, num_classes)
 
 
 @register_model("resnet18", input_size=224, dataset="imagenet")

@@ -8,29 +8,6 @@ import torch
 from torch import nn
 
 
-class BasicBlock(nn.Module):
-    """relu(bn(conv3×3(relu(bn(conv3×3/stride(x))))) + shortcut(x)), convolutions without bias.
-
-    The shortcut is the caller's: parameter-free for the CIFAR ResNets (option A), a 1×1
-    projection for the ImageNet ones (option B).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int, shortcut: nn.Module):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = shortcut  # torchvision's name, so ResNet-18 state dicts keep their keys
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C_in, H, W] → [B, C_out, H/stride, W/stride]."""
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.downsample(x))
-
-
 class ResNetTrunk(nn.Module):
     """`stem`, then one stage of `blocks_per_stage` blocks per entry of `stage_channels`.
 
