@@ -6,20 +6,25 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
       <name> of every quantized parameter   uint8 [⌈n·b/8⌉]: its n codes i = (m + M)/step
                                             (see `qtrain.quant.grids`), b = grid.code_bits,
                                             packed as in `qtrain.export.packing`
+      <name>:scale of a scaled quantized parameter  float32 [C] (float64 for float64
+                                            weights): Δ_c of each output channel
       every other entry of model.state_dict()  as it is (BN weights and running statistics,
                                             num_batches_tracked, linear layers, biases)
     __metadata__ = {"qtrain": one JSON string, "qtrain_crc32": CRC-32 of that string} holding
       format "qtrain-packed", format_version 2, qtrain_version
       model      {"name", "num_classes", "width", "in_channels"}  (rebuilds the network)
       method     {"name", "grid": Grid.to_dict(), "policy"}
-      quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order
+      quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order,
+                 plus "scale": "channel" for a weight stored with a scale per output channel
       config     the training run's configuration without its machine-local keys (data
                  folder, device, threads, ...): nothing of the training machine travels along
       bit_order  "little"
       crc32      {name: CRC-32 (zlib) of the tensor's stored bytes} for every tensor
 
-A weight is restored as grid.from_codes(codes, dtype).reshape(shape). That is the exact
-value it had, because export refuses weights that are not exactly on the grid; so a model
+A weight is restored as grid.from_codes(codes, dtype).reshape(shape), or, when it is stored
+with scales (weights trained with a scaled grid: he, absmean, absmean-tensor), channel c as
+m·Δ_c (`qtrain.export.scales`). That is the exact value it had, because export refuses weights
+that are neither exactly on the grid nor exactly on it scaled per output channel; so a model
 loaded from a packed file computes bit-identical outputs to the checkpoint's model.
 Everything is validated on load, the checksums first (safetensors has none, and a flipped
 bit in a float tensor would otherwise pass unnoticed); a problem raises `PackedFormatError`
@@ -43,6 +48,7 @@ import qtrain
 from qtrain.base.io import atomic_write_bytes
 from qtrain.base.optional import require
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
+from qtrain.export.scales import channel_codes, weight_from_codes
 from qtrain.quant import Grid
 from qtrain.train.checkpoint import build_model
 
@@ -51,6 +57,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no header checksum (qtrain 0.1)
 METADATA_KEY = "qtrain"
 HEADER_CRC_KEY = "qtrain_crc32"
+SCALE_SUFFIX = ":scale"  # ":" never occurs in a state_dict key
 # RunConfig keys that describe the training machine, not the model: never exported.
 MACHINE_LOCAL_KEYS = frozenset(
     {"data_dir", "download", "device", "amp", "channels_last", "compile", "eval_batch_size",
@@ -84,7 +91,8 @@ def save_packed(path: str | Path, record: dict) -> None:
                 f"the checkpoint lists quantized parameter {name!r}, which model "
                 f"{record['model']['name']!r} does not have; the checkpoint is damaged"
             )
-        tensors[name], quantized[name] = _pack_weight(name, state[name], grid)
+        packed, quantized[name] = _pack_weight(name, state[name], grid)
+        tensors.update(packed)
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -118,8 +126,14 @@ def _is_local_path(value: object) -> bool:
     return isinstance(value, str) and (value.startswith("~") or Path(value).is_absolute())
 
 
-def _pack_weight(name: str, weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, dict]:
-    """(packed uint8 codes, metadata entry) of one quantized weight."""
+def _pack_weight(
+    name: str, weight: torch.Tensor, grid: Grid
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """({name: packed uint8 codes[, name:scale: Δ per channel]}, metadata entry) of a weight.
+
+    Codes on the record's grid when the weight is exactly on it, else codes and scales when
+    every output channel is exactly on the grid with its own Δ_c.
+    """
     if not grid.bounded:
         raise PackedFormatError(
             f"grid {grid.describe()} has no fixed code width, so its weights cannot be "
@@ -137,14 +151,20 @@ def _pack_weight(name: str, weight: torch.Tensor, grid: Grid) -> tuple[torch.Ten
         and int(codes.max()) < grid.num_levels
         and torch.equal(grid.from_codes(codes, weight.dtype), weight)
     )
-    if not exact:  # restoring from the codes would change the weight
-        raise PackedFormatError(
-            f"quantized parameter {name!r} is not exactly on the grid {grid.describe()}, so it "
-            "cannot be packed without changing the model; export a checkpoint written by a "
-            "quantized method (bc, sr or r), not a full-precision one"
-        )
     entry = {"shape": list(weight.shape), "dtype": dtype, "code_bits": grid.code_bits}
-    return pack_codes(codes, grid.code_bits), entry
+    if exact:
+        return {name: pack_codes(codes, grid.code_bits)}, entry
+    scaled = channel_codes(weight, grid)
+    if scaled is None:  # restoring from codes (with any scales) would change the weight
+        raise PackedFormatError(
+            f"quantized parameter {name!r} is not exactly on the grid {grid.describe()}, nor on "
+            "it with one scale per output channel, so it cannot be packed without changing the "
+            "model; export a checkpoint written by a quantized method (bc, sr or r), not a "
+            "full-precision one"
+        )
+    codes, scale = scaled
+    packed = {name: pack_codes(codes, grid.code_bits), name + SCALE_SUFFIX: scale.contiguous()}
+    return packed, {**entry, "scale": "channel"}
 
 
 def is_packed_file(path: str | Path) -> bool:
@@ -187,13 +207,17 @@ def read_packed(path: str | Path) -> tuple[nn.Module, dict]:
     grid = _grid(path, header)
     model = _create_model(path, header["model"])
     expected = model.state_dict()
-    _check_names(path, set(stored), set(expected), set(header["quantized"]))
+    scales = {name for name in stored if name.endswith(SCALE_SUFFIX)}
+    _check_names(path, set(stored) - scales, set(expected), set(header["quantized"]))
     _check_crc32(path, stored, header["crc32"])
+    _check_scale_names(path, scales, header["quantized"])
     state = {}
     for name, reference in expected.items():
         entry = header["quantized"].get(name)
         tensor = (
-            stored[name] if entry is None else _unpack_weight(path, name, stored[name], entry, grid)
+            stored[name]
+            if entry is None
+            else _unpack_weight(path, name, stored[name], entry, grid, stored)
         )
         if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
             raise PackedFormatError(
@@ -309,6 +333,20 @@ def _check_names(path: Path, stored: set[str], expected: set[str], quantized: se
         raise PackedFormatError(f"{path} {' and '.join(problems)}; {REEXPORT}")
 
 
+def _check_scale_names(path: Path, scales: set[str], quantized: dict) -> None:
+    """Every scale tensor belongs to a quantized entry that declares scales, and vice versa."""
+    declared = {
+        name + SCALE_SUFFIX
+        for name, entry in quantized.items()
+        if isinstance(entry, dict) and "scale" in entry
+    }
+    for problem, names in (("lacks", declared - scales), ("has an unexpected", scales - declared)):
+        if names:
+            raise PackedFormatError(
+                f"{path} {problem} scale tensor {sorted(names)[0]!r}; {REEXPORT}"
+            )
+
+
 def tensor_crc32(tensor: torch.Tensor) -> int:
     """CRC-32 (zlib) of a contiguous tensor's bytes as stored."""
     return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -324,19 +362,22 @@ def _check_crc32(path: Path, stored: dict[str, torch.Tensor], checksums: dict) -
 
 
 def _unpack_weight(
-    path: Path, name: str, packed: torch.Tensor, entry: object, grid: Grid
+    path: Path, name: str, packed: torch.Tensor, entry: object, grid: Grid, stored: dict
 ) -> torch.Tensor:
-    """The float weight that one packed tensor and its metadata entry describe."""
+    """The float weight that one packed tensor (with its scales) and its entry describe."""
     if not (
         isinstance(entry, dict)
         and isinstance(entry.get("shape"), list)
         and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry["shape"])
         and entry.get("dtype") in DTYPES
         and entry.get("code_bits") == grid.code_bits
+        and entry.get("scale", "channel") == "channel"
+        and (entry["shape"] or "scale" not in entry)
     ):
         raise PackedFormatError(
             f"{path}: the metadata of quantized tensor {name!r} is invalid (it needs an integer "
-            f"shape, a float dtype and code_bits {grid.code_bits}); {REEXPORT}"
+            f"shape, a float dtype, code_bits {grid.code_bits} and no scale other than "
+            f"'channel'); {REEXPORT}"
         )
     count = math.prod(entry["shape"])
     if packed.dtype != torch.uint8 or packed.dim() != 1:
@@ -358,7 +399,21 @@ def _unpack_weight(
             f"{path}: quantized tensor {name!r} holds code {int(codes.max())}, grid "
             f"{grid.describe()} has {grid.num_levels} levels; {REEXPORT}"
         )
-    return grid.from_codes(codes, DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    dtype = DTYPES[entry["dtype"]]
+    if "scale" not in entry:
+        return grid.from_codes(codes, dtype).reshape(entry["shape"])
+    scale = stored[name + SCALE_SUFFIX]
+    if not (
+        scale.dtype in (torch.float32, torch.float64)
+        and list(scale.shape) == entry["shape"][:1]
+        and bool(torch.isfinite(scale).all())
+        and bool((scale >= 0).all())
+    ):
+        raise PackedFormatError(
+            f"{path}: the scales of quantized tensor {name!r} are not {entry['shape'][0]} finite "
+            f"float values >= 0 (one per output channel); {REEXPORT}"
+        )
+    return weight_from_codes(codes, scale, grid, entry["shape"], dtype)
 
 
 def _safetensors():
