@@ -22,9 +22,9 @@ import pytest
 import torch
 from test_data_cifar import PER_FILE, fake_batch, write_fake_cifar, write_pickle
 
-from qtrain.base import io as io_module
 from qtrain.cli import main
 from qtrain.data.cifar import CIFAR10
+from qtrain.train import checkpoint as checkpoint_module
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 
@@ -414,7 +414,7 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, 
     before = {name: (run_dir / name).read_bytes() for name in kept}
     longer = [a if a != "1" else "2" for a in argv]  # --epochs 2, resumed
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(io_module, "os", _FullDiskOs(ROOM_FOR_SMALL_FILES))
+        patch.setattr(checkpoint_module, "os", _FullDiskOs(ROOM_FOR_SMALL_FILES))
         code, _, err = run([*longer, "--resume"], capsys)
     assert code == 2
     assert err.strip().splitlines() == [
@@ -432,7 +432,7 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, 
 
 def test_a_full_disk_at_the_start_leaves_no_files(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(io_module, "os", _FullDiskOs(0))
+        patch.setattr(checkpoint_module, "os", _FullDiskOs(0))
         code, _, err = run(synthetic("--out", tmp_path / "run"), capsys)
     assert code == 2 and "the disk is full" in err and len(err.strip().splitlines()) == 1
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
