@@ -8,12 +8,13 @@ line on stderr and exit code 2; an interrupted run saves a checkpoint and exits 
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import json
 import os
 import sys
 from pathlib import Path
+
+from qtrain.base.names import did_you_mean
 
 EXIT_USER_ERROR = 2
 # A full disk and an exhausted quota (common on shared machines) mean the same to the user.
@@ -34,8 +35,7 @@ def _did_you_mean(message: str) -> str:
         return ""
     value = message.split("invalid choice: ", 1)[1].split(" (choose from ", 1)[0].strip("'")
     listed = message.rsplit("(choose from ", 1)[1].rstrip(")").split(", ")
-    close = difflib.get_close_matches(value, [c.strip("'") for c in listed], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(value, [c.strip("'") for c in listed])
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -255,7 +255,7 @@ def _register_optional(module_name: str, sub) -> None:
 
 
 def _user_error_types() -> tuple[type, ...]:
-    from qtrain.data.errors import MissingDependencyError
+    from qtrain.base.errors import MissingDependencyError
     from qtrain.train.distributed import RankFailure
     from qtrain.train.trainer import DivergenceError
 

@@ -7,21 +7,15 @@ from pathlib import Path
 import torch
 
 from qtrain import data as qdata
+from qtrain.export.loading import load_any_model
 from qtrain.train.trainer import evaluate
-
-
-def load_saved_model(path: str | Path):
-    """(model in eval mode, record) from a checkpoint/run folder or a packed .safetensors."""
-    from qtrain.export import load_any_model  # tells the two kinds apart by content
-
-    return load_any_model(path)
 
 
 def evaluate_file(
     path: str | Path, data_dir: str | None = None, batch_size: int = 1000, device: str = "cpu"
 ) -> dict:
-    """Evaluate a saved model on the test split of the data set it was trained on."""
-    model, record = load_saved_model(path)
+    """Evaluate a checkpoint, run folder or packed file on its data set's test split."""
+    model, record = load_any_model(path)
     config = record.get("config") or {}
     dataset = config.get("dataset")
     if not dataset:

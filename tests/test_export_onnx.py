@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from qtrain import data, methods, models
-from qtrain.data.errors import MissingDependencyError
-from qtrain.export import add_parsers, export_onnx, input_shape, load_any_model
+from qtrain.base.errors import MissingDependencyError
+from qtrain.export import export_onnx, input_shape, load_any_model
+from qtrain.export.cli import add_parsers
 from qtrain.quant import grids
 from qtrain.train.checkpoint import save_checkpoint
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qtrain import methods, models
-from qtrain.data.errors import MissingDependencyError
+from qtrain.base.errors import MissingDependencyError
 from qtrain.export import (
     PackedFormatError,
-    add_parsers,
     is_packed_file,
     load_any_model,
     load_packed,
@@ -22,7 +22,8 @@ from qtrain.export import (
     read_packed,
     save_packed,
 )
-from qtrain.export.packed import tensor_crc32
+from qtrain.export.cli import add_parsers
+from qtrain.export.packed import packed_metadata, tensor_crc32
 from qtrain.quant import grids, parse_grid
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -188,9 +189,10 @@ def test_metadata_states_the_format(tmp_path):
     save_packed(tmp_path / "m.safetensors", load_checkpoint(tmp_path / "c.pt"))
     with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
         metadata = f.metadata()
-    assert list(metadata) == ["qtrain"]
+    assert sorted(metadata) == ["qtrain", "qtrain_crc32"]
+    assert metadata["qtrain_crc32"] == str(zlib.crc32(metadata["qtrain"].encode()))
     header = json.loads(metadata["qtrain"])
-    assert header["format"] == "qtrain-packed" and header["format_version"] == 1
+    assert header["format"] == "qtrain-packed" and header["format_version"] == 2
     assert header["bit_order"] == "little"
     assert header["method"]["grid"] == {"kind": "ternary", "delta": 1.0, "bits": None}
     assert header["model"]["name"] == "tiny_cnn"
@@ -238,8 +240,9 @@ def packed(tmp_path):
 def rewrite(path, *, tensors=None, header=None, metadata=None):
     """Rewrite a packed file with edited tensors (dict → dict) and/or header (dict → dict).
 
-    Checksums are recomputed first: the file is consistently written but wrong, as a buggy
-    or hostile producer would write it, so the validation behind the checksums is tested.
+    Checksums (of the tensors, then of the header) are recomputed: the file is consistently
+    written but wrong, as a buggy or hostile producer would write it, so the validation
+    behind the checksums is tested. `metadata` replaces the whole metadata as given.
     """
     with safe_open(path, framework="pt") as f:
         stored = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
@@ -249,9 +252,7 @@ def rewrite(path, *, tensors=None, header=None, metadata=None):
     edited["crc32"] = {key: tensor_crc32(t) for key, t in stored.items()}
     if header:
         edited = header(edited)
-    save_file(
-        stored, path, metadata={"qtrain": json.dumps(edited)} if metadata is None else metadata
-    )
+    save_file(stored, path, metadata=packed_metadata(edited) if metadata is None else metadata)
 
 
 def assert_export_refused(source, out, match):
@@ -310,7 +311,7 @@ CORRUPTIONS = {
     "no qtrain metadata": (dict(metadata={"other": "1"}), "without qtrain metadata"),
     "metadata not JSON": (dict(metadata={"qtrain": "{not json"}), "not valid JSON"),
     "another format": (dict(header=lambda h: _set(h, "format", "x")), "another format"),
-    "newer version": (dict(header=lambda h: _set(h, "format_version", 2)), "version 2"),
+    "newer version": (dict(header=lambda h: _set(h, "format_version", 3)), "version 3"),
     "unknown grid": (
         dict(header=lambda h: _set(h["method"], "grid", {"kind": "quinary"}) and h),
         "invalid grid",

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from qtrain import methods, models
-from qtrain.export import add_parsers, save_packed, summarize, summary_of_target
+from qtrain.export import save_packed, summarize, summary_of_target
+from qtrain.export.cli import add_parsers
 from qtrain.export.summary import human_bytes
 from qtrain.quant import grids, parse_grid
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint

@@ -16,5 +16,5 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
         top = module.split(".")[0]
         raise MissingDependencyError(
             f"{purpose} needs {top}, which is not installed; "
-            f'install it with: pip install "qtrain[{extra}]"'
+            f"install it with: pip install 'qtrain[{extra}]'"
         ) from None

@@ -7,10 +7,12 @@ ImageNet folders are read by `load_imagenet` and batched by `ImageNetLoader` (ne
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 from pathlib import Path
+
+from qtrain.base.errors import MissingDependencyError
+from qtrain.base.names import unknown_name
 
 from .arrays import ArrayDataset, DataSplits
 from .cifar import load_cifar
@@ -21,7 +23,6 @@ from .errors import (
     DataError,
     DatasetNotFoundError,
     DownloadError,
-    MissingDependencyError,
     UnsafePickleError,
 )
 from .imagenet import ImageNetLoader, ImageNetSplits, load_imagenet
@@ -64,11 +65,7 @@ def load(
     CIFAR download, shape and size parameters of `make_synthetic` for ``synthetic``.
     """
     if name not in _BUILDERS:
-        close = difflib.get_close_matches(str(name), list_datasets(), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(
-            f"unknown data set {name!r}; {hint}choose one of {', '.join(list_datasets())}"
-        )
+        raise unknown_name("data set", name, list_datasets())
     unknown = sorted(set(options) - set(_OPTIONS[name]))
     if unknown:
         accepted = ", ".join(_OPTIONS[name]) or "none"

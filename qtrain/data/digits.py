@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from qtrain.base.optional import require
+
 from .arrays import ArrayDataset, DataSplits, channel_stats
-from .errors import MissingDependencyError
 
 TEST_SIZE = 300
 SPLIT_SEED = 0
@@ -21,15 +22,9 @@ MAX_INTENSITY = 16
 
 def load_digits() -> DataSplits:
     """The digits as `DataSplits` (1,497 train / 300 test, 1 channel, 8×8, 10 classes)."""
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError:
-        raise MissingDependencyError(
-            "the digits data set comes with scikit-learn, which is not installed; install it "
-            "with pip install 'qtrain[demo]'"
-        ) from None
-    bunch = sklearn_digits()
+    purpose = "the digits data set (shipped with scikit-learn)"
+    bunch = require("sklearn.datasets", "demo", purpose).load_digits()
+    train_test_split = require("sklearn.model_selection", "demo", purpose).train_test_split
     pixels = np.rint(bunch.images * (255 / MAX_INTENSITY)).astype(np.uint8)[:, None]  # [N,1,8,8]
     labels = bunch.target.astype(np.int64)
     train_x, test_x, train_y, test_y = train_test_split(

@@ -6,10 +6,23 @@ DataError(ValueError)                    the files are there but unusable
   ├─ UnsafePickleError                   a pickle asks for code outside the allow-list
   └─ DownloadError                       fetching failed (network, HTTP status)
        └─ ChecksumError                  the downloaded archive has the wrong MD5
-MissingDependencyError(ImportError)      an optional extra is not installed
+MissingDependencyError(ImportError)      an optional extra is not installed (it lives in
+                                         qtrain.base.errors; the name stays importable here)
 """
 
 from __future__ import annotations
+
+from qtrain.base.errors import MissingDependencyError
+
+__all__ = [
+    "ChecksumError",
+    "CorruptDataError",
+    "DataError",
+    "DatasetNotFoundError",
+    "DownloadError",
+    "MissingDependencyError",
+    "UnsafePickleError",
+]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -34,7 +47,3 @@ class DownloadError(DataError):
 
 class ChecksumError(DownloadError):
     """A downloaded archive does not have the expected MD5; it was deleted."""
-
-
-class MissingDependencyError(ImportError):
-    """An optional dependency (an extra of the qtrain package) is not installed."""

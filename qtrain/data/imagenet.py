@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import CorruptDataError, DataError, DatasetNotFoundError, MissingDependencyError
+from qtrain.base.optional import require
+
+from .errors import CorruptDataError, DataError, DatasetNotFoundError
 from .loader import AUGMENT_STREAM, Batch, epoch_permutation, mix_seed, rank_slice
 
 # The usual ImageNet statistics, converted to pixel units (0..255) like every qtrain set.
@@ -40,14 +42,7 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def _pil():
-    try:
-        from PIL import Image
-    except ImportError:
-        raise MissingDependencyError(
-            "ImageNet decoding needs Pillow, which is not installed; install it with "
-            "pip install 'qtrain[imagenet]'"
-        ) from None
-    return Image
+    return require("PIL.Image", "imagenet", "ImageNet decoding")
 
 
 @dataclass

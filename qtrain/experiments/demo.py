@@ -20,12 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+from qtrain.base.io import atomic_write_text
 from qtrain.experiments.methods import PAPER_METHODS
 from qtrain.export.summary import summarize
 from qtrain.report.figures import plot_error_curves
 from qtrain.report.tables import format_cell, mean_std
 from qtrain.train import rundir
-from qtrain.train.checkpoint import atomic_write_bytes
 from qtrain.train.config import RunConfig
 from qtrain.train.trainer import Trainer
 
@@ -100,7 +100,7 @@ def run_demo(
             f"({results[-1]['seconds']:.1f}s)",
             file=sys.stderr,
         )
-    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     title = f"tiny_cnn on digits (8×8), mean of {seeds} seed{'s' * (seeds > 1)}"
     plot_error_curves({title: curves}, out / "curves.png")
     log(format_results(results))

@@ -17,10 +17,10 @@ completes.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
+from qtrain.base.names import unknown_name
 from qtrain.experiments.methods import PAPER_METHODS, MethodRow
 from qtrain.report.collect import report_runs
 from qtrain.train import rundir
@@ -58,11 +58,7 @@ def check_rows(rows: list[str] | None) -> list[str]:
     rows = list(rows or ROWS)
     for name in rows:
         if name not in ROWS:
-            hint = difflib.get_close_matches(name, list(ROWS), n=1)
-            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(
-                f"unknown Table 1 row {name!r}{did_you_mean}; choose from {', '.join(ROWS)}"
-            )
+            raise unknown_name("Table 1 row", name, ROWS)
     return rows
 
 

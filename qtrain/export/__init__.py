@@ -6,11 +6,12 @@
     export_onnx(model, path, shape)   ONNX graph that onnxruntime runs
     summarize(model, quantized, grid) per-layer parameters, bits, float vs packed bytes
     load_any_model(path)              a checkpoint, run folder or packed file → (model, record)
+    summary_of_target(target)         summary of a file or of a registered model name
 
 safetensors and onnx (the `export` extra) are imported only when a file is written or read.
 """
 
-from qtrain.export.cli import add_parsers, load_any_model, summary_of_target
+from qtrain.export.loading import load_any_model, summary_of, summary_of_target
 from qtrain.export.onnx import export_onnx, input_shape
 from qtrain.export.packed import (
     PackedFormatError,
@@ -26,7 +27,6 @@ __all__ = [
     "LayerRow",
     "PackedFormatError",
     "Summary",
-    "add_parsers",
     "export_onnx",
     "input_shape",
     "is_packed_file",
@@ -37,6 +37,7 @@ __all__ = [
     "read_packed",
     "save_packed",
     "summarize",
+    "summary_of",
     "summary_of_target",
     "unpack_codes",
 ]

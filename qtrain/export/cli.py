@@ -1,4 +1,4 @@
-"""The `qtrain export` and `qtrain summary` commands, and loading a model from either file kind.
+"""The `qtrain export` and `qtrain summary` commands (argument wiring only).
 
     qtrain export SOURCE --format packed --out model.safetensors
     qtrain export SOURCE --format onnx --out model.onnx [--input-size 32] [--opset 17]
@@ -6,29 +6,24 @@
 
 SOURCE is a checkpoint (file or run folder) or a packed file; TARGET is either of those or a
 registered model name (then the policy's parameters are counted as quantized on the grid).
-User errors are raised as ValueError / FileNotFoundError (or `MissingDependencyError`, an
-ImportError, for an extra that is not installed) with one sentence; the main CLI prints it.
+This module holds the argument wiring only; loading and summarising live in
+`qtrain.export.loading`. User errors are raised as ValueError / FileNotFoundError (or
+`MissingDependencyError`, an ImportError, for an extra that is not installed) with one
+sentence; the main CLI prints it.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
-import zipfile
 from pathlib import Path
 
-from torch import nn
-
+from qtrain.export.loading import MODEL_OPTIONS, load_any_model, summary_of, summary_of_target
 from qtrain.export.onnx import DEFAULT_OPSET, export_onnx, input_shape
-from qtrain.export.packed import is_packed_file, read_packed, save_packed
-from qtrain.export.summary import Summary, human_bytes, summarize
-from qtrain.quant import Grid, parse_grid
-from qtrain.train.checkpoint import CheckpointError, build_model, load_checkpoint
+from qtrain.export.packed import save_packed
+from qtrain.export.summary import human_bytes
 
 FORMATS = ("packed", "onnx")
-MODEL_OPTIONS = {"grid": "binary", "policy": "conv", "width": 1.0, "num_classes": 10,
-                 "in_channels": 3}  # fmt: skip
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -65,24 +60,6 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     summary.set_defaults(func=run_summary)
 
 
-def load_any_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """(model in eval mode, record) from a checkpoint, a run folder or a packed file.
-
-    Checkpoints are zip archives (`torch.save`) and packed files safetensors; any other file
-    is refused before it reaches an unpickler.
-    """
-    path = Path(path)
-    if is_packed_file(path):
-        return read_packed(path)
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path} is neither a qtrain checkpoint nor a packed model file (or is truncated); "
-            "pass a checkpoint.pt written by `qtrain train` or a file from `qtrain export`"
-        )
-    record = load_checkpoint(path)
-    return build_model(record), record
-
-
 def run_export(args: argparse.Namespace) -> int:
     source, out = Path(args.source), Path(args.out)
     written = source / "checkpoint.pt" if source.is_dir() else source
@@ -91,7 +68,7 @@ def run_export(args: argparse.Namespace) -> int:
     model, record = load_any_model(source)
     if args.format == "packed":
         save_packed(out, record)
-        summary = _summary_of(model, record)
+        summary = summary_of(model, record)
         size = out.stat().st_size
         print(
             f"wrote {out}: {human_bytes(size)} ({size:,} bytes), {summary.float_bytes / size:.2f}x "
@@ -119,35 +96,3 @@ def run_summary(args: argparse.Namespace) -> int:
     )
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format_table())
     return 0
-
-
-def summary_of_target(target: str, **model_options) -> Summary:
-    """Summary of a checkpoint or packed file, or of a registered model name.
-
-    For a model name, `model_options` (grid, policy, width, num_classes, in_channels; the
-    defaults are in MODEL_OPTIONS) choose the network and which parameters count as packed.
-    """
-    from qtrain import methods, models
-
-    if Path(target).exists():
-        if model_options:
-            raise ValueError(
-                f"--{next(iter(model_options)).replace('_', '-')} applies to model names only; "
-                f"{target} carries its own model and grid"
-            )
-        return _summary_of(*load_any_model(target))
-    if target not in models.list_models():
-        close = difflib.get_close_matches(target, models.list_models(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise FileNotFoundError(
-            f"{target} is neither an existing file nor a registered model{hint}; pass a "
-            f"checkpoint, a packed file or one of {', '.join(models.list_models())}"
-        )
-    options = {**MODEL_OPTIONS, **model_options}
-    model = models.create(target, options["num_classes"], options["width"], options["in_channels"])
-    names = methods.quantized_parameter_names(model, options["policy"])
-    return summarize(model, names, parse_grid(options["grid"]))
-
-
-def _summary_of(model: nn.Module, record: dict) -> Summary:
-    return summarize(model, record["quantized"], Grid.from_dict(record["method"]["grid"]))

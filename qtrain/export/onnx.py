@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qtrain.data.errors import MissingDependencyError
-from qtrain.train.checkpoint import atomic_write_bytes
+from qtrain.base.io import atomic_write_bytes
+from qtrain.base.optional import require
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
@@ -44,12 +44,7 @@ def export_onnx(
 
     The exported graph is checked with `onnx.checker` before anything is written.
     """
-    try:
-        import onnx
-    except ImportError:
-        raise MissingDependencyError(
-            "ONNX export needs the onnx package; install it with pip install 'qtrain[export]'"
-        ) from None
+    onnx = require("onnx", "export", "ONNX export")
     if opset < DEFAULT_OPSET:
         raise ValueError(f"ONNX opset must be >= {DEFAULT_OPSET}, got {opset}; use a newer opset")
     model.eval()

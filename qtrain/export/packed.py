@@ -6,23 +6,31 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
       <name> of every quantized parameter   uint8 [⌈n·b/8⌉]: its n codes i = (m + M)/step
                                             (see `qtrain.quant.grids`), b = grid.code_bits,
                                             packed as in `qtrain.export.packing`
+      <name>:scale of a scaled quantized parameter  float32 [C] (float64 for float64
+                                            weights): Δ_c of each output channel
       every other entry of model.state_dict()  as it is (BN weights and running statistics,
                                             num_batches_tracked, linear layers, biases)
-    __metadata__ = {"qtrain": one JSON string} holding
-      format "qtrain-packed", format_version 1, qtrain_version
+    __metadata__ = {"qtrain": one JSON string, "qtrain_crc32": CRC-32 of that string} holding
+      format "qtrain-packed", format_version 2, qtrain_version
       model      {"name", "num_classes", "width", "in_channels"}  (rebuilds the network)
       method     {"name", "grid": Grid.to_dict(), "policy"}
-      quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order
-      config     the training run's configuration, when the checkpoint had one
+      quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order,
+                 plus "scale": "channel" for a weight stored with a scale per output channel
+      config     the training run's configuration without its machine-local keys (data
+                 folder, device, threads, ...): nothing of the training machine travels along
       bit_order  "little"
       crc32      {name: CRC-32 (zlib) of the tensor's stored bytes} for every tensor
 
-A weight is restored as grid.from_codes(codes, dtype).reshape(shape). That is the exact
-value it had, because export refuses weights that are not exactly on the grid; so a model
+A weight is restored as grid.from_codes(codes, dtype).reshape(shape), or, when it is stored
+with scales (weights trained with a scaled grid: he, absmean, absmean-tensor), channel c as
+m·Δ_c (`qtrain.export.scales`). That is the exact value it had, because export refuses weights
+that are neither exactly on the grid nor exactly on it scaled per output channel; so a model
 loaded from a packed file computes bit-identical outputs to the checkpoint's model.
 Everything is validated on load, the checksums first (safetensors has none, and a flipped
 bit in a float tensor would otherwise pass unnoticed); a problem raises `PackedFormatError`
-naming it and the fix.
+naming it and the fix. The header's own CRC-32 covers every byte of the JSON string, so an
+edited value (a grid's Δ, a model's width) is refused like a damaged tensor. Files of format
+version 1 (qtrain 0.1) have no header checksum and are still read, with their tensors checked.
 """
 
 from __future__ import annotations
@@ -37,14 +45,24 @@ import torch
 from torch import nn
 
 import qtrain
-from qtrain.data.errors import MissingDependencyError
+from qtrain.base.io import atomic_write_bytes
+from qtrain.base.optional import require
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
+from qtrain.export.scales import channel_codes, weight_from_codes
 from qtrain.quant import Grid
-from qtrain.train.checkpoint import atomic_write_bytes, build_model
+from qtrain.train.checkpoint import build_model
 
 FORMAT = "qtrain-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no header checksum (qtrain 0.1)
 METADATA_KEY = "qtrain"
+HEADER_CRC_KEY = "qtrain_crc32"
+SCALE_SUFFIX = ":scale"  # ":" never occurs in a state_dict key
+# RunConfig keys that describe the training machine, not the model: never exported.
+MACHINE_LOCAL_KEYS = frozenset(
+    {"data_dir", "download", "device", "amp", "channels_last", "compile", "eval_batch_size",
+     "checkpoint_every_steps", "threads"}
+)  # fmt: skip
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}  # fmt: skip
 REEXPORT = "export it again with `qtrain export CHECKPOINT --format packed`"
@@ -73,7 +91,8 @@ def save_packed(path: str | Path, record: dict) -> None:
                 f"the checkpoint lists quantized parameter {name!r}, which model "
                 f"{record['model']['name']!r} does not have; the checkpoint is damaged"
             )
-        tensors[name], quantized[name] = _pack_weight(name, state[name], grid)
+        packed, quantized[name] = _pack_weight(name, state[name], grid)
+        tensors.update(packed)
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -81,16 +100,40 @@ def save_packed(path: str | Path, record: dict) -> None:
         "model": record["model"],
         "method": record["method"],
         "quantized": quantized,
-        "config": record.get("config", {}),
+        "config": deployable_config(record.get("config") or {}),
         "bit_order": "little",
         "crc32": {name: tensor_crc32(t) for name, t in tensors.items()},
     }
-    metadata = {METADATA_KEY: json.dumps(header)}
-    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=packed_metadata(header)))
 
 
-def _pack_weight(name: str, weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, dict]:
-    """(packed uint8 codes, metadata entry) of one quantized weight."""
+def packed_metadata(header: dict) -> dict[str, str]:
+    """The safetensors metadata of a packed file: the JSON header and its CRC-32 (zlib)."""
+    text = json.dumps(header)
+    return {METADATA_KEY: text, HEADER_CRC_KEY: str(zlib.crc32(text.encode()))}
+
+
+def deployable_config(config: dict) -> dict:
+    """`config` without MACHINE_LOCAL_KEYS and without any value that is an absolute path."""
+    return {
+        key: value
+        for key, value in config.items()
+        if key not in MACHINE_LOCAL_KEYS and not _is_local_path(value)
+    }
+
+
+def _is_local_path(value: object) -> bool:
+    return isinstance(value, str) and (value.startswith("~") or Path(value).is_absolute())
+
+
+def _pack_weight(
+    name: str, weight: torch.Tensor, grid: Grid
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """({name: packed uint8 codes[, name:scale: Δ per channel]}, metadata entry) of a weight.
+
+    Codes on the record's grid when the weight is exactly on it, else codes and scales when
+    every output channel is exactly on the grid with its own Δ_c.
+    """
     if not grid.bounded:
         raise PackedFormatError(
             f"grid {grid.describe()} has no fixed code width, so its weights cannot be "
@@ -108,14 +151,20 @@ def _pack_weight(name: str, weight: torch.Tensor, grid: Grid) -> tuple[torch.Ten
         and int(codes.max()) < grid.num_levels
         and torch.equal(grid.from_codes(codes, weight.dtype), weight)
     )
-    if not exact:  # restoring from the codes would change the weight
-        raise PackedFormatError(
-            f"quantized parameter {name!r} is not exactly on the grid {grid.describe()}, so it "
-            "cannot be packed without changing the model; export a checkpoint written by a "
-            "quantized method (bc, sr or r), not a full-precision one"
-        )
     entry = {"shape": list(weight.shape), "dtype": dtype, "code_bits": grid.code_bits}
-    return pack_codes(codes, grid.code_bits), entry
+    if exact:
+        return {name: pack_codes(codes, grid.code_bits)}, entry
+    scaled = channel_codes(weight, grid)
+    if scaled is None:  # restoring from codes (with any scales) would change the weight
+        raise PackedFormatError(
+            f"quantized parameter {name!r} is not exactly on the grid {grid.describe()}, nor on "
+            "it with one scale per output channel, so it cannot be packed without changing the "
+            "model; export a checkpoint written by a quantized method (bc, sr or r), not a "
+            "full-precision one"
+        )
+    codes, scale = scaled
+    packed = {name: pack_codes(codes, grid.code_bits), name + SCALE_SUFFIX: scale.contiguous()}
+    return packed, {**entry, "scale": "channel"}
 
 
 def is_packed_file(path: str | Path) -> bool:
@@ -158,13 +207,17 @@ def read_packed(path: str | Path) -> tuple[nn.Module, dict]:
     grid = _grid(path, header)
     model = _create_model(path, header["model"])
     expected = model.state_dict()
-    _check_names(path, set(stored), set(expected), set(header["quantized"]))
+    scales = {name for name in stored if name.endswith(SCALE_SUFFIX)}
+    _check_names(path, set(stored) - scales, set(expected), set(header["quantized"]))
     _check_crc32(path, stored, header["crc32"])
+    _check_scale_names(path, scales, header["quantized"])
     state = {}
     for name, reference in expected.items():
         entry = header["quantized"].get(name)
         tensor = (
-            stored[name] if entry is None else _unpack_weight(path, name, stored[name], entry, grid)
+            stored[name]
+            if entry is None
+            else _unpack_weight(path, name, stored[name], entry, grid, stored)
         )
         if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
             raise PackedFormatError(
@@ -192,6 +245,12 @@ def _parse_header(path: Path, metadata: dict | None) -> dict:
             f"{path} is a safetensors file without qtrain metadata, so it is not a qtrain "
             f"packed model; {REEXPORT}"
         )
+    stored_crc = metadata.get(HEADER_CRC_KEY)
+    if stored_crc is not None and stored_crc != str(zlib.crc32(metadata[METADATA_KEY].encode())):
+        raise PackedFormatError(
+            f"{path}: the qtrain header fails its CRC-32 check, so the file was damaged or "
+            f"edited after it was written; {REEXPORT}"
+        )
     try:
         header = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as e:
@@ -200,11 +259,17 @@ def _parse_header(path: Path, metadata: dict | None) -> dict:
         ) from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise PackedFormatError(f"{path} has metadata of another format; {REEXPORT}")
-    if header.get("format_version") != FORMAT_VERSION:
+    version = header.get("format_version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise PackedFormatError(
-            f"{path} has packed format version {header.get('format_version')!r}, this qtrain "
-            f"reads version {FORMAT_VERSION}; load it with the qtrain version that wrote it "
-            f"({header.get('qtrain_version', 'unknown')})"
+            f"{path} has packed format version {version!r}, this qtrain reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; load it with the qtrain version that "
+            f"wrote it ({header.get('qtrain_version', 'unknown')})"
+        )
+    if version >= 2 and stored_crc is None:
+        raise PackedFormatError(
+            f"{path} lacks the CRC-32 of its qtrain header that format version {version} "
+            f"carries, so it was edited after it was written; {REEXPORT}"
         )
     kinds = {"model": dict, "method": dict, "quantized": dict, "config": dict, "crc32": dict}
     for key, kind in kinds.items():
@@ -268,6 +333,20 @@ def _check_names(path: Path, stored: set[str], expected: set[str], quantized: se
         raise PackedFormatError(f"{path} {' and '.join(problems)}; {REEXPORT}")
 
 
+def _check_scale_names(path: Path, scales: set[str], quantized: dict) -> None:
+    """Every scale tensor belongs to a quantized entry that declares scales, and vice versa."""
+    declared = {
+        name + SCALE_SUFFIX
+        for name, entry in quantized.items()
+        if isinstance(entry, dict) and "scale" in entry
+    }
+    for problem, names in (("lacks", declared - scales), ("has an unexpected", scales - declared)):
+        if names:
+            raise PackedFormatError(
+                f"{path} {problem} scale tensor {sorted(names)[0]!r}; {REEXPORT}"
+            )
+
+
 def tensor_crc32(tensor: torch.Tensor) -> int:
     """CRC-32 (zlib) of a contiguous tensor's bytes as stored."""
     return zlib.crc32(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -283,19 +362,22 @@ def _check_crc32(path: Path, stored: dict[str, torch.Tensor], checksums: dict) -
 
 
 def _unpack_weight(
-    path: Path, name: str, packed: torch.Tensor, entry: object, grid: Grid
+    path: Path, name: str, packed: torch.Tensor, entry: object, grid: Grid, stored: dict
 ) -> torch.Tensor:
-    """The float weight that one packed tensor and its metadata entry describe."""
+    """The float weight that one packed tensor (with its scales) and its entry describe."""
     if not (
         isinstance(entry, dict)
         and isinstance(entry.get("shape"), list)
         and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry["shape"])
         and entry.get("dtype") in DTYPES
         and entry.get("code_bits") == grid.code_bits
+        and entry.get("scale", "channel") == "channel"
+        and (entry["shape"] or "scale" not in entry)
     ):
         raise PackedFormatError(
             f"{path}: the metadata of quantized tensor {name!r} is invalid (it needs an integer "
-            f"shape, a float dtype and code_bits {grid.code_bits}); {REEXPORT}"
+            f"shape, a float dtype, code_bits {grid.code_bits} and no scale other than "
+            f"'channel'); {REEXPORT}"
         )
     count = math.prod(entry["shape"])
     if packed.dtype != torch.uint8 or packed.dim() != 1:
@@ -317,16 +399,24 @@ def _unpack_weight(
             f"{path}: quantized tensor {name!r} holds code {int(codes.max())}, grid "
             f"{grid.describe()} has {grid.num_levels} levels; {REEXPORT}"
         )
-    return grid.from_codes(codes, DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    dtype = DTYPES[entry["dtype"]]
+    if "scale" not in entry:
+        return grid.from_codes(codes, dtype).reshape(entry["shape"])
+    scale = stored[name + SCALE_SUFFIX]
+    if not (
+        scale.dtype in (torch.float32, torch.float64)
+        and list(scale.shape) == entry["shape"][:1]
+        and bool(torch.isfinite(scale).all())
+        and bool((scale >= 0).all())
+    ):
+        raise PackedFormatError(
+            f"{path}: the scales of quantized tensor {name!r} are not {entry['shape'][0]} finite "
+            f"float values >= 0 (one per output channel); {REEXPORT}"
+        )
+    return weight_from_codes(codes, scale, grid, entry["shape"], dtype)
 
 
 def _safetensors():
     """The safetensors package, or MissingDependencyError naming the extra to install."""
-    try:
-        import safetensors
-        import safetensors.torch
-    except ImportError:
-        raise MissingDependencyError(
-            "packed model files need safetensors; install it with pip install 'qtrain[export]'"
-        ) from None
-    return safetensors
+    require("safetensors.torch", "export", "reading or writing packed model files")
+    return require("safetensors", "export", "reading or writing packed model files")

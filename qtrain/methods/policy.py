@@ -12,21 +12,16 @@ full precision (docs/paper.md §2). The policy is an option:
 
 from __future__ import annotations
 
-import difflib
-
 from torch import nn
+
+from qtrain.base.names import unknown_name
 
 POLICIES = ("conv", "conv+linear", "all")
 
 
 def check_policy(policy: str) -> str:
     if policy not in POLICIES:
-        hint = difflib.get_close_matches(str(policy), POLICIES, n=1)
-        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(
-            f"unknown quantization policy {policy!r}{did_you_mean}; choose one of "
-            + ", ".join(POLICIES)
-        )
+        raise unknown_name("quantization policy", policy, POLICIES)
     return policy
 
 

@@ -14,13 +14,13 @@ Defaults: Adam β = (0.9, 0.999), ε = 1e-8; SGD momentum 0.9; no weight decay [
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qtrain.base.names import unknown_name
 from qtrain.methods.optimizer import QuantizedOptimizer
 from qtrain.methods.policy import check_policy, split_parameters
 from qtrain.quant import Grid, parse_grid, round_nearest
@@ -61,11 +61,7 @@ def parse_method(name: str) -> MethodSpec:
     """`MethodSpec` of a preset name such as 'sr-adam'; ValueError with a suggestion."""
     key = str(name).strip().lower().replace("_", "-")
     if key not in METHODS:
-        hint = difflib.get_close_matches(key, METHODS, n=1)
-        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(
-            f"unknown method {name!r}{did_you_mean}; choose one of {', '.join(METHODS)}"
-        )
+        raise unknown_name("method", name, METHODS)
     mode, base = key.split("-")
     return MethodSpec(mode, base)
 

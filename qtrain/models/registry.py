@@ -7,12 +7,13 @@ channel count by ``width`` so the paper's architectures can be trained at reduce
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+
+from qtrain.base.names import unknown_name
 
 Factory = Callable[[int, float, int], nn.Module]
 
@@ -53,9 +54,7 @@ def list_models() -> list[str]:
 def _check_name(name: str) -> None:
     if name in _FACTORIES:
         return
-    close = difflib.get_close_matches(str(name), list_models(), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"unknown model {name!r}; {hint}choose one of {', '.join(list_models())}")
+    raise unknown_name("model", name, list_models())
 
 
 def model_info(name: str) -> ModelInfo:

@@ -10,11 +10,11 @@ import json
 import sys
 from pathlib import Path
 
+from qtrain.base.io import atomic_write_text
 from qtrain.report.figures import plot_error_curves
 from qtrain.report.style import METHOD_ORDER
 from qtrain.report.tables import markdown_table, summarize
 from qtrain.train import rundir
-from qtrain.train.checkpoint import atomic_write_bytes
 from qtrain.train.config import load_toml
 
 
@@ -60,7 +60,7 @@ def load_run(run: Path) -> dict:
 
 def model_sizes(runs: list[dict]) -> dict[str, dict]:
     """Float vs packed bytes of each row's model, from one quantized run's checkpoint."""
-    from qtrain.export.cli import summary_of_target
+    from qtrain.export.loading import summary_of_target
 
     sizes: dict[str, dict] = {}
     for r in runs:
@@ -105,9 +105,9 @@ def report_runs(paths: list[Path], out: Path, log=print) -> dict:
     if sizes:
         table += "\nModel size (quantized weights packed at their code width):\n\n"
         table += sizes_table(sizes)
-    atomic_write_bytes(out / "table.md", table.encode())
+    atomic_write_text(out / "table.md", table)
     summary = {"runs": results, "summary": summarize(results), "model_sizes": sizes}
-    atomic_write_bytes(out / "table.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_text(out / "table.json", json.dumps(summary, indent=2) + "\n")
     panels: dict[str, dict[str, list]] = {}
     for r in runs:
         panels.setdefault(r["row"], {}).setdefault(r["method"], []).append(r["metrics"])

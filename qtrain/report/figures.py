@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from qtrain.base.io import atomic_write_bytes
 from qtrain.report.style import colour, pyplot
-from qtrain.train.checkpoint import atomic_write_bytes
 
 
 def mean_curve(seed_runs: list[list[dict]], key: str) -> tuple[list[int], list[float]]:

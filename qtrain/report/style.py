@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qtrain.data.errors import MissingDependencyError
+from qtrain.base.optional import require
 
 METHOD_COLOURS = {
     "FP-ADAM": "#1f77b4",
@@ -22,13 +22,7 @@ def colour(label: str, index: int) -> str:
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend, or a clear error when absent."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingDependencyError(
-            "figures need matplotlib; install it with `pip install 'qtrain[demo]'`"
-        ) from None
-    matplotlib.use("Agg")
+    require("matplotlib", "demo", "drawing figures").use("Agg")
     import matplotlib.pyplot as plt
 
     plt.rcParams.update(

@@ -34,6 +34,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from qtrain.base.optional import require
 from qtrain.quant import Grid, kbit, round_nearest, round_stochastic
 
 
@@ -92,7 +93,7 @@ class ChainProblem:
         BFGS from a 7^m mesh over the range; a limit point counts when its Hessian (central
         differences of ∇f) is positive definite, which rules out saddles.
         """
-        from scipy.optimize import minimize  # scipy is the optional 'theory' extra
+        minimize = require("scipy.optimize", "theory", "finding the minimizers").minimize
 
         found: list[np.ndarray] = []
         eye = 1e-5 * np.eye(self.dim)

@@ -48,6 +48,11 @@ def _curves(ax, records: list[dict], methods: tuple[str, ...], title: str) -> No
     ax.set(xscale="log", yscale="log", xlabel="steps T", ylabel="E[F(w̄_T) − F*]", title=title)
 
 
+def _loglog_with_legend(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+
+
 def _delta_axis(ax, deltas: list[float], ylabel: str, title: str) -> None:
     ax.set(xscale="log", yscale="log", xlabel="lattice spacing Δ", ylabel=ylabel, title=title)
     ax.set_xticks(deltas, [f"{x:g}" for x in deltas])
@@ -184,35 +189,16 @@ def markov_figure(result: dict, path: Path) -> None:
     for problem, style in ((one, "-"), (two, "--")):
         alphas = [r["alpha"] for r in problem["rows"]]
         name = f"{problem['dim']}-D"
-        ax.plot(
-            alphas,
-            [r["sr"]["dist"] for r in problem["rows"]],
-            "o" + style,
-            color=COLORS["sr"],
-            label=f"SR exact π_α, {name}",
-        )
-        ax.plot(
-            alphas,
-            [r["sgd"]["dist"] for r in problem["rows"]],
-            "s" + style,
-            color="tab:green",
-            label=f"SGD simulated, {name}",
-        )
-        ax.plot(
-            alphas,
-            [r["bc"]["dist"] for r in problem["rows"]],
-            "^" + style,
-            color=COLORS["bc"],
-            label=f"BC simulated, {name}",
-        )
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="learning rate α",
-        ylabel="E‖w − nearest minimizer‖",
-        title="Concentration near the minimizers",
+        for key, marker, color, label in (
+            ("sr", "o", COLORS["sr"], "SR exact π_α"),
+            ("sgd", "s", "tab:green", "SGD simulated"),
+            ("bc", "^", COLORS["bc"], "BC simulated"),
+        ):
+            dists = [r[key]["dist"] for r in problem["rows"]]
+            ax.plot(alphas, dists, marker + style, color=color, label=f"{label}, {name}")
+    _loglog_with_legend(
+        ax, "learning rate α", "E‖w − nearest minimizer‖", "Concentration near the minimizers"
     )
-    ax.legend(fontsize=7)
 
     ax = axes[1, 0]
     for problem, color in ((one, "tab:red"), (two, "tab:purple")):
@@ -241,14 +227,9 @@ def markov_figure(result: dict, path: Path) -> None:
             label=f"1/(α·gap(Q)), {name}",
         )
         ax.axvline(problem["alpha_star"], color=color, lw=0.8, ls="--")
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="learning rate α (dashed: α* = s/max|g|)",
-        ylabel="steps",
-        title="SR mixing time grows like 1/α",
+    _loglog_with_legend(
+        ax, "learning rate α (dashed: α* = s/max|g|)", "steps", "SR mixing time grows like 1/α"
     )
-    ax.legend(fontsize=7)
 
     ax = axes[1, 1]
     for problem, color in ((one, "tab:red"), (two, "tab:purple")):
@@ -256,14 +237,12 @@ def markov_figure(result: dict, path: Path) -> None:
         tv = [max(r["tv_to_limit"], 1e-16) for r in problem["rows"]]
         ax.plot(alphas, tv, "o-", color=color, label=f"{problem['dim']}-D")
         ax.axvline(problem["alpha_star"], color=color, lw=0.8, ls="--")
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="learning rate α (dashed: α*)",
-        ylabel="TV(π_α, π_limit)",
-        title="π_α reaches its limit (1-D: exactly, below α*)",
+    _loglog_with_legend(
+        ax,
+        "learning rate α (dashed: α*)",
+        "TV(π_α, π_limit)",
+        "π_α reaches its limit (1-D: exactly, below α*)",
     )
-    ax.legend(fontsize=7)
 
     ax = axes[1, 2]
     lv = np.array(two["levels"])

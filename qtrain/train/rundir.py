@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import qtrain
-from qtrain.train.checkpoint import atomic_write_bytes
+from qtrain.base.io import atomic_write_text
 from qtrain.train.config import RunConfig, to_toml
 
 CHECKPOINT = "checkpoint.pt"
@@ -61,18 +61,18 @@ def provenance() -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_run_files(run_dir: Path, config: RunConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / CONFIG, to_toml(config).encode())
+    atomic_write_text(run_dir / CONFIG, to_toml(config))
     write_json(run_dir / META, provenance())
 
 
 def write_metrics(run_dir: Path, records: list[dict]) -> None:
     text = "".join(json.dumps(r) + "\n" for r in records)
-    atomic_write_bytes(run_dir / METRICS, text.encode())
+    atomic_write_text(run_dir / METRICS, text)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

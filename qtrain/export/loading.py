@@ -1,0 +1,71 @@
+"""Loading a saved model of either kind, and the storage summary of a file or a model name.
+
+    load_any_model(path)                  checkpoint, run folder or packed file → (model, record)
+    summary_of(model, record)             per-layer storage of a loaded model
+    summary_of_target(target, **options)  the same for a path, or for a registered model name
+
+A checkpoint is a zip archive (`torch.save`) and a packed file a safetensors file; they are
+told apart by content, and any other file is refused before it reaches an unpickler.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from torch import nn
+
+from qtrain.base.names import did_you_mean
+from qtrain.export.packed import is_packed_file, read_packed
+from qtrain.export.summary import Summary, summarize
+from qtrain.quant import Grid, parse_grid
+from qtrain.train.checkpoint import CheckpointError, build_model, load_checkpoint
+
+MODEL_OPTIONS = {"grid": "binary", "policy": "conv", "width": 1.0, "num_classes": 10,
+                 "in_channels": 3}  # fmt: skip
+
+
+def load_any_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """(model in eval mode, record) from a checkpoint, a run folder or a packed file."""
+    path = Path(path)
+    if is_packed_file(path):
+        return read_packed(path)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is neither a qtrain checkpoint nor a packed model file (or is truncated); "
+            "pass a checkpoint.pt written by `qtrain train` or a file from `qtrain export`"
+        )
+    record = load_checkpoint(path)
+    return build_model(record), record
+
+
+def summary_of(model: nn.Module, record: dict) -> Summary:
+    """Summary of a loaded model: its record names the quantized parameters and the grid."""
+    return summarize(model, record["quantized"], Grid.from_dict(record["method"]["grid"]))
+
+
+def summary_of_target(target: str, **model_options) -> Summary:
+    """Summary of a checkpoint or packed file, or of a registered model name.
+
+    For a model name, `model_options` (grid, policy, width, num_classes, in_channels; the
+    defaults are in MODEL_OPTIONS) choose the network and which parameters count as packed.
+    """
+    from qtrain import methods, models
+
+    if Path(target).exists():
+        if model_options:
+            raise ValueError(
+                f"--{next(iter(model_options)).replace('_', '-')} applies to model names only; "
+                f"{target} carries its own model and grid"
+            )
+        return summary_of(*load_any_model(target))
+    if target not in models.list_models():
+        raise FileNotFoundError(
+            f"{target} is neither an existing file nor a registered model"
+            f"{did_you_mean(target, models.list_models())}; pass a checkpoint, a packed file or "
+            f"one of {', '.join(models.list_models())}"
+        )
+    options = {**MODEL_OPTIONS, **model_options}
+    model = models.create(target, options["num_classes"], options["width"], options["in_channels"])
+    names = methods.quantized_parameter_names(model, options["policy"])
+    return summarize(model, names, parse_grid(options["grid"]))
