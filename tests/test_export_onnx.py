@@ -56,7 +56,8 @@ def normalise(images: torch.Tensor, splits) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
-def test_vgg9_onnx_matches_pytorch_on_real_cifar10(cifar10_root, tmp_path, capsys):
+@pytest.mark.parametrize("weights", ["packed", "float"])
+def test_vgg9_onnx_matches_pytorch_on_real_cifar10(cifar10_root, tmp_path, capsys, weights):
     """A BC-ADAM VGG-9 trained a few steps on CIFAR-10, exported from its checkpoint."""
     splits = data.load("cifar10", cifar10_root)
     generator = torch.Generator().manual_seed(0)
@@ -80,8 +81,14 @@ def test_vgg9_onnx_matches_pytorch_on_real_cifar10(cifar10_root, tmp_path, capsy
             "config": {},
         },
     )
-    assert export_cli(tmp_path / "c.pt", "--format", "onnx", "--out", tmp_path / "m.onnx") == 0
-    assert "input images [batch, 3, 32, 32]" in capsys.readouterr().out
+    out = tmp_path / "m.onnx"
+    assert (
+        export_cli(tmp_path / "c.pt", "--format", "onnx", "--out", out, "--onnx-weights", weights)
+        == 0
+    )
+    assert f"input images [batch, 3, 32, 32], output logits, opset 17, {weights} weights" in (
+        capsys.readouterr().out
+    )
 
     x_test = normalise(splits.test.images[:256], splits)
     with torch.no_grad():
@@ -92,12 +99,20 @@ def test_vgg9_onnx_matches_pytorch_on_real_cifar10(cifar10_root, tmp_path, capsy
     assert torch.equal(actual.argmax(1), expected.argmax(1))
     assert float(expected.abs().max()) > 1.0  # the comparison is not between near-zero logits
 
-    graph = onnx.load(tmp_path / "m.onnx").graph
-    weights = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    graph = onnx.load(out).graph
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     state = model.state_dict()
-    for name in quantized:  # stored exactly, still binary: BatchNorm was not folded into them
-        assert np.array_equal(weights[name], state[name].numpy())
-        assert set(np.unique(weights[name])) <= {-1.0, 1.0}
+    for name in quantized:
+        if weights == "float":  # stored exactly, still binary: BatchNorm was not folded in
+            assert np.array_equal(stored[name], state[name].numpy())
+            assert set(np.unique(stored[name])) <= {-1.0, 1.0}
+        else:  # one bit per weight, and no float copy anywhere in the file
+            assert name not in stored
+            codes = stored[f"{name}_packed.packed"]
+            assert codes.dtype == np.uint8 and codes.size == (state[name].numel() + 7) // 8
+    if weights == "packed":  # within a few percent of the packed safetensors file
+        assert export_cli(tmp_path / "c.pt", "--format", "packed", "--out", tmp_path / "m.st") == 0
+        assert out.stat().st_size <= 1.03 * (tmp_path / "m.st").stat().st_size
 
 
 @pytest.mark.parametrize("name", models.list_models())

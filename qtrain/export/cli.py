@@ -19,9 +19,10 @@ import json
 from pathlib import Path
 
 from qtrain.export.loading import MODEL_OPTIONS, load_any_model, summary_of, summary_of_target
-from qtrain.export.onnx import DEFAULT_OPSET, export_onnx, input_shape
+from qtrain.export.onnx import DEFAULT_OPSET, WEIGHT_FORMATS, export_onnx, input_shape
 from qtrain.export.packed import save_packed
 from qtrain.export.summary import human_bytes
+from qtrain.quant import Grid
 
 FORMATS = ("packed", "onnx")
 
@@ -41,6 +42,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--input-size", type=int, help="ONNX input side in pixels (default: the model's own)"
     )
     export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 17)")
+    export.add_argument(
+        "--onnx-weights",
+        choices=WEIGHT_FORMATS,
+        default="packed",
+        help="ONNX: quantized weights as packed codes unpacked in the graph (default), "
+        "or as float constants",
+    )
     export.set_defaults(func=run_export)
 
     summary = subparsers.add_parser(
@@ -82,10 +90,19 @@ def run_export(args: argparse.Namespace) -> int:
                 f"--input-size must be a positive number of pixels, got {args.input_size}"
             )
         shape = (shape[0], args.input_size, args.input_size)
-    export_onnx(model, out, shape, opset=args.opset)
+    export_onnx(
+        model,
+        out,
+        shape,
+        opset=args.opset,
+        quantized=record["quantized"],
+        grid=Grid.from_dict(record["method"]["grid"]),
+        weights=args.onnx_weights,
+    )
     print(
         f"wrote {out}: {human_bytes(out.stat().st_size)}, input images [batch, "
-        f"{', '.join(map(str, shape))}], output logits, opset {args.opset}"
+        f"{', '.join(map(str, shape))}], output logits, opset {args.opset}, "
+        f"{args.onnx_weights} weights"
     )
     return 0
 

@@ -2,15 +2,24 @@
 
 The graph has one input `images` float32 [batch, C, H, W] (normalised like the training
 data) and one output `logits` float32 [batch, classes]; the batch axis is dynamic, C, H, W
-are fixed at export. Weights are float constants (initializers). BatchNorm is kept as its
-own node rather than folded into the convolution before it, so every quantized weight is
-stored in the graph exactly as on its grid (e.g. only ±Δ for a binary grid) and the graph
-can be checked for that. The classic TorchScript-based exporter (`dynamo=False`) is used:
-it needs no extra packages; the opset defaults to 17.
+are fixed at export. Two ways to store the quantized weights (`weights=`):
+
+    packed  (default) each quantized weight as its packed codes (1 bit per binary weight,
+            2 per ternary, k per k-bit) plus its level table and scale(s), unpacked inside the
+            graph by standard operators (`qtrain.export.unpack_graph`); the file is about as
+            small as the packed safetensors file plus the float layers
+    float   every weight as a float constant, for runtimes that prefer plain initializers
+
+Either way the weights the runtime computes with are exactly the trained ones. BatchNorm is
+kept as its own node rather than folded into the convolution before it (and constant folding
+is off for packed weights, or the exporter would fold the unpacking back into floats). The
+classic TorchScript-based exporter (`dynamo=False`) is used: it needs no extra packages; the
+opset defaults to 17.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from pathlib import Path
@@ -20,10 +29,13 @@ from torch import nn
 
 from qtrain.base.io import atomic_write_bytes
 from qtrain.base.optional import require
+from qtrain.export.unpack_graph import pack_into_model, packed_weights
+from qtrain.quant import Grid
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+WEIGHT_FORMATS = ("packed", "float")
 
 
 def input_shape(record: dict) -> tuple[int, int, int]:
@@ -39,15 +51,33 @@ def export_onnx(
     path: str | Path,
     shape: tuple[int, int, int],
     opset: int = DEFAULT_OPSET,
+    *,
+    quantized: list[str] = (),
+    grid: Grid | None = None,
+    weights: str = "packed",
 ) -> None:
     """Export `model` (switched to eval mode) for inputs [batch, *shape] to `path`, atomically.
 
-    The exported graph is checked with `onnx.checker` before anything is written.
+    With `weights="packed"` the parameters named in `quantized` (each on `grid`, or on `grid`
+    scaled per output channel) are stored packed; `model` itself is not changed. The graph is
+    checked with `onnx.checker` before anything is written.
     """
     onnx = require("onnx", "export", "ONNX export")
     if opset < DEFAULT_OPSET:
         raise ValueError(f"ONNX opset must be >= {DEFAULT_OPSET}, got {opset}; use a newer opset")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(
+            f"unknown ONNX weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}"
+        )
     model.eval()
+    packed = weights == "packed" and bool(quantized)
+    if packed:
+        if grid is None:
+            raise ValueError("packed ONNX weights need the grid the quantized weights live on")
+        parameters = dict(model.named_parameters())
+        model = pack_into_model(
+            copy.deepcopy(model), packed_weights({n: parameters[n] for n in quantized}, grid)
+        )
     example = torch.zeros(1, *shape)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -63,6 +93,7 @@ def export_onnx(
             dynamo=False,
             opset_version=opset,
             training=torch.onnx.TrainingMode.PRESERVE,  # keeps BN unfolded (see above)
+            do_constant_folding=not packed,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},

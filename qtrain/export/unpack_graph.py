@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from qtrain.export.packing import pack_codes
+from qtrain.export.scales import channel_codes
+from qtrain.quant import Grid
 
 
 class PackedWeight(nn.Module):
@@ -69,3 +71,42 @@ def pack_into_model(model: nn.Module, weights: dict[str, PackedWeight]) -> nn.Mo
             raise ValueError(f"{name!r} is not a parameter of the model; cannot pack it")
         _install(owner, attribute, packed)
     return model
+
+
+def level_table(grid: Grid, delta: float) -> torch.Tensor:
+    """float32 [2^b]: the level of each code on `grid` with resolution `delta` (codes past the
+    last level, which no weight uses, repeat the top level)."""
+    codes = torch.arange(2**grid.code_bits).clamp(max=grid.num_levels - 1)
+    multiples = codes * grid.step - grid.max_multiple
+    return (multiples.to(torch.float32) * delta).to(torch.float32)
+
+
+def packed_weights(weights: dict[str, torch.Tensor], grid: Grid) -> dict[str, PackedWeight]:
+    """A `PackedWeight` for every named weight on `grid`, or on `grid` scaled per channel.
+
+    A weight on the grid itself keeps its levels m·Δ in the table and scale 1; a weight on a
+    per-output-channel scaled grid (`qtrain.export.scales`) keeps m in the table and Δ_c as its
+    scale [C, 1, …]. Anything else raises ValueError: it would not be restored exactly.
+    """
+    if not grid.bounded:
+        raise ValueError(
+            f"the grid {grid.describe()} has no fixed code width, so its weights cannot be "
+            "packed; export with --onnx-weights float"
+        )
+    packed = {}
+    for name, weight in weights.items():
+        w = weight.detach().cpu()
+        if grid.contains(w):
+            table, scale, codes = level_table(grid, grid.delta), torch.tensor(1.0), grid.to_codes(w)
+        else:
+            found = channel_codes(w, grid)
+            if found is None:
+                raise ValueError(
+                    f"weight {name!r} is not on the grid {grid.describe()} (nor on it scaled per "
+                    "output channel); export with --onnx-weights float"
+                )
+            codes, channel_scale = found
+            table = level_table(grid, 1.0)
+            scale = channel_scale.reshape(-1, *([1] * (w.dim() - 1)))
+        packed[name] = PackedWeight(codes.reshape(w.shape), grid.code_bits, table, scale)
+    return packed
