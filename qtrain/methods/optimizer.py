@@ -20,6 +20,15 @@ moments stay in full precision.
 All quantized parameters are re-homed into one flat buffer (views with the original shapes
 and strides, so channels_last survives), so rounding, clipping and flip counting are one
 vectorised call per step rather than one per tensor.
+
+Moving or casting the model after the optimizer was built (`model.to(device)`, `.double()`,
+`.to(memory_format=torch.channels_last)`) replaces the parameters' memory. Every step,
+`zero_grad`, `state_dict` and diagnostic first checks pointers (no values) and follows such a
+move exactly: new flat buffers on the new device, dtype and layout; w_b re-rounded to the same
+levels in the new dtype; w_r, the base optimizer's state and the flip counters carried over;
+the rounding generator carried over (re-seeded from one draw of it across device types). A
+narrowing cast (float32 → float16 or bfloat16, ...) would round w_r and the Adam moments, so it
+is refused with a sentence: cast the model before building the optimizer.
 """
 
 from __future__ import annotations
@@ -27,36 +36,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtrain.base.streams import stream_generator
+from qtrain.methods.flat import (
+    check_dense,
+    check_widening,
+    flat_views,
+    generator_on,
+    moved,
+)
 from qtrain.quant import Grid, round_nearest, round_stochastic
 
 MODES = ("fp", "bc", "sr", "r")
-
-
-def _flat_views(params: list[nn.Parameter], flat: torch.Tensor) -> list[torch.Tensor]:
-    """Views into `flat` with each parameter's shape and strides (dense, non-overlapping)."""
-    views, offset = [], 0
-    for p in params:
-        views.append(flat[offset : offset + p.numel()].as_strided(p.shape, p.stride()))
-        offset += p.numel()
-    return views
-
-
-def _is_dense(p: torch.Tensor) -> bool:
-    """True when p's elements fill its storage span exactly once (any dimension order)."""
-    expected = 1
-    for size, stride in sorted(zip(p.shape, p.stride(), strict=True), key=lambda d: d[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _check_dense(p: torch.Tensor) -> None:
-    if not _is_dense(p):
-        raise ValueError(
-            "a quantized parameter must be a dense tensor (no overlapping or sliced storage); "
-            "call .contiguous() on it before building the optimizer"
-        )
 
 
 class QuantizedOptimizer(torch.optim.Optimizer):
@@ -67,7 +57,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         quantized: the parameters to quantize (a subset of the base optimizer's).
         mode: 'fp', 'bc', 'sr' or 'r'.
         grid: the grid quantized weights live on.
-        seed: seeds the generator that draws stochastic rounding (SR, stochastic BC).
+        seed: the run seed; stochastic rounding (SR, stochastic BC) draws from its stream
+            "rounding" (`qtrain.base.streams`).
         bc_stochastic: BC writes Q_s(w_r) instead of Q_d(w_r) into the model
             (the stochastic BinaryConnect variant).
         track_flips: count how many quantized weights change per step (one comparison).
@@ -125,7 +116,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                     "a quantized parameter is not optimized by the base optimizer; "
                     "build the base optimizer over all of the model's trainable parameters"
                 )
-            _check_dense(p)
+            check_dense(p)
             if not p.is_floating_point():
                 raise ValueError("quantized parameters must be floating point tensors")
             if self.mode in ("sr", "r") and not self.grid.contains(p.detach()):
@@ -147,17 +138,52 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         first = self.quantized[0]
         total = sum(p.numel() for p in self.quantized)
         self._flat_wb = torch.empty(total, dtype=first.dtype, device=first.device)
-        self._wb_views = _flat_views(self.quantized, self._flat_wb)
+        self._wb_views = flat_views(self.quantized, self._flat_wb)
         with torch.no_grad():
             for p, view in zip(self.quantized, self._wb_views, strict=True):
                 view.copy_(p)
                 p.data = view
             if self.mode == "bc":
                 self._flat_wr = self._flat_wb.clamp(self.grid.lo, self.grid.hi)
-                self._wr_views = _flat_views(self.quantized, self._flat_wr)
+                self._wr_views = flat_views(self.quantized, self._flat_wr)
                 self._flat_wb.copy_(self._round(self._flat_wr, stochastic=self.bc_stochastic))
-        self.generator = torch.Generator(device=first.device)
-        self.generator.manual_seed(self.seed)
+        self.generator = stream_generator(self.seed, "rounding", first.device)
+
+    def _follow_model(self) -> None:
+        """Re-home the buffers when the model was moved or cast since the last call (module doc)."""
+        if not self.quantized or not moved(self.quantized, self._wb_views):
+            return
+        devices = {p.device for p in self.quantized}
+        dtypes = {p.dtype for p in self.quantized}
+        if len(devices) > 1 or len(dtypes) > 1:
+            raise ValueError(
+                "the quantized parameters were moved to different devices or dtypes after the "
+                "optimizer was built; move the whole model with model.to(device, dtype)"
+            )
+        device, dtype = devices.pop(), dtypes.pop()
+        check_widening(self._flat_wb.dtype, dtype)
+        old_wr_views = self._wr_views
+        total = self._flat_wb.numel()
+        self._flat_wb = torch.empty(total, dtype=dtype, device=device)
+        self._wb_views = flat_views(self.quantized, self._flat_wb)
+        with torch.no_grad():
+            for p, view in zip(self.quantized, self._wb_views, strict=True):
+                # levels of the old dtype are the same levels, re-expressed exactly in the new one
+                view.copy_(round_nearest(p, self.grid))
+                p.data = view
+            if self._flat_wr is not None:
+                self._flat_wr = torch.empty(total, dtype=dtype, device=device)
+                self._wr_views = flat_views(self.quantized, self._flat_wr)
+                for new, old in zip(self._wr_views, old_wr_views, strict=True):
+                    new.copy_(old)
+        self.generator = generator_on(self.generator, device)
+        self._flips_sum = self._flips_sum.to(device)
+        self._flips_last = self._flips_last.to(device)
+        # torch's own load rule casts each floating state tensor to its parameter's device and
+        # dtype (keeping Adam's step counter as it is), for every parameter the model moved
+        self.base.load_state_dict(self.base.state_dict())
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
 
     # -- the step --------------------------------------------------------------------------
     def _round(self, w: torch.Tensor, stochastic: bool) -> torch.Tensor:
@@ -181,6 +207,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             )
         if self.mode == "fp" or not self.quantized:
             return self.base.step(closure)
+        self._follow_model()
         if self.mode == "bc":
             self._bc_step()
         else:
@@ -209,6 +236,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._flat_wb.copy_(new_wb)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._follow_model()
         self.base.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -232,27 +260,32 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     def flip_rate(self) -> float:
         """Fraction of quantized weights that changed value in the last step."""
+        self._follow_model()
         return float(self._flips_last) / self.num_quantized if self.num_quantized else 0.0
 
     def mean_flip_rate(self) -> float:
         """Mean per-step flip fraction since `reset_flip_stats()` (e.g. over an epoch)."""
         if not self.num_quantized or not self._steps_since_reset:
             return 0.0
+        self._follow_model()
         return float(self._flips_sum) / (self.num_quantized * self._steps_since_reset)
 
     def latent_gap(self) -> float | None:
         """BC's mean gap (1/d)‖w_b − w_r‖₁ (Figure 7); None for methods without w_r."""
         if self.mode != "bc" or self._flat_wr is None:
             return None
+        self._follow_model()
         return float((self._flat_wb.double() - self._flat_wr.double()).abs().mean())
 
     def latent_weights(self) -> list[torch.Tensor]:
         """BC's real-valued weights w_r, one view per quantized parameter (empty otherwise)."""
+        self._follow_model()
         return list(self._wr_views)
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The base optimizer's state plus w_r (BC), the rounding generator, flip counters."""
+        self._follow_model()
         return {
             "base": self.base.state_dict(),
             "quantization": {
@@ -262,6 +295,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 "num_quantized": self.num_quantized,
                 "latent": None if self._flat_wr is None else self._flat_wr.clone(),
                 "generator": None if self.generator is None else self.generator.get_state(),
+                "generator_device": None if self.generator is None else self.generator.device.type,
                 "flips": {
                     "sum": self._flips_sum.clone(),
                     "last": self._flips_last.clone(),
@@ -284,6 +318,24 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 f"the saved optimizer state is for {q['mode']} on "
                 f"{Grid.from_dict(q['grid']).describe()}, not {self.mode} on "
                 f"{self.grid.describe()}; resume with the method and grid it was trained with"
+            )
+        if bool(q.get("bc_stochastic", False)) != self.bc_stochastic:
+            raise ValueError(
+                f"the saved optimizer state was trained with bc_stochastic="
+                f"{bool(q.get('bc_stochastic'))}, not {self.bc_stochastic}; resume with the "
+                "setting it was trained with"
+            )
+        self._follow_model()
+        saved_device = q.get("generator_device")
+        if (
+            self.generator is not None
+            and saved_device is not None
+            and saved_device != self.generator.device.type
+        ):
+            raise ValueError(
+                f"the saved rounding generator ran on a {saved_device} device but this optimizer "
+                f"rounds on {self.generator.device.type}, and their random states do not "
+                f"convert; resume with the model on a {saved_device} device"
             )
         if q["num_quantized"] != self.num_quantized:
             raise ValueError(

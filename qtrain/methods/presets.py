@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qtrain.base.streams import stream_generator
 from qtrain.methods.optimizer import QuantizedOptimizer
 from qtrain.methods.policy import check_policy, split_parameters
 from qtrain.quant import Grid, parse_grid, round_nearest
@@ -94,7 +95,7 @@ def create(
     lr: float,
     *,
     grid: str | Grid = "binary",
-    delta: float = 1.0,
+    delta: float | None = None,
     policy: str = "conv",
     seed: int = 0,
     weight_decay: float = 0.0,
@@ -111,6 +112,10 @@ def create(
     model's own initialisation for BC), 'rademacher', 'round' (Q_d of the current weights,
     e.g. to fine-tune a float model) or 'keep' (they must already be on the grid).
     Parameter groups: `quantized` and `full_precision`, in that order.
+
+    `delta=None` takes the grid's default Δ (end levels at ±1: Δ = 1 for binary and ternary,
+    1/(2^k − 1) for k bits; see `qtrain.quant.grids`). Randomness comes from the run seed's
+    streams (`qtrain.base.streams`): "init" for the Rademacher draw, "rounding" for Q_s.
     """
     spec = parse_method(name)
     check_policy(policy)
@@ -122,7 +127,7 @@ def create(
     quantized, full = split_parameters(model, policy)
     if spec.mode == "fp":
         quantized, full = [], quantized + full
-    generator = torch.Generator().manual_seed(seed)
+    generator = stream_generator(seed, "init")
     if spec.mode != "fp":
         if init == "rademacher" or (init == "auto" and spec.mode in ("sr", "r")):
             rademacher_(quantized, grid, generator)
@@ -143,7 +148,7 @@ def create(
         quantized,
         spec.mode,
         grid,
-        seed=seed + 1,  # a stream independent of the initialisation draw
+        seed=seed,
         bc_stochastic=bc_stochastic,
         track_flips=track_flips,
     )
