@@ -11,9 +11,17 @@ from torch.nn import functional as F
 from qtrain.base.streams import stream_generator
 from qtrain.methods import create
 from qtrain.methods.flat import generator_on
+from qtrain.methods.scales import broadcastable, on_scaled_grid
 from qtrain.quant import binary, parse_grid
 
-METHODS = ["bc-adam", "sr-adam", "r-sgd"]
+METHODS = ["bc-adam", "sr-adam", "r-sgd", "bop-adam"]
+SETTINGS = {  # method → (grid, scale): every kind of flat state a move must carry
+    "bc-adam": ("2bit", "none"),
+    "sr-adam": ("2bit", "he"),
+    "r-sgd": ("2bit", "none"),
+    "bop2-adam": ("binary", "he"),
+    "bc-sgd": ("binary", "absmean"),
+}
 
 
 def small_net(seed: int = 0) -> nn.Module:
@@ -50,9 +58,11 @@ def assert_backed_and_on_grid(model, opt) -> None:
     """Every quantized parameter is on the grid and lives inside the optimizer's flat buffer."""
     start = opt._flat_wb.data_ptr()
     end = start + opt._flat_wb.numel() * opt._flat_wb.element_size()
-    for p in conv_weights(model):
-        assert opt.grid.contains(p.detach())
+    for p, s in zip(conv_weights(model), opt.scales(), strict=True):
+        assert on_scaled_grid(p.detach(), broadcastable(s, p), opt.grid)
         assert start <= p.data_ptr() < end and p.dtype == opt._flat_wb.dtype
+    for flat in opt._buffers.values():
+        assert flat.dtype == opt._flat_wb.dtype and flat.device == opt._flat_wb.device
 
 
 def new_storage(model: nn.Module) -> nn.Module:
@@ -60,7 +70,7 @@ def new_storage(model: nn.Module) -> nn.Module:
     return model._apply(lambda t: t.clone())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SETTINGS)
 @pytest.mark.parametrize(
     "move",
     [
@@ -72,7 +82,9 @@ def new_storage(model: nn.Module) -> nn.Module:
 )
 def test_a_model_moved_after_building_stays_on_the_grid_and_backed(method, move):
     model = small_net()
-    opt = create(method, model, lr=0.05, grid="2bit", seed=1)
+    grid, scale = SETTINGS[method]
+    settings = {"bop_gamma": 0.3, "bop_tau": 1e-4} if method.startswith("bop") else {}
+    opt = create(method, model, lr=0.05, grid=grid, scale=scale, seed=1, **settings)
     train_steps(model, opt, 2)
     latent = [w.detach().clone() for w in opt.latent_weights()]
     move(model)
@@ -85,7 +97,9 @@ def test_a_model_moved_after_building_stays_on_the_grid_and_backed(method, move)
         for key, value in state.items():
             if key != "step" and torch.is_tensor(value) and value.is_floating_point():
                 assert value.dtype == dtype
-    if method.startswith("bc"):
+    if method.startswith(("bc", "bop")):
+        assert all(flat.dtype == dtype for flat in opt._buffers.values())
+    if method == "bc-adam":
         assert opt.latent_weights()[0].dtype == dtype
         assert not torch.equal(opt.latent_weights()[0].double(), latent[0].double())
 
