@@ -191,3 +191,17 @@ def test_a_model_moved_to_cuda_after_building_the_optimizer_is_followed(method):
         methods.create(method, copy.deepcopy(model).cpu(), lr=0.05).load_state_dict(
             opt.state_dict()
         )
+
+
+@needs_cuda
+def test_a_cuda_state_loads_into_an_optimizer_whose_model_moved_to_cuda_after_building():
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)).cuda()
+    saved = methods.create("sr-adam", model, lr=0.05).state_dict()
+    fresh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+    opt = methods.create("sr-adam", fresh, lr=0.05)
+    fresh.cuda()
+    opt.load_state_dict(saved)
+    assert opt.generator.device.type == "cuda"
+    assert torch.equal(opt.generator.get_state(), saved["quantization"]["generator"])

@@ -405,8 +405,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a `state_dict()`; the next step is then bit-identical to the original's."""
         base_state, q = split_saved(state_dict)
+        self._follow_model()  # the generator's device is compared after a move, not before
         check_saved_settings(self, q)
-        self._follow_model()
         self.base.load_state_dict(base_state)
         # Optimizer.load_state_dict replaces the base's group list: share it again.
         self.param_groups = self.base.param_groups
