@@ -55,6 +55,7 @@ from qtrain.methods.flat import (
     generator_on,
     moved,
 )
+from qtrain.methods.flips import FlipCounter
 from qtrain.methods.saved import check_saved_settings, quantization_state, split_saved
 from qtrain.methods.scales import (
     FIXED,
@@ -144,9 +145,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._flat_wb = None
         self._buffers: dict[str, torch.Tensor] = {}
         self.generator = None
-        self._flips_last = None
-        self._flips_sum = None
-        self._steps_since_reset = 0
+        self.flips = FlipCounter()
         if self.quantized:
             self._rehome_parameters()
         self.reset_flip_stats()
@@ -195,7 +194,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 start = self._flat_wb if name == "latent" else torch.zeros_like(self._flat_wb)
                 self._buffers[name] = start.clone()
             if self.mode == "bc":
-                self._update_latent_scales_and_weights(count_flips=False)
+                self._update_latent_scales_and_weights()
 
     def _views(self, name: str) -> list[torch.Tensor]:
         return flat_views(self.quantized, self._buffers[name])
@@ -228,8 +227,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 for new, old in zip(self._views(name), views, strict=True):
                     new.copy_(old)
         self.generator = generator_on(self.generator, device)
-        self._flips_sum = self._flips_sum.to(device)
-        self._flips_last = self._flips_last.to(device)
+        self.flips.to(device)
         # torch's own load rule casts each floating state tensor to its parameter's device and
         # dtype (keeping Adam's step counter as it is), for every parameter the model moved
         self.base.load_state_dict(self.base.state_dict())
@@ -249,7 +247,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             return quantize(w, self.grid, stochastic, self.generator)
         return scaled_round(w, self._expanded_scales(w), self.grid, stochastic, self.generator)
 
-    def _update_latent_scales_and_weights(self, count_flips: bool = True) -> None:
+    def _update_latent_scales_and_weights(self) -> None:
         """BC after the base step: clip w_r, measure absmean scales, then w_b = Q(w_r)."""
         latent = self._buffers["latent"]
         if self.scale in FIXED and self.scale != "none":
@@ -260,18 +258,12 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if self.scale not in FIXED:
             self._scales = [measured_scale(self.scale, v) for v in self._views("latent")]
         new_wb = self._round(latent, stochastic=self.bc_stochastic)
-        if count_flips:
-            self._count_flips(self._flat_wb, new_wb)
+        self._count_flips(self._flat_wb, new_wb)
         self._flat_wb.copy_(new_wb)
 
     def _count_flips(self, old: torch.Tensor, new: torch.Tensor) -> None:
         if self.track_flips:
-            self._record_flips((old != new).sum())
-
-    def _record_flips(self, count: torch.Tensor) -> None:
-        self._flips_last = count.to(torch.float64)
-        self._flips_sum += self._flips_last
-        self._steps_since_reset += 1
+            self.flips.record((old != new).sum())
 
     # -- the step --------------------------------------------------------------------------
     @torch.no_grad()
@@ -326,7 +318,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             flips = bop2_flips_(w, g, m, v, group["gamma"], group["sigma"], group["tau"])
         w.copy_(torch.where(flips, -w, w))
         if self.track_flips:
-            self._record_flips(flips.sum())
+            self.flips.record(flips.sum())
         # without a gradient the base optimizer skips a parameter and keeps no state for it
         grads = [p.grad for p in self.quantized]
         for p in self.quantized:
@@ -356,21 +348,15 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def reset_flip_stats(self) -> None:
         """Start a new accumulation window (the trainer calls this at each epoch start)."""
         device = self._flat_wb.device if self._flat_wb is not None else "cpu"
-        self._flips_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self._flips_last = torch.zeros((), dtype=torch.float64, device=device)
-        self._steps_since_reset = 0
+        self.flips.reset(device)
 
     def flip_rate(self) -> float:
         """Fraction of quantized weights that changed value in the last step."""
-        self._follow_model()
-        return float(self._flips_last) / self.num_quantized if self.num_quantized else 0.0
+        return self.flips.rate(self.num_quantized)
 
     def mean_flip_rate(self) -> float:
         """Mean per-step flip fraction since `reset_flip_stats()` (e.g. over an epoch)."""
-        if not self.num_quantized or not self._steps_since_reset:
-            return 0.0
-        self._follow_model()
-        return float(self._flips_sum) / (self.num_quantized * self._steps_since_reset)
+        return self.flips.mean_rate(self.num_quantized)
 
     def latent_gap(self) -> float | None:
         """BC's mean gap (1/d)‖w_b − w_r‖₁ (Figure 7); None for methods without w_r."""
@@ -420,11 +406,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             ]
         if self.generator is not None and q["generator"] is not None:
             self.generator.set_state(q["generator"])
-        flips = q.get("flips")
-        if flips is not None:
-            self._flips_sum.copy_(flips["sum"])
-            self._flips_last.copy_(flips["last"])
-            self._steps_since_reset = int(flips["steps"])
+        if q.get("flips") is not None:
+            self.flips.load(q["flips"])
 
     def __repr__(self) -> str:
         return (

@@ -33,11 +33,7 @@ def quantization_state(opt) -> dict:
         "scales": [s.clone() for s in opt._scales],
         "generator": None if generator is None else generator.get_state(),
         "generator_device": None if generator is None else generator.device.type,
-        "flips": {
-            "sum": opt._flips_sum.clone(),
-            "last": opt._flips_last.clone(),
-            "steps": opt._steps_since_reset,
-        },
+        "flips": opt.flips.state(),
     }
 
 
