@@ -73,7 +73,7 @@ def main() -> None:
         print(f"{m:8s} {t * 1e3:9.1f} {100 * (t / fp - 1):+10.1f}%")
     for m in ("bc-adam", "sr-adam", "r-adam"):
         opt = steps[m][1]
-        flat = opt._flat_wr if opt.mode == "bc" else opt._flat_wb
+        flat = opt._buffers.get("latent", opt._flat_wb)
         start = time.perf_counter()
         for _ in range(20):
             opt._round(flat, stochastic=opt.mode == "sr")

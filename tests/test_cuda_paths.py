@@ -168,3 +168,40 @@ def test_sr_adam_on_cuda_resumes_bit_identically():
     opt.load_state_dict(saved_opt)
     step()
     assert torch.equal(model[0].weight, expected) and binary().contains(expected)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["bc-adam", "sr-adam"])
+def test_a_model_moved_to_cuda_after_building_the_optimizer_is_followed(method):
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+    opt = methods.create(method, model, lr=0.05)
+    model.to("cuda")
+    for _ in range(3):
+        x = torch.randn(8, 3, 6, 6, device="cuda")
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), torch.arange(8, device="cuda") % 2).backward()
+        opt.step()
+    weight = model[0].weight
+    assert weight.is_cuda and opt.grid.contains(weight.detach())
+    assert opt.generator.device.type == "cuda" and opt._flat_wb.is_cuda
+    assert all(w.is_cuda for w in opt.latent_weights())
+    with pytest.raises(ValueError, match="resume with the model on a cuda device"):
+        methods.create(method, copy.deepcopy(model).cpu(), lr=0.05).load_state_dict(
+            opt.state_dict()
+        )
+
+
+@needs_cuda
+def test_a_cuda_state_loads_into_an_optimizer_whose_model_moved_to_cuda_after_building():
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2)).cuda()
+    saved = methods.create("sr-adam", model, lr=0.05).state_dict()
+    fresh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 2))
+    opt = methods.create("sr-adam", fresh, lr=0.05)
+    fresh.cuda()
+    opt.load_state_dict(saved)
+    assert opt.generator.device.type == "cuda"
+    assert torch.equal(opt.generator.get_state(), saved["quantization"]["generator"])

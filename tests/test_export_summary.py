@@ -111,7 +111,7 @@ def test_table_is_aligned_and_ends_with_totals():
 
 def test_to_dict_is_json_with_totals():
     model = models.create("tiny_mlp", 10, 0.25, 3)
-    summary = summarize(model, methods.quantized_parameter_names(model), grids.kbit(2))
+    summary = summarize(model, methods.quantized_parameter_names(model), grids.kbit(2, 1.0))
     report = json.loads(json.dumps(summary.to_dict()))
     assert report["grid"] == {"kind": "kbit", "delta": 1.0, "bits": 2}
     assert len(report["rows"]) == len(summary.rows)

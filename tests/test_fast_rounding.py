@@ -175,3 +175,18 @@ def test_nearest_level_neighbours_bound_every_draw():
     for grid in ALL_GRIDS:
         gap = grid.to_multiples(eager(w, grid, 11)) - grid.to_multiples(round_nearest(w, grid))
         assert (gap.abs() <= grid.step).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grid", ALL_GRIDS, ids=lambda g: g.describe())
+def test_nan_stays_nan_and_infinities_clip_to_the_end_levels(grid, dtype):
+    """The non-finite rule of `qtrain.quant.rounding`: NaN → NaN, ±∞ → ±MΔ (±∞ on the lattice)."""
+    nan, inf = float("nan"), float("inf")
+    out = eager(torch.tensor([nan, inf, -inf, 0.3, nan], dtype=dtype), grid, 12)
+    assert torch.isnan(out[[0, 4]]).all()
+    if grid.bounded:
+        ends = grid.levels(dtype)[[-1, 0]]
+        assert torch.equal(out[1:3], ends)
+    else:
+        assert out[1:3].tolist() == [inf, -inf]
+    assert grid.contains(out[3:4])

@@ -69,5 +69,6 @@ def test_null_logger_writes_nothing(tmp_path):
 
 
 def test_unknown_logger_is_named_with_a_suggestion(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown logger 'tensorbord' \(did you mean 'tensorboard'"):
+    suggestion = r"unknown logger 'tensorbord' \(did you mean 'tensorboard'"
+    with pytest.raises(ValueError, match=suggestion):
         loggers.create("tensorbord", tmp_path)

@@ -14,11 +14,14 @@ from qtrain.methods import (
     METHODS,
     QuantizedOptimizer,
     create,
+    list_methods,
+    parse_method,
     quantized_parameter_names,
 )
 from qtrain.quant import binary, parse_grid, round_nearest, ternary
 
 QUANTIZED_METHODS = [m for m in METHODS if not m.startswith("fp")]
+ROUNDING_METHODS = [m for m in QUANTIZED_METHODS if not m.startswith("bop")]
 
 
 def small_net(seed: int = 0) -> nn.Module:
@@ -49,7 +52,7 @@ def train_steps(model, opt, steps: int, first_batch: int = 0) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("method", QUANTIZED_METHODS)
+@pytest.mark.parametrize("method", ROUNDING_METHODS)
 @pytest.mark.parametrize("grid", ["binary", "ternary", "2bit"])
 def test_quantized_weights_are_on_the_grid_after_every_step(method, grid):
     model = small_net()
@@ -161,7 +164,7 @@ def test_sr_adam_flips_weights_with_the_predicted_probability():
     assert opt.flip_rate() == pytest.approx(flips / w0.numel())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if not m.startswith("bop")])
 def test_save_and_restore_gives_bit_identical_next_steps(method):
     model = small_net()
     opt = create(method, model, lr=0.02, seed=11, grid=ternary(0.5))
@@ -237,7 +240,7 @@ def test_channels_last_layout_survives():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda m: create("sr-adamw", m, lr=0.01), "did you mean 'sr-adam'"),
+        (lambda m: create("sr-adm", m, lr=0.01), "did you mean 'sr-adam'"),
         (lambda m: create("bc-adam", m, lr=0.0), "learning rate"),
         (lambda m: create("bc-adam", m, lr=-1.0), "learning rate"),
         (lambda m: create("bc-adam", m, lr=0.01, delta=0.0), "delta"),
@@ -262,3 +265,63 @@ def test_loading_state_of_another_method_is_refused():
     saved = create("bc-adam", model, lr=0.01).state_dict()
     with pytest.raises(ValueError, match="resume with the method"):
         create("sr-adam", small_net(), lr=0.01).load_state_dict(saved)
+
+
+def test_fp_adamw_is_torch_adamw():
+    model, plain = small_net(), small_net()
+    opt = create("fp-adamw", model, lr=0.01, weight_decay=0.1)
+    ref = torch.optim.AdamW(plain.parameters(), lr=0.01, weight_decay=0.1)
+    train_steps(model, opt, 3)
+    train_steps(plain, ref, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+
+
+def test_bc_adamw_decays_the_latent_weights_decoupled_from_the_gradient():
+    """w_r follows torch's AdamW driven by ∇f̃(w_b), then the clip; w_b = Q_d(w_r)."""
+    model, reference = small_net(), small_net()
+    reference.load_state_dict(model.state_dict())
+    opt = create("bc-adamw", model, lr=0.01, weight_decay=0.5)
+    names = quantized_parameter_names(model, "conv")
+    params = dict(reference.named_parameters())
+    latent = {n: nn.Parameter(params[n].detach().clone().clamp(-1, 1)) for n in names}
+    trained = [latent[n] if n in names else p for n, p in params.items()]
+    ref = torch.optim.AdamW(trained, lr=0.01, weight_decay=0.5)
+    for t in range(4):
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(round_nearest(latent[n], binary()))
+        x, y = batch(t)
+        reference.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        for n in names:
+            latent[n].grad = params[n].grad
+        ref.step()
+        with torch.no_grad():
+            for n in names:
+                latent[n].clamp_(-1, 1)
+        train_steps(model, opt, 1, first_batch=t)
+    for n, w_r in zip(names, opt.latent_weights(), strict=True):
+        assert torch.equal(w_r, latent[n].detach())
+
+
+def test_r_adamw_decay_pulls_weights_inwards_once_it_passes_half_a_spacing():
+    """αλ = 0.6 > ½: on the ternary grid every ±1 weight falls to 0 in one step; no decay, none."""
+    zeros = {}
+    for decay in (0.0, 6.0):
+        model = small_net()
+        opt = create(
+            "r-adamw", model, lr=0.1, grid="ternary", weight_decay=decay, init="rademacher"
+        )
+        train_steps(model, opt, 1)
+        zeros[decay] = int((model[0].weight == 0).sum())
+    assert zeros[0.0] == 0 and zeros[6.0] == model[0].weight.numel()
+
+
+def test_every_base_optimizer_has_every_mode_and_the_flip_methods_are_listed():
+    names = list_methods()
+    for mode in ("fp", "bc", "sr", "r"):
+        for base in ("sgd", "adam", "adamw"):
+            assert f"{mode}-{base}" in names
+    assert {"bop-adam", "bop2-adam"} <= set(names)
+    assert parse_method("bc-adamw").describe == "BinaryConnect with AdamW"
+    assert parse_method("bop2-adam").paper_name == "Bop2"

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from qtrain.quant import (
     Grid,
     binary,
+    default_delta,
     kbit,
     lattice,
     parse_grid,
+    quantize,
     round_nearest,
     round_stochastic,
     ternary,
@@ -154,7 +156,7 @@ def test_codes_round_trip(grid):
 def test_grid_geometry():
     assert binary(0.5).levels().tolist() == [-0.5, 0.5]
     assert ternary(2.0).levels().tolist() == [-2.0, 0.0, 2.0]
-    assert kbit(2).levels().tolist() == [-3.0, -1.0, 1.0, 3.0]
+    assert kbit(2, 1.0).levels().tolist() == [-3.0, -1.0, 1.0, 3.0]
     assert kbit(1).levels().tolist() == binary().levels().tolist()
     assert (binary().code_bits, ternary().code_bits, kbit(4).code_bits) == (1, 2, 4)
     assert parse_grid("3bit", 0.5) == kbit(3, 0.5)
@@ -178,3 +180,43 @@ def test_grid_geometry():
 def test_bad_grids_are_rejected_with_a_clear_message(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+NAN, INF = float("nan"), float("inf")
+ROUNDERS = {
+    "nearest": lambda w, grid: round_nearest(w, grid),
+    "stochastic": lambda w, grid: round_stochastic(w, grid, torch.Generator().manual_seed(0)),
+    "quantize-d": lambda w, grid: quantize(w, grid, stochastic=False),
+    "quantize-s": lambda w, grid: quantize(w, grid, True, torch.Generator().manual_seed(0)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rounder", ROUNDERS)
+@pytest.mark.parametrize("grid", ALL_GRIDS, ids=lambda g: g.describe())
+def test_nan_stays_nan_and_infinities_clip_to_the_end_levels(grid, rounder, dtype):
+    """One rule for every grid and function: NaN → NaN, ±∞ → ±MΔ (±∞ on the lattice)."""
+    w = torch.tensor([NAN, INF, -INF, 0.3, NAN], dtype=dtype)
+    out = ROUNDERS[rounder](w, grid)
+    assert torch.isnan(out[[0, 4]]).all()
+    if grid.bounded:
+        ends = grid.levels(dtype)[[-1, 0]]
+        assert torch.equal(out[1:3], ends)
+    else:
+        assert out[1:3].tolist() == [INF, -INF]
+    assert grid.contains(out[3:4])
+
+
+def test_default_delta_puts_the_end_levels_at_one():
+    for name, grid in (("binary", binary()), ("ternary", ternary())):
+        assert parse_grid(name).hi == 1.0 and parse_grid(name) == grid
+    for bits in (1, 2, 4, 8):
+        grid = parse_grid(f"{bits}bit")
+        assert grid.delta == default_delta("kbit", bits) == kbit(bits).delta
+        assert grid.hi == pytest.approx(1.0) and grid.lo == pytest.approx(-1.0)
+        assert grid.num_levels == 2**bits
+    assert parse_grid("8bit", 0.5).hi == 255 * 0.5  # an explicit Δ is kept
+    assert parse_grid("lattice").delta == 1.0
+    assert parse_grid(ternary(0.5)) == ternary(0.5)
+    with pytest.raises(ValueError, match="conflicts with the grid"):
+        parse_grid(ternary(0.5), 0.25)

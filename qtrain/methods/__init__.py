@@ -10,11 +10,13 @@ from qtrain.methods.presets import (
     parse_method,
     rademacher_,
 )
+from qtrain.methods.scales import SCALES
 
 __all__ = [
     "METHODS",
     "MODES",
     "POLICIES",
+    "SCALES",
     "MethodSpec",
     "QuantizedOptimizer",
     "create",

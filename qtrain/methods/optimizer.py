@@ -1,25 +1,44 @@
-"""The quantized optimizer: FP, BC, SR and R over any `torch.optim` optimizer (docs/paper.md §2).
+"""The quantized optimizer: FP, BC, SR, R, Bop and Bop2 over a `torch.optim` optimizer.
 
 A training method decides two things only: where the real-valued state lives and how values
-are put back on the grid after each step. With u(·) the base optimizer's step direction
-(SGD: the gradient, Adam: m̂/(√v̂ + ε)) and f̃ the minibatch loss:
+are put back on the grid after each step (docs/paper.md §2, §6). With u(·) the base optimizer's
+step direction (SGD: the gradient, Adam/AdamW: m̂/(√v̂ + ε)), f̃ the minibatch loss, g = ∇f̃(w_b)
+and Q rounding onto the (scaled) grid:
 
 | mode | state kept                  | update                                                 |
 |------|-----------------------------|--------------------------------------------------------|
 | fp   | w                           | w ← w − α u(∇f̃(w))                                     |
-| r    | w_b on the grid, no copy    | w_b ← Q_d(w_b − α u(∇f̃(w_b)))                          |
-| sr   | w_b on the grid, no copy    | w_b ← Q_s(w_b − α u(∇f̃(w_b)))          (rule (6))      |
-| bc   | latent w_r; w_b = Q(w_r)    | w_r ← clip(w_r − α u(∇f̃(w_b))); w_b ← Q_d(w_r)         |
+| r    | w_b on the grid, no copy    | w_b ← Q_d(w_b − α u(g))                                |
+| sr   | w_b on the grid, no copy    | w_b ← Q_s(w_b − α u(g))                (rule (6))      |
+| bc   | latent w_r; w_b = Q(w_r)    | w_r ← clip(w_r − α u(g)); w_b ← Q_d(w_r)               |
+| bop  | m (EMA of g), no copy       | m ← m + γ(g − m); w_b ← −w_b where sign(w_b)·m > τ     |
+| bop2 | m, v (EMA of g²), no copy   | as bop with m/(√v + ε) in place of m    (see `bop`)    |
 
 The model always holds w_b, so the gradient is always taken at the quantized weights and
-after every step each quantized parameter is exactly on its grid. BC keeps w_r inside this
-optimizer and, for the duration of the base step, points each quantized parameter at its
-latent copy, so the base optimizer (and its weight decay) updates w_r; the base optimizer's
-moments stay in full precision.
+after every step each quantized parameter is exactly on its (scaled) grid. BC keeps w_r inside
+this optimizer and, for the duration of the base step, points each quantized parameter at its
+latent copy, so the base optimizer (and its weight decay, coupled or AdamW's decoupled) updates
+w_r. For SR and R the base step, decay included, acts on w_b before rounding: AdamW's
+w ← w − αλw pulls w_b towards 0 and so adds a chance (SR) or, once αλ|w| reaches half a
+spacing, a certainty (R) of stepping one level inwards. Bop and Bop2 hide the quantized
+gradients from the base optimizer, which then trains only the full-precision parameters;
+γ, τ (and σ) live in the quantized parameter group as `gamma`, `tau`, `sigma`, so a schedule
+or the user changes them between steps like a learning rate (the group's `lr` is unused).
 
 All quantized parameters are re-homed into one flat buffer (views with the original shapes
-and strides, so channels_last survives), so rounding, clipping and flip counting are one
-vectorised call per step rather than one per tensor.
+and strides, so channels_last survives), and w_r, m and v are flat buffers of the same layout,
+so rounding, clipping, flipping and flip counting are one vectorised call per step. Scales
+(`scales`) multiply the grid per tensor or per output channel.
+
+Moving or casting the model after the optimizer was built (`model.to(device)`, `.double()`,
+`.to(memory_format=torch.channels_last)`) replaces the parameters' memory. Every step,
+`zero_grad`, `state_dict` and diagnostic first checks pointers (no values) and follows such a
+move exactly: new flat buffers on the new device, dtype and layout; w_b re-rounded to the same
+levels in the new dtype; w_r, m, v, the scales, the base optimizer's state and the flip
+counters carried over; the rounding generator carried over (re-seeded from one draw of it
+across device types). A narrowing cast (float32 → float16 or bfloat16, ...) would round w_r and
+the optimizer's moments, so it is refused with a sentence: cast the model before building the
+optimizer.
 """
 
 from __future__ import annotations
@@ -27,35 +46,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qtrain.quant import Grid, round_nearest, round_stochastic
+from qtrain.base.streams import stream_generator
+from qtrain.methods.bop import bop2_flips_, bop_flips_, flip_group_index
+from qtrain.methods.flat import (
+    check_dense,
+    check_widening,
+    flat_views,
+    generator_on,
+    moved,
+)
+from qtrain.methods.flips import FlipCounter
+from qtrain.methods.saved import check_saved_settings, quantization_state, split_saved
+from qtrain.methods.scales import (
+    FIXED,
+    broadcastable,
+    check_scale,
+    fixed_scale,
+    measured_scale,
+    on_scaled_grid,
+    scaled_round,
+)
+from qtrain.quant import Grid, compute_dtype, quantize
 
-MODES = ("fp", "bc", "sr", "r")
+MODES = ("fp", "bc", "sr", "r", "bop", "bop2")
+FLIPPING = ("bop", "bop2")
+BUFFERS = {"bc": ("latent",), "bop": ("m",), "bop2": ("m", "v")}  # flat state kept per mode
 
 
-def _flat_views(params: list[nn.Parameter], flat: torch.Tensor) -> list[torch.Tensor]:
-    """Views into `flat` with each parameter's shape and strides (dense, non-overlapping)."""
-    views, offset = [], 0
-    for p in params:
-        views.append(flat[offset : offset + p.numel()].as_strided(p.shape, p.stride()))
-        offset += p.numel()
-    return views
-
-
-def _is_dense(p: torch.Tensor) -> bool:
-    """True when p's elements fill its storage span exactly once (any dimension order)."""
-    expected = 1
-    for size, stride in sorted(zip(p.shape, p.stride(), strict=True), key=lambda d: d[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _check_dense(p: torch.Tensor) -> None:
-    if not _is_dense(p):
+def check_grid(mode: str, grid: Grid) -> None:
+    """Bop and Bop2 flip signs, which only the binary grid can express."""
+    if mode in FLIPPING and grid.kind != "binary":
         raise ValueError(
-            "a quantized parameter must be a dense tensor (no overlapping or sliced storage); "
-            "call .contiguous() on it before building the optimizer"
+            f"{mode} flips signs, so it needs the binary grid, not {grid.describe()}; "
+            "use grid='binary'"
         )
 
 
@@ -64,10 +87,13 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     Args:
         base: any `torch.optim.Optimizer` over all trainable parameters.
-        quantized: the parameters to quantize (a subset of the base optimizer's).
-        mode: 'fp', 'bc', 'sr' or 'r'.
-        grid: the grid quantized weights live on.
-        seed: seeds the generator that draws stochastic rounding (SR, stochastic BC).
+        quantized: the parameters to quantize (a subset of the base optimizer's); for Bop and
+            Bop2 all in one group that holds `gamma` and `tau` (and `sigma` for Bop2).
+        mode: one of MODES.
+        grid: the grid quantized weights live on (binary only for Bop and Bop2).
+        scale: one of `scales.SCALES`: the factor in front of the grid.
+        seed: the run seed; stochastic rounding (SR, stochastic BC) draws from its stream
+            "rounding" (`qtrain.base.streams`).
         bc_stochastic: BC writes Q_s(w_r) instead of Q_d(w_r) into the model
             (the stochastic BinaryConnect variant).
         track_flips: count how many quantized weights change per step (one comparison).
@@ -84,6 +110,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         mode: str,
         grid: Grid,
         *,
+        scale: str = "none",
         seed: int = 0,
         bc_stochastic: bool = False,
         track_flips: bool = True,
@@ -92,6 +119,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
+        check_scale(scale, mode)
+        check_grid(mode, grid)
         # Sharing the group dicts (Optimizer.__init__ appends the very same dict objects)
         # makes LR schedulers that edit our groups edit the base optimizer's groups.
         super().__init__(base.param_groups, base.defaults)
@@ -99,19 +128,24 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.state = base.state
         self.mode = mode
         self.grid = grid
+        self.scale = scale
         self.seed = int(seed)
         self.bc_stochastic = bool(bc_stochastic)
         self.track_flips = bool(track_flips)
         self.quantized = [] if mode == "fp" else list(quantized)
+        self._scales = [fixed_scale(scale, p) for p in self.quantized]
         self._check_quantized_params()
+        self._group_index = (
+            flip_group_index(self.param_groups, self.quantized, mode)
+            if mode in FLIPPING and self.quantized
+            else None
+        )
 
         self._wb_views: list[torch.Tensor] = []
-        self._wr_views: list[torch.Tensor] = []
-        self._flat_wb = self._flat_wr = None
+        self._flat_wb = None
+        self._buffers: dict[str, torch.Tensor] = {}
         self.generator = None
-        self._flips_last = None
-        self._flips_sum = None
-        self._steps_since_reset = 0
+        self.flips = FlipCounter()
         if self.quantized:
             self._rehome_parameters()
         self.reset_flip_stats()
@@ -119,19 +153,21 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     # -- set-up ----------------------------------------------------------------------------
     def _check_quantized_params(self) -> None:
         owned = {id(p) for g in self.param_groups for p in g["params"]}
-        for p in self.quantized:
+        for p, s in zip(self.quantized, self._scales, strict=True):
             if id(p) not in owned:
                 raise ValueError(
                     "a quantized parameter is not optimized by the base optimizer; "
                     "build the base optimizer over all of the model's trainable parameters"
                 )
-            _check_dense(p)
+            check_dense(p)
             if not p.is_floating_point():
                 raise ValueError("quantized parameters must be floating point tensors")
-            if self.mode in ("sr", "r") and not self.grid.contains(p.detach()):
+            if self.mode not in ("bc", "fp") and not on_scaled_grid(
+                p.detach(), broadcastable(s, p), self.grid
+            ):
                 raise ValueError(
-                    f"{self.mode.upper()} keeps no float copy, so its parameters must start on "
-                    f"the grid {self.grid.describe()}; initialise them with "
+                    f"{self.mode} keeps no float copy, so its parameters must start on the grid "
+                    f"{self.grid.describe()} (scale {self.scale!r}); initialise them with "
                     "qtrain.methods.rademacher_() or round them with round_nearest() first"
                 )
         devices = {p.device for p in self.quantized}
@@ -143,37 +179,97 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             )
 
     def _rehome_parameters(self) -> None:
-        """Move w_b (and BC's w_r) into flat buffers that the parameters view."""
+        """Move w_b (and w_r, m, v) into flat buffers that the parameters view."""
         first = self.quantized[0]
         total = sum(p.numel() for p in self.quantized)
         self._flat_wb = torch.empty(total, dtype=first.dtype, device=first.device)
-        self._wb_views = _flat_views(self.quantized, self._flat_wb)
+        self._wb_views = flat_views(self.quantized, self._flat_wb)
+        self.generator = stream_generator(self.seed, "rounding", first.device)
         with torch.no_grad():
             for p, view in zip(self.quantized, self._wb_views, strict=True):
                 view.copy_(p)
                 p.data = view
+            for name in BUFFERS.get(self.mode, ()):
+                # w_r starts at the model's weights; Bop's m and v start at 0
+                start = self._flat_wb if name == "latent" else torch.zeros_like(self._flat_wb)
+                self._buffers[name] = start.clone()
             if self.mode == "bc":
-                self._flat_wr = self._flat_wb.clamp(self.grid.lo, self.grid.hi)
-                self._wr_views = _flat_views(self.quantized, self._flat_wr)
-                self._flat_wb.copy_(self._round(self._flat_wr, stochastic=self.bc_stochastic))
-        self.generator = torch.Generator(device=first.device)
-        self.generator.manual_seed(self.seed)
+                self._update_latent_scales_and_weights()
 
-    # -- the step --------------------------------------------------------------------------
+    def _views(self, name: str) -> list[torch.Tensor]:
+        return flat_views(self.quantized, self._buffers[name])
+
+    def _follow_model(self) -> None:
+        """Re-home the buffers when the model was moved or cast since the last call (module doc)."""
+        if not self.quantized or not moved(self.quantized, self._wb_views):
+            return
+        devices = {p.device for p in self.quantized}
+        dtypes = {p.dtype for p in self.quantized}
+        if len(devices) > 1 or len(dtypes) > 1:
+            raise ValueError(
+                "the quantized parameters were moved to different devices or dtypes after the "
+                "optimizer was built; move the whole model with model.to(device, dtype)"
+            )
+        device, dtype = devices.pop(), dtypes.pop()
+        check_widening(self._flat_wb.dtype, dtype)
+        old_views = {name: self._views(name) for name in self._buffers}
+        self._scales = [s.to(device, compute_dtype(dtype)) for s in self._scales]
+        total = self._flat_wb.numel()
+        self._flat_wb = torch.empty(total, dtype=dtype, device=device)
+        self._wb_views = flat_views(self.quantized, self._flat_wb)
+        with torch.no_grad():
+            for p, s, view in zip(self.quantized, self._scales, self._wb_views, strict=True):
+                # levels of the old dtype are the same levels, re-expressed exactly in the new one
+                view.copy_(scaled_round(p, broadcastable(s, p), self.grid, stochastic=False))
+                p.data = view
+            for name, views in old_views.items():
+                self._buffers[name] = torch.empty(total, dtype=dtype, device=device)
+                for new, old in zip(self._views(name), views, strict=True):
+                    new.copy_(old)
+        self.generator = generator_on(self.generator, device)
+        self.flips.to(device)
+        # torch's own load rule casts each floating state tensor to its parameter's device and
+        # dtype (keeping Adam's step counter as it is), for every parameter the model moved
+        self.base.load_state_dict(self.base.state_dict())
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+
+    # -- scales and rounding ---------------------------------------------------------------
+    def _expanded_scales(self, like: torch.Tensor) -> torch.Tensor:
+        """The flat per-element scale (w_b's layout), in `like`'s dtype."""
+        out = torch.empty_like(like)
+        for view, s in zip(flat_views(self.quantized, out), self._scales, strict=True):
+            view.copy_(broadcastable(s, view).expand_as(view))
+        return out
+
     def _round(self, w: torch.Tensor, stochastic: bool) -> torch.Tensor:
-        if stochastic:
-            return round_stochastic(w, self.grid, self.generator)
-        return round_nearest(w, self.grid)
+        if self.scale == "none":
+            return quantize(w, self.grid, stochastic, self.generator)
+        return scaled_round(w, self._expanded_scales(w), self.grid, stochastic, self.generator)
+
+    def _update_latent_scales_and_weights(self) -> None:
+        """BC after the base step: clip w_r, measure absmean scales, then w_b = Q(w_r)."""
+        latent = self._buffers["latent"]
+        if self.scale in FIXED and self.scale != "none":
+            hi = self._expanded_scales(latent).mul_(self.grid.hi)
+            latent.clamp_(min=-hi, max=hi)
+        else:
+            latent.clamp_(self.grid.lo, self.grid.hi)
+        if self.scale not in FIXED:
+            self._scales = [measured_scale(self.scale, v) for v in self._views("latent")]
+        new_wb = self._round(latent, stochastic=self.bc_stochastic)
+        self._count_flips(self._flat_wb, new_wb)
+        self._flat_wb.copy_(new_wb)
 
     def _count_flips(self, old: torch.Tensor, new: torch.Tensor) -> None:
         if self.track_flips:
-            self._flips_last = (old != new).sum()
-            self._flips_sum += self._flips_last
-            self._steps_since_reset += 1
+            self.flips.record((old != new).sum())
 
+    # -- the step --------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        """One training step: the base step on w (FP), w_r (BC) or w_b (SR, R), then rounding."""
+        """One training step: the base step on w (FP), w_r (BC) or w_b (SR, R), then rounding;
+        for Bop and Bop2 the flips, then the base step on the full-precision parameters."""
         if closure is not None and self.mode != "fp":
             raise ValueError(
                 "quantized methods do not support step(closure): compute the loss and call "
@@ -181,24 +277,24 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             )
         if self.mode == "fp" or not self.quantized:
             return self.base.step(closure)
+        self._follow_model()
         if self.mode == "bc":
             self._bc_step()
+        elif self.mode in FLIPPING:
+            self._flip_step()
         else:
             self._rounding_step(stochastic=self.mode == "sr")
         return None
 
     def _bc_step(self) -> None:
-        for p, wr in zip(self.quantized, self._wr_views, strict=True):
+        for p, wr in zip(self.quantized, self._views("latent"), strict=True):
             p.data = wr
         try:
             self.base.step()
         finally:
             for p, wb in zip(self.quantized, self._wb_views, strict=True):
                 p.data = wb
-        self._flat_wr.clamp_(self.grid.lo, self.grid.hi)
-        new_wb = self._round(self._flat_wr, stochastic=self.bc_stochastic)
-        self._count_flips(self._flat_wb, new_wb)
-        self._flat_wb.copy_(new_wb)
+        self._update_latent_scales_and_weights()
 
     def _rounding_step(self, stochastic: bool) -> None:
         old = self._flat_wb.clone() if self.track_flips else None
@@ -208,7 +304,33 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             self._count_flips(old, new_wb)
         self._flat_wb.copy_(new_wb)
 
+    def _flip_step(self) -> None:
+        group = self.param_groups[self._group_index]
+        g = torch.zeros_like(self._flat_wb)
+        for view, p in zip(flat_views(self.quantized, g), self.quantized, strict=True):
+            if p.grad is not None:
+                view.copy_(p.grad)
+        w, m = self._flat_wb, self._buffers["m"]
+        if self.mode == "bop":
+            flips = bop_flips_(w, g, m, group["gamma"], group["tau"])
+        else:
+            v = self._buffers["v"]
+            flips = bop2_flips_(w, g, m, v, group["gamma"], group["sigma"], group["tau"])
+        w.copy_(torch.where(flips, -w, w))
+        if self.track_flips:
+            self.flips.record(flips.sum())
+        # without a gradient the base optimizer skips a parameter and keeps no state for it
+        grads = [p.grad for p in self.quantized]
+        for p in self.quantized:
+            p.grad = None
+        try:
+            self.base.step()
+        finally:
+            for p, grad in zip(self.quantized, grads, strict=True):
+                p.grad = grad
+
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._follow_model()
         self.base.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -226,86 +348,69 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def reset_flip_stats(self) -> None:
         """Start a new accumulation window (the trainer calls this at each epoch start)."""
         device = self._flat_wb.device if self._flat_wb is not None else "cpu"
-        self._flips_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self._flips_last = torch.zeros((), dtype=torch.float64, device=device)
-        self._steps_since_reset = 0
+        self.flips.reset(device)
 
     def flip_rate(self) -> float:
         """Fraction of quantized weights that changed value in the last step."""
-        return float(self._flips_last) / self.num_quantized if self.num_quantized else 0.0
+        return self.flips.rate(self.num_quantized)
 
     def mean_flip_rate(self) -> float:
         """Mean per-step flip fraction since `reset_flip_stats()` (e.g. over an epoch)."""
-        if not self.num_quantized or not self._steps_since_reset:
-            return 0.0
-        return float(self._flips_sum) / (self.num_quantized * self._steps_since_reset)
+        return self.flips.mean_rate(self.num_quantized)
 
     def latent_gap(self) -> float | None:
         """BC's mean gap (1/d)‖w_b − w_r‖₁ (Figure 7); None for methods without w_r."""
-        if self.mode != "bc" or self._flat_wr is None:
+        if "latent" not in self._buffers:
             return None
-        return float((self._flat_wb.double() - self._flat_wr.double()).abs().mean())
+        self._follow_model()
+        latent = self._buffers["latent"]
+        return float((self._flat_wb.double() - latent.double()).abs().mean())
 
     def latent_weights(self) -> list[torch.Tensor]:
         """BC's real-valued weights w_r, one view per quantized parameter (empty otherwise)."""
-        return list(self._wr_views)
+        if "latent" not in self._buffers:
+            return []
+        self._follow_model()
+        return self._views("latent")
+
+    def scales(self) -> list[torch.Tensor]:
+        """The scale s of each quantized parameter: 0-dim, or (C,) per output channel.
+
+        Each quantized weight is s·l with l a level of `grid` (1 everywhere for scale 'none').
+        """
+        self._follow_model()
+        return list(self._scales)
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The base optimizer's state plus w_r (BC), the rounding generator, flip counters."""
-        return {
-            "base": self.base.state_dict(),
-            "quantization": {
-                "mode": self.mode,
-                "grid": self.grid.to_dict(),
-                "bc_stochastic": self.bc_stochastic,
-                "num_quantized": self.num_quantized,
-                "latent": None if self._flat_wr is None else self._flat_wr.clone(),
-                "generator": None if self.generator is None else self.generator.get_state(),
-                "flips": {
-                    "sum": self._flips_sum.clone(),
-                    "last": self._flips_last.clone(),
-                    "steps": self._steps_since_reset,
-                },
-            },
-        }
+        """The base optimizer's state plus w_r (BC), m and v (Bop), the scales, the rounding
+        generator and the flip counters."""
+        self._follow_model()
+        return {"base": self.base.state_dict(), "quantization": quantization_state(self)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a `state_dict()`; the next step is then bit-identical to the original's."""
-        try:
-            base_state, q = state_dict["base"], state_dict["quantization"]
-        except (KeyError, TypeError):
-            raise ValueError(
-                "this optimizer state was not saved by a qtrain QuantizedOptimizer; "
-                "load a checkpoint written by qtrain"
-            ) from None
-        if q["mode"] != self.mode or Grid.from_dict(q["grid"]) != self.grid:
-            raise ValueError(
-                f"the saved optimizer state is for {q['mode']} on "
-                f"{Grid.from_dict(q['grid']).describe()}, not {self.mode} on "
-                f"{self.grid.describe()}; resume with the method and grid it was trained with"
-            )
-        if q["num_quantized"] != self.num_quantized:
-            raise ValueError(
-                f"the saved optimizer state quantizes {q['num_quantized']} weights but this "
-                f"model has {self.num_quantized}; resume with the same model and policy"
-            )
+        base_state, q = split_saved(state_dict)
+        self._follow_model()  # the generator's device is compared after a move, not before
+        check_saved_settings(self, q)
         self.base.load_state_dict(base_state)
         # Optimizer.load_state_dict replaces the base's group list: share it again.
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        if self._flat_wr is not None:
-            self._flat_wr.copy_(q["latent"])
+        for name, flat in self._buffers.items():
+            flat.copy_(q[name])
+        if q.get("scales") is not None:
+            self._scales = [
+                s.to(own.device, own.dtype)
+                for s, own in zip(q["scales"], self._scales, strict=True)
+            ]
         if self.generator is not None and q["generator"] is not None:
             self.generator.set_state(q["generator"])
-        flips = q.get("flips")
-        if flips is not None:
-            self._flips_sum.copy_(flips["sum"])
-            self._flips_last.copy_(flips["last"])
-            self._steps_since_reset = int(flips["steps"])
+        if q.get("flips") is not None:
+            self.flips.load(q["flips"])
 
     def __repr__(self) -> str:
         return (
             f"QuantizedOptimizer(mode={self.mode}, grid={self.grid.describe()}, "
-            f"quantized={self.num_quantized}, base={type(self.base).__name__})"
+            f"scale={self.scale}, quantized={self.num_quantized}, base={type(self.base).__name__})"
         )

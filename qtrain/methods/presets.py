@@ -1,15 +1,22 @@
 """Named training methods: `create("bc-adam", model, lr=0.01)` and friends.
 
-A preset name is `<mode>-<base>`: mode ∈ {fp, bc, sr, r} (docs/paper.md §2), base ∈ {sgd, adam}.
+A preset name is `<mode>-<base>`: mode ∈ {fp, bc, sr, r} (docs/paper.md §2) with base ∈ {sgd,
+adam, adamw}, or one of the latent-free flip methods bop-adam and bop2-adam (§6), whose base
+Adam trains only the full-precision parameters.
 
-| preset   | paper name | quantized weights start from            |
-|----------|------------|-----------------------------------------|
-| fp-*     | "ADAM"     | the model's own initialisation          |
-| bc-*     | "BC-ADAM"  | w_r = the model's initialisation        |
-| sr-*     | "SR-ADAM"  | Rademacher signs ±Δ                     |
-| r-*      | "R-ADAM"   | Rademacher signs ±Δ                     |
+| preset      | paper name  | quantized weights start from            |
+|-------------|-------------|-----------------------------------------|
+| fp-*        | "ADAM"      | the model's own initialisation          |
+| bc-*        | "BC-ADAM"   | w_r = the model's initialisation        |
+| sr-*        | "SR-ADAM"   | Rademacher signs ±Δ                     |
+| r-*         | "R-ADAM"    | Rademacher signs ±Δ                     |
+| bop-adam    | "Bop"       | Rademacher signs ±Δ                     |
+| bop2-adam   | "Bop2"      | Rademacher signs ±Δ                     |
 
-Defaults: Adam β = (0.9, 0.999), ε = 1e-8; SGD momentum 0.9; no weight decay [docs/paper.md].
+Defaults: Adam and AdamW β = (0.9, 0.999), ε = 1e-8; SGD momentum 0.9; no weight decay
+[docs/paper.md]. With AdamW, `weight_decay` is the decoupled λ (w ← w − αλw before the Adam
+step). Scaled grids multiply every level by the scale s (`qtrain.methods.scales`); Rademacher
+signs are then ±s·Δ.
 """
 
 from __future__ import annotations
@@ -21,18 +28,26 @@ import torch
 from torch import nn
 
 from qtrain.base.names import unknown_name
-from qtrain.methods.optimizer import QuantizedOptimizer
+from qtrain.base.streams import stream_generator
+from qtrain.methods.bop import BOP2_DEFAULTS, BOP_DEFAULTS
+from qtrain.methods.optimizer import FLIPPING, QuantizedOptimizer, check_grid
 from qtrain.methods.policy import check_policy, split_parameters
-from qtrain.quant import Grid, parse_grid, round_nearest
+from qtrain.methods.scales import broadcastable, check_scale, fixed_scale, scaled_round
+from qtrain.quant import Grid, parse_grid
 
-BASE_OPTIMIZERS = ("sgd", "adam")
+BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
+BASE_NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 MODE_NAMES = {
     "fp": "full precision",
     "bc": "BinaryConnect",
     "sr": "stochastic rounding",
     "r": "deterministic rounding",
+    "bop": "Bop (latent-free flips)",
+    "bop2": "second-order Bop",
 }
-METHODS = tuple(f"{mode}-{base}" for mode in MODE_NAMES for base in BASE_OPTIMIZERS)
+METHODS = tuple(
+    f"{mode}-{base}" for mode in ("fp", "bc", "sr", "r") for base in BASE_OPTIMIZERS
+) + tuple(f"{mode}-adam" for mode in FLIPPING)
 INITS = ("auto", "rademacher", "round", "keep")
 
 
@@ -49,12 +64,14 @@ class MethodSpec:
 
     @property
     def paper_name(self) -> str:
+        if self.mode in FLIPPING:
+            return self.mode.capitalize()
         base = self.base.upper()
         return base if self.mode == "fp" else f"{self.mode.upper()}-{base}"
 
     @property
     def describe(self) -> str:
-        return f"{MODE_NAMES[self.mode]} with {'Adam' if self.base == 'adam' else 'SGD'}"
+        return f"{MODE_NAMES[self.mode]} with {BASE_NAMES[self.base]}"
 
 
 def parse_method(name: str) -> MethodSpec:
@@ -79,9 +96,34 @@ def rademacher_(params: list[torch.Tensor], grid: Grid, generator: torch.Generat
 
 
 def _base_optimizer(spec: MethodSpec, groups, lr, weight_decay, momentum, betas, eps):
+    if spec.base == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if spec.base == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _flip_settings(mode: str, gamma, tau, sigma) -> dict:
+    """Bop's group keys (None → the method's default); refuses them for other methods."""
+    given = {"bop_gamma": gamma, "bop_tau": tau, "bop_sigma": sigma}
+    if mode not in FLIPPING:
+        extra = [k for k, v in given.items() if v is not None]
+        if extra:
+            raise ValueError(
+                f"{', '.join(extra)} only apply to bop-adam and bop2-adam; leave them unset "
+                "for this method"
+            )
+        return {}
+    if mode == "bop" and sigma is not None:
+        raise ValueError("bop_sigma only applies to bop2-adam; leave it unset for bop-adam")
+    defaults = BOP_DEFAULTS if mode == "bop" else BOP2_DEFAULTS
+    settings = {}
+    for key, default in defaults.items():
+        value = given[f"bop_{key}"]
+        value = default if value is None else value
+        _check_positive(f"bop_{key}", value)
+        settings[key] = float(value)
+    return settings
 
 
 def create(
@@ -90,44 +132,52 @@ def create(
     lr: float,
     *,
     grid: str | Grid = "binary",
-    delta: float = 1.0,
+    delta: float | None = None,
     policy: str = "conv",
+    scale: str = "none",
     seed: int = 0,
     weight_decay: float = 0.0,
     momentum: float = 0.9,
+    bc_stochastic: bool = False,
+    bop_gamma: float | None = None,
+    bop_tau: float | None = None,
+    bop_sigma: float | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     init: str = "auto",
-    bc_stochastic: bool = False,
     track_flips: bool = True,
 ) -> QuantizedOptimizer:
     """Build the named method's optimizer over `model` and put the model's weights on the grid.
 
-    `init` sets where quantized weights start: 'auto' (Rademacher for SR/R [paper], the
-    model's own initialisation for BC), 'rademacher', 'round' (Q_d of the current weights,
-    e.g. to fine-tune a float model) or 'keep' (they must already be on the grid).
-    Parameter groups: `quantized` and `full_precision`, in that order.
+    `init` sets where quantized weights start: 'auto' (Rademacher for SR, R, Bop and Bop2
+    [paper], the model's own initialisation for BC), 'rademacher', 'round' (Q_d of the current
+    weights, e.g. to fine-tune a float model) or 'keep' (they must already be on the grid).
+    Parameter groups: `quantized` and `full_precision`, in that order; for Bop the quantized
+    group also holds `gamma`, `tau` (and `sigma` for Bop2), from `bop_*` or the defaults in
+    `qtrain.methods.bop`.
+
+    `delta=None` takes the grid's default Δ (end levels at ±1: Δ = 1 for binary and ternary,
+    1/(2^k − 1) for k bits; see `qtrain.quant.grids`). `scale` is one of
+    `qtrain.methods.SCALES`. Randomness comes from the run seed's streams
+    (`qtrain.base.streams`): "grid-init" for the Rademacher draw, "rounding" for Q_s.
     """
     spec = parse_method(name)
     check_policy(policy)
     grid = parse_grid(grid, delta)
+    check_scale(scale, spec.mode)
+    check_grid(spec.mode, grid)
     _check_positive("learning rate", lr)
     _check_nonnegative("weight decay", weight_decay)
+    flip_settings = _flip_settings(spec.mode, bop_gamma, bop_tau, bop_sigma)
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        raise unknown_name("init", init, INITS)
     quantized, full = split_parameters(model, policy)
     if spec.mode == "fp":
         quantized, full = [], quantized + full
-    generator = torch.Generator().manual_seed(seed)
     if spec.mode != "fp":
-        if init == "rademacher" or (init == "auto" and spec.mode in ("sr", "r")):
-            rademacher_(quantized, grid, generator)
-        elif init == "round":
-            with torch.no_grad():
-                for p in quantized:
-                    p.copy_(round_nearest(p, grid))
+        _initialise(quantized, spec.mode, grid, scale, init, seed)
     groups = [
-        {"params": quantized, "name": "quantized"},
+        {"params": quantized, "name": "quantized", **flip_settings},
         {"params": full, "name": "full_precision"},
     ]
     groups = [g for g in groups if g["params"]]
@@ -139,14 +189,37 @@ def create(
         quantized,
         spec.mode,
         grid,
-        seed=seed + 1,  # a stream independent of the initialisation draw
+        scale=scale,
+        seed=seed,
         bc_stochastic=bc_stochastic,
         track_flips=track_flips,
     )
 
 
+@torch.no_grad()
+def _initialise(quantized, mode: str, grid: Grid, scale: str, init: str, seed: int) -> None:
+    """Put the quantized weights where `init` says; latent-free methods onto the scaled grid."""
+    latent_free = mode != "bc"
+    if init == "rademacher" or (init == "auto" and latent_free):
+        rademacher_(quantized, grid, stream_generator(seed, "grid-init"))
+        if scale != "none":
+            for p in quantized:
+                p.mul_(broadcastable(fixed_scale(scale, p), p).to(p.dtype))
+    elif init == "round":
+        for p in quantized:
+            s = fixed_scale(scale, p)
+            if s is None:  # measured scales: BC re-rounds w_r after building anyway
+                continue
+            p.copy_(scaled_round(p, broadcastable(s, p), grid, stochastic=False))
+
+
 def _check_positive(what: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
 
 

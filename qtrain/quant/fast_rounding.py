@@ -27,6 +27,9 @@ The rounding is `round_stochastic`'s: with u = clip(w)/Δ, t = (u − base)/step
 Q_s(w) = (lo + [r < t − lo])·step + base, times Δ. Since P(r < p) = ⌈p·2^b⌉/2^b, E[Q_s(w)]
 differs from w by less than spacing·2^(−b) and the variance is p(1 − p)·spacing² up to the
 same resolution — as for `torch.rand`, whose float32 uniforms also have 24 bits.
+
+Non-finite input as in `rounding`: NaN stays NaN (r < NaN is false and NaN propagates), ±∞ is
+clipped to ±MΔ on bounded grids and stays ±∞ on the lattice.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ so the distance between neighbouring levels (the *spacing*) is step·Δ, and `kb
 binary grid. Computing a level as m·Δ with one rounding keeps every grid exactly symmetric
 in floating point. The code of a level is i = (m + M)/step ∈ {0 … n−1}, M the largest m;
 packed export stores codes with `code_bits` bits each.
+
+Default Δ (`delta=None` in `kbit` and `parse_grid`): the Δ that puts a bounded grid's end
+levels at ±1, i.e. Δ = 1/M — 1 for binary and ternary (the paper's ±1 weights) and
+1/(2^k − 1) for k bits, so `kbit(8)` spans [−1, 1] in steps of 2/255 instead of reaching ±255.
+The lattice has no range and defaults to Δ = 1.
 """
 
 from __future__ import annotations
@@ -161,6 +166,11 @@ class Grid:
             raise ValueError(f"invalid grid description {d!r}: {e}") from None
 
 
+def default_delta(kind: str, bits: int | None = None) -> float:
+    """Δ = 1/M, the Δ whose end levels are ±1 (M = 2^k − 1 for k bits); 1 for the lattice."""
+    return 1.0 / (2**bits - 1) if kind == "kbit" else 1.0
+
+
 def binary(delta: float = 1.0) -> Grid:
     """The binary grid {−Δ, +Δ} (Δ = 1 by default, the paper's "large binary weights")."""
     return Grid("binary", delta)
@@ -171,9 +181,14 @@ def ternary(delta: float = 1.0) -> Grid:
     return Grid("ternary", delta)
 
 
-def kbit(bits: int, delta: float = 1.0) -> Grid:
-    """The k-bit symmetric uniform grid Δ·{−(2^k−1), …, −1, 1, …, 2^k−1} (2^k levels)."""
-    return Grid("kbit", delta, bits)
+def kbit(bits: int, delta: float | None = None) -> Grid:
+    """The k-bit symmetric uniform grid Δ·{−(2^k−1), …, −1, 1, …, 2^k−1} (2^k levels).
+
+    `delta=None` takes Δ = 1/(2^k − 1), so the levels span exactly [−1, 1].
+    """
+    if delta is None and isinstance(bits, int) and not isinstance(bits, bool) and bits >= 1:
+        delta = default_delta("kbit", bits)
+    return Grid("kbit", 1.0 if delta is None else delta, bits)
 
 
 def lattice(delta: float = 1.0) -> Grid:
@@ -181,13 +196,22 @@ def lattice(delta: float = 1.0) -> Grid:
     return Grid("lattice", delta)
 
 
-def parse_grid(spec: str | Grid, delta: float = 1.0) -> Grid:
-    """Grid from a short name: 'binary', 'ternary', 'lattice', or '<k>bit' (e.g. '2bit')."""
+def parse_grid(spec: str | Grid, delta: float | None = None) -> Grid:
+    """Grid from a short name: 'binary', 'ternary', 'lattice', or '<k>bit' (e.g. '2bit').
+
+    `delta=None` takes the grid's default Δ (module docstring: end levels at ±1). A `Grid`
+    passes through unchanged; an explicit `delta` that differs from its Δ is refused.
+    """
     if isinstance(spec, Grid):
+        if delta is not None and float(delta) != spec.delta:
+            raise ValueError(
+                f"delta={delta!r} conflicts with the grid {spec.describe()}; give the Δ in one "
+                "place only"
+            )
         return spec
     name = str(spec).strip().lower()
     if name in ("binary", "ternary", "lattice"):
-        return Grid(name, delta)
+        return Grid(name, default_delta(name) if delta is None else delta)
     if name.endswith("bit") and name[:-3].isdigit():
         return kbit(int(name[:-3]), delta)
     raise ValueError(

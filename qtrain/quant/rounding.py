@@ -5,6 +5,10 @@ m·Δ. They preserve shape, dtype and device, and clip to a bounded grid's range
 first. Arithmetic runs in float32 (float64 for float64 inputs), so half-precision weights round
 exactly as their float32 values do.
 
+Non-finite input, the same for every grid and both functions (and `fast_rounding`): NaN stays
+NaN, so a diverged weight remains visible instead of landing on a level; ±∞ is clipped to the
+end level ±MΔ of a bounded grid and stays ±∞ on the unbounded lattice.
+
 These are projections that the training methods apply outside autograd; they carry no
 gradient of their own.
 """
@@ -30,11 +34,12 @@ def round_nearest(w: torch.Tensor, grid: Grid) -> torch.Tensor:
     With u = clip(w)/Δ: m = sign(u)·(⌊|u| + ½⌋) on step-1 grids (ternary, lattice) and
     m = sign(u)·(2⌊|u|/2⌋ + 1) on the odd-multiple grids (binary, k-bit), where sign(0) = +1;
     m is clipped to [−M, M]. On the binary grid Q_d is sign(w)·Δ with sign(0) = +1, and Q_d is
-    idempotent: Q_d(Q_d(w)) = Q_d(w).
+    idempotent: Q_d(Q_d(w)) = Q_d(w). NaN stays NaN; ±∞ goes to ±MΔ (±∞ on the lattice).
     """
     u = _units(w, grid)
     if grid.kind == "binary":
-        m = torch.where(u >= 0, 1.0, -1.0).to(u.dtype)
+        # NaN compares false both ways, so it keeps u (NaN) rather than becoming −1
+        m = torch.where(u >= 0, 1.0, torch.where(u < 0, -1.0, u))
         return grid.from_multiples(m, w.dtype)
     negative = u < 0
     a = u.abs_()
@@ -59,7 +64,7 @@ def round_stochastic(
     p(1 − p)·spacing² ≤ spacing·|w − w'| for any level w' (Lemma 1's bound).
 
     `generator` (on w's device) makes the draw reproducible; it advances by one uniform draw
-    per element.
+    per element. NaN stays NaN; ±∞ goes to ±MΔ (±∞ on the lattice).
     """
     u = _units(w, grid)
     step = float(grid.step)
@@ -76,5 +81,5 @@ def round_stochastic(
 def quantize(
     w: torch.Tensor, grid: Grid, stochastic: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Q_s(w) when `stochastic`, else Q_d(w)."""
+    """Q_s(w) when `stochastic`, else Q_d(w) (non-finite values as in the module docstring)."""
     return round_stochastic(w, grid, generator) if stochastic else round_nearest(w, grid)
