@@ -99,8 +99,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         track_flips: count how many quantized weights change per step (one comparison).
 
     The param groups and state are the base optimizer's own objects, so LR schedulers, param
-    group edits and `zero_grad` act on both. Closures are not supported: the loss must be
-    evaluated at w_b before `step()`.
+    group edits and `zero_grad` act on both. `step(closure)` works as in `torch.optim.Adam`
+    (and so under PyTorch Lightning's automatic optimization): the closure runs once, with
+    gradients enabled, while the model holds w_b, and its loss is returned.
     """
 
     def __init__(
@@ -269,22 +270,28 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One training step: the base step on w (FP), w_r (BC) or w_b (SR, R), then rounding;
-        for Bop and Bop2 the flips, then the base step on the full-precision parameters."""
-        if closure is not None and self.mode != "fp":
-            raise ValueError(
-                "quantized methods do not support step(closure): compute the loss and call "
-                "backward() at the model's quantized weights, then call step()"
-            )
+        for Bop and Bop2 the flips, then the base step on the full-precision parameters.
+
+        `closure` (optional) re-evaluates the loss and calls backward(); it runs first, at the
+        model's quantized weights w_b (BC swaps in w_r only inside the base step), so the
+        gradient is g = ∇f̃(w_b) exactly as without a closure. Returns the closure's loss.
+        """
         if self.mode == "fp" or not self.quantized:
             return self.base.step(closure)
         self._follow_model()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            # a closure may move the model (rare, but then the buffers must follow it)
+            self._follow_model()
         if self.mode == "bc":
             self._bc_step()
         elif self.mode in FLIPPING:
             self._flip_step()
         else:
             self._rounding_step(stochastic=self.mode == "sr")
-        return None
+        return loss
 
     def _bc_step(self) -> None:
         for p, wr in zip(self.quantized, self._views("latent"), strict=True):
