@@ -5,13 +5,14 @@
     read_packed(path) -> (model, record)
     export_onnx(model, path, shape)   ONNX graph that onnxruntime runs
     summarize(model, quantized, grid) per-layer parameters, bits, float vs packed bytes
+    load(path) -> nn.Module           a checkpoint, run folder or packed file → eval-mode model
     load_any_model(path)              a checkpoint, run folder or packed file → (model, record)
     summary_of_target(target)         summary of a file or of a registered model name
 
 safetensors and onnx (the `export` extra) are imported only when a file is written or read.
 """
 
-from qtrain.export.loading import load_any_model, summary_of, summary_of_target
+from qtrain.export.loading import load, load_any_model, summary_of, summary_of_target
 from qtrain.export.onnx import export_onnx, input_shape
 from qtrain.export.packed import (
     PackedFormatError,
@@ -30,6 +31,7 @@ __all__ = [
     "export_onnx",
     "input_shape",
     "is_packed_file",
+    "load",
     "load_any_model",
     "load_packed",
     "pack_codes",

@@ -1,6 +1,7 @@
 """Loading a saved model of either kind, and the storage summary of a file or a model name.
 
-    load_any_model(path)                  checkpoint, run folder or packed file → (model, record)
+    load(path)                            checkpoint, run folder or packed file → nn.Module
+    load_any_model(path)                  the same → (model, record)
     summary_of(model, record)             per-layer storage of a loaded model
     summary_of_target(target, **options)  the same for a path, or for a registered model name
 
@@ -23,6 +24,19 @@ from qtrain.train.checkpoint import CheckpointError, build_model, load_checkpoin
 
 MODEL_OPTIONS = {"grid": "binary", "policy": "conv", "width": 1.0, "num_classes": 10,
                  "in_channels": 3}  # fmt: skip
+
+
+def load(path: str | Path) -> nn.Module:
+    """The trained model of a checkpoint, run folder or packed file, in eval mode.
+
+    A plain `nn.Module` of the registered architecture with ordinary parameters (no optimizer,
+    no qtrain state) holding exactly the deployed weights: w_b for quantized parameters (on the
+    grid, scaled where trained with scales), the float parameters and BatchNorm statistics as
+    saved. So its outputs are bit-identical to the training model's in eval mode on the same
+    device and dtype. The model is on the CPU in the saved dtype; move it with `.to()`.
+    """
+    model, _ = load_any_model(path)
+    return model.eval()
 
 
 def load_any_model(path: str | Path) -> tuple[nn.Module, dict]:
