@@ -149,3 +149,11 @@ def test_cli_runs_the_comparison_with_its_own_default_budget(tmp_path, monkeypat
     assert cli.main(["reproduce", "methods", "--out", str(tmp_path), "--no-download"]) == 0
     assert seen["budget"] == "cpu" and seen["seeds"] is None and seen["download"] is False
     assert seen["out"] == tmp_path
+
+
+def test_every_method_of_the_comparison_has_its_own_colour():
+    from qtrain.report.style import colour
+
+    labels = list(dict.fromkeys(c.label for c in comparison.CELLS))
+    colours = [colour(label, i) for i, label in enumerate(labels)]
+    assert len(set(colours)) == len(labels)
