@@ -157,19 +157,28 @@ def cmd_demo(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from qtrain.experiments import fig7, table1
+    from qtrain.experiments import comparison, fig7, table1
 
-    if args.experiment == "table1":
-        table1.run(
+    if args.experiment == "methods":
+        comparison.run(
             Path(args.out),
-            rows=args.rows,
-            budget=args.budget,
+            budget=args.budget or "cpu",
             seeds=args.seeds,
             data_dir=args.data_dir,
             download=args.download,
         )
+    elif args.experiment == "table1":
+        table1.run(
+            Path(args.out),
+            rows=args.rows,
+            budget=args.budget or "short",
+            seeds=1 if args.seeds is None else args.seeds,
+            data_dir=args.data_dir,
+            download=args.download,
+        )
     else:
-        fig7.run(Path(args.out), budget=args.budget, data_dir=args.data_dir, download=args.download)
+        budget = args.budget or "short"
+        fig7.run(Path(args.out), budget=budget, data_dir=args.data_dir, download=args.download)
     return 0
 
 
@@ -222,11 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["models", "methods", "datasets"])
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("reproduce", help="the paper's experiments: table1 or fig7")
-    p.add_argument("experiment", choices=["table1", "fig7"])
+    p = sub.add_parser("reproduce", help="the paper's experiments: table1, fig7 or methods")
+    p.add_argument("experiment", choices=["table1", "fig7", "methods"])
     p.add_argument("--rows", nargs="+", default=None, help="Table 1 rows (default: all)")
-    p.add_argument("--budget", choices=["paper", "short"], default="short")
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument(
+        "--budget",
+        choices=["paper", "short", "cpu"],
+        help="paper, or short (table1, fig7; their default) or cpu (methods; its default)",
+    )
+    p.add_argument("--seeds", type=int, help="seeds per cell (table1: 1; methods: the budget's)")
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)

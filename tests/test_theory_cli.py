@@ -23,8 +23,12 @@ def test_convex_writes_json_and_figure(tmp_path):
     assert _run([*argv, "--deltas", "0.1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "convex.json").read_text())
     assert result["config"]["steps"] == 64 and result["config"]["dims"] == [3]
-    # 2 problems × (4 methods under one rule + 2 under the other), one Δ
-    assert len(result["records"]) == 12 and len(result["floors"]) == 12
+    # 2 problems × (4 methods under one rule + 2 under the other + 3 Bop settings), one Δ
+    assert len(result["records"]) == 18 and len(result["floors"]) == 18
+    bop = [r for r in result["records"] if r["method"] == "bop"]
+    assert sorted({(r["gamma"], r["tau"]) for r in bop}) == sorted(
+        tuple(gt) for gt in result["config"]["bop"]
+    )
     assert result["provenance"]["version"]
     with Image.open(tmp_path / "convex.png") as image:
         assert image.format == "PNG" and image.size[0] > 800
@@ -33,8 +37,12 @@ def test_convex_writes_json_and_figure(tmp_path):
 
 def test_markov_writes_json_and_figure(tmp_path):
     argv = ["theory", "markov", "--alphas", "0.1", "0.01", "--chains", "64", "--horizon", "1"]
-    assert _run([*argv, "--out", str(tmp_path)]) == 0
+    assert _run([*argv, "--bop-steps", "20", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "markov.json").read_text())
+    bop = result["bop"]
+    assert bop["config"]["steps"] == 20
+    assert [s["gamma"] for s in bop["problems"]["2d"]["simulated"]] == [1.0, 0.01, 1e-4]
+    assert "sign_exact" in bop["problems"]["1d"] and "sign_exact" not in bop["problems"]["2d"]
     one = result["problems"]["1d"]
     assert [r["alpha"] for r in one["rows"]] == [0.1, 0.01]
     assert sum(one["limit"]["pi"]) == pytest.approx(1.0)

@@ -17,7 +17,7 @@ from qtrain.theory.problems import least_squares, logistic
 @pytest.fixture(scope="module")
 def quick() -> dict:
     """A small run of the whole experiment (both problems, two d, two Δ)."""
-    cfg = ConvexConfig(dims=(4, 16), deltas=(0.05, 0.2), steps=1024, seeds=48)
+    cfg = ConvexConfig(dims=(4, 16), deltas=(0.05, 0.2), steps=1024, seeds=48, bop=((1.0, 0.0),))
     return run_experiment(cfg)
 
 

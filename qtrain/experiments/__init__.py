@@ -1,1 +1,1 @@
-"""The paper's experiments as runnable presets: the demo, Table 1, Figure 7."""
+"""Experiments as runnable presets: the demo, Table 1, Figure 7 and the methods comparison."""

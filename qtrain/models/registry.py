@@ -2,7 +2,9 @@
 
 A factory has the signature ``factory(num_classes, width, in_channels) -> nn.Module``; its
 docstring's first line is the model's one-line description. `create` scales every layer's
-channel count by ``width`` so the paper's architectures can be trained at reduced cost.
+channel count by ``width`` so the paper's architectures can be trained at reduced cost. A model
+registered with ``binary_activations=True`` also takes ``activations="float"|"binary"`` as a
+keyword (`qtrain.models.activations`); `create` refuses "binary" for every other model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from torch import nn
 
 from qtrain.base.names import unknown_name
 
-Factory = Callable[[int, float, int], nn.Module]
+from .activations import check_activations
+
+Factory = Callable[..., nn.Module]  # (num_classes, width, in_channels[, activations=])
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,16 @@ class ModelInfo:
     description: str
     input_size: int  # default square input side in pixels (32 for CIFAR, 224 for ImageNet)
     dataset: str  # the data set the model is meant for (a `qtrain.data` name or "imagenet")
+    binary_activations: bool = False  # accepts activations="binary"
 
 
 _FACTORIES: dict[str, Factory] = {}
 _INFOS: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, *, input_size: int = 32, dataset: str = "cifar10"):
+def register_model(
+    name: str, *, input_size: int = 32, dataset: str = "cifar10", binary_activations: bool = False
+):
     """Decorator registering ``factory`` under ``name``; a duplicate name is a programming error."""
 
     def decorate(factory: Factory) -> Factory:
@@ -40,7 +47,7 @@ def register_model(name: str, *, input_size: int = 32, dataset: str = "cifar10")
             raise ValueError(f"model name {name!r} is already registered; pick another name")
         doc = (factory.__doc__ or name).strip().splitlines()[0]
         _FACTORIES[name] = factory
-        _INFOS[name] = ModelInfo(name, doc, input_size, dataset)
+        _INFOS[name] = ModelInfo(name, doc, input_size, dataset, binary_activations)
         return factory
 
     return decorate
@@ -51,10 +58,24 @@ def list_models() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def list_binary_activation_models() -> list[str]:
+    """Names of the models that accept activations="binary", sorted."""
+    return [name for name in list_models() if _INFOS[name].binary_activations]
+
+
 def _check_name(name: str) -> None:
     if name in _FACTORIES:
         return
     raise unknown_name("model", name, list_models())
+
+
+def _check_activations(name: str, activations: str) -> None:
+    check_activations(activations)
+    if activations == "binary" and not _INFOS[name].binary_activations:
+        raise ValueError(
+            f"model {name!r} does not support binary activations; use activations='float' "
+            f"or one of {', '.join(list_binary_activation_models())}"
+        )
 
 
 def model_info(name: str) -> ModelInfo:
@@ -68,9 +89,21 @@ def scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def create(name: str, num_classes: int = 10, width: float = 1.0, in_channels: int = 3) -> nn.Module:
-    """Build the registered model ``name`` with fresh (PyTorch default) initialisation."""
+def create(
+    name: str,
+    num_classes: int = 10,
+    width: float = 1.0,
+    in_channels: int = 3,
+    activations: str = "float",
+) -> nn.Module:
+    """Build the registered model ``name`` with fresh (PyTorch default) initialisation.
+
+    ``activations="binary"`` makes the input of every convolution but the first sign(x)
+    (`qtrain.models.activations`); the parameters, and so the quantization policy, are the
+    same as with "float".
+    """
     _check_name(name)
+    _check_activations(name, activations)
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width):
         raise ValueError(f"model width must be a finite number > 0, got {width!r}")
     if width <= 0:
@@ -78,4 +111,6 @@ def create(name: str, num_classes: int = 10, width: float = 1.0, in_channels: in
     for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if _INFOS[name].binary_activations:
+        return _FACTORIES[name](num_classes, float(width), in_channels, activations=activations)
     return _FACTORIES[name](num_classes, float(width), in_channels)

@@ -1,11 +1,12 @@
 """Tiny networks for the demo and fast tests; any input size, any channel count.
 
 tiny_cnn: conv3×3 32, conv3×3 32, max-pool 2, conv3×3 64 (each conv + BN + ReLU), global
-average pool, linear 64→classes. It trains on 8×8 digits in seconds per epoch on a CPU and
-also accepts 32×32 CIFAR images. tiny_mlp: average-pool to 4×4, a 4×4 convolution to 64
-channels (on a 4×4 input this is exactly a fully connected layer; written as a conv so the
-paper's conv-only quantization policy applies to it), BN, ReLU, linear 64→classes: the
-cheapest network with a quantizable layer, for fast tests.
+average pool, linear 64→classes; binary activations are placed as in `vgg`. It trains on 8×8
+digits in seconds per epoch on a CPU and also accepts 32×32 CIFAR images. tiny_mlp:
+average-pool to 4×4, a 4×4 convolution to 64 channels (on a 4×4 input this is exactly a fully
+connected layer; written as a conv so the paper's conv-only quantization policy applies to
+it), BN, ReLU, linear 64→classes: the cheapest network with a quantizable layer, for fast
+tests.
 """
 
 from __future__ import annotations
@@ -14,25 +15,24 @@ import torch
 from torch import nn
 
 from .registry import register_model, scaled
-from .vgg import conv_bn_relu
+from .vgg import conv_stack
 
+TINY_CNN_LAYERS = (32, 32, "M", 64)
 MLP_GRID = 4  # inputs are average-pooled to 4×4 so the MLP works for every image size
 
 
 class TinyCNN(nn.Module):
     """Three conv/BN/ReLU layers, one max-pool, global average pooling, one linear layer."""
 
-    def __init__(self, num_classes: int, width: float, in_channels: int) -> None:
+    def __init__(
+        self, num_classes: int, width: float, in_channels: int, activations: str = "float"
+    ) -> None:
         super().__init__()
-        c1, c2 = scaled(32, width), scaled(64, width)
         self.features = nn.Sequential(
-            conv_bn_relu(in_channels, c1),
-            conv_bn_relu(c1, c1),
-            nn.MaxPool2d(2),
-            conv_bn_relu(c1, c2),
+            *conv_stack(TINY_CNN_LAYERS, in_channels, width, activations),
             nn.AdaptiveAvgPool2d(1),
         )
-        self.fc = nn.Linear(c2, num_classes)
+        self.fc = nn.Linear(scaled(TINY_CNN_LAYERS[-1], width), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] (H, W ≥ 2) → logits [B, num_classes]."""
@@ -58,10 +58,12 @@ class TinyMLP(nn.Module):
         return self.fc(torch.flatten(self.hidden(x), 1))
 
 
-@register_model("tiny_cnn", input_size=8, dataset="digits")
-def tiny_cnn(num_classes: int, width: float, in_channels: int) -> nn.Module:
+@register_model("tiny_cnn", input_size=8, dataset="digits", binary_activations=True)
+def tiny_cnn(
+    num_classes: int, width: float, in_channels: int, activations: str = "float"
+) -> nn.Module:
     """Tiny CNN for the demo: 3 conv (32-32-64) + global average pool + 1 linear, any input size."""
-    return TinyCNN(num_classes, width, in_channels)
+    return TinyCNN(num_classes, width, in_channels, activations)
 
 
 @register_model("tiny_mlp", input_size=8, dataset="synthetic")

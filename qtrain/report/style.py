@@ -13,11 +13,19 @@ METHOD_COLOURS = {
 }
 # Tables and legends list methods in the paper's order: the order of this mapping.
 METHOD_ORDER = tuple(METHOD_COLOURS)
+# the methods beyond the paper (`qtrain reproduce methods`), each with a colour of its own
+LATER_METHOD_COLOURS = {
+    "BC-ADAM + he": "#17becf",
+    "BC-ADAM + absmean": "#bcbd22",
+    "Bop": "#8c564b",
+    "Bop2": "#e377c2",
+}
 FALLBACK_COLOURS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
 def colour(label: str, index: int) -> str:
-    return METHOD_COLOURS.get(label, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
+    known = METHOD_COLOURS.get(label) or LATER_METHOD_COLOURS.get(label)
+    return known or FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)]
 
 
 def pyplot():

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 import qtrain
-from qtrain.theory import convex, markov, plots
+from qtrain.theory import bop, convex, markov, plots
 
 # --quick: a small run that shows the same effects in seconds
 QUICK_CONVEX = {"steps": 512, "seeds": 32, "dims": (4, 16), "deltas": (0.05, 0.2)}
 QUICK_MARKOV = {"alphas": (0.1, 0.01, 0.001), "chains": 512, "horizon": 5.0}
+QUICK_BOP = {"chains": 256, "steps": 5000}
 
 
 def _positive(kind):
@@ -79,6 +80,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--horizon",
         type=_positive(float),
         help=f"SGD/BC run ⌈horizon/α⌉ steps ({defaults.horizon})",
+    )
+    m.add_argument(
+        "--bop-steps",
+        type=_positive(int),
+        dest="bop_steps",
+        help=f"steps of the simulated Bop chains ({bop.BopChainConfig().steps})",
     )
     m.set_defaults(func=run_markov)
     return theory
@@ -169,8 +176,41 @@ def run_convex(args: argparse.Namespace) -> int:
                     f"{at['bc']['avg_gap']:<10.3g} {at['r']['avg_gap']:<10.3g} "
                     f"{at['sr']['last_gap']:.3g}"
                 )
+    _print_bop(cfg, result["floors"])
     print(f"wrote {args.out / 'convex.json'} and {args.out / 'convex.png'}")
     return 0
+
+
+def _print_bop(cfg: convex.ConvexConfig, floors: list[dict]) -> None:
+    """Bop's averaged and last iterate next to SR's (α_t = 1/(μ(t+1))), per (γ, τ)."""
+    print("Bop on Δ·ℤ: E[F(w̄_T) − F*] / E[F(w_T) − F*]; SR's under α_t = 1/(μ(t+1))")
+    header = "".join(f"{f'γ={g:g} τ={t:g}':<22s}" for g, t in cfg.bop)
+    print(f"problem        d   Δ       {'SR':<22s}{header}")
+    for name in cfg.problems:
+        for d in cfg.dims:
+            for delta in cfg.deltas:
+                at = [f for f in floors if (f["problem"], f["d"], f["delta"]) == (name, d, delta)]
+                sr = next(f for f in at if f["method"] == "sr" and f["schedule"] != "convex")
+                cells = [sr] + [
+                    next(f for f in at if f["method"] == "bop" and (f["gamma"], f["tau"]) == gt)
+                    for gt in cfg.bop
+                ]
+                text = "".join(f"{f['avg_gap']:<9.3g} / {f['last_gap']:<9.3g} " for f in cells)
+                print(f"{name:14s} {d:<3d} {delta:<7g} {text}")
+
+
+def _print_bop_chains(result: dict) -> None:
+    """Bop's concentration (exact for γ = 1 in 1-D, simulated otherwise) against SR's limit."""
+    cfg = result["config"]
+    steps, chains = cfg["steps"], cfg["chains"]
+    print(f"Bop on the chain grids: τ = {cfg['tau']:g}, {steps} steps, {chains} chains")
+    for key, r in result["problems"].items():
+        parts = [f"SR limit {r['sr_limit']['dist']:.3f} ({r['sr_limit']['global']:.2f})"]
+        if "sign_exact" in r:
+            exact = r["sign_exact"]
+            parts.append(f"γ=1 exact {exact['dist']:.3f} ({exact['global']:.2f})")
+        parts += [f"γ={s['gamma']:g} {s['dist']:.3f} ({s['global']:.2f})" for s in r["simulated"]]
+        print(f"{key}: E dist to minimizer (P global basin): " + ", ".join(parts))
 
 
 def run_markov(args: argparse.Namespace) -> int:
@@ -181,6 +221,11 @@ def run_markov(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # tiny tensors: extra threads only add contention
     start = time.perf_counter()
     result = markov.run_experiment(cfg)
+    bop_values = dict(QUICK_BOP) if args.quick else {}
+    if args.bop_steps is not None:
+        bop_values["steps"] = args.bop_steps
+    bop_cfg = bop.BopChainConfig(seed=args.seed, **bop_values)
+    result["bop"] = bop.run_experiment(bop_cfg)
     result["seconds"] = time.perf_counter() - start
     result["provenance"] = _provenance()
     _write(args.out, "markov", result, plots.markov_figure)
@@ -198,6 +243,7 @@ def run_markov(args: argparse.Namespace) -> int:
                 f"t_mix {r['mixing_time']:<8d} E dist: SR {r['sr']['dist']:.3f} "
                 f"SGD {r['sgd']['dist']:.3f} BC {r['bc']['dist']:.3f}"
             )
+    _print_bop_chains(result["bop"])
     print(f"wrote {args.out / 'markov.json'} and {args.out / 'markov.png'}")
     return 0
 

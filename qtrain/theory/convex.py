@@ -8,6 +8,10 @@ all starting from w_0 = 0 (a point of every lattice):
 - R-SGD:   w_{t+1} = Q_d(w_t − α_t ∇f̃(w_t))
 - BC-SGD:  w^r_{t+1} = w^r_t − α_t ∇f̃(Q_d(w^r_t)),  w_t = Q_d(w^r_t)  (float copy w^r)
 
+and Bop (docs/paper.md §6; `qtrain.theory.bop`), which has no learning rate: with an EMA of the
+gradient m_{t+1} = m_t + γ(∇f̃(w_t) − m_t), m_0 = 0, it moves one lattice level against the sign
+of m when |m| > τ: w_{t+1} = w_t − Δ·sign(m_{t+1})·1{|m_{t+1}| > τ}.
+
 For every method w_t is the point the gradient is evaluated at — the quantized weights for SR,
 R and BC — and the measured quantity is F at the average of those points,
 w̄_T = (1/T) Σ_{t<T} w_t, the iterate that Theorems 1–3 bound. The average of lattice points
@@ -29,9 +33,10 @@ import torch
 
 from qtrain.quant import lattice, quantize
 from qtrain.theory import bounds
+from qtrain.theory.bop import bop_step
 from qtrain.theory.problems import make_problem
 
-METHODS = ("fp", "sr", "r", "bc")
+METHODS = ("fp", "sr", "r", "bc", "bop")
 # the methods run under each step rule: the ones a theorem covers, plus R under the first
 SCHEDULE_METHODS = {"strongly_convex": ("fp", "sr", "r", "bc"), "convex": ("fp", "sr")}
 SCHEDULES = tuple(SCHEDULE_METHODS)
@@ -70,6 +75,8 @@ class Trace:
     last_gap: list[float]
     last_sem: list[float]
     D: float
+    gamma: float | None = None  # Bop's γ and τ; None for the other methods
+    tau: float | None = None
 
 
 def lattice_round(
@@ -96,17 +103,19 @@ def run_method(
     problem,
     method: str,
     deltas: tuple[float, ...],
-    alpha: Callable[[int], float],
+    alpha: Callable[[int], float] | None,
     steps: int,
     seeds: int,
     seed: int = 0,
     schedule: str = "",
+    bop: tuple[float, float] = (1.0, 0.0),
 ) -> list[Trace]:
     """Run `seeds` independent copies of `method` per Δ for `steps` steps; one `Trace` per Δ.
 
     All runs are rows of one batch (R = len(deltas)·seeds rows; FP ignores Δ and runs once).
     The minibatch draws come from their own generator seeded with `seed`, so every method sees
-    the same minibatches (common random numbers); rounding uses a second generator.
+    the same minibatches (common random numbers); rounding uses a second generator. `bop` is
+    Bop's (γ, τ), used by 'bop' only (which ignores α).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -115,6 +124,7 @@ def run_method(
     batches = torch.Generator().manual_seed(seed)
     rounding = torch.Generator().manual_seed(seed + 1)
     w = torch.zeros(len(scale), problem.d, dtype=torch.float64)  # w_t (w^r_t for BC)
+    m = torch.zeros_like(w)  # Bop's gradient average
     total = torch.zeros_like(w)  # Σ_{s<t} w_s of the gradient points
     far = torch.zeros(len(scale), dtype=torch.float64)  # running max of ‖· − w*‖ per row
     marks = set(checkpoints(steps))
@@ -123,11 +133,14 @@ def run_method(
         point = lattice_round(w, scale, False) if method == "bc" else w
         total += point
         far = torch.maximum(far, (point - problem.w_star).norm(dim=1))
-        moved = w - alpha(t) * problem.stochastic_gradient(point, batches)
-        if method in ("sr", "r"):
-            w = lattice_round(moved, scale, method == "sr", rounding)
+        gradient = problem.stochastic_gradient(point, batches)
+        if method == "bop":
+            w, m = bop_step(w, m, gradient, scale, *bop)
+            w = lattice_round(w, scale, False)  # exact lattice values: no drift from ± Δ
+        elif method in ("sr", "r"):
+            w = lattice_round(w - alpha(t) * gradient, scale, method == "sr", rounding)
         else:
-            w = moved
+            w = w - alpha(t) * gradient
         if method == "bc":
             far = torch.maximum(far, (w - problem.w_star).norm(dim=1))
         if t + 1 in marks:
@@ -148,6 +161,7 @@ def run_method(
             last_gap=last[:, 0, i].tolist(),
             last_sem=last[:, 1, i].tolist(),
             D=D[i].item(),
+            **(dict(zip(("gamma", "tau"), bop)) if method == "bop" else {}),
         )
         for i, delta in enumerate(deltas)
     ]
@@ -158,7 +172,8 @@ class ConvexConfig:
     """The convex experiment: every problem × dimension × step rule × method × Δ.
 
     The step rule 'strongly_convex' runs FP, SR, R and BC (Theorems 1 and 3); 'convex' runs FP
-    and SR with c = 1/μ, so both rules start from the same α_0 = 1/μ (Theorem 2).
+    and SR with c = 1/μ, so both rules start from the same α_0 = 1/μ (Theorem 2). Bop has no
+    learning rate; it runs once per (γ, τ) in `bop`, recorded with the schedule 'none'.
     """
 
     problems: tuple[str, ...] = ("least_squares", "logistic")
@@ -167,11 +182,13 @@ class ConvexConfig:
     steps: int = 8192
     seeds: int = 128
     seed: int = 0
+    # Bop's (γ, τ): sign descent, a short average, larq's defaults; run with no step rule
+    bop: tuple[tuple[float, float], ...] = ((1.0, 0.0), (0.01, 0.0), (1e-4, 1e-8))
 
 
 def theorem_for(schedule: str, method: str) -> str | None:
-    """The theorem that bounds `method` under `schedule`; None for R, which has none."""
-    if method == "r":
+    """The theorem that bounds `method` under `schedule`; None for R and Bop, which have none."""
+    if method in ("r", "bop"):
         return None
     if schedule == "convex":
         return "theorem2"
@@ -220,6 +237,13 @@ def run_experiment(cfg: ConvexConfig, progress: Callable[[str], None] | None = N
                         problem, method, cfg.deltas, alpha, cfg.steps, cfg.seeds, cfg.seed, schedule
                     )
                     records += [_record(problem, name, c, trace) for trace in traces]
+            for bop in cfg.bop:
+                if progress:
+                    progress(f"{name} d={d} bop γ={bop[0]:g} τ={bop[1]:g}")
+                traces = run_method(
+                    problem, "bop", cfg.deltas, None, cfg.steps, cfg.seeds, cfg.seed, "none", bop
+                )
+                records += [_record(problem, name, c, trace) for trace in traces]
     return {"config": cfg.__dict__, "constants": constants, "records": records}
 
 
@@ -229,7 +253,10 @@ def floors(result: dict) -> list[dict]:
     rows = []
     for r in result["records"]:
         rows.append(
-            {key: r[key] for key in ("problem", "d", "schedule", "method", "delta", "G", "D")}
+            {
+                key: r[key]
+                for key in ("problem", "d", "schedule", "method", "delta", "G", "D", "gamma", "tau")
+            }
             | {
                 "avg_gap": r["avg_gap"][-1],
                 "avg_sem": r["avg_sem"][-1],

@@ -19,6 +19,7 @@ FLOOR_STYLES = {"sr": ("o", "-"), "bc": ("x", ":"), "r": ("^", "-.")}
 FLOOR_NAMES = {LABELS[m]: style for m, style in FLOOR_STYLES.items()}
 LAST_STYLES = {"strongly_convex": ("o", "-"), "convex": ("s", "--")}
 LAST_NAMES = {"SR, α_t = 1/(μ(t+1))": ("o", "-"), "SR, α_t = c/√t": ("s", "--")}
+BOP_STYLE = ("D", "-.")  # Bop's last iterate (its first (γ, τ)) in the last-iterate panel
 
 
 def _pyplot():
@@ -75,7 +76,8 @@ def _key(ax, dims: list[int], styles: dict[str, str]) -> None:
 
 def convex_figure(result: dict, path: Path, d: int | None = None, delta: float | None = None):
     """Rows: problems. Columns: the two step rules at one (d, Δ) with their bounds; the floor
-    of w̄_T against Δ for every d; SR's last iterate against Δ under both step rules."""
+    of w̄_T against Δ for every d; SR's last iterate against Δ under both step rules, with
+    Bop's (its first (γ, τ)) when the run has Bop."""
     plt = _pyplot()
     cfg, records = result["config"], result["records"]
     dims, deltas = list(cfg["dims"]), list(cfg["deltas"])
@@ -103,14 +105,28 @@ def convex_figure(result: dict, path: Path, d: int | None = None, delta: float |
                 row[3].plot(
                     deltas, [r["last_gap"][-1] for r in rs], marker=marker, ls=ls, color=color
                 )
+            if cfg.get("bop"):
+                gamma, tau = cfg["bop"][0]
+                rs = _pick(here, d=dim, method="bop", gamma=gamma, tau=tau)
+                row[3].plot(
+                    deltas,
+                    [r["last_gap"][-1] for r in rs],
+                    marker=BOP_STYLE[0],
+                    ls=BOP_STYLE[1],
+                    color=color,
+                )
             fp = _pick(here, d=dim, method="fp", schedule="convex")[0]["last_gap"][-1]
             row[3].axhline(fp, color=color, ls=":", lw=1)
         _delta_axis(
             row[2], deltas, f"E[F(w̄_T) − F*], T={T}", f"{name}: floors at T={T}, α_t = 1/(μ(t+1))"
         )
         _key(row[2], dims, {**FLOOR_NAMES, "√d·Δ·G/2 (Thm 1 floor)": ("", "--")})
-        _delta_axis(row[3], deltas, f"E[F(w_T) − F*], T={T}", f"{name}: SR's last iterate w_T")
-        _key(row[3], dims, {**LAST_NAMES, "FP-SGD, α_t = c/√t": ("", ":")})
+        _delta_axis(row[3], deltas, f"E[F(w_T) − F*], T={T}", f"{name}: last iterate w_T")
+        last_names = {**LAST_NAMES, "FP-SGD, α_t = c/√t": ("", ":")}
+        if cfg.get("bop"):
+            gamma, tau = cfg["bop"][0]
+            last_names[f"Bop, γ = {gamma:g}, τ = {tau:g}"] = BOP_STYLE
+        _key(row[3], dims, last_names)
     for ax in axes[:, :2].flat:
         ax.legend(fontsize=7)
     for ax in axes.flat:
