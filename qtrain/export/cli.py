@@ -2,7 +2,8 @@
 
     qtrain export SOURCE --format packed --out model.safetensors
     qtrain export SOURCE --format onnx --out model.onnx [--input-size 32] [--opset 17]
-    qtrain summary TARGET [--json] [--grid binary --policy conv --width 1.0 ...]
+    qtrain summary TARGET [--json] [--grid binary --policy conv --scale none --width 1.0
+                          --activations float ...]
 
 SOURCE is a checkpoint (file or run folder) or a packed file; TARGET is either of those or a
 registered model name (then the policy's parameters are counted as quantized on the grid).
@@ -55,16 +56,21 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "summary",
         help="per-layer parameters, bits and bytes, float vs packed",
         description="Per-layer storage table of a checkpoint, packed file or registered model: "
-        "parameters, bits per weight, bytes as float tensors and bit-packed.",
+        "parameters, buffers, bits per weight, bytes as float tensors and bit-packed (with "
+        "per-channel scales for scaled weights); binary activations store nothing.",
     )
     summary.add_argument("target", help="checkpoint, packed file or registered model name")
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
     model_options = summary.add_argument_group("for a model name only")
     model_options.add_argument("--grid", help="grid: binary, ternary or <k>bit (default binary)")
     model_options.add_argument("--policy", help="quantized parameters: conv, conv+linear, all")
+    model_options.add_argument(
+        "--scale", help="none (default) or a scaled grid (he, absmean, absmean-tensor)"
+    )
     model_options.add_argument("--width", type=float, help="channel width multiplier (1.0)")
     model_options.add_argument("--num-classes", type=int, help="output classes (10)")
     model_options.add_argument("--in-channels", type=int, help="input channels (3)")
+    model_options.add_argument("--activations", help="float (default) or binary")
     summary.set_defaults(func=run_summary)
 
 

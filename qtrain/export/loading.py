@@ -16,14 +16,14 @@ from pathlib import Path
 
 from torch import nn
 
-from qtrain.base.names import did_you_mean
+from qtrain.base.names import did_you_mean, unknown_name
 from qtrain.export.packed import is_packed_file, read_packed
 from qtrain.export.summary import Summary, summarize
 from qtrain.quant import Grid, parse_grid
 from qtrain.train.checkpoint import CheckpointError, build_model, load_checkpoint
 
-MODEL_OPTIONS = {"grid": "binary", "policy": "conv", "width": 1.0, "num_classes": 10,
-                 "in_channels": 3}  # fmt: skip
+MODEL_OPTIONS = {"grid": "binary", "policy": "conv", "scale": "none", "width": 1.0,
+                 "num_classes": 10, "in_channels": 3, "activations": "float"}  # fmt: skip
 
 
 def load(path: str | Path) -> nn.Module:
@@ -54,15 +54,18 @@ def load_any_model(path: str | Path) -> tuple[nn.Module, dict]:
 
 
 def summary_of(model: nn.Module, record: dict) -> Summary:
-    """Summary of a loaded model: its record names the quantized parameters and the grid."""
-    return summarize(model, record["quantized"], Grid.from_dict(record["method"]["grid"]))
+    """Summary of a loaded model: its record names the quantized parameters and the grid, and
+    its weights say which carry per-channel scales."""
+    grid = Grid.from_dict(record["method"]["grid"])
+    return summarize(model, record["quantized"], grid, scaled=None)
 
 
 def summary_of_target(target: str, **model_options) -> Summary:
     """Summary of a checkpoint or packed file, or of a registered model name.
 
-    For a model name, `model_options` (grid, policy, width, num_classes, in_channels; the
-    defaults are in MODEL_OPTIONS) choose the network and which parameters count as packed.
+    For a model name, `model_options` (grid, policy, scale, width, num_classes, in_channels,
+    activations; the defaults are in MODEL_OPTIONS) choose the network, which parameters count
+    as packed and whether they carry per-channel scales (any scale but 'none').
     """
     from qtrain import methods, models
 
@@ -80,6 +83,15 @@ def summary_of_target(target: str, **model_options) -> Summary:
             f"one of {', '.join(models.list_models())}"
         )
     options = {**MODEL_OPTIONS, **model_options}
-    model = models.create(target, options["num_classes"], options["width"], options["in_channels"])
+    if options["scale"] not in methods.SCALES:
+        raise unknown_name("scale", options["scale"], methods.SCALES)
+    model = models.create(
+        target,
+        options["num_classes"],
+        options["width"],
+        options["in_channels"],
+        activations=options["activations"],
+    )
     names = methods.quantized_parameter_names(model, options["policy"])
-    return summarize(model, names, parse_grid(options["grid"]))
+    scaled = options["scale"] != "none"
+    return summarize(model, names, parse_grid(options["grid"]), scaled=scaled)

@@ -1,16 +1,27 @@
 """Model size summary: per-layer storage as float tensors vs as a packed file (larq style).
 
-Every entry of `model.state_dict()` is stored, so every entry is counted: parameters and
-buffers (BatchNorm running statistics, num_batches_tracked). A layer is the module owning
-the entries. For an entry of n values:
+A layer is the module owning state entries. Per layer:
 
-    float bytes   n · element size of its dtype (4 for float32, 8 for int64)
-    packed bytes  ⌈n·b/8⌉ for a quantized weight with b = grid.code_bits bits per code,
-                  otherwise the float bytes (those tensors are stored as they are)
+    params        values of its parameters (`model.parameters()`, tied ones counted once), so
+                  the total is sum(p.numel() for p in model.parameters())
+    buffers       values of its stored buffers (BatchNorm running mean and variance and
+                  num_batches_tracked): not parameters, but a deployed file needs them
+    quantized     values of its quantized parameters
+    float bytes   Σ n·(element size) over its `state_dict()` entries, parameters and buffers
+                  (4 per float32 value, 8 per int64 value): the float file
+    packed bytes  the packed file's tensors: ⌈n·b/8⌉ per quantized weight of n values with
+                  b = grid.code_bits bits per code, plus C·(element size) for a weight stored
+                  with per-output-channel scales (float32 [C], float64 for float64 weights;
+                  `qtrain.export.packed` stores them as `<name>:scale`), plus every other entry
+                  at its float bytes
 
-`bits` of a layer is the storage width of its `weight` (b when quantized, else the dtype's
-bits). The totals are the tensor bytes of a packed file; the file adds a JSON header of a
-few kilobytes. Compression ratio = float bytes / packed bytes.
+A quantized weight is stored with scales when it is not exactly on the fixed grid (trained with
+scale he, absmean or absmean-tensor): `summarize` reads that from trained weights, or is told
+(`scaled`) for a model not trained yet. `bits` of a layer is the storage width of its
+`weight` (b when quantized, else the dtype's bits). Binary activations
+(`qtrain.models.activations.BinaryActivation`) are computed by the sign, not stored: they add
+no bytes and are listed by name. The totals are the tensor bytes of a packed file; its JSON
+header adds a few kilobytes. Ratio = float bytes / packed bytes.
 """
 
 from __future__ import annotations
@@ -21,22 +32,31 @@ import torch
 from torch import nn
 
 from qtrain.export.packing import packed_nbytes
+from qtrain.models.activations import BinaryActivation
 from qtrain.quant import Grid
 
-COLUMNS = ("layer", "type", "params", "quantized", "bits", "float bytes", "packed bytes")
+COLUMNS = (
+    "layer", "type", "params", "buffers", "quantized", "bits", "float bytes", "packed bytes",
+)  # fmt: skip
+STORED = (
+    "A deployed (packed) file stores every parameter and buffer (BatchNorm running statistics "
+    "too): quantized weights as codes, plus per-channel scales when scaled, the rest as floats"
+)
 
 
 @dataclass(frozen=True)
 class LayerRow:
-    """Storage of one layer: `params` values, `quantized` of them packed with `bits` bits."""
+    """Storage of one layer: `params` + `buffers` values, `quantized` of them packed."""
 
     layer: str
     kind: str
     params: int
+    buffers: int
     quantized: int
     bits: int
     float_bytes: int
     packed_bytes: int
+    scale_bytes: int  # of the per-channel scales, included in packed_bytes
 
 
 @dataclass(frozen=True)
@@ -46,11 +66,16 @@ class Summary:
     rows: tuple[LayerRow, ...]
     grid: Grid
     quantized_float_bytes: int  # float bytes of the quantized weights alone
-    quantized_packed_bytes: int
+    quantized_packed_bytes: int  # their codes plus their scales
+    binary_activations: tuple[str, ...] = ()
 
     @property
     def params(self) -> int:
         return sum(r.params for r in self.rows)
+
+    @property
+    def buffers(self) -> int:
+        return sum(r.buffers for r in self.rows)
 
     @property
     def quantized(self) -> int:
@@ -65,41 +90,50 @@ class Summary:
         return sum(r.packed_bytes for r in self.rows)
 
     @property
+    def scale_bytes(self) -> int:
+        return sum(r.scale_bytes for r in self.rows)
+
+    @property
     def ratio(self) -> float:
         """Compression of the whole model: float bytes / packed bytes."""
         return self.float_bytes / self.packed_bytes if self.packed_bytes else 1.0
 
     @property
     def quantized_ratio(self) -> float:
-        """Compression of the quantized weights alone (32 for binary float32 weights)."""
+        """Compression of the quantized weights alone (32 for unscaled binary float32)."""
         if not self.quantized_packed_bytes:
             return 1.0
         return self.quantized_float_bytes / self.quantized_packed_bytes
 
     def to_dict(self) -> dict:
-        """Plain-JSON form for reports: grid, rows and totals."""
+        """Plain-JSON form for reports: grid, rows, totals and what a deployed file stores."""
         return {
             "grid": self.grid.to_dict(),
             "rows": [asdict(r) for r in self.rows],
             "totals": {
                 "params": self.params,
+                "buffers": self.buffers,
                 "quantized": self.quantized,
                 "float_bytes": self.float_bytes,
                 "packed_bytes": self.packed_bytes,
+                "scale_bytes": self.scale_bytes,
                 "ratio": self.ratio,
                 "quantized_float_bytes": self.quantized_float_bytes,
                 "quantized_packed_bytes": self.quantized_packed_bytes,
                 "quantized_ratio": self.quantized_ratio,
             },
+            "binary_activations": list(self.binary_activations),
+            "stored": STORED,
         }
 
     def format_table(self) -> str:
-        """An aligned text table, one line per layer, then the totals."""
+        """An aligned text table, one line per layer, the totals, then what is stored."""
         cells = [COLUMNS] + [
             (
                 r.layer,
                 r.kind,
                 f"{r.params:,}",
+                f"{r.buffers:,}",
                 f"{r.quantized:,}",
                 str(r.bits),
                 f"{r.float_bytes:,}",
@@ -107,7 +141,7 @@ class Summary:
             )
             for r in self.rows
         ]
-        total = ("total", "", f"{self.params:,}", f"{self.quantized:,}", "")
+        total = ("total", "", f"{self.params:,}", f"{self.buffers:,}", f"{self.quantized:,}", "")
         cells.append(total + (f"{self.float_bytes:,}", f"{self.packed_bytes:,}"))
         widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
         rule = "  ".join("-" * w for w in widths)
@@ -119,6 +153,15 @@ class Summary:
             return "  ".join(text).rstrip()
 
         body = [line(cells[0]), rule, *map(line, cells[1:-1]), rule, line(cells[-1])]
+        body.append(STORED + ".")
+        if self.scale_bytes:
+            body.append(f"packed bytes include {self.scale_bytes:,} bytes of per-channel scales.")
+        if self.binary_activations:
+            count = len(self.binary_activations)
+            body.append(
+                f"{count} binary activation{'s' if count > 1 else ''} (sign, 1 bit per value) "
+                "computed at run time: no stored bytes."
+            )
         body.append(
             f"float {human_bytes(self.float_bytes)} -> packed {human_bytes(self.packed_bytes)} "
             f"({self.ratio:.2f}x smaller); quantized weights "
@@ -129,8 +172,15 @@ class Summary:
         return "\n".join(body)
 
 
-def summarize(model: nn.Module, quantized_names: list[str], grid: Grid) -> Summary:
-    """Storage summary of `model` when `quantized_names` are packed as codes of `grid`."""
+def summarize(
+    model: nn.Module, quantized_names: list[str], grid: Grid, *, scaled: bool | None = False
+) -> Summary:
+    """Storage summary of `model` when `quantized_names` are packed as codes of `grid`.
+
+    `scaled`: whether the quantized weights are stored with per-channel scales (False: codes
+    only; True: codes and scales); None reads it from each trained weight as export does
+    (scaled when not exactly on the fixed grid).
+    """
     state = model.state_dict()
     unknown = sorted(set(quantized_names) - set(state))
     if unknown:
@@ -139,21 +189,27 @@ def summarize(model: nn.Module, quantized_names: list[str], grid: Grid) -> Summa
             "model.state_dict(), as in a checkpoint's 'quantized' list"
         )
     quantized = set(quantized_names)
+    params = {name: p.numel() for name, p in model.named_parameters()}
+    buffers = {name: b.numel() for name, b in model.named_buffers()}
     groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in state.items():
         layer, _, entry = name.rpartition(".")
         groups.setdefault(layer, []).append((entry, tensor))
     rows, q_float, q_packed = [], 0, 0
     for layer, entries in groups.items():
-        params = n_quantized = float_bytes = packed_bytes = 0
+        n_params = n_buffers = n_quantized = float_bytes = packed_bytes = scale_bytes = 0
         bits = _dtype_bits(entries[0][1])
         for entry, tensor in entries:
             full_name = f"{layer}.{entry}" if layer else entry
             size = tensor.numel() * tensor.element_size()
-            params += tensor.numel()
+            n_params += params.get(full_name, 0)
+            n_buffers += buffers.get(full_name, 0)
             float_bytes += size
             if full_name in quantized:
                 packed = packed_nbytes(tensor.numel(), grid.code_bits)
+                if scaled or (scaled is None and not _on_fixed_grid(tensor, grid)):
+                    scales = _scale_nbytes(tensor)
+                    packed, scale_bytes = packed + scales, scale_bytes + scales
                 n_quantized += tensor.numel()
                 q_float, q_packed = q_float + size, q_packed + packed
                 packed_bytes += packed
@@ -163,9 +219,38 @@ def summarize(model: nn.Module, quantized_names: list[str], grid: Grid) -> Summa
                 bits = grid.code_bits if full_name in quantized else _dtype_bits(tensor)
         kind = type(model.get_submodule(layer)).__name__
         rows.append(
-            LayerRow(layer or "(model)", kind, params, n_quantized, bits, float_bytes, packed_bytes)
+            LayerRow(
+                layer or "(model)",
+                kind,
+                n_params,
+                n_buffers,
+                n_quantized,
+                bits,
+                float_bytes,
+                packed_bytes,
+                scale_bytes,
+            )  # fmt: skip
         )
-    return Summary(tuple(rows), grid, q_float, q_packed)
+    activations = tuple(
+        name for name, module in model.named_modules() if isinstance(module, BinaryActivation)
+    )
+    return Summary(tuple(rows), grid, q_float, q_packed, activations)
+
+
+def _on_fixed_grid(weight: torch.Tensor, grid: Grid) -> bool:
+    """True when `weight` is exactly levels of `grid`, so its codes alone restore it."""
+    codes = grid.to_codes(weight)
+    return codes.numel() == 0 or (
+        int(codes.min()) >= 0
+        and int(codes.max()) < grid.num_levels
+        and torch.equal(grid.from_codes(codes, weight.dtype), weight)
+    )
+
+
+def _scale_nbytes(weight: torch.Tensor) -> int:
+    """Bytes of one scale per output channel: float32 [C] (float64 for float64 weights)."""
+    channels = weight.shape[0] if weight.dim() else 1
+    return channels * (8 if weight.dtype == torch.float64 else 4)
 
 
 def _dtype_bits(tensor: torch.Tensor) -> int:
