@@ -7,8 +7,10 @@ sizes do not depend on the values):
 - float.safetensors   model.state_dict() as float tensors (the baseline)
 - checkpoint.pt       a qtrain checkpoint of the same weights (`save_checkpoint`)
 - packed.safetensors  `qtrain export --format packed`: quantized weights as packed codes
+- packed.onnx         `qtrain export --format onnx`: packed codes unpacked inside the graph
+- float.onnx          `qtrain export --format onnx --onnx-weights float`: float constants
 
-and prints the three file sizes, the bytes and ratio of the quantized (conv) weights alone,
+and prints the five file sizes, the bytes and ratio of the quantized (conv) weights alone,
 and the overall ratio float.safetensors / packed.safetensors.
 
 Run:  python benchmarks/bench_export_size.py [--model vgg9] [--grid binary] [--width 1.0]
@@ -24,7 +26,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from qtrain import methods, models
-from qtrain.export import save_packed, summarize
+from qtrain.export import export_onnx, input_shape, save_packed, summarize
 from qtrain.export.summary import human_bytes
 from qtrain.quant import Grid, parse_grid
 from qtrain.train.checkpoint import build_model, load_checkpoint, save_checkpoint
@@ -57,11 +59,14 @@ def main() -> None:
         if args.checkpoint
         else fresh_record(args.model, args.grid, args.width, args.policy)
     )
+    grid = Grid.from_dict(record["method"]["grid"])
     with tempfile.TemporaryDirectory() as folder:
         files = {
             "float.safetensors": Path(folder) / "float.safetensors",
             "checkpoint.pt": Path(folder) / "checkpoint.pt",
             "packed.safetensors": Path(folder) / "packed.safetensors",
+            "packed.onnx": Path(folder) / "packed.onnx",
+            "float.onnx": Path(folder) / "float.onnx",
         }
         state = {k: v.contiguous() for k, v in record["model_state"].items()}
         save_file(state, files["float.safetensors"])
@@ -69,14 +74,23 @@ def main() -> None:
             files["checkpoint.pt"], {k: v for k, v in record.items() if k != "training"}
         )
         save_packed(files["packed.safetensors"], record)
+        model = build_model(record)
+        for weights in ("packed", "float"):
+            export_onnx(
+                model,
+                files[f"{weights}.onnx"],
+                input_shape(record),
+                quantized=record["quantized"],
+                grid=grid,
+                weights=weights,
+            )
         sizes = {label: path.stat().st_size for label, path in files.items()}
 
-    grid = Grid.from_dict(record["method"]["grid"])
-    summary = summarize(build_model(record), record["quantized"], grid)
+    summary = summarize(model, record["quantized"], grid, scaled=None)
     spec = record["model"]
     print(
         f"{spec['name']} (width {spec['width']:g}), grid {grid.describe()}: {summary.quantized:,} "
-        f"of {summary.params:,} stored values quantized"
+        f"of {summary.params:,} parameters quantized, {summary.buffers:,} buffer values"
     )
     for label, size in sizes.items():
         print(f"  {label:<20} {size:>12,} bytes  {human_bytes(size):>10}")
@@ -84,6 +98,8 @@ def main() -> None:
         f"  quantized weights    {summary.quantized_float_bytes:>12,} -> "
         f"{summary.quantized_packed_bytes:,} bytes: {summary.quantized_ratio:.2f}x smaller"
     )
+    onnx_extra = sizes["packed.onnx"] / sizes["packed.safetensors"] - 1
+    print(f"  packed.onnx is {onnx_extra:+.1%} the size of packed.safetensors")
     print(
         f"  whole file           {sizes['float.safetensors']:>12,} -> "
         f"{sizes['packed.safetensors']:,} bytes: "
