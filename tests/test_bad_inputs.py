@@ -11,7 +11,9 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import json
 import os
+import re
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -22,9 +24,9 @@ import pytest
 import torch
 from test_data_cifar import PER_FILE, fake_batch, write_fake_cifar, write_pickle
 
+from qtrain.base import io as atomic_io
 from qtrain.cli import main
 from qtrain.data.cifar import CIFAR10
-from qtrain.train import checkpoint as checkpoint_module
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 
@@ -390,7 +392,7 @@ class _FullDiskFile:
 
 
 class _FullDiskOs:
-    """`os` as checkpoint.py sees it on a nearly full disk (otherwise the real os)."""
+    """`os` as the atomic writer sees it on a nearly full disk (otherwise the real os)."""
 
     def __init__(self, room: int):
         self.room = room
@@ -408,13 +410,15 @@ ROOM_FOR_SMALL_FILES = 10_000
 
 def test_a_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = synthetic("--set", "checkpoint_every_steps=2", "--out", run_dir)
+    # A constant schedule lets the one-epoch run be extended to two on resume.
+    argv = synthetic("--set", "checkpoint_every_steps=2", "--set", "schedule=constant")
+    argv = [*argv, "--out", run_dir]
     assert run(argv, capsys)[0] == 0
     kept = (rundir.CHECKPOINT, rundir.METRICS)
     before = {name: (run_dir / name).read_bytes() for name in kept}
     longer = [a if a != "1" else "2" for a in argv]  # --epochs 2, resumed
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoint_module, "os", _FullDiskOs(ROOM_FOR_SMALL_FILES))
+        patch.setattr(atomic_io, "os", _FullDiskOs(ROOM_FOR_SMALL_FILES))
         code, _, err = run([*longer, "--resume"], capsys)
     assert code == 2
     assert err.strip().splitlines() == [
@@ -424,15 +428,16 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, 
     # The half-written temporary is gone; checkpoint and metrics are as epoch 1 left them.
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
     assert list(run_dir.glob(".*")) == []
-    # The small files fitted (config.toml now says 2 epochs): the checkpoint's write failed.
-    assert "epochs = 2" in (run_dir / rundir.CONFIG).read_text()
+    # meta.json's resume record fitted: the checkpoint's write failed; config.toml is as created.
+    assert len(json.loads((run_dir / rundir.META).read_text())["resumes"]) == 1
+    assert "epochs = 1" in (run_dir / rundir.CONFIG).read_text()
     assert run([*longer, "--resume"], capsys)[0] == 0  # space is back: the run goes on
     assert len(rundir.read_metrics(run_dir)) == 2
 
 
 def test_a_full_disk_at_the_start_leaves_no_files(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoint_module, "os", _FullDiskOs(0))
+        patch.setattr(atomic_io, "os", _FullDiskOs(0))
         code, _, err = run(synthetic("--out", tmp_path / "run"), capsys)
     assert code == 2 and "the disk is full" in err and len(err.strip().splitlines()) == 1
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
@@ -441,13 +446,14 @@ def test_a_full_disk_at_the_start_leaves_no_files(tmp_path, capsys):
 def test_divergence_stops_with_one_line_naming_the_lr_and_keeps_the_last_good_checkpoint(
     tmp_path, capsys
 ):
-    # Plain SGD at lr 1e6 on the synthetic set overflows to a NaN loss at step 5 (seeded).
+    # Plain SGD at lr 1e6 on the synthetic set overflows to a NaN loss within a few steps.
     argv = synthetic("--method", "fp-sgd", "--lr", "1e6", "--set", "checkpoint_every_steps=1")
     code, _, err = run([*argv, "--out", tmp_path / "run"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1
-    assert "the loss became nan at epoch 1, batch 5" in lines[0]
+    named = re.search(r"the loss became nan at epoch 1, batch (\d+);", lines[0])
+    assert named, lines[0]
     assert "last good checkpoint" in lines[0] and "lower the learning rate (now 1e+06)" in lines[0]
     record = load_checkpoint(tmp_path / "run")
-    assert record["training"]["sums"]["batch"] == 4  # the step before the NaN
+    assert record["training"]["sums"]["batch"] == int(named[1]) - 1  # the step before the NaN
     assert all(torch.isfinite(t).all() for t in record["model_state"].values())

@@ -61,6 +61,7 @@ def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path):
         model="tiny_mlp",
         dataset="synthetic",
         epochs=2,
+        schedule="constant",  # so that the one-epoch cell may be resumed to two
         train_subset=None,
         batch_size=64,
         channels_last=False,

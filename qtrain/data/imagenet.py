@@ -2,9 +2,10 @@
 
     root/train/<class>/<image>.JPEG      root/val/<class>/<image>.JPEG
 
-Classes are the sorted folder names of ``train/`` (label = position). Per image, as in the
-reference PyTorch ImageNet recipe (torchvision's RandomResizedCrop / Resize / CenterCrop on
-PIL images, bilinear):
+The folder ``val`` is the data set's "test" split, as in every qtrain data set. Classes are
+the sorted folder names of ``train/`` (label = position). Per image, as in the reference
+PyTorch ImageNet recipe (torchvision's RandomResizedCrop / Resize / CenterCrop on PIL images,
+bilinear):
 
     train: area fraction s ~ U(0.08, 1), aspect ratio r ~ logU(3/4, 4/3), crop
            w = √(s·A·r) × h = √(s·A/r) at a uniform position (10 tries, else the centre
@@ -21,15 +22,17 @@ exactly; sharding over ranks is the same as `BatchLoader`'s.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .arrays import check_split
 from .errors import CorruptDataError, DataError, DatasetNotFoundError, MissingDependencyError
-from .loader import AUGMENT_STREAM, Batch, epoch_permutation, mix_seed, rank_slice
+from .loader import Batch, augmentation_seed, epoch_permutation, rank_slice
 
 # The usual ImageNet statistics, converted to pixel units (0..255) like every qtrain set.
 IMAGENET_MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))
@@ -61,19 +64,69 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def take(self, indices: torch.Tensor) -> ImageFolder:
+        """The images at ``indices`` (int64 [n]), in that order."""
+        return replace(self, samples=[self.samples[i] for i in indices.tolist()])
+
 
 @dataclass
 class ImageNetSplits:
-    """The train and val folders plus what models and loaders need to know."""
+    """The train and test (``val/``) folders plus what models and loaders need to know.
+
+    ``image_size`` is the side of the crops the loaders yield (the model's input size).
+    """
 
     train: ImageFolder
-    val: ImageFolder
+    test: ImageFolder
     num_classes: int
     class_names: list[str]
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     in_channels: int = 3
     image_size: int = 224
+    augment: bool = True
+    name: str = "imagenet"
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        seed: int,
+        device: torch.device | str = "cpu",
+        augment: bool | None = None,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        local_world_size: int = 1,
+    ) -> ImageNetLoader:
+        """An `ImageNetLoader` of ``split`` ("train" shuffles and augments, "test" does not).
+
+        Crops are ``image_size``² after resizing the shorter side to 256/224 of it; training
+        always uses random-resized crops and flips. Each of the ``local_world_size`` ranks of a
+        node decodes with an equal share of the node's CPUs, one kept for itself.
+        """
+        check_split(split)
+        if split == "train" and augment is False:
+            raise ValueError(
+                "ImageNet training always uses random-resized crops and flips; remove augment=false"
+            )
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return ImageNetLoader(
+            self.train if split == "train" else self.test,
+            batch_size,
+            train=split == "train",
+            seed=seed,
+            mean=self.mean,
+            std=self.std,
+            device=device,
+            num_workers=max(1, (cpus or 1) // local_world_size - 1),
+            channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
+            image_size=self.image_size,
+            resize_size=round(self.image_size * 256 / 224),
+        )
 
 
 def scan_folder(folder: Path, class_names: Sequence[str] | None = None) -> ImageFolder:
@@ -103,12 +156,18 @@ def scan_folder(folder: Path, class_names: Sequence[str] | None = None) -> Image
     return ImageFolder(folder, samples, names)
 
 
-def load_imagenet(root: str | Path) -> ImageNetSplits:
-    """Scan ``root/train`` and ``root/val`` (same class folders) into `ImageNetSplits`."""
+def load_imagenet(root: str | Path, image_size: int = 224) -> ImageNetSplits:
+    """Scan ``root/train`` and ``root/val`` (same class folders) into `ImageNetSplits`.
+
+    ``image_size`` is the side of the crops its loaders yield (224 for ResNet-18).
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"ImageNet crops need image_size >= 1 (an integer), got {image_size!r}")
     root = Path(root).expanduser()
     train = scan_folder(root / "train")
-    val = scan_folder(root / "val", train.class_names)
-    return ImageNetSplits(train, val, len(train.class_names), train.class_names)
+    test = scan_folder(root / "val", train.class_names)
+    names = train.class_names
+    return ImageNetSplits(train, test, len(names), names, image_size=image_size)
 
 
 def random_resized_crop_box(
@@ -275,9 +334,7 @@ class ImageNetLoader:
             first = b * self.batch_size
             positions = range(first, min(first + self.batch_size, size))
             mine = positions[rank_slice(len(positions), self.rank, self.world_size)]
-            batches.append(
-                [(order[p], mix_seed(self.seed, epoch, p, AUGMENT_STREAM)) for p in mine]
-            )
+            batches.append([(order[p], augmentation_seed(self.seed, epoch, p)) for p in mine])
         return batches
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:

@@ -13,7 +13,10 @@ flip are one `gather` over flat pixel indices.
 
 Reproducibility: the shuffle of an epoch is a pure function of (seed, epoch) and the
 augmentation of batch b a pure function of (seed, epoch, b), each drawn from its own CPU
-`torch.Generator` (so batches are identical on every device). Resuming an epoch at batch b
+`torch.Generator` (so batches are identical on every device). The two come from the run's
+"data-order" and "augment" random streams (`qtrain.base.streams`): shuffle seed
+mix(stream_seed(seed, "data-order"), epoch), augmentation seed
+mix(stream_seed(seed, "augment"), epoch, b). Resuming an epoch at batch b
 therefore yields exactly the batches an uninterrupted epoch would.
 
 Threads: on a CPU device each batch is computed with one intra-op thread. The ops are
@@ -31,16 +34,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .arrays import ArrayDataset
+from qtrain.base.streams import stream_seed
+
+if TYPE_CHECKING:  # arrays.py builds loaders, so the import runs one way only
+    from .arrays import ArrayDataset
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # x float32 [B, C, H, W], y int64 [B]
-
-SHUFFLE_STREAM = 0
-AUGMENT_STREAM = 1
 
 
 @contextlib.contextmanager
@@ -67,7 +71,12 @@ def generator_for(*parts: int) -> torch.Generator:
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffle of ``epoch``: a permutation of range(size), int64 [size] on the CPU."""
-    return torch.randperm(size, generator=generator_for(seed, epoch, SHUFFLE_STREAM))
+    return torch.randperm(size, generator=generator_for(stream_seed(seed, "data-order"), epoch))
+
+
+def augmentation_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of the augmentation draws of batch (or image) ``position`` of ``epoch``."""
+    return mix_seed(stream_seed(seed, "augment"), epoch, position)
 
 
 def rank_slice(size: int, rank: int, world_size: int) -> slice:
@@ -204,7 +213,7 @@ class BatchLoader:
         indices = global_indices[part]
         x = self.images.index_select(0, indices)
         if self.augment:
-            generator = generator_for(self.seed, epoch, b, AUGMENT_STREAM)
+            generator = torch.Generator().manual_seed(augmentation_seed(self.seed, epoch, b))
             draws = draw_augmentation(global_indices.shape[0], self.padding, generator)
             dy, dx, flip = (d[part].to(self.device) for d in draws)
             x = crop_flip(x, dy, dx, flip, self.padding)
