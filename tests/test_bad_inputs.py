@@ -26,6 +26,7 @@ from test_data_cifar import PER_FILE, fake_batch, write_fake_cifar, write_pickle
 
 from qtrain.base import io as atomic_io
 from qtrain.cli import main
+from qtrain.data import cifar as cifar_module
 from qtrain.data.cifar import CIFAR10
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
@@ -136,6 +137,16 @@ def then(*steps):
     return prepare
 
 
+def no_download(folder, trained, monkeypatch):
+    """Downloads on, an unreachable address, and a downloader that fails the test if called."""
+
+    def download_called(*args, **kwargs):
+        pytest.fail("a download started before the settings were checked")
+
+    monkeypatch.setattr(cifar_module, "download_and_extract", download_called)
+    monkeypatch.setenv("QTRAIN_CIFAR10_URL", "http://127.0.0.1:9/unreachable.tar.gz")
+
+
 def with_run(folder, trained, monkeypatch):
     shutil.copytree(trained, folder / "run")
 
@@ -234,6 +245,9 @@ CASES = [
     Case("cli", "unknown model", "{syn} --model vgg99 --out o", "did you mean 'vgg9'"),
     Case("cli", "unknown method", "{syn} --method bc-adamm --out o", "did you mean 'bc-adam'"),
     Case("cli", "unknown data set", "{syn} --dataset cifar11 --out o", "did you mean 'cifar10'"),
+    Case("cli", "misspelt method, CIFAR not downloaded yet",
+         "train --dataset cifar10 --download --method sr-adm --out o",
+         "unknown method 'sr-adm' (did you mean 'sr-adam'?)", no_download),
     Case("cli", "unknown grid", "{syn} --grid quaternary --out o", "unknown grid 'quaternary'"),
     Case("cli", "unknown device", "{syn} --set device=tpu --out o", "unknown device 'tpu'"),
     Case("cli", "--out is an existing file", "{syn} --out taken",
@@ -257,6 +271,8 @@ CASES = [
          "unknown quantization policy 'everything'"),
     Case("config", "batch larger than the data", "{syn} --batch-size 100000 --out o",
          "batch size 100000 is larger than the 512 images"),
+    Case("config", "model that cannot take the data", "{syn} --model vgg9 --dataset digits --out o",
+         "model 'vgg9' takes 32×32 images but data set 'digits' has 8×8 images"),
     Case("config", "missing config file", "{syn} --config nope.toml --out o",
          "config file nope.toml does not exist"),
     Case("config", "config file with bad syntax", "{syn} --config c.toml --out o",
@@ -273,6 +289,9 @@ CASES = [
          empty_data_dir),
     Case("data", "--data-dir is a file", "{syn} --dataset cifar10 --data-dir taken "
          "--no-download --out o", "was not found in taken", write("taken", b"x")),
+    Case("data", "ImageNet folder missing",
+         "{syn} --model tiny_cnn --dataset imagenet --data-dir nope --out o",
+         "nope/train does not exist; put the ImageNet split there"),
     Case("data", "batch file missing", "{cifar} --out o", "lacks data_batch_3",
          then(with_cifar, batch_missing)),
     Case("data", "truncated batch file", "{cifar} --out o", "is truncated or corrupt",
@@ -311,6 +330,10 @@ CASES = [
          then(with_run, checkpoint_unreadable)),
     Case("checkpoint", "resume with another model", "{syn} --model tiny_cnn --out run --resume",
          "trained with model='tiny_mlp'", with_run),
+    Case("checkpoint", "resume with another learning rate", "{syn} --lr 0.5 --out run --resume",
+         "trained with lr=0.01, not 0.5", with_run),
+    Case("checkpoint", "resume with more epochs of a step schedule",
+         "{syn} --epochs 3 --out run --resume", "trained with epochs=1, not 3", with_run),
     Case("checkpoint", "new run into an existing run", "{syn} --out run",
          "already holds a run; pass --resume", with_run),
     Case("checkpoint", "resume from a damaged checkpoint", "{syn} --out run --resume",
