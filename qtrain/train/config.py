@@ -8,13 +8,14 @@ one sentence that names the key and the fix.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from qtrain.base.names import did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -172,10 +173,9 @@ def _allowed_types(name: str) -> tuple[type, ...]:
 
 
 def _unknown_key(key: str) -> ConfigError:
-    hint = difflib.get_close_matches(key, list(_FIELDS), n=1)
-    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     return ConfigError(
-        f"unknown config key {key!r}{did_you_mean}; see `qtrain train --help` for the keys"
+        f"unknown config key {key!r}{did_you_mean(key, _FIELDS)}; "
+        "see `qtrain train --help` for the keys"
     )
 
 
