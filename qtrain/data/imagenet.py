@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .arrays import check_split
 from .errors import CorruptDataError, DataError, DatasetNotFoundError, MissingDependencyError
-from .loader import Batch, augmentation_seed, epoch_permutation, rank_slice
+from .loader import Batch, Batching, augmentation_seed, epoch_permutation, rank_slice
 
 # The usual ImageNet statistics, converted to pixel units (0..255) like every qtrain set.
 IMAGENET_MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))
@@ -262,8 +262,8 @@ class FolderImages(Dataset):
         return to_uint8(image), label
 
 
-class ImageNetLoader:
-    """Batches of an `ImageFolder` with the `BatchLoader` interface (``len``, ``epoch``).
+class ImageNetLoader(Batching):
+    """Batches of an `ImageFolder` with the loader protocol of `Batching` (``len``, ``epoch``).
 
     ``batch_size`` is global; rank r of ``world_size`` gets the contiguous slice
     [r·B/W, (r+1)·B/W) of every global batch of the shared per-epoch permutation. ``mean``
@@ -288,42 +288,27 @@ class ImageNetLoader:
         image_size: int = 224,
         resize_size: int = 256,
     ) -> None:
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"batch size {batch_size}, rank {rank} and world size {world_size} are not "
-                "valid; pass a positive batch size and a rank in 0..world_size−1"
-            )
         if not 0 < image_size <= resize_size:
             raise ValueError(
                 f"crop size {image_size} must be positive and at most the resize size "
                 f"{resize_size}; pass a smaller image_size or a larger resize_size"
             )
-        if batch_size % world_size:
-            raise ValueError(
-                f"global batch size {batch_size} is not divisible by world size {world_size}; "
-                "choose a batch size that is a multiple of the number of processes"
-            )
+        super().__init__(
+            len(folder),
+            batch_size,
+            channels=3,
+            mean=mean,
+            std=std,
+            train=train,
+            seed=seed,
+            device=device,
+            drop_last=drop_last,
+            channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
+        )
         self.images = FolderImages(folder, train, image_size, resize_size)
-        self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
-        self.drop_last = train if drop_last is None else drop_last
-        if self.drop_last and len(folder) < batch_size:
-            raise ValueError(
-                f"batch size {batch_size} is larger than the {len(folder)} images of "
-                f"{folder.root}, so no full batch exists; use a smaller batch"
-            )
-        self.device = torch.device(device)
         self.num_workers = num_workers
-        self.channels_last = channels_last
-        self.rank = rank
-        self.world_size = world_size
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-
-    def __len__(self) -> int:
-        size = len(self.images)
-        return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
 
     def batch_keys(self, epoch: int, start_batch: int) -> list[list[tuple[int, int]]]:
         """Per batch of this rank: the (image index, sample seed) keys, in order."""
@@ -337,24 +322,13 @@ class ImageNetLoader:
             batches.append([(order[p], augmentation_seed(self.seed, epoch, p)) for p in mine])
         return batches
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches ``start_batch`` … len−1 of ``epoch``: x float32 [B/W, 3, S, S], y int64."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(
-                f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch); "
-                "resume from a batch index of this epoch"
-            )
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         loader = DataLoader(
             self.images,
             batch_sampler=self.batch_keys(epoch, start_batch),
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        return self._normalised(loader)
-
-    def _normalised(self, loader: DataLoader) -> Iterator[Batch]:
         for pixels, labels in loader:
-            x = pixels.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.normalise(pixels.to(self.device, non_blocking=True))
             yield x, labels.to(self.device, non_blocking=True)
