@@ -257,7 +257,7 @@ def _register_optional(module_name: str, sub) -> None:
 def _user_error_types() -> tuple[type, ...]:
     from qtrain.data.errors import MissingDependencyError
     from qtrain.train.distributed import RankFailure
-    from qtrain.train.trainer import DivergenceError
+    from qtrain.train.divergence import DivergenceError
 
     return (
         MissingDependencyError,

@@ -11,7 +11,8 @@ import torch
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
-from qtrain.train.trainer import DivergenceError, Trainer
+from qtrain.train.divergence import DivergenceError
+from qtrain.train.trainer import Trainer
 
 # 512 synthetic images in batches of 64: 8 steps per epoch, a checkpoint every 2 steps.
 CONFIG = RunConfig(

@@ -12,8 +12,9 @@ import torch
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
+from qtrain.train.divergence import DivergenceError
 from qtrain.train.schedules import lr_factor
-from qtrain.train.trainer import DivergenceError, Trainer, TrainingInterrupted
+from qtrain.train.trainer import Trainer, TrainingInterrupted
 
 TIMING_KEYS = {"seconds", "images_per_second"}
 

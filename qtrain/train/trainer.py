@@ -14,10 +14,10 @@ Random streams: model initialisation, data order, augmentation and the train_sub
 come from their own stream of the run seed, `stream_seed(seed, "init" | "data-order" |
 "augment" | "subset")`; the optimizer derives its rounding stream from the seed itself.
 
-Divergence: the loss is checked for finiteness every `_check_every` steps (every step on the
-CPU, every 25 on CUDA) without a host sync in between, and always, together with the weights,
-before any checkpoint is written (epoch end, periodic, signal); every rank raises when any
-rank diverged, and the last good checkpoint stays on disk.
+Divergence (divergence.py): the loss is checked for finiteness every `_check_every` steps
+(every step on the CPU, every 25 on CUDA) without a host sync in between, and always, together
+with the weights, before any checkpoint is written (epoch end, periodic, signal); every rank
+raises when any rank diverged, and the last good checkpoint stays on disk.
 """
 
 from __future__ import annotations
@@ -39,16 +39,13 @@ from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, identity_change
 from qtrain.train.distributed import DistributedContext
+from qtrain.train.divergence import DivergenceWatch
 from qtrain.train.preflight import check_config, data_options
 from qtrain.train.schedules import make_scheduler
 
 
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
-
-
-class DivergenceError(ValueError):
-    """The loss became NaN or infinite."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,6 +140,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = self.dist.device or resolve_device(config.device)
+        self.divergence = DivergenceWatch(self.device)
         self._build()
 
     # -- construction ----------------------------------------------------------------------
@@ -306,7 +304,7 @@ class Trainer:
         self.forward_model.train()
         if sums.batch == 0:
             opt.reset_flip_stats()
-        self._reset_watch()
+        self.divergence.reset()
         # `sums` holds totals over all ranks: rank 0 carries those restored from a checkpoint,
         # every rank adds its own shard, and the sum over ranks is the epoch's total.
         main = self.dist.is_main
@@ -327,7 +325,7 @@ class Trainer:
             wrong += (logits.detach().argmax(1) != y).sum()
             seen += y.numel()
             sums.batch += 1
-            self._watch_loss(loss, sums.batch)
+            self.divergence.watch(loss, sums.batch)
             if sums.batch % self._check_every() == 0:
                 self._check_diverged(state, before_save=False)
             if bar is not None:
@@ -398,39 +396,14 @@ class Trainer:
         """
         return 25 if self.device.type == "cuda" else 1
 
-    def _watch_loss(self, loss: torch.Tensor, batch: int) -> None:
-        """Remember, on the device and without a host sync, the first non-finite loss."""
-        loss = loss.detach().double()
-        first = ~torch.isfinite(loss) & (self._bad_batch < 0)
-        self._bad_batch = torch.where(first, batch, self._bad_batch)
-        self._bad_loss = torch.where(first, loss, self._bad_loss)
-
-    def _reset_watch(self) -> None:
-        self._bad_batch = torch.full((), -1, dtype=torch.int64, device=self.device)
-        self._bad_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-
-    def _weights_finite(self) -> torch.Tensor:
-        """True (a device bool) when every floating tensor of the model's state is finite."""
-        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
-
     def _check_diverged(self, state: TrainState, before_save: bool) -> None:
-        """Raise `DivergenceError` on every rank when any rank saw a non-finite loss (or, before
-        a checkpoint, holds a non-finite weight), so that no diverged state is ever saved."""
-        diverged = self._bad_batch >= 0
-        if before_save:
-            diverged = diverged | ~self._weights_finite()
-        if not self.dist.all_max(int(diverged)):
-            return
-        if int(self._bad_batch) >= 0:
-            what = f"the loss became {float(self._bad_loss)}"
-            where = f"epoch {state.epoch + 1}, batch {int(self._bad_batch)}"
-        else:  # another rank's loss, or weights that overflowed in a step
-            what = "the training diverged (non-finite loss or weights)"
-            where = f"epoch {state.epoch + 1}, batch {state.sums.batch}"
-        raise DivergenceError(
-            f"{what} at {where}; the last good checkpoint in {self.run_dir} is kept — "
-            f"lower the learning rate (now {self.config.lr:g}) and start a new run"
+        """`DivergenceWatch.check` for this epoch; before a save it also scans the weights."""
+        self.divergence.check(
+            self.dist,
+            self.model if before_save else None,
+            where=f"epoch {state.epoch + 1}",
+            advice=f"the last good checkpoint in {self.run_dir} is kept — lower the learning "
+            f"rate (now {self.config.lr:g}) and start a new run",
         )
 
     def _progress_bar(self, total: int, start: int, epoch: int):
