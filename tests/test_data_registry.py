@@ -16,7 +16,12 @@ from test_data_imagenet import CLASSES, write_tree
 
 from qtrain import data
 from qtrain.cli import main
+from qtrain.data import registry
 from qtrain.data.cifar import SPECS
+from qtrain.train import rundir
+from qtrain.train.checkpoint import load_checkpoint
+from qtrain.train.config import RunConfig
+from qtrain.train.trainer import Trainer
 
 pytest.importorskip("PIL.Image")
 
@@ -82,3 +87,21 @@ def test_eval_of_an_imagenet_run_folder(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["dataset"] == "imagenet" and result["images"] == 2 * len(CLASSES)
     assert result["test_error"] == pytest.approx(last["test_error"])
+
+
+def test_a_newly_registered_data_set_trains_without_any_change_to_the_trainer(
+    tmp_path, monkeypatch
+):
+    def build(root, download):
+        return data.make_synthetic(num_train=128, num_test=32, num_classes=3, in_channels=1)
+
+    info = data.DatasetInfo("gray-blobs", "one-channel test images", 1, 8, 3, build)
+    monkeypatch.setitem(registry._DATASETS, info.name, info)
+    config = RunConfig(
+        model="tiny_cnn", dataset="gray-blobs", method="sr-adam", epochs=1, batch_size=32
+    )
+    trainer = Trainer(config.replace(device="cpu", channels_last=False), tmp_path, log=print)
+    metrics = trainer.run()
+    assert len(metrics) == 1 and 0 <= metrics[0]["test_error"] <= 100
+    saved = load_checkpoint(tmp_path / rundir.CHECKPOINT)["model"]
+    assert (saved["num_classes"], saved["in_channels"]) == (3, 1)
