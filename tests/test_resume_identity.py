@@ -8,6 +8,7 @@ from dataclasses import fields
 
 import pytest
 
+from qtrain import data as qdata
 from qtrain.cli import main
 from qtrain.train import rundir
 from qtrain.train.config import RunConfig, identity_change, identity_keys
@@ -102,3 +103,12 @@ def test_a_key_missing_from_an_older_run_counts_as_its_default():
     saved = {k: v for k, v in config.to_dict().items() if k not in ("scale", "activations")}
     assert identity_change(saved, config) is None
     assert identity_change(saved, config.replace(scale="channel"))[:2] == ("scale", "none")
+
+
+def test_a_changed_setting_is_named_before_any_data_is_read(trained, capsys, monkeypatch):
+    def load_called(*args, **kwargs):
+        pytest.fail("the data set was read before the resume was checked")
+
+    monkeypatch.setattr(qdata, "load", load_called)
+    code, _, err = run_cli([*TRAIN, "--lr", "0.5", "--out", trained, "--resume"], capsys)
+    assert code == 2 and "trained with lr=0.01, not 0.5" in err

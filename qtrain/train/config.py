@@ -151,6 +151,17 @@ def identity_change(saved: dict, config: RunConfig) -> tuple[str, object, object
     return None
 
 
+def check_same_identity(saved: dict, config: RunConfig, run_dir) -> None:
+    """ValueError naming the key and both values if `config` is not the run `saved` describes."""
+    change = identity_change(saved, config)
+    if change is not None:
+        key, before, after = change
+        raise ConfigError(
+            f"cannot resume: the run in {run_dir} was trained with {key}={before!r}, "
+            f"not {after!r}; resume with {key}={before!r} or start a new --out folder"
+        )
+
+
 def _positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a whole number > 0, got {value!r}")

@@ -37,7 +37,7 @@ from qtrain import methods, models
 from qtrain.base.streams import stream_seed
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
-from qtrain.train.config import RunConfig, identity_change
+from qtrain.train.config import RunConfig, check_same_identity, load_toml
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
 from qtrain.train.preflight import check_config, data_options
@@ -238,13 +238,7 @@ class Trainer:
         # tensors arrive on the CPU and load_state_dict moves them to the device.
         path = self.run_dir / rundir.CHECKPOINT
         record = self.dist.broadcast_object(load_checkpoint(path) if self.dist.is_main else None)
-        change = identity_change(record.get("config", {}), self.config)
-        if change is not None:
-            key, before, after = change
-            raise ValueError(
-                f"cannot resume: the run in {self.run_dir} was trained with {key}={before!r}, "
-                f"not {after!r}; resume with {key}={before!r} or start a new --out folder"
-            )
+        check_same_identity(record.get("config", {}), self.config, self.run_dir)
         training = record.get("training")
         if training is None:
             raise ValueError(f"{self.run_dir} holds exported weights, not a resumable checkpoint")
@@ -459,5 +453,14 @@ def _format_record(r: dict, epochs: int) -> str:
 
 
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs) -> list[dict]:
-    """Train `config` into `run_dir` and return the per-epoch metrics."""
+    """Train `config` into `run_dir` and return the per-epoch metrics.
+
+    A single-process resume is checked against the run's config.toml (written once, at the
+    run's creation) before any data is read, so a changed setting is named at once rather
+    than after a data set scan; the checkpoint's own config is checked again on restore.
+    """
+    dist = kwargs.get("dist")
+    created = Path(run_dir) / rundir.CONFIG
+    if resume and (dist is None or not dist.enabled) and created.is_file():
+        check_same_identity(load_toml(created), config.validate(), run_dir)
     return Trainer(config, run_dir, **kwargs).run(resume=resume)
