@@ -57,6 +57,8 @@ class RunConfig:
     ``compile``), how fast or how often things happen (eval batch size, checkpoint cadence)
     or where inputs are found (``data_dir``, ``download``) may change on resume; such a change
     can break bit-exactness, which holds only for the same device, threads and memory layout.
+    ``amp = "auto"`` means bf16 on CUDA and fp32 on the CPU, so moving such a run between
+    the two changes its precision with the device; set amp to "off" or "bf16" to pin it.
     """
 
     # what to train
