@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train import assert_same_weights, comparable, quiet
 
 from qtrain import methods
 from qtrain.export import load_any_model
@@ -12,8 +13,6 @@ from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
 from qtrain.train.trainer import Trainer
-
-from test_train import assert_same_weights, comparable, quiet
 
 
 def options_config(**changes) -> RunConfig:
