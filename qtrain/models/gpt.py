@@ -152,13 +152,13 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] (int64, T ≤ block_size) → next-token logits [B, T, vocab_size]."""
         _check_token_ids(idx)
-        T, block_size = idx.shape[1], self.config.block_size
-        if block_size < T:
+        length, block_size = idx.shape[1], self.config.block_size
+        if length > block_size:
             raise ValueError(
-                f"the sequence has {T} tokens but the model's context (block_size) is "
+                f"the sequence has {length} tokens but the model's context (block_size) is "
                 f"{block_size}; pass at most {block_size} tokens (crop to the last {block_size})"
             )
-        pos = torch.arange(T, device=idx.device)  # [T]
+        pos = torch.arange(length, device=idx.device)  # [T]
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # [B, T, C]
         for block in self.blocks:
             x = block(x)
