@@ -145,7 +145,7 @@ def cmd_list(args) -> int:
             print(f"{name:10s} {methods.parse_method(name).describe}")
     else:
         for name in data.list_datasets():
-            print(name)
+            print(f"{name:12s} {data.dataset_info(name).description}")
     return 0
 
 
@@ -270,7 +270,7 @@ def _register_optional(module_name: str, sub) -> None:
 def _user_error_types() -> tuple[type, ...]:
     from qtrain.base.errors import MissingDependencyError
     from qtrain.train.distributed import RankFailure
-    from qtrain.train.trainer import DivergenceError
+    from qtrain.train.divergence import DivergenceError
 
     return (
         MissingDependencyError,

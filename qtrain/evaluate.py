@@ -8,6 +8,7 @@ import torch
 
 from qtrain import data as qdata
 from qtrain.export.loading import load_any_model
+from qtrain.train.preflight import data_options
 from qtrain.train.trainer import evaluate
 
 
@@ -22,17 +23,9 @@ def evaluate_file(
         raise ValueError(
             f"{path} does not name the data set it was trained on; it cannot be evaluated"
         )
-    splits = qdata.load(dataset, data_dir or config.get("data_dir"), download=False)
-    loader = qdata.BatchLoader(
-        splits.test,
-        batch_size,
-        mean=splits.mean,
-        std=splits.std,
-        train=False,
-        augment=False,
-        seed=0,
-        device=device,
-    )
+    options = data_options(dataset, record["model"]["name"])
+    splits = qdata.load(dataset, data_dir or config.get("data_dir"), download=False, **options)
+    loader = splits.loader("test", batch_size, seed=0, device=device)
     result = evaluate(model.to(torch.device(device)), loader, torch.device(device))
     return {
         "model": record["model"]["name"],

@@ -11,7 +11,9 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import json
 import os
+import re
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -22,9 +24,10 @@ import pytest
 import torch
 from test_data_cifar import PER_FILE, fake_batch, write_fake_cifar, write_pickle
 
+from qtrain.base import io as atomic_io
 from qtrain.cli import main
+from qtrain.data import cifar as cifar_module
 from qtrain.data.cifar import CIFAR10
-from qtrain.train import checkpoint as checkpoint_module
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 
@@ -134,6 +137,16 @@ def then(*steps):
     return prepare
 
 
+def no_download(folder, trained, monkeypatch):
+    """Downloads on, an unreachable address, and a downloader that fails the test if called."""
+
+    def download_called(*args, **kwargs):
+        pytest.fail("a download started before the settings were checked")
+
+    monkeypatch.setattr(cifar_module, "download_and_extract", download_called)
+    monkeypatch.setenv("QTRAIN_CIFAR10_URL", "http://127.0.0.1:9/unreachable.tar.gz")
+
+
 def with_run(folder, trained, monkeypatch):
     shutil.copytree(trained, folder / "run")
 
@@ -232,6 +245,9 @@ CASES = [
     Case("cli", "unknown model", "{syn} --model vgg99 --out o", "did you mean 'vgg9'"),
     Case("cli", "unknown method", "{syn} --method bc-adamm --out o", "did you mean 'bc-adam'"),
     Case("cli", "unknown data set", "{syn} --dataset cifar11 --out o", "did you mean 'cifar10'"),
+    Case("cli", "misspelt method, CIFAR not downloaded yet",
+         "train --dataset cifar10 --download --method sr-adm --out o",
+         "unknown method 'sr-adm' (did you mean 'sr-adam'?)", no_download),
     Case("cli", "unknown grid", "{syn} --grid quaternary --out o", "unknown grid 'quaternary'"),
     Case("cli", "unknown device", "{syn} --set device=tpu --out o", "unknown device 'tpu'"),
     Case("cli", "--out is an existing file", "{syn} --out taken",
@@ -255,6 +271,8 @@ CASES = [
          "unknown quantization policy 'everything'"),
     Case("config", "batch larger than the data", "{syn} --batch-size 100000 --out o",
          "batch size 100000 is larger than the 512 images"),
+    Case("config", "model that cannot take the data", "{syn} --model vgg9 --dataset digits --out o",
+         "model 'vgg9' takes 32×32 images but data set 'digits' has 8×8 images"),
     Case("config", "missing config file", "{syn} --config nope.toml --out o",
          "config file nope.toml does not exist"),
     Case("config", "config file with bad syntax", "{syn} --config c.toml --out o",
@@ -271,6 +289,9 @@ CASES = [
          empty_data_dir),
     Case("data", "--data-dir is a file", "{syn} --dataset cifar10 --data-dir taken "
          "--no-download --out o", "was not found in taken", write("taken", b"x")),
+    Case("data", "ImageNet folder missing",
+         "{syn} --model tiny_cnn --dataset imagenet --data-dir nope --out o",
+         "nope/train does not exist; put the ImageNet split there"),
     Case("data", "batch file missing", "{cifar} --out o", "lacks data_batch_3",
          then(with_cifar, batch_missing)),
     Case("data", "truncated batch file", "{cifar} --out o", "is truncated or corrupt",
@@ -309,6 +330,10 @@ CASES = [
          then(with_run, checkpoint_unreadable)),
     Case("checkpoint", "resume with another model", "{syn} --model tiny_cnn --out run --resume",
          "trained with model='tiny_mlp'", with_run),
+    Case("checkpoint", "resume with another learning rate", "{syn} --lr 0.5 --out run --resume",
+         "trained with lr=0.01, not 0.5", with_run),
+    Case("checkpoint", "resume with more epochs of a step schedule",
+         "{syn} --epochs 3 --out run --resume", "trained with epochs=1, not 3", with_run),
     Case("checkpoint", "new run into an existing run", "{syn} --out run",
          "already holds a run; pass --resume", with_run),
     Case("checkpoint", "resume from a damaged checkpoint", "{syn} --out run --resume",
@@ -390,7 +415,7 @@ class _FullDiskFile:
 
 
 class _FullDiskOs:
-    """`os` as checkpoint.py sees it on a nearly full disk (otherwise the real os)."""
+    """`os` as the atomic writer sees it on a nearly full disk (otherwise the real os)."""
 
     def __init__(self, room: int):
         self.room = room
@@ -408,13 +433,15 @@ ROOM_FOR_SMALL_FILES = 10_000
 
 def test_a_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = synthetic("--set", "checkpoint_every_steps=2", "--out", run_dir)
+    # A constant schedule lets the one-epoch run be extended to two on resume.
+    argv = synthetic("--set", "checkpoint_every_steps=2", "--set", "schedule=constant")
+    argv = [*argv, "--out", run_dir]
     assert run(argv, capsys)[0] == 0
     kept = (rundir.CHECKPOINT, rundir.METRICS)
     before = {name: (run_dir / name).read_bytes() for name in kept}
     longer = [a if a != "1" else "2" for a in argv]  # --epochs 2, resumed
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoint_module, "os", _FullDiskOs(ROOM_FOR_SMALL_FILES))
+        patch.setattr(atomic_io, "os", _FullDiskOs(ROOM_FOR_SMALL_FILES))
         code, _, err = run([*longer, "--resume"], capsys)
     assert code == 2
     assert err.strip().splitlines() == [
@@ -424,15 +451,16 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, 
     # The half-written temporary is gone; checkpoint and metrics are as epoch 1 left them.
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
     assert list(run_dir.glob(".*")) == []
-    # The small files fitted (config.toml now says 2 epochs): the checkpoint's write failed.
-    assert "epochs = 2" in (run_dir / rundir.CONFIG).read_text()
+    # meta.json's resume record fitted: the checkpoint's write failed; config.toml is as created.
+    assert len(json.loads((run_dir / rundir.META).read_text())["resumes"]) == 1
+    assert "epochs = 1" in (run_dir / rundir.CONFIG).read_text()
     assert run([*longer, "--resume"], capsys)[0] == 0  # space is back: the run goes on
     assert len(rundir.read_metrics(run_dir)) == 2
 
 
 def test_a_full_disk_at_the_start_leaves_no_files(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoint_module, "os", _FullDiskOs(0))
+        patch.setattr(atomic_io, "os", _FullDiskOs(0))
         code, _, err = run(synthetic("--out", tmp_path / "run"), capsys)
     assert code == 2 and "the disk is full" in err and len(err.strip().splitlines()) == 1
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
@@ -441,13 +469,14 @@ def test_a_full_disk_at_the_start_leaves_no_files(tmp_path, capsys):
 def test_divergence_stops_with_one_line_naming_the_lr_and_keeps_the_last_good_checkpoint(
     tmp_path, capsys
 ):
-    # Plain SGD at lr 1e6 on the synthetic set overflows to a NaN loss at step 5 (seeded).
+    # Plain SGD at lr 1e6 on the synthetic set overflows to a NaN loss within a few steps.
     argv = synthetic("--method", "fp-sgd", "--lr", "1e6", "--set", "checkpoint_every_steps=1")
     code, _, err = run([*argv, "--out", tmp_path / "run"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1
-    assert "the loss became nan at epoch 1, batch 5" in lines[0]
+    named = re.search(r"the loss became nan at epoch 1, batch (\d+);", lines[0])
+    assert named, lines[0]
     assert "last good checkpoint" in lines[0] and "lower the learning rate (now 1e+06)" in lines[0]
     record = load_checkpoint(tmp_path / "run")
-    assert record["training"]["sums"]["batch"] == 4  # the step before the NaN
+    assert record["training"]["sums"]["batch"] == int(named[1]) - 1  # the step before the NaN
     assert all(torch.isfinite(t).all() for t in record["model_state"].values())

@@ -54,10 +54,11 @@ def test_train_eval_and_report_end_to_end(tmp_path, capsys):
     assert "BC-ADAM" in (tmp_path / "report" / "table.md").read_text()
 
 
-def test_resume_continues_a_finished_shorter_run(tmp_path, capsys):
+def test_resume_extends_a_finished_run_with_a_constant_schedule(tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_cli([*TRAIN, "--out", run], capsys)[0] == 0
-    args = [a if a != "2" else "3" for a in TRAIN]
+    constant = [*TRAIN, "--set", "schedule=constant"]
+    assert run_cli([*constant, "--out", run], capsys)[0] == 0
+    args = [a if a != "2" else "3" for a in constant]
     code, _, _ = run_cli([*args, "--out", run, "--resume"], capsys)
     assert code == 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 3
 

@@ -45,7 +45,7 @@ def imagenet_root(tmp_path_factory) -> Path:
 
 def make_loader(root, batch_size=4, train=True, **kw):
     splits = data.load_imagenet(root)
-    folder = splits.train if train else splits.val
+    folder = splits.train if train else splits.test
     options = dict(train=train, seed=3, num_workers=0, image_size=24, resize_size=28)
     options.update(kw)
     return data.ImageNetLoader(folder, batch_size, **options)
@@ -54,7 +54,7 @@ def make_loader(root, batch_size=4, train=True, **kw):
 def test_folders_are_scanned_in_class_order(imagenet_root):
     splits = data.load_imagenet(imagenet_root)
     assert splits.class_names == CLASSES and splits.num_classes == 3
-    assert len(splits.train) == 12 and len(splits.val) == 6
+    assert len(splits.train) == 12 and len(splits.test) == 6
     assert [label for _, label in splits.train.samples] == [0] * 4 + [1] * 4 + [2] * 4
     assert all(path.suffix == ".JPEG" for path, _ in splits.train.samples)
     assert splits.mean == pytest.approx((123.675, 116.28, 103.53))
@@ -79,7 +79,7 @@ def test_eval_transform_is_resize_then_centre_crop(imagenet_root):
     loader = make_loader(imagenet_root, train=False, batch_size=6)
     x, y = next(loader.epoch(0))
     assert y.tolist() == [0, 0, 1, 1, 2, 2]
-    path = data.load_imagenet(imagenet_root).val.samples[0][0]
+    path = data.load_imagenet(imagenet_root).test.samples[0][0]
     with Image.open(path) as image:
         expected = to_uint8(center_crop(resize_shorter(image.convert("RGB"), 28), 24))
     mean = torch.tensor(data.ImageNetSplits.mean).view(3, 1, 1)

@@ -13,10 +13,15 @@ import json
 import pytest
 import torch
 
+from qtrain import data as qdata
+from qtrain import models
+from qtrain.base.streams import stream_generator, stream_seed
 from qtrain.cli import main
+from qtrain.data.loader import generator_for
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig, tomllib  # tomli on Python 3.10
+from qtrain.train.trainer import Trainer
 
 TIMING_KEYS = {"seconds", "images_per_second"}
 # SR draws its rounding from a generator; augmentation adds crop and flip draws.
@@ -75,3 +80,35 @@ def test_the_run_folder_alone_repeats_the_run(tmp_path, capsys):
     for key in ("qtrain_version", "git_revision", "torch_version", "python_version", "command"):
         assert meta[key], key
     assert meta["torch_threads"] == 1  # the count the numbers depend on
+
+
+# -- every random stream of a run comes from (seed, stream name) -----------------------------
+
+
+def stream_config(**changes) -> RunConfig:
+    base = dict(model="tiny_mlp", dataset="synthetic", method="fp-adam", batch_size=64, seed=5)
+    return RunConfig(**{**base, "device": "cpu", "channels_last": False, **changes})
+
+
+def test_model_initialisation_draws_from_the_init_stream(tmp_path):
+    trainer = Trainer(stream_config(), tmp_path / "run", log=lambda *a: None)
+    torch.manual_seed(stream_seed(5, "init"))
+    expected = models.create("tiny_mlp", num_classes=4, width=1.0, in_channels=3)
+    for (name, got), want in zip(
+        trainer.model.state_dict().items(), expected.state_dict().values()
+    ):
+        assert torch.equal(got, want), name
+    # The init of seed 5 is not the init a `manual_seed(seed + k)` scheme would give any seed.
+    torch.manual_seed(5)
+    plain = models.create("tiny_mlp", num_classes=4, width=1.0, in_channels=3)
+    assert not torch.equal(next(plain.parameters()), next(trainer.model.parameters()))
+
+
+def test_train_subset_and_data_order_draw_from_their_own_streams(tmp_path):
+    trainer = Trainer(stream_config(train_subset=128), tmp_path / "run", log=lambda *a: None)
+    full = qdata.load("synthetic", image_size=8)
+    keep = torch.randperm(512, generator=stream_generator(5, "subset"))[:128]
+    assert torch.equal(trainer.splits.train.labels, full.train.labels[keep])
+    order = torch.randperm(128, generator=generator_for(stream_seed(5, "data-order"), 0))
+    labels = torch.cat([y for _, y in trainer.train_loader.epoch(0)])
+    assert torch.equal(labels, trainer.splits.train.labels[order])

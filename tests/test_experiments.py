@@ -12,6 +12,8 @@ from qtrain.experiments.methods import LABEL_ORDER, PAPER_METHODS
 from qtrain.report.collect import report_runs
 from qtrain.report.style import METHOD_ORDER
 from qtrain.train import rundir
+from qtrain.train.config import load_toml
+from qtrain.train.trainer import Trainer
 
 
 def quiet(*_args, **_kwargs):
@@ -40,32 +42,68 @@ def test_reports_order_methods_as_the_experiments_define_them():
 
 def test_big_batch_sr_adam_uses_the_papers_batch_sizes():
     labels = {m.label: m for m in PAPER_METHODS}
-    row = table1.ROWS["vgg9-cifar10"]
-    big = table1.row_config(row, labels["big-batch SR-ADAM"], "paper", 0, None, False)
-    small = table1.row_config(row, labels["SR-ADAM"], "paper", 0, None, False)
+    big = table1.row_config("vgg9-cifar10", labels["big-batch SR-ADAM"], "paper", 0, None, False)
+    small = table1.row_config("vgg9-cifar10", labels["SR-ADAM"], "paper", 0, None, False)
     assert (big.batch_size, small.batch_size, big.method) == (1024, 128, "sr-adam")
-    assert (
-        table1.row_config(
-            table1.ROWS["wrn56_2-cifar10"], labels["big-batch SR-ADAM"], "paper", 0, None, False
-        ).batch_size
-        == 512
+    wide = table1.row_config(
+        "wrn56_2-cifar10", labels["big-batch SR-ADAM"], "paper", 0, None, False
     )
+    assert wide.batch_size == 512
     assert big.epochs == 160 and big.lr == 0.01 and big.width == 1.0
 
 
-def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path):
-    config = table1.row_config(
-        table1.ROWS["vgg9-cifar10"], PAPER_METHODS[1], "short", 0, None, False
-    )
-    config = config.replace(
+@pytest.mark.parametrize("row", table1.ROWS)
+def test_every_row_comes_from_its_presets_alone(row):
+    """The cells of a row differ from the row's preset only in the method (and, for big-batch
+    SR-ADAM, in the batch size of its own preset)."""
+    preset = load_toml(row)
+    for method in PAPER_METHODS:
+        config = table1.row_config(row, method, "paper", 0, None, False).to_dict()
+        source = load_toml(f"{row}-sr-bigbatch") if method.big_batch else preset
+        assert {k: config[k] for k in source if k != "method"} == {
+            k: v for k, v in source.items() if k != "method"
+        }
+        assert config["method"] == method.method
+        assert {k: config[k] for k in ("model", "dataset")} == {
+            k: preset[k] for k in ("model", "dataset")
+        }
+
+
+def test_a_crash_after_the_summary_keeps_the_cells_label(tmp_path, monkeypatch):
+    """Killed between summary.json and anything after it, a big-batch SR-ADAM cell must still
+    be reported as big-batch SR-ADAM, not merged into SR-ADAM (same method preset)."""
+    big = next(m for m in PAPER_METHODS if m.big_batch)
+    config = tiny_cell(table1.row_config("vgg9-cifar10", big, "short", 0, None, False))
+    run_dir = tmp_path / "vgg9-cifar10" / big.slug / "seed0"
+    real_run = Trainer.run
+
+    def run_then_die(self, resume=False):
+        real_run(self, resume=resume)
+        raise KeyboardInterrupt  # the process dies right after summary.json
+
+    monkeypatch.setattr(Trainer, "run", run_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        table1.run_one(config, run_dir, {"row": "vgg9 cifar10", "method": big.label}, quiet)
+    assert rundir.is_finished(run_dir)
+    summary = report_runs([tmp_path], tmp_path / "report", log=quiet)
+    assert [r["method"] for r in summary["summary"]] == ["big-batch SR-ADAM"]
+
+
+def tiny_cell(config):
+    return config.replace(
         model="tiny_mlp",
         dataset="synthetic",
         epochs=2,
+        schedule="constant",  # so that a one-epoch cell may be resumed to two
         train_subset=None,
         batch_size=64,
         channels_last=False,
         device="cpu",
     )
+
+
+def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path):
+    config = tiny_cell(table1.row_config("vgg9-cifar10", PAPER_METHODS[1], "short", 0, None, False))
     run_dir = tmp_path / "cell"
     messages = []
     table1.run_one(
@@ -91,4 +129,4 @@ def test_unknown_rows_and_budgets_are_refused():
     with pytest.raises(ValueError, match="did you mean 'resnet56-cifar10'"):
         table1.check_rows(["resnet56-cifar"])
     with pytest.raises(ValueError, match="budget"):
-        table1.row_config(table1.ROWS["vgg9-cifar10"], PAPER_METHODS[0], "long", 0, None, False)
+        table1.row_config("vgg9-cifar10", PAPER_METHODS[0], "long", 0, None, False)

@@ -17,6 +17,7 @@ from qtrain.methods import (
     list_methods,
     parse_method,
     quantized_parameter_names,
+    split_parameters,
 )
 from qtrain.quant import binary, parse_grid, round_nearest, ternary
 
@@ -325,3 +326,66 @@ def test_every_base_optimizer_has_every_mode_and_the_flip_methods_are_listed():
     assert {"bop-adam", "bop2-adam"} <= set(names)
     assert parse_method("bc-adamw").describe == "BinaryConnect with AdamW"
     assert parse_method("bop2-adam").paper_name == "Bop2"
+
+
+class TiedLanguageModel(nn.Module):
+    """Embedding → linear → head, the head's weight tied to the embedding and declared
+    full precision, as a GPT does."""
+
+    full_precision_modules = ("head",)
+
+    def __init__(self, vocab: int = 6, width: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.hidden = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hidden(self.embed(idx))))
+
+
+def test_linear_policy_quantizes_the_classifier_linears_of_a_cnn_and_no_conv():
+    assert quantized_parameter_names(small_net(), "linear") == ["8.weight"]
+
+
+def test_only_the_linear_policy_keeps_declared_modules_in_full_precision():
+    model = small_net()
+    model.full_precision_modules = ("8",)
+    assert quantized_parameter_names(model, "linear") == []
+    assert quantized_parameter_names(model, "conv+linear") == ["0.weight", "3.weight", "8.weight"]
+    assert len(quantized_parameter_names(model, "all")) == len(list(model.parameters()))
+
+
+def test_a_tied_head_stays_full_precision_under_linear_and_is_quantized_once_under_all():
+    torch.manual_seed(0)
+    model = TiedLanguageModel()
+    assert quantized_parameter_names(model, "linear") == ["hidden.weight"]
+    # the shared tensor appears once, under its first name, in every policy
+    assert quantized_parameter_names(model, "conv+linear") == ["embed.weight", "hidden.weight"]
+    everything = ["embed.weight", "hidden.weight", "hidden.bias"]
+    assert quantized_parameter_names(model, "all") == everything
+    for policy in ("linear", "conv+linear", "all"):
+        quantized, full = split_parameters(model, policy)
+        ids = [id(p) for p in quantized + full]
+        assert len(ids) == len(set(ids)) == 3, policy
+    opt = create("bc-adam", model, lr=0.01, policy="all")
+    assert opt.num_quantized == 6 * 4 + 4 * 4 + 4
+    idx = torch.randint(0, 6, (3, 5), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        opt.step()
+        assert model.head.weight is model.embed.weight
+        assert binary().contains(model.embed.weight.detach())
+
+
+@pytest.mark.parametrize(
+    "declared, message",
+    [(("lm_head",), "names lm_head, which the model does not have"), ("8", "tuple of submodule")],
+)
+def test_a_bad_full_precision_declaration_is_named(declared, message):
+    model = small_net()
+    model.full_precision_modules = declared
+    with pytest.raises(ValueError, match=message):
+        quantized_parameter_names(model, "linear")

@@ -12,8 +12,9 @@ import torch
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
+from qtrain.train.divergence import DivergenceError
 from qtrain.train.schedules import lr_factor
-from qtrain.train.trainer import DivergenceError, Trainer, TrainingInterrupted
+from qtrain.train.trainer import Trainer, TrainingInterrupted
 
 TIMING_KEYS = {"seconds", "images_per_second"}
 
@@ -130,9 +131,10 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
 
 
 def test_a_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint(tmp_path, monkeypatch):
-    Trainer(tiny_config(method="fp-adam", epochs=1), tmp_path, log=quiet).run()
+    constant = dict(method="fp-adam", schedule="constant")  # so that epochs may grow on resume
+    Trainer(tiny_config(epochs=1, **constant), tmp_path, log=quiet).run()
     good = final_state(tmp_path)
-    trainer = Trainer(tiny_config(method="fp-adam", epochs=2), tmp_path, log=quiet)
+    trainer = Trainer(tiny_config(epochs=2, **constant), tmp_path, log=quiet)
     forward = trainer.forward_model.forward
     monkeypatch.setattr(trainer.forward_model, "forward", lambda x: forward(x) * math.nan)
     with pytest.raises(DivergenceError, match="lower the learning rate"):
@@ -149,7 +151,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(tmp_path):
 def test_resuming_with_another_method_is_refused(tmp_path):
     Trainer(tiny_config(epochs=1), tmp_path, log=quiet).run()
     with pytest.raises(ValueError, match="method"):
-        Trainer(tiny_config(epochs=2, method="bc-adam"), tmp_path, log=quiet).run(resume=True)
+        Trainer(tiny_config(epochs=1, method="bc-adam"), tmp_path, log=quiet).run(resume=True)
 
 
 def test_step_schedule_decays_at_half_and_three_quarters():

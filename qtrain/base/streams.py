@@ -14,7 +14,7 @@ import hashlib
 
 import torch
 
-STREAMS = ("init", "grid-init", "rounding", "data-order", "augment", "sample")
+STREAMS = ("init", "grid-init", "rounding", "data-order", "augment", "sample", "subset")
 
 
 def stream_seed(seed: int, stream: str) -> int:

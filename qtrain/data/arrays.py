@@ -10,6 +10,19 @@ from dataclasses import dataclass
 
 import torch
 
+from qtrain.base.names import unknown_name
+
+from .loader import BatchLoader
+
+SPLITS = ("train", "test")
+
+
+def check_split(split: str) -> str:
+    """``split`` if it is one of SPLITS (every data set has the same two), else ValueError."""
+    if split not in SPLITS:
+        raise unknown_name("split", split, SPLITS)
+    return split
+
 
 @dataclass
 class ArrayDataset:
@@ -33,6 +46,10 @@ class ArrayDataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def take(self, indices: torch.Tensor) -> ArrayDataset:
+        """The images and labels at ``indices`` (int64 [n]), in that order."""
+        return ArrayDataset(self.images[indices], self.labels[indices])
+
 
 @dataclass
 class DataSplits:
@@ -53,6 +70,38 @@ class DataSplits:
     augment: bool
     name: str
     class_names: list[str] | None = None
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        seed: int,
+        device: torch.device | str = "cpu",
+        augment: bool | None = None,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        local_world_size: int = 1,
+    ) -> BatchLoader:
+        """A `BatchLoader` of ``split``: "train" shuffles (and augments unless ``augment`` is
+        false or the set's default is off), "test" keeps the order and never augments.
+        ``local_world_size`` is accepted for the common loader protocol; in-memory batches
+        need no worker processes."""
+        check_split(split)
+        return BatchLoader(
+            self.train if split == "train" else self.test,
+            batch_size,
+            mean=self.mean,
+            std=self.std,
+            train=split == "train",
+            augment=self.augment if augment is None else augment,
+            seed=seed,
+            device=device,
+            channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
+        )
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

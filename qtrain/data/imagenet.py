@@ -2,9 +2,10 @@
 
     root/train/<class>/<image>.JPEG      root/val/<class>/<image>.JPEG
 
-Classes are the sorted folder names of ``train/`` (label = position). Per image, as in the
-reference PyTorch ImageNet recipe (torchvision's RandomResizedCrop / Resize / CenterCrop on
-PIL images, bilinear):
+The folder ``val`` is the data set's "test" split, as in every qtrain data set. Classes are
+the sorted folder names of ``train/`` (label = position). Per image, as in the reference
+PyTorch ImageNet recipe (torchvision's RandomResizedCrop / Resize / CenterCrop on PIL images,
+bilinear):
 
     train: area fraction s ~ U(0.08, 1), aspect ratio r ~ logU(3/4, 4/3), crop
            w = √(s·A·r) × h = √(s·A/r) at a uniform position (10 tries, else the centre
@@ -21,8 +22,9 @@ exactly; sharding over ranks is the same as `BatchLoader`'s.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from qtrain.base.optional import require
 
+from .arrays import check_split
 from .errors import CorruptDataError, DataError, DatasetNotFoundError
-from .loader import AUGMENT_STREAM, Batch, epoch_permutation, mix_seed, rank_slice
+from .loader import Batch, Batching, augmentation_seed, epoch_permutation, rank_slice
 
 # The usual ImageNet statistics, converted to pixel units (0..255) like every qtrain set.
 IMAGENET_MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))
@@ -56,19 +59,69 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def take(self, indices: torch.Tensor) -> ImageFolder:
+        """The images at ``indices`` (int64 [n]), in that order."""
+        return replace(self, samples=[self.samples[i] for i in indices.tolist()])
+
 
 @dataclass
 class ImageNetSplits:
-    """The train and val folders plus what models and loaders need to know."""
+    """The train and test (``val/``) folders plus what models and loaders need to know.
+
+    ``image_size`` is the side of the crops the loaders yield (the model's input size).
+    """
 
     train: ImageFolder
-    val: ImageFolder
+    test: ImageFolder
     num_classes: int
     class_names: list[str]
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     in_channels: int = 3
     image_size: int = 224
+    augment: bool = True
+    name: str = "imagenet"
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        seed: int,
+        device: torch.device | str = "cpu",
+        augment: bool | None = None,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        local_world_size: int = 1,
+    ) -> ImageNetLoader:
+        """An `ImageNetLoader` of ``split`` ("train" shuffles and augments, "test" does not).
+
+        Crops are ``image_size``² after resizing the shorter side to 256/224 of it; training
+        always uses random-resized crops and flips. Each of the ``local_world_size`` ranks of a
+        node decodes with an equal share of the node's CPUs, one kept for itself.
+        """
+        check_split(split)
+        if split == "train" and augment is False:
+            raise ValueError(
+                "ImageNet training always uses random-resized crops and flips; remove augment=false"
+            )
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return ImageNetLoader(
+            self.train if split == "train" else self.test,
+            batch_size,
+            train=split == "train",
+            seed=seed,
+            mean=self.mean,
+            std=self.std,
+            device=device,
+            num_workers=max(1, (cpus or 1) // local_world_size - 1),
+            channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
+            image_size=self.image_size,
+            resize_size=round(self.image_size * 256 / 224),
+        )
 
 
 def scan_folder(folder: Path, class_names: Sequence[str] | None = None) -> ImageFolder:
@@ -98,12 +151,18 @@ def scan_folder(folder: Path, class_names: Sequence[str] | None = None) -> Image
     return ImageFolder(folder, samples, names)
 
 
-def load_imagenet(root: str | Path) -> ImageNetSplits:
-    """Scan ``root/train`` and ``root/val`` (same class folders) into `ImageNetSplits`."""
+def load_imagenet(root: str | Path, image_size: int = 224) -> ImageNetSplits:
+    """Scan ``root/train`` and ``root/val`` (same class folders) into `ImageNetSplits`.
+
+    ``image_size`` is the side of the crops its loaders yield (224 for ResNet-18).
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"ImageNet crops need image_size >= 1 (an integer), got {image_size!r}")
     root = Path(root).expanduser()
     train = scan_folder(root / "train")
-    val = scan_folder(root / "val", train.class_names)
-    return ImageNetSplits(train, val, len(train.class_names), train.class_names)
+    test = scan_folder(root / "val", train.class_names)
+    names = train.class_names
+    return ImageNetSplits(train, test, len(names), names, image_size=image_size)
 
 
 def random_resized_crop_box(
@@ -198,8 +257,8 @@ class FolderImages(Dataset):
         return to_uint8(image), label
 
 
-class ImageNetLoader:
-    """Batches of an `ImageFolder` with the `BatchLoader` interface (``len``, ``epoch``).
+class ImageNetLoader(Batching):
+    """Batches of an `ImageFolder` with the loader protocol of `Batching` (``len``, ``epoch``).
 
     ``batch_size`` is global; rank r of ``world_size`` gets the contiguous slice
     [r·B/W, (r+1)·B/W) of every global batch of the shared per-epoch permutation. ``mean``
@@ -224,42 +283,27 @@ class ImageNetLoader:
         image_size: int = 224,
         resize_size: int = 256,
     ) -> None:
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"batch size {batch_size}, rank {rank} and world size {world_size} are not "
-                "valid; pass a positive batch size and a rank in 0..world_size−1"
-            )
         if not 0 < image_size <= resize_size:
             raise ValueError(
                 f"crop size {image_size} must be positive and at most the resize size "
                 f"{resize_size}; pass a smaller image_size or a larger resize_size"
             )
-        if batch_size % world_size:
-            raise ValueError(
-                f"global batch size {batch_size} is not divisible by world size {world_size}; "
-                "choose a batch size that is a multiple of the number of processes"
-            )
+        super().__init__(
+            len(folder),
+            batch_size,
+            channels=3,
+            mean=mean,
+            std=std,
+            train=train,
+            seed=seed,
+            device=device,
+            drop_last=drop_last,
+            channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
+        )
         self.images = FolderImages(folder, train, image_size, resize_size)
-        self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
-        self.drop_last = train if drop_last is None else drop_last
-        if self.drop_last and len(folder) < batch_size:
-            raise ValueError(
-                f"batch size {batch_size} is larger than the {len(folder)} images of "
-                f"{folder.root}, so no full batch exists; use a smaller batch"
-            )
-        self.device = torch.device(device)
         self.num_workers = num_workers
-        self.channels_last = channels_last
-        self.rank = rank
-        self.world_size = world_size
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-
-    def __len__(self) -> int:
-        size = len(self.images)
-        return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
 
     def batch_keys(self, epoch: int, start_batch: int) -> list[list[tuple[int, int]]]:
         """Per batch of this rank: the (image index, sample seed) keys, in order."""
@@ -270,29 +314,16 @@ class ImageNetLoader:
             first = b * self.batch_size
             positions = range(first, min(first + self.batch_size, size))
             mine = positions[rank_slice(len(positions), self.rank, self.world_size)]
-            batches.append(
-                [(order[p], mix_seed(self.seed, epoch, p, AUGMENT_STREAM)) for p in mine]
-            )
+            batches.append([(order[p], augmentation_seed(self.seed, epoch, p)) for p in mine])
         return batches
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches ``start_batch`` … len−1 of ``epoch``: x float32 [B/W, 3, S, S], y int64."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(
-                f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch); "
-                "resume from a batch index of this epoch"
-            )
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         loader = DataLoader(
             self.images,
             batch_sampler=self.batch_keys(epoch, start_batch),
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        return self._normalised(loader)
-
-    def _normalised(self, loader: DataLoader) -> Iterator[Batch]:
         for pixels, labels in loader:
-            x = pixels.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.normalise(pixels.to(self.device, non_blocking=True))
             yield x, labels.to(self.device, non_blocking=True)

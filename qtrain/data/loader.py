@@ -13,7 +13,10 @@ flip are one `gather` over flat pixel indices.
 
 Reproducibility: the shuffle of an epoch is a pure function of (seed, epoch) and the
 augmentation of batch b a pure function of (seed, epoch, b), each drawn from its own CPU
-`torch.Generator` (so batches are identical on every device). Resuming an epoch at batch b
+`torch.Generator` (so batches are identical on every device). The two come from the run's
+"data-order" and "augment" random streams (`qtrain.base.streams`): shuffle seed
+mix(stream_seed(seed, "data-order"), epoch), augmentation seed
+mix(stream_seed(seed, "augment"), epoch, b). Resuming an epoch at batch b
 therefore yields exactly the batches an uninterrupted epoch would.
 
 Threads: on a CPU device each batch is computed with one intra-op thread. The ops are
@@ -30,17 +33,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .arrays import ArrayDataset
+from qtrain.base.streams import stream_seed
+
+if TYPE_CHECKING:  # arrays.py builds loaders, so the import runs one way only
+    from .arrays import ArrayDataset
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # x float32 [B, C, H, W], y int64 [B]
-
-SHUFFLE_STREAM = 0
-AUGMENT_STREAM = 1
 
 
 @contextlib.contextmanager
@@ -67,7 +72,12 @@ def generator_for(*parts: int) -> torch.Generator:
 
 def epoch_permutation(size: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffle of ``epoch``: a permutation of range(size), int64 [size] on the CPU."""
-    return torch.randperm(size, generator=generator_for(seed, epoch, SHUFFLE_STREAM))
+    return torch.randperm(size, generator=generator_for(stream_seed(seed, "data-order"), epoch))
+
+
+def augmentation_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of the augmentation draws of batch (or image) ``position`` of ``epoch``."""
+    return mix_seed(stream_seed(seed, "augment"), epoch, position)
 
 
 def rank_slice(size: int, rank: int, world_size: int) -> slice:
@@ -110,7 +120,81 @@ def crop_flip(
     return picked.reshape(batch, channels, height, width)
 
 
-class BatchLoader:
+class Batching(ABC):
+    """What every loader shares: a global batch split over ranks, batches per epoch, a
+    resumable ``epoch(e, start_batch)`` and the per-channel normalisation x = (pixel − mean)/std.
+
+    A subclass yields the batches of one epoch from ``_batches(epoch, start_batch)``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        *,
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        seed: int,
+        device: torch.device | str,
+        drop_last: bool | None,
+        channels_last: bool,
+        rank: int,
+        world_size: int,
+    ) -> None:
+        _check_sizes(size, batch_size, rank, world_size)
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise ValueError(
+                f"mean and std need {channels} values (one per channel) with std > 0, got "
+                f"mean={tuple(mean)} std={tuple(std)}; pass the data set's statistics"
+            )
+        self.size = size
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.drop_last = train if drop_last is None else drop_last
+        if self.drop_last and size < batch_size:
+            raise ValueError(
+                f"batch size {batch_size} is larger than the {size} images of the "
+                "split, so dropping the last partial batch leaves none; use a smaller batch"
+            )
+        self.channels_last = channels_last
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        shape = (1, channels, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        if self.drop_last:
+            return self.size // self.batch_size
+        return -(-self.size // self.batch_size)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches ``start_batch`` … len−1 of ``epoch``: x float32 [B/W, C, H, W], y int64."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(
+                f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch); "
+                "resume from a batch index of this epoch"
+            )
+        return self._batches(epoch, start_batch)
+
+    @abstractmethod
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        """This rank's batches ``start_batch`` … len−1 of ``epoch``."""
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, C, H, W] on the device → float32 (pixel − mean)/std, in place."""
+        x = pixels.float().sub_(self.mean).div_(self.std)  # in place: no extra [B, C, H, W]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+class BatchLoader(Batching):
     """Iterates normalised float32 batches of an `ArrayDataset` stored on ``device``.
 
     ``batch_size`` is global (split across ``world_size`` ranks). ``mean`` and ``std`` are per
@@ -138,52 +222,31 @@ class BatchLoader:
         world_size: int = 1,
         padding: int = 4,
     ) -> None:
-        channels = dataset.images.shape[1]
-        _check_sizes(len(dataset), batch_size, rank, world_size, padding)
-        if len(mean) != channels or len(std) != channels or min(std) <= 0:
-            raise ValueError(
-                f"mean and std need {channels} values (one per channel) with std > 0, got "
-                f"mean={tuple(mean)} std={tuple(std)}; pass the data set's statistics"
-            )
-        self.batch_size = batch_size
-        self.train = train
+        super().__init__(
+            len(dataset),
+            batch_size,
+            channels=dataset.images.shape[1],
+            mean=mean,
+            std=std,
+            train=train,
+            seed=seed,
+            device=device,
+            drop_last=drop_last,
+            channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
+        )
+        if not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"crop padding must be an integer >= 0, got {padding!r}")
         self.augment = train and augment
-        self.seed = seed
-        self.drop_last = train if drop_last is None else drop_last
-        self.channels_last = channels_last
-        self.rank = rank
-        self.world_size = world_size
         self.padding = padding
-        self.device = torch.device(device)
         self.images = dataset.images.to(self.device)  # uint8 [N, C, H, W], stored once
         self.labels = dataset.labels.to(self.device)
-        shape = (1, channels, 1, 1)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
-        if self.drop_last and len(dataset) < batch_size:
-            raise ValueError(
-                f"batch size {batch_size} is larger than the {len(dataset)} images of the "
-                "split, so dropping the last partial batch leaves none; use a smaller batch"
-            )
 
     @property
     def num_samples(self) -> int:
         """Images per epoch over all ranks."""
         return len(self) * self.batch_size if self.drop_last else self.images.shape[0]
-
-    def __len__(self) -> int:
-        """Batches per epoch (the same on every rank)."""
-        size = self.images.shape[0]
-        return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches ``start_batch`` … len−1 of ``epoch``: x float32 [B/W, C, H, W], y int64."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(
-                f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch); "
-                "resume from a batch index of this epoch"
-            )
-        return self._batches(epoch, start_batch)
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         size = self.images.shape[0]
@@ -204,17 +267,14 @@ class BatchLoader:
         indices = global_indices[part]
         x = self.images.index_select(0, indices)
         if self.augment:
-            generator = generator_for(self.seed, epoch, b, AUGMENT_STREAM)
+            generator = torch.Generator().manual_seed(augmentation_seed(self.seed, epoch, b))
             draws = draw_augmentation(global_indices.shape[0], self.padding, generator)
             dy, dx, flip = (d[part].to(self.device) for d in draws)
             x = crop_flip(x, dy, dx, flip, self.padding)
-        x = x.float().sub_(self.mean).div_(self.std)  # in place: no extra [B, C, H, W]
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.labels.index_select(0, indices)
+        return self.normalise(x), self.labels.index_select(0, indices)
 
 
-def _check_sizes(size: int, batch_size: int, rank: int, world_size: int, padding: int) -> None:
+def _check_sizes(size: int, batch_size: int, rank: int, world_size: int) -> None:
     if size == 0:
         raise ValueError("the data set is empty; load a split that holds images")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -229,5 +289,3 @@ def _check_sizes(size: int, batch_size: int, rank: int, world_size: int, padding
             f"global batch size {batch_size} is not divisible by world size {world_size}; "
             "choose a batch size that is a multiple of the number of processes"
         )
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"crop padding must be an integer >= 0, got {padding!r}")

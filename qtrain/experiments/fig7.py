@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qtrain.experiments.methods import MethodRow
-from qtrain.experiments.table1 import ROWS, row_config, run_one
+from qtrain.experiments.table1 import row_config, run_one
 from qtrain.report.figures import plot_fig7
 from qtrain.train import rundir
 
@@ -19,7 +19,7 @@ DECAYS = {"weight decay 1e-5": 1e-5, "no weight decay": 0.0}
 
 
 def run(out: Path, budget: str = "short", data_dir=None, download: bool = True, log=print):
-    row = ROWS["vggbc-cifar10"]
+    row = "vgg_bc-cifar10"
     bc = MethodRow("BC-ADAM", "bc-adam")
     curves = {}
     for label, decay in DECAYS.items():

@@ -2,6 +2,9 @@
 
 Budgets:
 
+The rows are the shipped presets (qtrain/configs): ROW.toml gives the model, data set and
+settings of FP/BC/SR/R-ADAM, ROW-sr-bigbatch.toml those of big-batch SR-ADAM.
+
 | budget | epochs | width | batch (big batch)                     | training images    |
 |--------|--------|-------|---------------------------------------|--------------------|
 | paper  | 160    | 1.0   | 128 (1024; 512 for WRN-56-2/ResNet-18) | all (50,000)       |
@@ -17,41 +20,31 @@ completes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from qtrain.base.names import unknown_name
 from qtrain.experiments.methods import PAPER_METHODS, MethodRow
 from qtrain.report.collect import report_runs
 from qtrain.train import rundir
-from qtrain.train.config import RunConfig
+from qtrain.train.config import RunConfig, from_dict, load_toml
 from qtrain.train.trainer import Trainer
 
-
-@dataclass(frozen=True)
-class TableRow:
-    model: str
-    dataset: str
-    big_batch: int  # the batch of big-batch SR-ADAM [paper]
-
-    @property
-    def title(self) -> str:
-        return f"{self.model} {self.dataset}"
-
-
-ROWS = {
-    "vgg9-cifar10": TableRow("vgg9", "cifar10", 1024),
-    "vggbc-cifar10": TableRow("vgg_bc", "cifar10", 1024),
-    "resnet56-cifar10": TableRow("resnet56", "cifar10", 1024),
-    "wrn56_2-cifar10": TableRow("wrn56_2", "cifar10", 512),
-    "resnet56-cifar100": TableRow("resnet56", "cifar100", 1024),
-    "resnet18-imagenet": TableRow("resnet18", "imagenet", 512),
-}
+# Each row is the shipped preset of that name (qtrain/configs); its big-batch SR-ADAM cell is
+# the preset ROW-sr-bigbatch. The presets are the one source of every row's settings.
+ROWS = (
+    "vgg9-cifar10",
+    "vgg_bc-cifar10",
+    "resnet56-cifar10",
+    "wrn56_2-cifar10",
+    "resnet56-cifar100",
+    "resnet18-imagenet",
+)
+BIG_BATCH = "-sr-bigbatch"
 BUDGETS = {
-    "paper": {"epochs": 160, "width": 1.0},
+    "paper": {},  # the presets' own settings
     "short": {"epochs": 12, "width": 0.25},
 }
-BASE_BATCH = 128
+LABEL = "label.json"
 
 
 def check_rows(rows: list[str] | None) -> list[str]:
@@ -62,33 +55,48 @@ def check_rows(rows: list[str] | None) -> list[str]:
     return rows
 
 
+def row_title(row: str) -> str:
+    """The row as printed in the table: its preset's model and data set."""
+    values = load_toml(row)
+    return f"{values['model']} {values['dataset']}"
+
+
 def row_config(
-    row: TableRow, method: MethodRow, budget: str, seed: int, data_dir, download: bool
+    row: str, method: MethodRow, budget: str, seed: int, data_dir, download: bool
 ) -> RunConfig:
+    """The config of one cell: the row's preset (or its big-batch preset) with the method,
+    the budget, the seed and where the data lives."""
     if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; choose paper or short")
-    return RunConfig(
-        model=row.model,
-        dataset=row.dataset,
-        data_dir=None if data_dir is None else str(data_dir),
-        download=download,
-        method=method.method,
-        batch_size=row.big_batch if method.big_batch else BASE_BATCH,
-        lr=0.01,
-        seed=seed,
-        **BUDGETS[budget],
+        raise unknown_name("budget", budget, BUDGETS)
+    values = load_toml(f"{check_rows([row])[0]}{BIG_BATCH if method.big_batch else ''}")
+    return from_dict(
+        {
+            **values,
+            "method": method.method,
+            "seed": seed,
+            "data_dir": None if data_dir is None else str(data_dir),
+            "download": download,
+            **BUDGETS[budget],
+        }
     )
 
 
 def run_one(config: RunConfig, run_dir: Path, label: dict, log=print) -> None:
-    """Train one cell unless finished; resume it when a checkpoint exists."""
+    """Train one cell unless finished; resume it when a checkpoint exists.
+
+    The cell's label is written before training starts, so a run folder never holds training
+    output without its label, whenever the process stops (two cells with one method preset,
+    such as SR-ADAM and big-batch SR-ADAM, are told apart only by it).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / LABEL).exists():
+        rundir.write_json(run_dir / LABEL, label)
     if rundir.is_finished(run_dir):
         log(f"skip {run_dir} (finished)")
         return
     resume = (run_dir / rundir.CHECKPOINT).exists()
     log(f"{'resume' if resume else 'train'} {run_dir}")
     Trainer(config, run_dir, log=log).run(resume=resume)
-    rundir.write_json(run_dir / "label.json", label)
 
 
 def run(
@@ -104,11 +112,11 @@ def run(
     rows = check_rows(rows)
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    for name in rows:
-        row = ROWS[name]
+    for row in rows:
+        title = row_title(row)
         for method in PAPER_METHODS:
             for seed in range(seeds):
                 config = row_config(row, method, budget, seed, data_dir, download)
-                run_dir = out / name / method.slug / f"seed{seed}"
-                run_one(config, run_dir, {"row": row.title, "method": method.label}, log)
-    return report_runs([out / name for name in rows], out, log=log)
+                run_dir = out / row / method.slug / f"seed{seed}"
+                run_one(config, run_dir, {"row": title, "method": method.label}, log)
+    return report_runs([out / row for row in rows], out, log=log)

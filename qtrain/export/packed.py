@@ -12,8 +12,8 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
                                             num_batches_tracked, linear layers, biases)
     __metadata__ = {"qtrain": one JSON string, "qtrain_crc32": CRC-32 of that string} holding
       format "qtrain-packed", format_version 2, qtrain_version
-      model      {"name", "num_classes", "width", "in_channels"}  (rebuilds the network)
-      method     {"name", "grid": Grid.to_dict(), "policy"}
+      model      {"name", "num_classes", "width", "in_channels", "activations"}: the network
+      method     {"name", "grid": Grid.to_dict(), "policy", "scale"}
       quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order,
                  plus "scale": "channel" for a weight stored with a scale per output channel
       config     the training run's configuration without its machine-local keys (data
@@ -310,6 +310,7 @@ def _create_model(path: Path, spec: dict) -> nn.Module:
             num_classes=spec["num_classes"],
             width=spec["width"],
             in_channels=spec["in_channels"],
+            activations=spec.get("activations", "float"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise PackedFormatError(

@@ -5,6 +5,7 @@ from qtrain.methods.policy import POLICIES, quantized_parameter_names, split_par
 from qtrain.methods.presets import (
     METHODS,
     MethodSpec,
+    check_settings,
     create,
     list_methods,
     parse_method,
@@ -19,6 +20,7 @@ __all__ = [
     "SCALES",
     "MethodSpec",
     "QuantizedOptimizer",
+    "check_settings",
     "create",
     "list_methods",
     "parse_method",

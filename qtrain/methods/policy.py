@@ -1,13 +1,27 @@
 """Which parameters a training method quantizes.
 
 The paper quantizes convolution weights only; linear layers, BatchNorm and biases stay in
-full precision (docs/paper.md §2). The policy is an option:
+full precision (docs/paper.md §2). BitNet b1.58 quantizes the linear layers of a transformer's
+blocks and keeps embeddings, LayerNorms and the output head in full precision (§6). The policy
+is an option:
 
-| policy        | quantized parameters                                       |
-|---------------|------------------------------------------------------------|
-| `conv`        | weights of every nn.Conv1d/2d/3d (and transposed variants) |
-| `conv+linear` | the above plus the weights of every nn.Linear              |
-| `all`         | every parameter of the model (BatchNorm and biases too)    |
+| policy        | quantized parameters                                               |
+|---------------|--------------------------------------------------------------------|
+| `conv`        | weights of every nn.Conv1d/2d/3d (and transposed variants)         |
+| `conv+linear` | the above plus the weights of every nn.Linear                      |
+| `linear`      | weights of every nn.Linear outside the model's full-precision part |
+| `all`         | every parameter of the model (norms, embeddings and biases too)    |
+
+A model declares its full-precision part with a class or instance attribute
+``full_precision_modules``: a tuple of submodule names (as in ``model.named_modules()``), e.g.
+``("lm_head",)`` for the GPT, whose output head is an nn.Linear. Under `linear` no parameter of
+a declared module (or of its children) is quantized, so a CNN that declares nothing has its
+classifier's linear layers quantized and its convolutions kept in full precision. Only
+`linear` reads the declaration: `conv+linear` and `all` keep their meaning for every model.
+
+A parameter shared by several modules (a GPT's token embedding tied to its output head) is one
+parameter: it is listed once, under the first name ``model.named_parameters()`` gives it, and
+under `linear` it stays in full precision when any declared module holds it.
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ from torch import nn
 
 from qtrain.base.names import unknown_name
 
-POLICIES = ("conv", "conv+linear", "all")
+POLICIES = ("conv", "conv+linear", "linear", "all")
 
 
 def check_policy(policy: str) -> str:
@@ -25,25 +39,54 @@ def check_policy(policy: str) -> str:
     return policy
 
 
+def full_precision_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters held by the modules ``model.full_precision_modules`` names."""
+    declared = getattr(model, "full_precision_modules", ())
+    if not isinstance(declared, (tuple, list)) or not all(isinstance(n, str) for n in declared):
+        raise ValueError(
+            f"{type(model).__name__}.full_precision_modules must be a tuple of submodule "
+            f"names, got {declared!r}; write it as a tuple such as ('lm_head',)"
+        )
+    modules = dict(model.named_modules())
+    missing = [name for name in declared if name not in modules]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__}.full_precision_modules names {', '.join(missing)}, which "
+            "the model does not have; list names from model.named_modules()"
+        )
+    return {id(p) for name in declared for p in modules[name].parameters()}
+
+
+def _weights_of(model: nn.Module, layer_types: tuple[type, ...]) -> set[int]:
+    """ids of the `weight` parameters of every submodule of one of `layer_types`."""
+    return {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, layer_types) and getattr(module, "weight", None) is not None
+    }
+
+
 def quantized_parameter_names(model: nn.Module, policy: str = "conv") -> list[str]:
-    """Names (as in `model.named_parameters()`) of the parameters the policy quantizes."""
+    """Names (as in `model.named_parameters()`, each shared parameter once) of the parameters
+    the policy quantizes, in the model's parameter order."""
     check_policy(policy)
     if policy == "all":
-        return [name for name, _ in model.named_parameters()]
-    layer_types: tuple[type, ...] = (nn.modules.conv._ConvNd,)
-    if policy == "conv+linear":
-        layer_types += (nn.Linear,)
-    names = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, layer_types) and getattr(module, "weight", None) is not None:
-            names.append(f"{module_name}.weight" if module_name else "weight")
-    return names
+        chosen = {id(p) for p in model.parameters()}
+    elif policy == "linear":
+        chosen = _weights_of(model, (nn.Linear,)) - full_precision_parameters(model)
+    else:
+        layer_types: tuple[type, ...] = (nn.modules.conv._ConvNd,)
+        if policy == "conv+linear":
+            layer_types += (nn.Linear,)
+        chosen = _weights_of(model, layer_types)
+    return [name for name, p in model.named_parameters() if id(p) in chosen]
 
 
 def split_parameters(
     model: nn.Module, policy: str = "conv"
 ) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(quantized, full-precision) trainable parameters of `model` under `policy`."""
+    """(quantized, full-precision) trainable parameters of `model` under `policy`; a shared
+    parameter appears once, in one of the two lists."""
     chosen = set(quantized_parameter_names(model, policy))
     quantized, full = [], []
     for name, p in model.named_parameters():

@@ -126,6 +126,34 @@ def _flip_settings(mode: str, gamma, tau, sigma) -> dict:
     return settings
 
 
+def check_settings(
+    name: str,
+    lr: float,
+    *,
+    grid: str | Grid = "binary",
+    delta: float | None = None,
+    policy: str = "conv",
+    scale: str = "none",
+    weight_decay: float = 0.0,
+    bop_gamma: float | None = None,
+    bop_tau: float | None = None,
+    bop_sigma: float | None = None,
+) -> tuple[MethodSpec, Grid, dict]:
+    """Check every setting `create` takes, without a model: (method, grid, Bop settings).
+
+    Raises ValueError naming the first bad setting and its fix, so callers (the trainer) can
+    refuse a run before any data is read.
+    """
+    spec = parse_method(name)
+    check_policy(policy)
+    grid = parse_grid(grid, delta)
+    check_scale(scale, spec.mode)
+    check_grid(spec.mode, grid)
+    _check_positive("learning rate", lr)
+    _check_nonnegative("weight decay", weight_decay)
+    return spec, grid, _flip_settings(spec.mode, bop_gamma, bop_tau, bop_sigma)
+
+
 def create(
     name: str,
     model: nn.Module,
@@ -161,14 +189,18 @@ def create(
     `qtrain.methods.SCALES`. Randomness comes from the run seed's streams
     (`qtrain.base.streams`): "grid-init" for the Rademacher draw, "rounding" for Q_s.
     """
-    spec = parse_method(name)
-    check_policy(policy)
-    grid = parse_grid(grid, delta)
-    check_scale(scale, spec.mode)
-    check_grid(spec.mode, grid)
-    _check_positive("learning rate", lr)
-    _check_nonnegative("weight decay", weight_decay)
-    flip_settings = _flip_settings(spec.mode, bop_gamma, bop_tau, bop_sigma)
+    spec, grid, flip_settings = check_settings(
+        name,
+        lr,
+        grid=grid,
+        delta=delta,
+        policy=policy,
+        scale=scale,
+        weight_decay=weight_decay,
+        bop_gamma=bop_gamma,
+        bop_tau=bop_tau,
+        bop_sigma=bop_sigma,
+    )
     if init not in INITS:
         raise unknown_name("init", init, INITS)
     quantized, full = split_parameters(model, policy)

@@ -140,6 +140,7 @@ def build_model(record: dict) -> nn.Module:
         num_classes=int(spec["num_classes"]),
         width=float(spec["width"]),
         in_channels=int(spec["in_channels"]),
+        activations=spec.get("activations", "float"),
     )
     try:
         model.load_state_dict(record["model_state"])

@@ -12,7 +12,7 @@ import math
 import sys
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from qtrain.base.names import did_you_mean
@@ -32,39 +32,71 @@ class ConfigError(ValueError):
     """A configuration value or file that cannot be used."""
 
 
+IDENTITY = "identity"
+
+
+def _identity(default, when=None):
+    """A field that defines the run: resuming with another value is refused (see RunConfig).
+
+    ``when(config)`` limits that to the configs for which the key changes the numbers.
+    """
+    return field(default=default, metadata={IDENTITY: when or (lambda config: True)})
+
+
 @dataclass
 class RunConfig:
-    """Everything that determines a training run (docs/paper.md §2 defaults)."""
+    """Everything that determines a training run (docs/paper.md §2 defaults).
+
+    Fields made with `_identity` define the run's identity: the numbers it computes. The rule:
+    a key is part of the identity when it changes what is computed, including the precision
+    of the arithmetic (the model, the data and its order, the method and every
+    hyper-parameter, the seed, the number of epochs unless the schedule is constant (step
+    and cosine schedules are drawn over all epochs; a constant one lets a run be extended), and
+    ``amp`` because bf16 activations keep only 8 bits of mantissa). A key that only changes
+    where or in which order the same arithmetic runs (device, threads, ``channels_last``,
+    ``compile``), how fast or how often things happen (eval batch size, checkpoint cadence)
+    or where inputs are found (``data_dir``, ``download``) may change on resume; such a change
+    can break bit-exactness, which holds only for the same device, threads and memory layout.
+    ``amp = "auto"`` means bf16 on CUDA and fp32 on the CPU, so moving such a run between
+    the two changes its precision with the device; set amp to "off" or "bf16" to pin it.
+    """
 
     # what to train
-    model: str = "vgg9"
-    width: float = 1.0
-    dataset: str = "cifar10"
+    model: str = _identity("vgg9")
+    width: float = _identity(1.0)
+    dataset: str = _identity("cifar10")
     data_dir: str | None = None
     download: bool = False
-    train_subset: int | None = None  # use only the first N training images (seeded shuffle)
-    augment: bool | None = None  # None: the data set's default (CIFAR: crop + flip)
+    # use only N training images, drawn by the "subset" random stream
+    train_subset: int | None = _identity(None)
+    augment: bool | None = _identity(None)  # None: the data set's default (CIFAR: crop + flip)
     # how to train it
-    method: str = "bc-adam"
-    grid: str = "binary"
-    delta: float = 1.0
-    policy: str = "conv"
-    bc_stochastic: bool = False
-    epochs: int = 160
-    batch_size: int = 128
-    lr: float = 0.01
-    schedule: str = "step"  # ×0.1 at 50% and 75% of training [ours]
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    seed: int = 0
+    method: str = _identity("bc-adam")
+    grid: str = _identity("binary")
+    delta: float | None = _identity(None)  # None: the grid's default (end levels at ±1)
+    scale: str = _identity("none")
+    policy: str = _identity("conv")
+    activations: str = _identity("float")
+    bc_stochastic: bool = _identity(False)
+    bop_gamma: float | None = _identity(None)
+    bop_tau: float | None = _identity(None)
+    bop_sigma: float | None = _identity(None)
+    epochs: int = _identity(160, when=lambda config: config.schedule != "constant")
+    batch_size: int = _identity(128)
+    lr: float = _identity(0.01)
+    schedule: str = _identity("step")  # ×0.1 at 50% and 75% of training [ours]
+    weight_decay: float = _identity(0.0)
+    momentum: float = _identity(0.9)
+    seed: int = _identity(0)
     # where and how fast
     device: str = "auto"
-    amp: str = "auto"  # bf16 autocast on CUDA, off on CPU
+    amp: str = _identity("auto")  # bf16 autocast on CUDA, off on CPU
     channels_last: bool = True
     compile: bool = False
     eval_batch_size: int = 1000
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
     threads: int = 0  # torch intra-op threads; 0 keeps PyTorch's default
+    log: str = "none"  # mirror metrics to a tracker: none or tensorboard (qtrain.train.loggers)
 
     def validate(self) -> RunConfig:
         """Check value ranges; returns self so calls chain."""
@@ -75,7 +107,11 @@ class RunConfig:
         if self.lr > MAX_LR:
             raise ConfigError(f"lr must be at most {MAX_LR:g}, got {self.lr:g}; lower --lr")
         _positive_number("width", self.width)
-        _positive_number("delta", self.delta)
+        if self.delta is not None:
+            _positive_number("delta", self.delta)
+        for key in ("bop_gamma", "bop_tau", "bop_sigma"):
+            if getattr(self, key) is not None and not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"{key} must be a finite number, got {getattr(self, key)}")
         if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.momentum < 1:
@@ -97,6 +133,40 @@ class RunConfig:
 
     def replace(self, **changes) -> RunConfig:
         return from_dict({**self.to_dict(), **changes})
+
+
+def identity_keys(config: RunConfig | None = None) -> tuple[str, ...]:
+    """The config keys that define a run like `config` (all that may, without a config)."""
+    return tuple(
+        f.name
+        for f in fields(RunConfig)
+        if IDENTITY in f.metadata and (config is None or f.metadata[IDENTITY](config))
+    )
+
+
+def identity_change(saved: dict, config: RunConfig) -> tuple[str, object, object] | None:
+    """The first identity key whose value in `config` differs from the `saved` config dict.
+
+    A key missing from `saved` (a run made before the key existed) counts as its default.
+    Returns (key, saved value, new value), or None when the identity is the same.
+    """
+    for key in identity_keys(config):
+        before = saved.get(key, _FIELDS[key].default)
+        after = getattr(config, key)
+        if before != after:
+            return key, before, after
+    return None
+
+
+def check_same_identity(saved: dict, config: RunConfig, run_dir) -> None:
+    """ValueError naming the key and both values if `config` is not the run `saved` describes."""
+    change = identity_change(saved, config)
+    if change is not None:
+        key, before, after = change
+        raise ConfigError(
+            f"cannot resume: the run in {run_dir} was trained with {key}={before!r}, "
+            f"not {after!r}; resume with {key}={before!r} or start a new --out folder"
+        )
 
 
 def _positive_int(name: str, value) -> None:

@@ -1,17 +1,21 @@
 """The run directory: resolved config, metrics, provenance and checkpoints, all rewritable.
 
     RUN/config.toml      the resolved RunConfig
-    RUN/meta.json        qtrain/torch/python versions, git revision, command line, host
+    RUN/meta.json        qtrain/torch/python versions, git revision, command line, host;
+                         "resumes" lists every resume (time, command line, git revision)
     RUN/metrics.jsonl    one JSON record per finished epoch
     RUN/checkpoint.pt    the latest checkpoint (atomic; see checkpoint.py)
     RUN/summary.json     written once the run has finished all its epochs
 
 metrics.jsonl is rewritten atomically from the list held in the checkpoint, so the two never
 disagree after a crash.
+config.toml and meta.json are written when a run is created; a resume never rewrites the
+config (resuming with another identity is refused) and only appends to meta.json's "resumes".
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import platform
 import subprocess
@@ -68,6 +72,25 @@ def write_run_files(run_dir: Path, config: RunConfig) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG, to_toml(config))
     write_json(run_dir / META, provenance())
+
+
+def record_resume(run_dir: Path) -> None:
+    """Append this resume (UTC time, command line, code revision) to meta.json's "resumes"."""
+    path = run_dir / META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = {}  # a missing or damaged meta.json must not block the resume it records
+    if not isinstance(meta, dict):
+        meta = {}
+    entry = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "git_revision": git_revision(),
+        "qtrain_version": qtrain.__version__,
+    }
+    meta["resumes"] = [*meta.get("resumes", []), entry]
+    write_json(path, meta)
 
 
 def write_metrics(run_dir: Path, records: list[dict]) -> None:

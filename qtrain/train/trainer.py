@@ -9,17 +9,24 @@ Exact resume: the data order and augmentation of batch b in epoch e are a pure f
 (seed, e, b); the model, optimizer (including BC's w_r and the rounding generator), scheduler,
 running epoch sums and torch's global RNG are all in the checkpoint. A run interrupted at any
 point and resumed therefore ends with bit-identical weights and metrics (CPU, same threads).
+
+Random streams: model initialisation, data order, augmentation and the train_subset draw each
+come from their own stream of the run seed, `stream_seed(seed, "init" | "data-order" |
+"augment" | "subset")`; the optimizer derives its rounding stream from the seed itself.
+
+Divergence (divergence.py): the loss is checked for finiteness every `_check_every` steps
+(every step on the CPU, every 25 on CUDA) without a host sync in between, and always, together
+with the weights, before any checkpoint is written (epoch end, periodic, signal); every rank
+raises when any rank diverged, and the last good checkpoint stays on disk.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,21 +34,18 @@ from torch.nn import functional as F
 
 from qtrain import data as qdata
 from qtrain import methods, models
-from qtrain.train import rundir
+from qtrain.base.streams import stream_seed
+from qtrain.train import loggers, rundir
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
-from qtrain.train.config import RunConfig
+from qtrain.train.config import RunConfig, check_same_identity, load_toml
 from qtrain.train.distributed import DistributedContext
+from qtrain.train.divergence import DivergenceWatch
+from qtrain.train.preflight import check_config, data_options
 from qtrain.train.schedules import make_scheduler
-
-IMAGENET = "imagenet"
 
 
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
-
-
-class DivergenceError(ValueError):
-    """The loss became NaN or infinite."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,16 +118,6 @@ class TrainState:
     metrics: list = field(default_factory=list)
 
 
-def _subset(dataset, n: int | None, seed: int):
-    if n is None or n >= len(dataset):
-        return dataset
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(len(dataset), generator=g)[:n]
-    if isinstance(dataset, qdata.ArrayDataset):
-        return qdata.ArrayDataset(dataset.images[keep], dataset.labels[keep])
-    return replace(dataset, samples=[dataset.samples[i] for i in keep.tolist()])
-
-
 class Trainer:
     """Trains `config` into `run_dir`; `run()` returns the per-epoch metric records."""
 
@@ -136,7 +130,8 @@ class Trainer:
         progress: bool | None = None,
         dist: DistributedContext | None = None,
     ) -> None:
-        self.config = config.validate()
+        check_config(config)  # before any data is read or any file written
+        self.config = config
         self.run_dir = Path(run_dir)
         self.dist = dist or DistributedContext.single()
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
@@ -145,6 +140,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = self.dist.device or resolve_device(config.device)
+        self.divergence = DivergenceWatch(self.device)
         self._build()
 
     # -- construction ----------------------------------------------------------------------
@@ -152,19 +148,32 @@ class Trainer:
         c = self.config
         self.dist.check_divides("batch_size", c.batch_size)
         self.dist.check_divides("eval_batch_size", c.eval_batch_size)
-        if c.dataset == IMAGENET:
-            splits, train_set = self._imagenet_loaders()
-        else:
-            splits, train_set = self._array_loaders()
-        self.splits = splits
+        splits = qdata.load(
+            c.dataset, c.data_dir, download=c.download, **data_options(c.dataset, c.model)
+        )
+        self.splits = qdata.subset_train(splits, c.train_subset, c.seed)
+        common = dict(
+            seed=c.seed,
+            device=self.device,
+            channels_last=c.channels_last,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            local_world_size=self.dist.local_world_size,
+        )
+        self.train_loader = self.splits.loader("train", c.batch_size, augment=c.augment, **common)
+        self.test_loader = self.splits.loader("test", c.eval_batch_size, **common)
         if len(self.train_loader) == 0:
             raise ValueError(
-                f"batch_size {c.batch_size} is larger than the {len(train_set)} training images; "
-                "lower --batch-size"
+                f"batch_size {c.batch_size} is larger than the {len(self.splits.train)} training "
+                "images; lower --batch-size"
             )
-        torch.manual_seed(c.seed)  # model initialisation
+        torch.manual_seed(stream_seed(c.seed, "init"))  # model initialisation
         self.model = models.create(
-            c.model, num_classes=splits.num_classes, width=c.width, in_channels=splits.in_channels
+            c.model,
+            num_classes=self.splits.num_classes,
+            width=c.width,
+            in_channels=self.splits.in_channels,
+            activations=c.activations,
         ).to(self.device)
         if c.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -179,6 +188,10 @@ class Trainer:
             weight_decay=c.weight_decay,
             momentum=c.momentum,
             bc_stochastic=c.bc_stochastic,
+            scale=c.scale,
+            bop_gamma=c.bop_gamma,
+            bop_tau=c.bop_tau,
+            bop_sigma=c.bop_sigma,
         )
         self.scheduler = make_scheduler(self.optimizer, c.schedule, c.epochs)
         self.forward_model = self.dist.wrap(self.model)
@@ -187,61 +200,6 @@ class Trainer:
         self.quantized_names = methods.quantized_parameter_names(self.model, c.policy)
         if self.optimizer.mode == "fp":
             self.quantized_names = []
-
-    def _array_loaders(self):
-        """In-memory splits (CIFAR, digits, synthetic): both splits sharded over the ranks."""
-        c = self.config
-        splits = qdata.load(c.dataset, c.data_dir, download=c.download)
-        train_set = _subset(splits.train, c.train_subset, c.seed)
-        augment = splits.augment if c.augment is None else c.augment
-        common = dict(mean=splits.mean, std=splits.std, seed=c.seed, device=self.device)
-        common.update(
-            channels_last=c.channels_last, rank=self.dist.rank, world_size=self.dist.world_size
-        )
-        self.train_loader = qdata.BatchLoader(
-            train_set, c.batch_size, train=True, augment=augment, **common
-        )
-        self.test_loader = qdata.BatchLoader(
-            splits.test, c.eval_batch_size, train=False, augment=False, **common
-        )
-        return splits, train_set
-
-    def _imagenet_loaders(self):
-        """ImageNet folders under data_dir (default: the data root's imagenet/), val as test.
-
-        Images are cropped to the model's input size (224 for ResNet-18) after resizing the
-        shorter side to 256/224 of it; training always uses random-resized crops and flips.
-        Each rank decodes with an equal share of the node's CPUs, one kept for itself.
-        """
-        c = self.config
-        if c.augment is False:
-            raise ValueError(
-                "ImageNet training always uses random-resized crops and flips; remove augment=false"
-            )
-        root = Path(c.data_dir) if c.data_dir else qdata.default_root() / IMAGENET
-        splits = qdata.load_imagenet(root)
-        train_set = _subset(splits.train, c.train_subset, c.seed)
-        size = models.model_info(c.model).input_size
-        cpus = (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else os.cpu_count() or 1
-        )
-        common = dict(
-            seed=c.seed,
-            device=self.device,
-            channels_last=c.channels_last,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            image_size=size,
-            resize_size=round(size * 256 / 224),
-            num_workers=max(1, cpus // self.dist.local_world_size - 1),
-        )
-        self.train_loader = qdata.ImageNetLoader(train_set, c.batch_size, train=True, **common)
-        self.test_loader = qdata.ImageNetLoader(
-            splits.val, c.eval_batch_size, train=False, **common
-        )
-        return splits, train_set
 
     # -- checkpoints -----------------------------------------------------------------------
     def _checkpoint_payload(self, state: TrainState, finished: bool) -> dict:
@@ -253,10 +211,12 @@ class Trainer:
                 "num_classes": self.splits.num_classes,
                 "width": c.width,
                 "in_channels": self.splits.in_channels,
+                "activations": c.activations,
             },
             "method": {
                 "name": c.method,
                 "grid": self.optimizer.grid.to_dict(),
+                "scale": c.scale,
                 "policy": c.policy,
             },
             "quantized": list(self.quantized_names),
@@ -285,13 +245,7 @@ class Trainer:
         # tensors arrive on the CPU and load_state_dict moves them to the device.
         path = self.run_dir / rundir.CHECKPOINT
         record = self.dist.broadcast_object(load_checkpoint(path) if self.dist.is_main else None)
-        saved = record.get("config", {})
-        for key in ("model", "dataset", "method", "grid", "delta", "policy", "width", "seed"):
-            if key in saved and saved[key] != getattr(self.config, key):
-                raise ValueError(
-                    f"cannot resume: the run in {self.run_dir} was trained with {key}="
-                    f"{saved[key]!r}, not {getattr(self.config, key)!r}; use a new --out folder"
-                )
+        check_same_identity(record.get("config", {}), self.config, self.run_dir)
         training = record.get("training")
         if training is None:
             raise ValueError(f"{self.run_dir} holds exported weights, not a resumable checkpoint")
@@ -325,29 +279,49 @@ class Trainer:
         else:
             state = TrainState()
         if self.dist.is_main:
-            rundir.write_run_files(self.run_dir, c)
+            if resume and checkpoint_exists:
+                rundir.record_resume(self.run_dir)
+            else:
+                rundir.write_run_files(self.run_dir, c)
             if state.metrics:
                 # A kill between the checkpoint's write and metrics.jsonl's leaves the file one
                 # epoch behind; when that checkpoint was the last, no later save would fix it.
                 rundir.write_metrics(self.run_dir, state.metrics)
-        with self._signals_save_and_stop():
-            while state.epoch < c.epochs:
-                self._train_epoch(state)
-                record = self._finish_epoch(state)
-                self.log(_format_record(record, c.epochs))
-                self.save(state, finished=state.epoch >= c.epochs)
-                stop = self.dist.all_max(self._stop_signal or 0)
-                if stop and state.epoch < c.epochs:
-                    raise TrainingInterrupted(stop)
+        # Records are sent to the tracker before the checkpoint that holds them is written; an
+        # epoch redone after a crash replaces what the interrupted attempt logged.
+        tracker = loggers.create(c.log if self.dist.is_main else "none", self.run_dir,
+                                 first_step=len(state.metrics) + 1)  # fmt: skip
+        try:
+            with self._signals_save_and_stop():
+                while state.epoch < c.epochs:
+                    self._train_epoch(state)
+                    record = self._finish_epoch(state)
+                    self.log(_format_record(record, c.epochs))
+                    self._track(tracker, record)
+                    self.save(state, finished=state.epoch >= c.epochs)
+                    stop = self.dist.all_max(self._stop_signal or 0)
+                    if stop and state.epoch < c.epochs:
+                        raise TrainingInterrupted(stop)
+        finally:
+            tracker.close()
         if self.dist.is_main:
             rundir.write_json(self.run_dir / rundir.SUMMARY, self.summary(state.metrics))
         return state.metrics
+
+    def _track(self, tracker, record: dict) -> None:
+        """Send an epoch's record, and for BC the distribution of w_r, to the tracker."""
+        tracker.log_metrics(record["epoch"], record)
+        latent = self.optimizer.latent_weights()
+        if latent:
+            values = torch.cat([w.detach().reshape(-1) for w in latent])
+            tracker.log_histogram("latent_weights", values, record["epoch"])
 
     def _train_epoch(self, state: TrainState) -> None:
         c, opt, sums = self.config, self.optimizer, state.sums
         self.forward_model.train()
         if sums.batch == 0:
             opt.reset_flip_stats()
+        self.divergence.reset()
         # `sums` holds totals over all ranks: rank 0 carries those restored from a checkpoint,
         # every rank adds its own shard, and the sum over ranks is the epoch's total.
         main = self.dist.is_main
@@ -368,18 +342,23 @@ class Trainer:
             wrong += (logits.detach().argmax(1) != y).sum()
             seen += y.numel()
             sums.batch += 1
-            self._check_finite(loss, state)
+            self.divergence.watch(loss, sums.batch)
+            if sums.batch % self._check_every() == 0:
+                self._check_diverged(state, before_save=False)
             if bar is not None:
                 bar.update(1)
             stop = self._agreed_stop(sums.batch)
             periodic = c.checkpoint_every_steps and sums.batch % c.checkpoint_every_steps == 0
             if (stop or periodic) and sums.batch < len(self.train_loader):
+                self._check_diverged(state, before_save=True)
                 self._total_sums(sums, loss_sum, wrong, seen, started)
                 self.save(state)
                 if stop:
                     raise TrainingInterrupted(stop)
         if bar is not None:
             bar.close()
+        # The end-of-epoch checkpoint follows; evaluation does not change the weights.
+        self._check_diverged(state, before_save=True)
         self._total_sums(sums, loss_sum, wrong, seen, started)
 
     def _total_sums(self, sums: EpochSums, loss_sum, wrong, seen: int, started: float) -> None:
@@ -392,10 +371,10 @@ class Trainer:
         """The signal that stops the run after this step on every rank (0: none yet).
 
         Ranks must stop after the same step, or one rank's checkpoint collectives would meet
-        another's gradient all-reduce. Agreeing is a host sync, so on CUDA it happens every
-        25 steps, like the finiteness check; a signal is then acted on within 25 steps.
+        another's gradient all-reduce. Agreeing is a host sync, so it happens at the cadence
+        of the finiteness check; a signal is then acted on within `_check_every` steps.
         """
-        if self.dist.enabled and self.device.type == "cuda" and batch % 25:
+        if self.dist.enabled and batch % self._check_every():
             return 0
         return self.dist.all_max(self._stop_signal or 0)
 
@@ -426,18 +405,23 @@ class Trainer:
         self.scheduler.step()
         return record
 
-    def _check_finite(self, loss: torch.Tensor, state: TrainState) -> None:
-        # On CUDA a host sync every step would stall the queue; every 25 steps is enough to
-        # stop a diverged run early while the last good checkpoint is still on disk.
-        if self.device.type == "cuda" and state.sums.batch % 25:
-            return
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise DivergenceError(
-                f"the loss became {value} at epoch {state.epoch + 1}, batch "
-                f"{state.sums.batch}; the last good checkpoint in {self.run_dir} is kept — "
-                f"lower the learning rate (now {self.config.lr:g}) and start a new run"
-            )
+    def _check_every(self) -> int:
+        """Steps between finiteness checks of the loss (always also before every checkpoint).
+
+        On CUDA a host sync every step would stall the queue; every 25 steps stops a diverged
+        run early enough. On the CPU the check is free, so every step is checked.
+        """
+        return 25 if self.device.type == "cuda" else 1
+
+    def _check_diverged(self, state: TrainState, before_save: bool) -> None:
+        """`DivergenceWatch.check` for this epoch; before a save it also scans the weights."""
+        self.divergence.check(
+            self.dist,
+            self.model if before_save else None,
+            where=f"epoch {state.epoch + 1}",
+            advice=f"the last good checkpoint in {self.run_dir} is kept — lower the learning "
+            f"rate (now {self.config.lr:g}) and start a new run",
+        )
 
     def _progress_bar(self, total: int, start: int, epoch: int):
         if not (self.progress and self.dist.is_main):
@@ -492,5 +476,14 @@ def _format_record(r: dict, epochs: int) -> str:
 
 
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs) -> list[dict]:
-    """Train `config` into `run_dir` and return the per-epoch metrics."""
+    """Train `config` into `run_dir` and return the per-epoch metrics.
+
+    A single-process resume is checked against the run's config.toml (written once, at the
+    run's creation) before any data is read, so a changed setting is named at once rather
+    than after a data set scan; the checkpoint's own config is checked again on restore.
+    """
+    dist = kwargs.get("dist")
+    created = Path(run_dir) / rundir.CONFIG
+    if resume and (dist is None or not dist.enabled) and created.is_file():
+        check_same_identity(load_toml(created), config.validate(), run_dir)
     return Trainer(config, run_dir, **kwargs).run(resume=resume)
