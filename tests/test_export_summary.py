@@ -246,3 +246,13 @@ def test_binary_activations_are_listed_and_store_nothing():
     assert f"{len(binary.binary_activations)} binary activations" in binary.format_table()
     assert "no stored bytes" in binary.format_table()
     assert summary_cli("vgg9", "--activations", "binary", "--width", "0.25") == 0
+
+
+def test_a_tied_gpt_counts_its_shared_embedding_once():
+    from qtrain.models.gpt import build_gpt
+
+    model = build_gpt(65, n_layer=1, n_embd=32, n_head=2, block_size=16)
+    assert model.lm_head.weight is model.tok_emb.weight
+    summary = summarize(model, methods.quantized_parameter_names(model, "linear"), grids.ternary())
+    assert summary.params == sum(p.numel() for p in model.parameters())
+    assert summary.quantized > 0
