@@ -113,7 +113,7 @@ def test_lightning_trains_on_the_grid_and_resumes_bit_identically(name, tmp_path
 
 
 # -- Hugging Face Accelerate ------------------------------------------------------------------
-def accelerate_run(name: str, epochs: int, save_to=None, load_from=None):
+def accelerate_run(name: str, epochs: int, save_to=None, load_from=None, safe=False):
     """(model, optimizer) after `epochs` epochs, optionally from / to an Accelerate state."""
     accelerate = pytest.importorskip("accelerate")
     accelerator = accelerate.Accelerator(cpu=True)
@@ -129,7 +129,7 @@ def accelerate_run(name: str, epochs: int, save_to=None, load_from=None):
     if save_to is not None:
         # the quantized parameters are views into one flat buffer, which safetensors refuses
         # to save or load: Accelerate's pickle format stores each view's values
-        accelerator.save_state(save_to, safe_serialization=False)
+        accelerator.save_state(save_to, safe_serialization=safe)
     return accelerator.unwrap_model(model), opt
 
 
@@ -145,3 +145,11 @@ def test_accelerate_trains_on_the_grid_and_resumes_bit_identically(name, tmp_pat
     assert opt.optimizer.mode == name.split("-")[0]
     assert_on_grid(resumed)
     assert_same_weights(resumed, straight)
+
+
+def test_accelerates_default_safetensors_state_is_refused_not_loaded_wrong(tmp_path):
+    """safetensors keeps one tensor per block of memory: the state it writes lacks all but one
+    quantized weight, and loading it must fail loudly (docs/frameworks.md gives the flag)."""
+    accelerate_run("sr-adam", epochs=1, save_to=tmp_path / "state", safe=True)
+    with pytest.raises(RuntimeError, match="shared|storage"):
+        accelerate_run("sr-adam", epochs=0, load_from=tmp_path / "state")
