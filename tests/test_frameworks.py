@@ -73,8 +73,9 @@ def lightning_module(name: str):
             return F.cross_entropy(self.net(x), y)
 
         def configure_optimizers(self):
-            # Lightning restores the weights before it calls this on resume: keep them there
-            return create_method(name, self.net, init="keep" if self.trainer.ckpt_path else "auto")
+            # Lightning restores the weights before it calls this on resume; the default init
+            # keeps weights that are already on the grid
+            return create_method(name, self.net)
 
     return Classifier()
 

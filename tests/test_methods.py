@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qtrain import methods, models
 from qtrain.methods import (
     METHODS,
     QuantizedOptimizer,
@@ -389,3 +390,22 @@ def test_a_bad_full_precision_declaration_is_named(declared, message):
     model.full_precision_modules = declared
     with pytest.raises(ValueError, match=message):
         quantized_parameter_names(model, "linear")
+
+
+@pytest.mark.parametrize("name", ["sr-adam", "r-adam", "bop-adam", "sr-adamw"])
+def test_auto_init_keeps_weights_already_on_the_grid_and_draws_signs_otherwise(name):
+    """A framework that restores a checkpoint before building the optimizer keeps its weights;
+    a random initialisation (never on the grid) gets Rademacher signs."""
+    torch.manual_seed(0)
+    model = models.create("tiny_cnn", 10, 0.25, 3)
+    fresh = [p.detach().clone() for p in methods.split_parameters(model)[0]]
+    methods.create(name, model, lr=0.01, seed=1)
+    drawn = [p.detach().clone() for p in methods.split_parameters(model)[0]]
+    assert all(not torch.equal(a, b) for a, b in zip(fresh, drawn, strict=True))
+    assert all(set(w.unique().tolist()) == {-1.0, 1.0} for w in drawn)
+    methods.create(name, model, lr=0.01, seed=2)  # another seed would draw other signs
+    kept = [p.detach() for p in methods.split_parameters(model)[0]]
+    assert all(torch.equal(a, b) for a, b in zip(drawn, kept, strict=True))
+    methods.create(name, model, lr=0.01, seed=2, init="rademacher")
+    redrawn = [p.detach() for p in methods.split_parameters(model)[0]]
+    assert any(not torch.equal(a, b) for a, b in zip(drawn, redrawn, strict=True))

@@ -32,7 +32,13 @@ from qtrain.base.streams import stream_generator
 from qtrain.methods.bop import BOP2_DEFAULTS, BOP_DEFAULTS
 from qtrain.methods.optimizer import FLIPPING, QuantizedOptimizer, check_grid
 from qtrain.methods.policy import check_policy, split_parameters
-from qtrain.methods.scales import broadcastable, check_scale, fixed_scale, scaled_round
+from qtrain.methods.scales import (
+    broadcastable,
+    check_scale,
+    fixed_scale,
+    on_scaled_grid,
+    scaled_round,
+)
 from qtrain.quant import Grid, parse_grid
 
 BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -177,9 +183,11 @@ def create(
 ) -> QuantizedOptimizer:
     """Build the named method's optimizer over `model` and put the model's weights on the grid.
 
-    `init` sets where quantized weights start: 'auto' (Rademacher for SR, R, Bop and Bop2
-    [paper], the model's own initialisation for BC), 'rademacher', 'round' (Q_d of the current
-    weights, e.g. to fine-tune a float model) or 'keep' (they must already be on the grid).
+    `init` sets where quantized weights start: 'auto' (for SR, R, Bop and Bop2 Rademacher
+    signs [paper], unless every quantized weight is already on its grid, as when a framework
+    restores a checkpoint before building the optimizer; for BC the model's own
+    initialisation), 'rademacher', 'round' (Q_d of the current weights, e.g. to fine-tune a
+    float model) or 'keep' (they must already be on the grid).
     Parameter groups: `quantized` and `full_precision`, in that order; for Bop the quantized
     group also holds `gamma`, `tau` (and `sigma` for Bop2), from `bop_*` or the defaults in
     `qtrain.methods.bop`.
@@ -232,6 +240,8 @@ def create(
 def _initialise(quantized, mode: str, grid: Grid, scale: str, init: str, seed: int) -> None:
     """Put the quantized weights where `init` says; latent-free methods onto the scaled grid."""
     latent_free = mode != "bc"
+    if init == "auto" and latent_free and _all_on_grid(quantized, grid, scale):
+        return  # restored weights (a framework resuming a checkpoint): keep them
     if init == "rademacher" or (init == "auto" and latent_free):
         rademacher_(quantized, grid, stream_generator(seed, "grid-init"))
         if scale != "none":
@@ -243,6 +253,12 @@ def _initialise(quantized, mode: str, grid: Grid, scale: str, init: str, seed: i
             if s is None:  # measured scales: BC re-rounds w_r after building anyway
                 continue
             p.copy_(scaled_round(p, broadcastable(s, p), grid, stochastic=False))
+
+
+def _all_on_grid(quantized, grid: Grid, scale: str) -> bool:
+    """True when every weight already lies on its (fixed-scale) grid, as a restored one does;
+    a network's random initialisation never does."""
+    return all(on_scaled_grid(p, broadcastable(fixed_scale(scale, p), p), grid) for p in quantized)
 
 
 def _check_positive(what: str, value: float) -> None:
