@@ -224,6 +224,14 @@ def packed_truncated(folder, trained, monkeypatch):
     (folder / "m.safetensors").write_bytes(packed[:2000])
 
 
+def packed_header_edited(folder, trained, monkeypatch):
+    """The JSON header's Δ edited in place (same length), as a hand edit or a bit flip would."""
+    packed = (trained.parent / "model.safetensors").read_bytes()
+    stored = b'\\"delta\\": 1.0'  # the header is JSON inside a JSON string
+    assert stored in packed
+    (folder / "m.safetensors").write_bytes(packed.replace(stored, stored.replace(b"1", b"7"), 1))
+
+
 @dataclass(frozen=True)
 class Case:
     area: str
@@ -250,6 +258,18 @@ CASES = [
          "unknown method 'sr-adm' (did you mean 'sr-adam'?)", no_download),
     Case("cli", "unknown grid", "{syn} --grid quaternary --out o", "unknown grid 'quaternary'"),
     Case("cli", "unknown device", "{syn} --set device=tpu --out o", "unknown device 'tpu'"),
+    Case("cli", "unknown weight scale", "{syn} --set scale=absmax --out o",
+         "unknown scale 'absmax' (did you mean 'absmean'?)"),
+    Case("cli", "scale the method cannot use", "{syn} --method sr-adam --set scale=absmean --out o",
+         "which sr does not keep; use one of none, he"),
+    Case("cli", "binary activations on a model without them",
+         "{syn} --set activations=binary --out o", "does not support binary activations"),
+    Case("cli", "Bop on a grid other than binary", "{syn} --method bop-adam --grid ternary --out o",
+         "needs the binary grid"),
+    Case("cli", "Bop settings for another method", "{syn} --set bop_tau=1e-6 --out o",
+         "leave them unset for this method"),
+    Case("cli", "unknown logger", "{syn} --set log=tensorbord --out o",
+         "did you mean 'tensorboard'"),
     Case("cli", "--out is an existing file", "{syn} --out taken",
          "taken is a file where a folder is needed", write("taken", b"x")),
     Case("config", "misspelt key", "{syn} --set weight_decy=1e-4 --out o",
@@ -354,6 +374,8 @@ CASES = [
          packed_truncated),
     Case("export", "model options with a file", "summary run --grid ternary",
          "applies to model names only", with_run),
+    Case("export", "packed header edited", "eval m.safetensors --data-dir data",
+         "fails its CRC-32 check", packed_header_edited),
     Case("export", "summary of an unknown name", "summary vgg99",
          "neither an existing file nor a registered model"),
 ]  # fmt: skip

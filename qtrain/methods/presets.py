@@ -116,7 +116,8 @@ def _flip_settings(mode: str, gamma, tau, sigma) -> dict:
         extra = [k for k, v in given.items() if v is not None]
         if extra:
             raise ValueError(
-                f"{', '.join(extra)} only apply to bop-adam and bop2-adam; leave them unset "
+                f"{', '.join(extra)} only {'applies' if len(extra) == 1 else 'apply'} to "
+                f"bop-adam and bop2-adam; leave {'it' if len(extra) == 1 else 'them'} unset "
                 "for this method"
             )
         return {}
