@@ -267,7 +267,7 @@ CASES = [
     Case("cli", "Bop on a grid other than binary", "{syn} --method bop-adam --grid ternary --out o",
          "needs the binary grid"),
     Case("cli", "Bop settings for another method", "{syn} --set bop_tau=1e-6 --out o",
-         "leave them unset for this method"),
+         "only applies to bop-adam and bop2-adam; leave it unset"),
     Case("cli", "unknown logger", "{syn} --set log=tensorbord --out o",
          "did you mean 'tensorboard'"),
     Case("cli", "--out is an existing file", "{syn} --out taken",
