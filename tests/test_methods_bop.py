@@ -170,7 +170,7 @@ def test_save_and_restore_continues_bit_identically(method, scale):
     [
         (lambda m: create("bop-adam", m, lr=0.01, grid="ternary"), "needs the binary grid"),
         (lambda m: create("bop-adam", m, lr=0.01, bop_sigma=1e-3), "only applies to bop2"),
-        (lambda m: create("sr-adam", m, lr=0.01, bop_gamma=1e-3), "only apply to bop-adam"),
+        (lambda m: create("sr-adam", m, lr=0.01, bop_gamma=1e-3), "only applies to bop-adam"),
         (lambda m: create("bop-adam", m, lr=0.01, bop_tau=-1.0), "bop_tau must be"),
         (lambda m: create("bop2-adam", m, lr=0.01, scale="absmean"), "use one of none, he"),
     ],
