@@ -96,19 +96,6 @@ RECIPE = {"model": "vgg9", "dataset": "cifar10", "grid": "binary", "batch_size":
           # one intra-op thread: on a shared 2-core machine two OpenMP threads wait on each
           # other (docs/speed.md); it does not change which numbers a cell computes twice
           "threads": 1}  # fmt: skip
-# the settings that change a cell's numbers: a finished run must match them to be reused
-IDENTITY_KEYS = (
-    "model",
-    "method",
-    "scale",
-    "activations",
-    "width",
-    "train_subset",
-    "epochs",
-    "batch_size",
-    "lr",
-    "seed",
-)
 PANELS = {"float": "VGG-9, binary weights, float activations", "binary": "VGG-9, fully binary"}
 
 
@@ -153,11 +140,13 @@ def read_cell(run_dir: Path) -> dict:
 
 def _check_same_run(config: dict, run_dir: Path) -> None:
     """A run folder is reused only if it was started with `config`'s identity."""
-    stored = read_cell(run_dir)
-    differ = [k for k in IDENTITY_KEYS if stored.get(k) != config.get(k)]
-    if differ:
+    from qtrain.train.config import from_dict, identity_change
+
+    change = identity_change(read_cell(run_dir), from_dict(config))
+    if change is not None:
+        key, before, after = change
         raise ValueError(
-            f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
+            f"{run_dir} holds a run with {key}={before!r}, not {after!r}; "
             "pass another --out or delete that folder"
         )
 
