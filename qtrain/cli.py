@@ -177,9 +177,17 @@ def cmd_demo(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from qtrain.experiments import comparison, fig7, table1
+    from qtrain.experiments import comparison, fig7, lm, table1
 
-    if args.experiment == "methods":
+    if args.experiment == "lm":
+        lm.run(
+            Path(args.out),
+            budget=args.budget or "cpu",
+            seeds=args.seeds,
+            data_dir=args.data_dir,
+            download=args.download,
+        )
+    elif args.experiment == "methods":
         comparison.run(
             Path(args.out),
             budget=args.budget or "cpu",
@@ -261,15 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["models", "methods", "datasets"])
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("reproduce", help="the paper's experiments: table1, fig7 or methods")
-    p.add_argument("experiment", choices=["table1", "fig7", "methods"])
+    p = sub.add_parser("reproduce", help="the paper's experiments: table1, fig7, methods or lm")
+    p.add_argument("experiment", choices=["table1", "fig7", "methods", "lm"])
     p.add_argument("--rows", nargs="+", default=None, help="Table 1 rows (default: all)")
     p.add_argument(
         "--budget",
         choices=["paper", "short", "cpu"],
-        help="paper, or short (table1, fig7; their default) or cpu (methods; its default)",
+        help="paper, or short (table1, fig7; their default) or cpu (methods, lm; their default)",
     )
-    p.add_argument("--seeds", type=int, help="seeds per cell (table1: 1; methods: the budget's)")
+    p.add_argument(
+        "--seeds", type=int, help="seeds per cell (table1: 1; methods, lm: the budget's)"
+    )
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
