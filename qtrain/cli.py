@@ -128,11 +128,16 @@ def cmd_eval(args) -> int:
     from qtrain.evaluate import evaluate_file
 
     result = evaluate_file(args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size)
+    score = (
+        f"validation loss {result['val_loss']:.4f} ({result['val_bpc']:.3f} bits per character) "
+        f"over {result['images']} tokens"
+        if "val_loss" in result
+        else f"test error {result['test_error']:.2f}% over {result['images']} images"
+    )
     print(
         json.dumps(result, indent=2)
         if args.json
-        else f"{result['model']} ({result['method']}) on {result['dataset']}: "
-        f"test error {result['test_error']:.2f}% over {result['images']} images"
+        else f"{result['model']} ({result['method']}) on {result['dataset']}: {score}"
     )
     return 0
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qtrain import methods
+from qtrain.evaluate import evaluate_file
 from qtrain.export.packed import read_packed, save_packed
 from qtrain.sample import sample_file
 from qtrain.train import rundir
@@ -204,3 +205,10 @@ def test_packed_ternary_gpt_gives_identical_logits_and_samples(text_file, tmp_pa
     assert sample_file(tmp_path / "run", chars=40, seed=1) != from_checkpoint
     prompted = sample_file(tmp_path / "run", chars=5, seed=0, prompt="abc", top_k=3)
     assert prompted.startswith("abc") and len(prompted) == 8
+
+
+def test_eval_of_a_text_run_repeats_its_last_validation_loss(text_file, tmp_path):
+    metrics = Trainer(gpt_config(text_file), tmp_path / "run", log=quiet).run()
+    result = evaluate_file(tmp_path / "run")
+    assert result["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-12)
+    assert result["val_bpc"] == pytest.approx(metrics[-1]["val_bpc"], rel=1e-12)
