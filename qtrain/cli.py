@@ -170,7 +170,7 @@ def cmd_list(args) -> int:
             print(f"{name:10s} {methods.parse_method(name).describe}")
     else:
         for name in data.list_datasets():
-            print(f"{name:12s} {data.dataset_info(name).description}")
+            print(f"{name:16s} {data.dataset_info(name).description}")
     return 0
 
 

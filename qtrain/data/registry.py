@@ -155,8 +155,8 @@ for _info in (
     DatasetInfo("imagenet", "ImageNet folders root/train and root/val, cropped to the model",
                 3, None, None, lambda root, download, **options: load_imagenet(root, **options),
                 ("image_size",), folder="imagenet"),
-    DatasetInfo("shakespeare-char", "tiny Shakespeare, characters: 1,003,854 + 111,540 tokens, "
-                "65 symbols (or any UTF-8 text_file)", 1, None, 65, load_shakespeare,
+    DatasetInfo("shakespeare-char", "tiny Shakespeare by character: 1,003,854 + 111,540 "
+                "tokens, 65 symbols (or any UTF-8 text_file)", 1, None, 65, load_shakespeare,
                 ("block_size", "text_file", "url", "sha256"), folder="tinyshakespeare",
                 modality="text"),
 ):  # fmt: skip
