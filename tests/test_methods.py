@@ -409,3 +409,30 @@ def test_auto_init_keeps_weights_already_on_the_grid_and_draws_signs_otherwise(n
     methods.create(name, model, lr=0.01, seed=2, init="rademacher")
     redrawn = [p.detach() for p in methods.split_parameters(model)[0]]
     assert any(not torch.equal(a, b) for a, b in zip(drawn, redrawn, strict=True))
+
+
+@pytest.mark.parametrize(("grid", "scale"), [("binary", "absmean"), ("ternary", "absmean-tensor")])
+def test_flips_count_changes_of_level_not_the_drift_of_a_measured_scale(grid, scale):
+    """With a measured scale every weight's value moves each step; a flip is a level change."""
+    torch.manual_seed(0)
+    model = models.create("tiny_cnn", 10, 0.25, 3)
+    opt = create("bc-adam", model, lr=1e-3, grid=grid, scale=scale, seed=0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    for _ in range(3):
+        weights = [p.detach().clone() for p in split_parameters(model)[0]]
+        scales = [s.clone() for s in opt.scales()]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        changed = 0
+        for before, s_before, after, s_after in zip(
+            weights, scales, split_parameters(model)[0], opt.scales(), strict=True
+        ):
+            level = lambda w, s: torch.round(w / broadcast(s, w))  # noqa: E731
+            changed += int((level(before, s_before) != level(after.detach(), s_after)).sum())
+        assert opt.flip_rate() == changed / opt.num_quantized
+        assert opt.flip_rate() < 0.5  # a small step moves few levels, though every value moved
+
+
+def broadcast(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return s.reshape(s.shape + (1,) * (w.dim() - s.dim())) if s.dim() else s

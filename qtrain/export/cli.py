@@ -20,7 +20,13 @@ import json
 from pathlib import Path
 
 from qtrain.export.loading import MODEL_OPTIONS, load_any_model, summary_of, summary_of_target
-from qtrain.export.onnx import DEFAULT_OPSET, WEIGHT_FORMATS, export_onnx, input_shape
+from qtrain.export.onnx import (
+    DEFAULT_OPSET,
+    WEIGHT_FORMATS,
+    export_onnx,
+    input_shape,
+    reads_tokens,
+)
 from qtrain.export.packed import save_packed
 from qtrain.export.summary import human_bytes
 from qtrain.quant import Grid
@@ -40,7 +46,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--format", required=True, choices=FORMATS, help="output format")
     export.add_argument("--out", required=True, type=Path, help="file to write")
     export.add_argument(
-        "--input-size", type=int, help="ONNX input side in pixels (default: the model's own)"
+        "--input-size",
+        type=int,
+        help="ONNX input side in pixels, or a language model's sequence length "
+        "(default: the model's own)",
     )
     export.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 17)")
     export.add_argument(
@@ -89,13 +98,15 @@ def run_export(args: argparse.Namespace) -> int:
             f"smaller than its {human_bytes(summary.float_bytes)} of float tensors"
         )
         return 0
-    shape = input_shape(record)
+    shape, tokens = input_shape(record), reads_tokens(record)
     if args.input_size is not None:
-        if args.input_size < 1:
+        unit = "tokens" if tokens else "pixels"
+        if args.input_size < 1 or (tokens and args.input_size > shape[0]):
+            limit = f" (at most the context, {shape[0]})" if tokens else ""
             raise ValueError(
-                f"--input-size must be a positive number of pixels, got {args.input_size}"
+                f"--input-size must be a positive number of {unit}{limit}, got {args.input_size}"
             )
-        shape = (shape[0], args.input_size, args.input_size)
+        shape = (args.input_size,) if tokens else (shape[0], args.input_size, args.input_size)
     export_onnx(
         model,
         out,
@@ -104,9 +115,11 @@ def run_export(args: argparse.Namespace) -> int:
         quantized=record["quantized"],
         grid=Grid.from_dict(record["method"]["grid"]),
         weights=args.onnx_weights,
+        tokens=tokens,
     )
+    kind = "tokens" if tokens else "images"
     print(
-        f"wrote {out}: {human_bytes(out.stat().st_size)}, input images [batch, "
+        f"wrote {out}: {human_bytes(out.stat().st_size)}, input {kind} [batch, "
         f"{', '.join(map(str, shape))}], output logits, opset {args.opset}, "
         f"{args.onnx_weights} weights"
     )

@@ -2,7 +2,9 @@
 
 The graph has one input `images` float32 [batch, C, H, W] (normalised like the training
 data) and one output `logits` float32 [batch, classes]; the batch axis is dynamic, C, H, W
-are fixed at export. Two ways to store the quantized weights (`weights=`):
+are fixed at export. A language model's graph reads `tokens` int64 [batch, time] and gives
+`logits` [batch, time, vocabulary], both axes dynamic. Two ways to store the quantized
+weights (`weights=`):
 
     packed  (default) each quantized weight as its packed codes (1 bit per binary weight,
             2 per ternary, k per k-bit) plus its level table and scale(s), unpacked inside the
@@ -34,29 +36,47 @@ from qtrain.quant import Grid
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
+TOKENS_NAME = "tokens"
 OUTPUT_NAME = "logits"
 WEIGHT_FORMATS = ("packed", "float")
 
 
-def input_shape(record: dict) -> tuple[int, int, int]:
-    """Default (C, H, W) input of the model a checkpoint record describes."""
+def reads_tokens(record: dict) -> bool:
+    """True when the checkpoint's model reads token ids (a language model), not images."""
     from qtrain.models import model_info
 
-    side = model_info(record["model"]["name"]).input_size
-    return (int(record["model"]["in_channels"]), side, side)
+    return model_info(record["model"]["name"]).modality == "text"
+
+
+def input_shape(record: dict) -> tuple[int, ...]:
+    """Default input of the model a checkpoint record describes, without the batch axis:
+    (C, H, W) for an image model, (T,) = its context length for a language model."""
+    from qtrain.models import create, model_info
+
+    spec = record["model"]
+    if reads_tokens(record):
+        model = create(spec["name"], int(spec["num_classes"]), options=spec.get("options") or {})
+        return (int(model.config.block_size),)
+    side = model_info(spec["name"]).input_size
+    return (int(spec["in_channels"]), side, side)
 
 
 def export_onnx(
     model: nn.Module,
     path: str | Path,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     opset: int = DEFAULT_OPSET,
     *,
     quantized: list[str] = (),
     grid: Grid | None = None,
     weights: str = "packed",
+    tokens: bool = False,
 ) -> None:
     """Export `model` (switched to eval mode) for inputs [batch, *shape] to `path`, atomically.
+
+    Images: input `images` float32 [batch, C, H, W]. With `tokens`, a language model: input
+    `tokens` int64 [batch, time] (time ≤ the context length), output `logits`
+    [batch, time, vocabulary]; batch and time are dynamic.
 
     With `weights="packed"` the parameters named in `quantized` (each on `grid`, or on `grid`
     scaled per output channel) are stored packed; `model` itself is not changed. The graph is
@@ -78,7 +98,11 @@ def export_onnx(
         model = pack_into_model(
             copy.deepcopy(model), packed_weights({n: parameters[n] for n in quantized}, grid)
         )
-    example = torch.zeros(1, *shape)
+    if tokens:
+        example = torch.zeros(1, *shape, dtype=torch.int64)
+        input_name, axes = TOKENS_NAME, {0: "batch", 1: "time"}
+    else:
+        example, input_name, axes = torch.zeros(1, *shape), INPUT_NAME, {0: "batch"}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The legacy exporter is chosen on purpose; its advice on constant folding concerns
@@ -94,9 +118,9 @@ def export_onnx(
             opset_version=opset,
             training=torch.onnx.TrainingMode.PRESERVE,  # keeps BN unfolded (see above)
             do_constant_folding=not packed,
-            input_names=[INPUT_NAME],
+            input_names=[input_name],
             output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamic_axes={input_name: axes, OUTPUT_NAME: axes},
         )
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data))

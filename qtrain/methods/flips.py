@@ -1,4 +1,4 @@
-"""Flip statistics: how many quantized weights change value per step.
+"""Flip statistics: how many quantized weights change grid level per step.
 
 Counts stay device tensors (the last step's count and a running sum since `reset`), so counting
 never makes a CUDA step wait for the host; they are read only when a rate is asked for.
@@ -29,7 +29,7 @@ class FlipCounter:
         self.last, self.sum = self.last.to(device), self.sum.to(device)
 
     def rate(self, d: int) -> float:
-        """Fraction of the d weights that changed value in the last step."""
+        """Fraction of the d weights that changed grid level in the last step."""
         return float(self.last) / d if d else 0.0
 
     def mean_rate(self, d: int) -> float:

@@ -195,7 +195,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 start = self._flat_wb if name == "latent" else torch.zeros_like(self._flat_wb)
                 self._buffers[name] = start.clone()
             if self.mode == "bc":
-                self._update_latent_scales_and_weights()
+                self._update_latent_scales_and_weights(count_flips=False)
 
     def _views(self, name: str) -> list[torch.Tensor]:
         return flat_views(self.quantized, self._buffers[name])
@@ -248,19 +248,33 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             return quantize(w, self.grid, stochastic, self.generator)
         return scaled_round(w, self._expanded_scales(w), self.grid, stochastic, self.generator)
 
-    def _update_latent_scales_and_weights(self) -> None:
+    def _update_latent_scales_and_weights(self, count_flips: bool = True) -> None:
         """BC after the base step: clip w_r, measure absmean scales, then w_b = Q(w_r)."""
+        count_flips = count_flips and self.track_flips
         latent = self._buffers["latent"]
         if self.scale in FIXED and self.scale != "none":
             hi = self._expanded_scales(latent).mul_(self.grid.hi)
             latent.clamp_(min=-hi, max=hi)
         else:
             latent.clamp_(self.grid.lo, self.grid.hi)
-        if self.scale not in FIXED:
+        if self.scale in FIXED:
+            new_wb = self._round(latent, stochastic=self.bc_stochastic)
+            if count_flips:
+                self._count_flips(self._flat_wb, new_wb)
+        else:
+            # A measured scale moves every step, and with it the value of every weight: a flip
+            # is a change of grid level m (w_b = s·m·Δ), not of value.
+            old_levels = self._levels(self._flat_wb) if count_flips else None
             self._scales = [measured_scale(self.scale, v) for v in self._views("latent")]
-        new_wb = self._round(latent, stochastic=self.bc_stochastic)
-        self._count_flips(self._flat_wb, new_wb)
+            new_wb = self._round(latent, stochastic=self.bc_stochastic)
+            if old_levels is not None:
+                self.flips.record((old_levels != self._levels(new_wb)).sum())
         self._flat_wb.copy_(new_wb)
+
+    def _levels(self, w: torch.Tensor) -> torch.Tensor:
+        """The grid multiple m of every weight w = s·m·Δ under the current scales."""
+        s = self._expanded_scales(w).clamp_min_(torch.finfo(w.dtype).tiny)
+        return torch.round(w / s / self.grid.delta)
 
     def _count_flips(self, old: torch.Tensor, new: torch.Tensor) -> None:
         if self.track_flips:
@@ -358,7 +372,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.flips.reset(device)
 
     def flip_rate(self) -> float:
-        """Fraction of quantized weights that changed value in the last step."""
+        """Fraction of quantized weights that changed grid level in the last step (with a fixed
+        scale: changed value)."""
         return self.flips.rate(self.num_quantized)
 
     def mean_flip_rate(self) -> float:
