@@ -18,17 +18,13 @@ from qtrain.train.preflight import data_options, is_text
 from qtrain.train.trainer import evaluate
 
 
-def evaluate_file(
-    path: str | Path, data_dir: str | None = None, batch_size: int = 1000, device: str = "cpu"
-) -> dict:
-    """Evaluate a checkpoint, run folder or packed file on its data set's test split."""
-    model, record = load_any_model(path)
+def test_loader(record: dict, data_dir: str | None = None, batch_size: int = 1000, device="cpu"):
+    """(loader, splits) of the test split a saved model was trained against: the whole test
+    set of an image data set, the fixed validation windows of a text."""
     config = record.get("config") or {}
     dataset = config.get("dataset")
     if not dataset:
-        raise ValueError(
-            f"{path} does not name the data set it was trained on; it cannot be evaluated"
-        )
+        raise ValueError("the file does not name the data set it was trained on")
     name = record["model"]["name"]
     text = is_text(dataset)
     if text:  # the model's own context, whatever the config's defaults are now
@@ -40,16 +36,30 @@ def evaluate_file(
                                batches=config.get("eval_batches", 20))  # fmt: skip
     else:
         loader = splits.loader("test", batch_size, seed=0, device=device)
+    return loader, splits
+
+
+def evaluate_file(
+    path: str | Path, data_dir: str | None = None, batch_size: int = 1000, device: str = "cpu"
+) -> dict:
+    """Evaluate a checkpoint, run folder or packed file on its data set's test split."""
+    model, record = load_any_model(path)
+    if not (record.get("config") or {}).get("dataset"):
+        raise ValueError(
+            f"{path} does not name the data set it was trained on; it cannot be evaluated"
+        )
+    loader, splits = test_loader(record, data_dir, batch_size, device)
     result = evaluate(model.to(torch.device(device)), loader, torch.device(device))
+    dataset = record["config"]["dataset"]
     summary = {
-        "model": name,
+        "model": record["model"]["name"],
         "method": record["method"]["name"],
         "dataset": dataset,
         "images": len(splits.test),
         "test_error": result["error"],
         "test_loss": result["loss"],
     }
-    if text:
+    if is_text(dataset):
         tokens = len(loader) * loader.batch_size * loader.block_size
         summary.update(images=tokens, val_loss=result["loss"], val_bpc=result["loss"] / math.log(2))
     return summary
