@@ -4,7 +4,7 @@ All are plain ``nn.Module``s built from ``nn.Conv2d``, ``nn.Linear`` and ``nn.Ba
 select one by name with `create`. Importing the model files registers them.
 """
 
-from . import resnet_cifar, resnet_imagenet, tiny, vgg  # noqa: F401  (registration)
+from . import resnet_cifar, resnet_imagenet, speednet, tiny, vgg  # noqa: F401  (registration)
 from .registry import ModelInfo, create, list_models, model_info, register_model
 
 __all__ = ["ModelInfo", "create", "list_models", "model_info", "register_model"]
