@@ -1,14 +1,20 @@
-"""Test error of a saved model: a checkpoint, a run folder, or a packed export."""
+"""Test error of a saved model: a checkpoint, a run folder, or a packed export.
+
+A language model is evaluated as in training: on its text's fixed validation windows
+(`eval_batches` × `batch_size` of the run's config), reporting the loss in nats per token and
+bits per character (loss / ln 2) besides the next-character error.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from qtrain import data as qdata
 from qtrain.export.loading import load_any_model
-from qtrain.train.preflight import data_options
+from qtrain.train.preflight import data_options, is_text
 from qtrain.train.trainer import evaluate
 
 
@@ -23,15 +29,27 @@ def evaluate_file(
         raise ValueError(
             f"{path} does not name the data set it was trained on; it cannot be evaluated"
         )
-    options = data_options(dataset, record["model"]["name"])
+    name = record["model"]["name"]
+    text = is_text(dataset)
+    if text:  # the model's own context, whatever the config's defaults are now
+        config = {**config, "block_size": record["model"]["options"]["block_size"]}
+    options = data_options(dataset, name, config)
     splits = qdata.load(dataset, data_dir or config.get("data_dir"), download=False, **options)
-    loader = splits.loader("test", batch_size, seed=0, device=device)
+    if text:
+        loader = splits.loader("test", config["batch_size"], seed=0, device=device,
+                               batches=config.get("eval_batches", 20))  # fmt: skip
+    else:
+        loader = splits.loader("test", batch_size, seed=0, device=device)
     result = evaluate(model.to(torch.device(device)), loader, torch.device(device))
-    return {
-        "model": record["model"]["name"],
+    summary = {
+        "model": name,
         "method": record["method"]["name"],
         "dataset": dataset,
         "images": len(splits.test),
         "test_error": result["error"],
         "test_loss": result["loss"],
     }
+    if text:
+        tokens = len(loader) * loader.batch_size * loader.block_size
+        summary.update(images=tokens, val_loss=result["loss"], val_bpc=result["loss"] / math.log(2))
+    return summary

@@ -9,6 +9,7 @@ times are the same after the command as before. docs/errors.md lists the same ca
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import io
 import json
@@ -34,6 +35,12 @@ from qtrain.train.checkpoint import load_checkpoint
 TINY = "--model tiny_mlp --epochs 1 --batch-size 64 --set device=cpu"
 SYNTHETIC = f"train {TINY} --dataset synthetic"
 CIFAR = f"train {TINY} --dataset cifar10 --data-dir data --no-download"
+TINY_GPT = (
+    "--set n_layer=1 --set n_head=2 --set n_embd=16 --set block_size=8 --batch-size 4 "
+    "--set max_steps=2 --set eval_every=2 --set eval_batches=1 --set device=cpu"
+)
+GPT = f"train --model gpt --dataset shakespeare-char {TINY_GPT}"
+TEXT = "".join(chr(97 + (i * 7) % 26) for i in range(400))  # 26 letters, 400 characters
 
 
 ERRORS_DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -155,6 +162,19 @@ def with_cifar(folder, trained, monkeypatch):
     write_fake_cifar(folder / "data")
 
 
+def with_text(folder, trained, monkeypatch):
+    (folder / "a.txt").write_text(TEXT)
+
+
+def with_gpt_run(folder, trained, monkeypatch):
+    """A finished two-step tiny GPT run in gpt/ on a.txt, and b.txt with other characters."""
+    with_text(folder, trained, monkeypatch)
+    (folder / "b.txt").write_text(TEXT.upper())
+    argv = [*shlex.split(GPT), "--set", f"text_file={folder / 'a.txt'}", "--out", folder / "gpt"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(a) for a in argv]) == 0
+
+
 def empty_data_dir(folder, trained, monkeypatch):
     (folder / "data").mkdir()
 
@@ -241,7 +261,7 @@ class Case:
     prepare: object = None
 
     def arguments(self) -> list[str]:
-        return shlex.split(self.argv.format(syn=SYNTHETIC, cifar=CIFAR))
+        return shlex.split(self.argv.format(syn=SYNTHETIC, cifar=CIFAR, gpt=GPT))
 
 
 CASES = [
@@ -378,6 +398,30 @@ CASES = [
          "fails its CRC-32 check", packed_header_edited),
     Case("export", "summary of an unknown name", "summary vgg99",
          "neither an existing file nor a registered model"),
+    Case("data", "missing text file", "{gpt} --set text_file=none.txt --out o",
+         "text file none.txt does not exist"),
+    Case("data", "empty text file", "{gpt} --set text_file=e.txt --out o",
+         "text file e.txt is empty", write("e.txt", b"")),
+    Case("data", "binary text file", "{gpt} --set text_file=b.bin --out o",
+         "holds NUL bytes, so it is binary", write("b.bin", b"\x00\x01" * 100)),
+    Case("data", "context longer than the text", "{gpt} --set text_file=a.txt "
+         "--set block_size=64 --out o", "shorter than one window of block_size + 1 = 65",
+         with_text),
+    Case("checkpoint", "resume on a text with other characters",
+         "{gpt} --set text_file=b.txt --out gpt --resume",
+         "was trained on a text with the 26 characters", with_gpt_run),
+    Case("config", "gpt with a width", "{gpt} --set text_file=a.txt --width 0.5 --out o",
+         "reads text and has no width", with_text),
+    Case("config", "gpt with binary activations",
+         "{gpt} --set text_file=a.txt --set activations=binary --out o",
+         "binary activations apply to the image models only", with_text),
+    Case("config", "gpt on an image data set", "{gpt} --dataset cifar10 --out o",
+         "model 'gpt' reads text but data set 'cifar10' holds images"),
+    Case("config", "an image model on text", "{gpt} --model tiny_mlp --out o",
+         "model 'tiny_mlp' reads images but data set 'shakespeare-char' holds text"),
+    Case("cli", "sample prompt with unknown characters", "sample gpt --prompt Zebra",
+         "characters the model never saw ('Z')", with_gpt_run),
+    Case("cli", "sample of an image model", "sample run", "trained on images", with_run),
 ]  # fmt: skip
 
 

@@ -75,7 +75,14 @@ def test_unknown_data_set_and_option_are_clear_errors():
         data.load("digits", colour=True)
     with pytest.raises(ValueError, match="num_classes >= 1"):
         data.load("synthetic", num_classes=0)
-    assert data.list_datasets() == ["cifar10", "cifar100", "digits", "imagenet", "synthetic"]
+    assert data.list_datasets() == [
+        "cifar10",
+        "cifar100",
+        "digits",
+        "imagenet",
+        "shakespeare-char",
+        "synthetic",
+    ]
 
 
 def test_default_root_follows_the_environment(monkeypatch, tmp_path):

@@ -40,8 +40,8 @@ def build(name: str, root: Path):
     return data.load(name, root, **options)
 
 
-@pytest.mark.parametrize("name", data.list_datasets())
-def test_every_data_set_delivers_what_its_entry_promises(name, tmp_path):
+@pytest.mark.parametrize("name", data.list_datasets("image"))  # text sets: tests/test_data_text.py
+def test_every_image_data_set_delivers_what_its_entry_promises(name, tmp_path):
     info = data.dataset_info(name)
     splits = build(name, tmp_path)
     side = info.image_size or MADE_AT

@@ -115,7 +115,7 @@ def test_vgg9_onnx_matches_pytorch_on_real_cifar10(cifar10_root, tmp_path, capsy
         assert out.stat().st_size <= 1.03 * (tmp_path / "m.st").stat().st_size
 
 
-@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("name", models.list_models("image"))
 def test_every_model_exports_and_runs(tmp_path, name):
     model = models.create(name, 10, 0.2 if name.startswith("tiny") else 0.125, 3)
     methods.create("sr-adam", model, lr=0.01, grid=grids.kbit(2, 0.5))

@@ -5,13 +5,13 @@
     layer 2  methods, theory (theory may use only base and quant)
     layer 3  models, data (neither imports the other)
     layer 4  train
-    layer 5  export < evaluate, report < experiments
+    layer 5  export < evaluate, sample, report < experiments
     layer 6  cli.py, __main__.py and every `*/cli.py` (argument wiring only)
 
 A module may import a module of its own group or of a group with a strictly lower rank, so
-groups that share a rank (methods/theory, models/data, evaluate/report) never import each
-other. Inside layer 5 the order reads: export is the deployment end and uses none of the
-others; evaluate and report may load models through export; experiments may use all three.
+groups that share a rank (methods/theory, models/data, evaluate/sample/report) never import
+each other. Inside layer 5 the order reads: export is the deployment end and uses none of the
+others; evaluate, sample and report may load models through export; experiments may use all.
 Besides, report draws from run folders and never runs training: it must not import
 `qtrain.train.trainer`. Every import counts, also those inside functions (lazy imports) and
 under `if TYPE_CHECKING:`.
@@ -39,6 +39,7 @@ RANKS = {
     "train": 4.0,
     "export": 5.0,
     "evaluate": 5.1,
+    "sample": 5.1,
     "report": 5.1,
     "experiments": 5.2,
     CLI: 6.0,

@@ -57,7 +57,7 @@ def input_for(name: str, batch: int = 4) -> torch.Tensor:
     return torch.randn(batch, 3, side, side)
 
 
-@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("name", models.list_models("image"))
 def test_forward_backward_reaches_every_parameter(name):
     model = models.create(name, num_classes=7, width=TEST_WIDTH.get(name, 1.0))
     x = input_for(name)
@@ -69,7 +69,7 @@ def test_forward_backward_reaches_every_parameter(name):
         assert torch.isfinite(p.grad).all(), f"{name}.{pname} has a non-finite gradient"
 
 
-@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("name", models.list_models("image"))
 def test_channels_last_matches_contiguous(name):
     model = models.create(name, num_classes=5, width=TEST_WIDTH.get(name, 1.0)).eval()
     x = input_for(name)
@@ -79,7 +79,7 @@ def test_channels_last_matches_contiguous(name):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", models.list_models())
+@pytest.mark.parametrize("name", models.list_models("image"))
 def test_every_conv_and_hidden_linear_is_followed_by_batchnorm_relu(name):
     model = models.create(name, width=TEST_WIDTH.get(name, 1.0))
     leaves = [m for m in model.modules() if not list(m.children())]  # registration order
@@ -131,7 +131,7 @@ def test_bad_class_or_channel_count_is_rejected():
 
 
 def test_model_info_describes_each_model():
-    for name in models.list_models():
+    for name in models.list_models("image"):
         info = models.model_info(name)
         assert info.name == name and info.description and "\n" not in info.description
         assert info.input_size in (8, 32, 224)

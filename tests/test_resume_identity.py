@@ -66,10 +66,13 @@ def test_every_field_is_classified_and_the_identity_holds_what_changes_the_numbe
         *("lr", "schedule", "weight_decay", "momentum", "bc_stochastic", "train_subset"),
         *("augment", "seed", "epochs", "amp", "scale", "activations"),
         *("bop_gamma", "bop_tau", "bop_sigma"),
+        *("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_weights"),
+        *("beta2", "max_steps", "warmup_steps", "min_lr", "grad_clip", "eval_every"),
     }
     changeable = {
         *("device", "threads", "eval_batch_size", "data_dir", "download", "compile"),
         *("channels_last", "checkpoint_every_steps", "log"),
+        *("text_file", "eval_batches"),  # the text itself is checked on resume
     }
     assert keys == defining
     assert {f.name for f in fields(RunConfig)} == defining | changeable

@@ -1,5 +1,6 @@
 """Data sets and loaders: one registry for CIFAR-10/100, the embedded digits, synthetic images
-and ImageNet folders.
+ImageNet folders and
+character-level text (tiny Shakespeare or any UTF-8 file).
 
 `load(name, ...)` builds any registered set as its `Splits` (a "train" and a "test" split plus
 ``num_classes``, ``in_channels``, ``image_size``), and ``splits.loader(split, batch_size, ...)``
@@ -35,6 +36,7 @@ from .registry import (
     subset_train,
 )
 from .synthetic import make_synthetic
+from .text import TextLoader, TextSplits, load_text, read_text
 
 __all__ = [
     "DATA_ENV",
@@ -62,4 +64,8 @@ __all__ = [
     "make_synthetic",
     "register_dataset",
     "subset_train",
+    "TextLoader",
+    "TextSplits",
+    "load_text",
+    "read_text",
 ]

@@ -26,6 +26,7 @@ from .digits import load_digits
 from .imagenet import load_imagenet
 from .loader import Batch
 from .synthetic import make_synthetic
+from .text import load_shakespeare
 
 DATA_ENV = "QTRAIN_DATA"
 
@@ -63,7 +64,8 @@ class DatasetInfo:
     ``image_size`` None means the images are made at whatever side the model takes (synthetic
     images are generated at it, ImageNet photos are cropped to it). ``folder`` is the
     subfolder of `default_root` that holds the set when no root is given.
-    ``build(root, download, **options)`` returns its `Splits`.
+    ``build(root, download, **options)`` returns its `Splits`. ``modality`` is "image" (x
+    float [B, C, H, W], y [B]) or "text" (x, y int64 token ids [B, T], `qtrain.data.text`).
     """
 
     name: str
@@ -74,6 +76,7 @@ class DatasetInfo:
     build: Callable[..., Splits]
     options: tuple[str, ...] = ()
     folder: str = ""
+    modality: str = "image"
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
@@ -87,9 +90,9 @@ def register_dataset(info: DatasetInfo) -> DatasetInfo:
     return info
 
 
-def list_datasets() -> list[str]:
-    """Names accepted by `load`, sorted."""
-    return sorted(_DATASETS)
+def list_datasets(modality: str | None = None) -> list[str]:
+    """Names accepted by `load`, sorted; only those holding `modality` when given."""
+    return sorted(n for n in _DATASETS if modality is None or _DATASETS[n].modality == modality)
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -152,5 +155,9 @@ for _info in (
     DatasetInfo("imagenet", "ImageNet folders root/train and root/val, cropped to the model",
                 3, None, None, lambda root, download, **options: load_imagenet(root, **options),
                 ("image_size",), folder="imagenet"),
+    DatasetInfo("shakespeare-char", "tiny Shakespeare by character: 1,003,854 + 111,540 "
+                "tokens, 65 symbols (or any UTF-8 text_file)", 1, None, 65, load_shakespeare,
+                ("block_size", "text_file", "url", "sha256"), folder="tinyshakespeare",
+                modality="text"),
 ):  # fmt: skip
     register_dataset(_info)

@@ -83,7 +83,9 @@ def save_packed(path: str | Path, record: dict) -> None:
     safetensors = _safetensors()
     model = build_model(record)
     grid = Grid.from_dict(record["method"].get("grid"))
-    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    # Tied parameters (a GPT's head is its token embedding) share memory, which safetensors
+    # refuses: every entry gets its own copy, and loading ties them again.
+    state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
     tensors, quantized = dict(state), {}
     for name in record["quantized"]:
         if name not in state:
@@ -311,6 +313,7 @@ def _create_model(path: Path, spec: dict) -> nn.Module:
             width=spec["width"],
             in_channels=spec["in_channels"],
             activations=spec.get("activations", "float"),
+            options=spec.get("options") or {},
         )
     except (KeyError, TypeError, ValueError) as e:
         raise PackedFormatError(

@@ -37,6 +37,8 @@ from torch.nn import functional as F
 
 from qtrain.base.names import unknown_name
 
+from .registry import register_model
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -247,8 +249,13 @@ def _init_weights(module: nn.Module) -> None:
 GPT_OPTIONS = ("block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "tie_weights")
 
 
+@register_model("gpt", input_size=GPTConfig.block_size, dataset="shakespeare-char",
+                modality="text", options=GPT_OPTIONS)  # fmt: skip
 def build_gpt(vocab_size: int, **options) -> GPT:
-    """GPT for `vocab_size` tokens sized by `options` (the `GPTConfig` fields, its defaults)."""
+    """Decoder-only transformer language model (GPT-2 layout, nanoGPT sizes).
+
+    GPT for `vocab_size` tokens sized by `options` (the `GPTConfig` fields, its defaults).
+    """
     for name in options:
         if name not in GPT_OPTIONS:
             raise unknown_name("GPT option", name, GPT_OPTIONS)

@@ -5,6 +5,11 @@ docstring's first line is the model's one-line description. `create` scales ever
 channel count by ``width`` so the paper's architectures can be trained at reduced cost. A model
 registered with ``binary_activations=True`` also takes ``activations="float"|"binary"`` as a
 keyword (`qtrain.models.activations`); `create` refuses "binary" for every other model.
+
+A text model (``modality="text"``, the GPT) reads token ids instead of images: its factory is
+``factory(vocab_size, **options)`` with the size options it declares (``options``), its
+``input_size`` is its default context length in tokens, and the image-only settings (width,
+in_channels, binary activations) are refused for it with a sentence.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class ModelInfo:
     input_size: int  # default square input side in pixels (32 for CIFAR, 224 for ImageNet)
     dataset: str  # the data set the model is meant for (a `qtrain.data` name or "imagenet")
     binary_activations: bool = False  # accepts activations="binary"
+    modality: str = "image"  # "image" or "text" (token ids in, next-token logits out)
+    options: tuple[str, ...] = ()  # size options the factory takes (text models)
 
 
 _FACTORIES: dict[str, Factory] = {}
@@ -38,7 +45,13 @@ _INFOS: dict[str, ModelInfo] = {}
 
 
 def register_model(
-    name: str, *, input_size: int = 32, dataset: str = "cifar10", binary_activations: bool = False
+    name: str,
+    *,
+    input_size: int = 32,
+    dataset: str = "cifar10",
+    binary_activations: bool = False,
+    modality: str = "image",
+    options: tuple[str, ...] = (),
 ):
     """Decorator registering ``factory`` under ``name``; a duplicate name is a programming error."""
 
@@ -47,15 +60,17 @@ def register_model(
             raise ValueError(f"model name {name!r} is already registered; pick another name")
         doc = (factory.__doc__ or name).strip().splitlines()[0]
         _FACTORIES[name] = factory
-        _INFOS[name] = ModelInfo(name, doc, input_size, dataset, binary_activations)
+        _INFOS[name] = ModelInfo(
+            name, doc, input_size, dataset, binary_activations, modality, tuple(options)
+        )
         return factory
 
     return decorate
 
 
-def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return sorted(_FACTORIES)
+def list_models(modality: str | None = None) -> list[str]:
+    """Names of the registered models, sorted; only those reading `modality` when given."""
+    return sorted(n for n in _FACTORIES if modality is None or _INFOS[n].modality == modality)
 
 
 def list_binary_activation_models() -> list[str]:
@@ -95,14 +110,24 @@ def create(
     width: float = 1.0,
     in_channels: int = 3,
     activations: str = "float",
+    options: dict | None = None,
 ) -> nn.Module:
     """Build the registered model ``name`` with fresh (PyTorch default) initialisation.
 
     ``activations="binary"`` makes the input of every convolution but the first sign(x)
     (`qtrain.models.activations`); the parameters, and so the quantization policy, are the
-    same as with "float".
+    same as with "float". ``options`` size a text model (its `ModelInfo.options`; None values
+    mean the model's defaults); ``num_classes`` is its vocabulary size.
     """
     _check_name(name)
+    options = {key: value for key, value in (options or {}).items() if value is not None}
+    if _INFOS[name].modality == "text":
+        return _create_text_model(name, num_classes, width, in_channels, activations, options)
+    if options:
+        raise ValueError(
+            f"model {name!r} has no option {', '.join(sorted(options))}; those size the text "
+            "model gpt only, leave them unset"
+        )
     _check_activations(name, activations)
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width):
         raise ValueError(f"model width must be a finite number > 0, got {width!r}")
@@ -114,3 +139,26 @@ def create(
     if _INFOS[name].binary_activations:
         return _FACTORIES[name](num_classes, float(width), in_channels, activations=activations)
     return _FACTORIES[name](num_classes, float(width), in_channels)
+
+
+def _create_text_model(
+    name: str, vocab_size: int, width: float, in_channels: int, activations: str, options: dict
+) -> nn.Module:
+    """A text model: the image-only settings must keep their neutral values."""
+    info = _INFOS[name]
+    if width != 1.0:
+        raise ValueError(
+            f"model {name!r} reads text and has no width; size it with "
+            f"{', '.join(info.options)} and leave width at 1.0"
+        )
+    if activations != "float":
+        raise ValueError(
+            f"model {name!r} does not support activations={activations!r}; binary activations "
+            "apply to the image models only, leave activations='float'"
+        )
+    if in_channels not in (1, 3):  # 1: a stream of ids; 3: the image default of `create`
+        raise ValueError(f"model {name!r} reads token ids and takes no in_channels setting")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"num_classes (the vocabulary size) must be a positive integer, got "
+                         f"{vocab_size!r}")  # fmt: skip
+    return _FACTORIES[name](vocab_size, **options)

@@ -7,7 +7,10 @@ dicts, lists, strings and numbers only, so loading never runs code):
     format_version  1
     qtrain_version  package version that wrote it
     config          the resolved run configuration (a flat dict of primitives)
-    model           {"name", "num_classes", "width", "in_channels"}: enough to rebuild it
+    model           {"name", "num_classes", "width", "in_channels", "activations", "options"}:
+                    enough to rebuild it (options: a text model's size, e.g. the GPT's
+                    n_layer; a text model also has "vocab", the character of each token id)
+    data            text runs only: {"sha256"} of the training text (checked on resume)
     method          {"name", "grid": Grid.to_dict(), "policy"}
     quantized       names of the parameters that live on the grid
     model_state     model.state_dict()
@@ -141,6 +144,7 @@ def build_model(record: dict) -> nn.Module:
         width=float(spec["width"]),
         in_channels=int(spec["in_channels"]),
         activations=spec.get("activations", "float"),
+        options=spec.get("options") or {},
     )
     try:
         model.load_state_dict(record["model_state"])

@@ -22,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SCHEDULES = ("step", "cosine", "constant")
+SCHEDULES = ("step", "cosine", "constant", "warmup-cosine")
 AMP_MODES = ("auto", "off", "bf16")
 # No method learns with steps this large, and near 1e38 Adam's step size overflows float32.
 MAX_LR = 1e6
@@ -70,6 +70,17 @@ class RunConfig:
     # use only N training images, drawn by the "subset" random stream
     train_subset: int | None = _identity(None)
     augment: bool | None = _identity(None)  # None: the data set's default (CIFAR: crop + flip)
+    # a UTF-8 file read instead of a text data set's own text; its vocabulary and SHA-256 are
+    # checked on resume, so the path itself may change
+    text_file: str | None = None
+    # size of a text model (gpt); None: the model's default (qtrain.models.gpt.GPTConfig)
+    n_layer: int | None = _identity(None)
+    n_head: int | None = _identity(None)
+    n_embd: int | None = _identity(None)
+    block_size: int | None = _identity(None)  # the context, in tokens
+    dropout: float | None = _identity(None)
+    bias: bool | None = _identity(None)
+    tie_weights: bool | None = _identity(None)
     # how to train it
     method: str = _identity("bc-adam")
     grid: str = _identity("binary")
@@ -87,6 +98,15 @@ class RunConfig:
     schedule: str = _identity("step")  # ×0.1 at 50% and 75% of training [ours]
     weight_decay: float = _identity(0.0)
     momentum: float = _identity(0.9)
+    beta2: float = _identity(0.999)  # Adam's β₂ (β₁ = 0.9)
+    # stop after this many optimizer steps (None: after `epochs`); mid-epoch if need be
+    max_steps: int | None = _identity(None)
+    warmup_steps: int = _identity(0)  # linear warm-up of "warmup-cosine"
+    min_lr: float = _identity(0.0)  # where "warmup-cosine" ends
+    grad_clip: float = _identity(0.0)  # clip the global gradient norm to this; 0: off
+    # text data: evaluate every N steps (each "epoch" of the loop is N steps long)
+    eval_every: int | None = _identity(None)
+    eval_batches: int = 20  # text data: validation windows = eval_batches × batch_size
     seed: int = _identity(0)
     # where and how fast
     device: str = "auto"
@@ -124,6 +144,22 @@ class RunConfig:
             raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.train_subset is not None:
             _positive_int("train_subset", self.train_subset)
+        for key in ("max_steps", "eval_every"):
+            if getattr(self, key) is not None:
+                _positive_int(key, getattr(self, key))
+        _positive_int("eval_batches", self.eval_batches)
+        if isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps}")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise ConfigError(
+                f"min_lr must be in [0, lr={self.lr:g}], got {self.min_lr:g}; lower min_lr"
+            )
+        if not math.isfinite(self.grad_clip) or self.grad_clip < 0:
+            raise ConfigError(
+                f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}"
+            )
+        if not 0 <= self.beta2 < 1:
+            raise ConfigError(f"beta2 must be in [0, 1), got {self.beta2}")
         if self.checkpoint_every_steps < 0 or self.threads < 0:
             raise ConfigError("checkpoint_every_steps and threads must be >= 0")
         return self

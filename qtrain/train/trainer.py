@@ -5,6 +5,18 @@ method lives entirely in the optimizer. Each epoch: train over the shuffled spli
 (x: [B, C, H, W] normalised, channels_last), step the LR schedule, evaluate on the test split
 and append one record to metrics.jsonl, then checkpoint atomically.
 
+Text (a language model on a character-level data set, `qtrain.data.text`): x, y are token
+ids [B, T] and the loss is the cross-entropy over all B·T next-token predictions; an "epoch"
+is `eval_every` steps of random windows, after which the fixed validation windows are
+evaluated and the record holds val_loss (nats per token) and val_bpc = val_loss / ln 2.
+
+Steps: the run lasts S = min(epochs × steps per epoch, max_steps) optimizer steps (a text run
+with max_steps: S = max_steps, its "epochs" being only the evaluation cadence) and stops
+mid-epoch at S (evaluating and checkpointing there). "warmup-cosine" is stepped after every
+optimizer step over S; the epoch schedules are drawn over ⌈S / steps per epoch⌉ epochs. With
+`grad_clip` c > 0 the gradient g of all parameters is scaled to g·min(1, c/‖g‖₂) before the
+step; for BC that is the gradient at the quantized weights w_b, applied to the latent w_r.
+
 Exact resume: the data order and augmentation of batch b in epoch e are a pure function of
 (seed, e, b); the model, optimizer (including BC's w_r and the rounding generator), scheduler,
 running epoch sums and torch's global RNG are all in the checkpoint. A run interrupted at any
@@ -23,6 +35,7 @@ raises when any rank diverged, and the last good checkpoint stays on disk.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -40,8 +53,11 @@ from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
-from qtrain.train.preflight import check_config, data_options
-from qtrain.train.schedules import make_scheduler
+from qtrain.train.preflight import check_config, data_options, is_text, model_options
+from qtrain.train.schedules import PER_STEP, make_scheduler
+
+# Steps between evaluations of a text run when eval_every is unset (nanoGPT's eval_interval).
+DEFAULT_EVAL_EVERY = 250
 
 
 class TrainingInterrupted(Exception):
@@ -77,7 +93,9 @@ def evaluate(
 ) -> dict:
     """Test loss and top-1 error (%) of `model` over every batch of `loader`.
 
-    Under `dist` each rank evaluates its shard of every batch and the sums are added up.
+    The loss is the mean cross-entropy per prediction: per image, or per token for a language
+    model (logits [B, T, V] against y [B, T]). Under `dist` each rank evaluates its shard of
+    every batch and the sums are added up.
     """
     was_training = model.training
     model.eval()
@@ -86,9 +104,10 @@ def evaluate(
     seen = 0
     for x, y in loader.epoch(0):
         with autocast_context(device, amp):
-            logits = model(x)
+            logits = model(x).flatten(0, -2)  # [N, V]: one row per image or token
+        y = y.flatten()
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        wrong += (logits.argmax(1) != y).sum()
+        wrong += (logits.argmax(-1) != y).sum()
         seen += y.numel()
     model.train(was_training)
     if dist is not None:
@@ -148,25 +167,24 @@ class Trainer:
         c = self.config
         self.dist.check_divides("batch_size", c.batch_size)
         self.dist.check_divides("eval_batch_size", c.eval_batch_size)
+        self.text = is_text(c.dataset)
+        if self.text and self.dist.enabled:
+            raise ValueError("text data sets train in one process; run without torchrun")
         splits = qdata.load(
-            c.dataset, c.data_dir, download=c.download, **data_options(c.dataset, c.model)
+            c.dataset, c.data_dir, download=c.download, **data_options(c.dataset, c.model, c)
         )
         self.splits = qdata.subset_train(splits, c.train_subset, c.seed)
-        common = dict(
-            seed=c.seed,
-            device=self.device,
-            channels_last=c.channels_last,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            local_world_size=self.dist.local_world_size,
-        )
-        self.train_loader = self.splits.loader("train", c.batch_size, augment=c.augment, **common)
-        self.test_loader = self.splits.loader("test", c.eval_batch_size, **common)
-        if len(self.train_loader) == 0:
-            raise ValueError(
-                f"batch_size {c.batch_size} is larger than the {len(self.splits.train)} training "
-                "images; lower --batch-size"
-            )
+        if self.text:
+            self._build_text_loaders()
+        else:
+            self._build_image_loaders()
+        steps_per_epoch = len(self.train_loader)
+        self.total_steps = c.epochs * steps_per_epoch
+        if c.max_steps is not None:
+            self.total_steps = min(self.total_steps, c.max_steps)
+        if self.text and c.max_steps is not None:
+            self.total_steps = c.max_steps  # a text "epoch" is only the evaluation cadence
+        self.epochs = math.ceil(self.total_steps / steps_per_epoch)
         torch.manual_seed(stream_seed(c.seed, "init"))  # model initialisation
         self.model = models.create(
             c.model,
@@ -174,8 +192,9 @@ class Trainer:
             width=c.width,
             in_channels=self.splits.in_channels,
             activations=c.activations,
+            options=model_options(c),
         ).to(self.device)
-        if c.channels_last:
+        if c.channels_last and not self.text:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = methods.create(
             c.method,
@@ -192,14 +211,50 @@ class Trainer:
             bop_gamma=c.bop_gamma,
             bop_tau=c.bop_tau,
             bop_sigma=c.bop_sigma,
+            betas=(0.9, c.beta2),
         )
-        self.scheduler = make_scheduler(self.optimizer, c.schedule, c.epochs)
+        self.per_step = c.schedule in PER_STEP
+        self.scheduler = make_scheduler(
+            self.optimizer,
+            c.schedule,
+            self.epochs,
+            total_steps=self.total_steps,
+            warmup_steps=c.warmup_steps,
+            min_ratio=c.min_lr / c.lr,
+        )
         self.forward_model = self.dist.wrap(self.model)
         if c.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.quantized_names = methods.quantized_parameter_names(self.model, c.policy)
         if self.optimizer.mode == "fp":
             self.quantized_names = []
+
+    def _build_text_loaders(self) -> None:
+        c = self.config
+        common = dict(seed=c.seed, device=self.device)
+        steps = c.eval_every or DEFAULT_EVAL_EVERY
+        self.train_loader = self.splits.loader("train", c.batch_size, steps=steps, **common)
+        self.test_loader = self.splits.loader(
+            "test", c.batch_size, batches=c.eval_batches, **common
+        )
+
+    def _build_image_loaders(self) -> None:
+        c = self.config
+        common = dict(
+            seed=c.seed,
+            device=self.device,
+            channels_last=c.channels_last,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            local_world_size=self.dist.local_world_size,
+        )
+        self.train_loader = self.splits.loader("train", c.batch_size, augment=c.augment, **common)
+        self.test_loader = self.splits.loader("test", c.eval_batch_size, **common)
+        if len(self.train_loader) == 0:
+            raise ValueError(
+                f"batch_size {c.batch_size} is larger than the {len(self.splits.train)} training "
+                "images; lower --batch-size"
+            )
 
     # -- checkpoints -----------------------------------------------------------------------
     def _checkpoint_payload(self, state: TrainState, finished: bool) -> dict:
@@ -212,7 +267,11 @@ class Trainer:
                 "width": c.width,
                 "in_channels": self.splits.in_channels,
                 "activations": c.activations,
+                "options": self._resolved_model_options(),
+                # a text model's token ids mean these characters (sampling needs them)
+                **({"vocab": self.splits.vocab} if self.text else {}),
             },
+            **({"data": {"sha256": self.splits.sha256}} if self.text else {}),
             "method": {
                 "name": c.method,
                 "grid": self.optimizer.grid.to_dict(),
@@ -232,6 +291,12 @@ class Trainer:
             },
         }
 
+    def _resolved_model_options(self) -> dict:
+        """Every size option of a text model, defaults included, so a rebuild needs no
+        defaults of the version that reads the checkpoint; {} for an image model."""
+        names = models.model_info(self.config.model).options
+        return {name: getattr(self.model.config, name) for name in names}
+
     def save(self, state: TrainState, finished: bool = False) -> None:
         if self.dist.is_main:
             save_checkpoint(
@@ -249,6 +314,8 @@ class Trainer:
         training = record.get("training")
         if training is None:
             raise ValueError(f"{self.run_dir} holds exported weights, not a resumable checkpoint")
+        if self.text:
+            self._check_same_text(record["model"].get("vocab"), record.get("data", {}))
         self.model.load_state_dict(record["model_state"])
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
@@ -258,6 +325,23 @@ class Trainer:
             sums=EpochSums(**training["sums"]),
             metrics=list(training["metrics"]),
         )
+
+    def _check_same_text(self, vocab: str | None, data: dict) -> None:
+        """A resumed text run must read the same text (the path may change, the text not)."""
+        now = self.splits.vocab
+        if vocab != now:
+            raise ValueError(
+                f"cannot resume: the run in {self.run_dir} was trained on a text with the "
+                f"{len(vocab or '')} characters {vocab!r}, but {self.splits.source} has the "
+                f"{len(now)} characters {now!r}; resume with the original text_file or start "
+                "a new --out folder"
+            )
+        if data.get("sha256") != self.splits.sha256:
+            raise ValueError(
+                f"cannot resume: {self.splits.source} is not the text the run in "
+                f"{self.run_dir} was trained on (SHA-256 differs); resume with the original "
+                "text_file or start a new --out folder"
+            )
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[dict]:
@@ -293,14 +377,14 @@ class Trainer:
                                  first_step=len(state.metrics) + 1)  # fmt: skip
         try:
             with self._signals_save_and_stop():
-                while state.epoch < c.epochs:
+                while state.epoch < self.epochs:
                     self._train_epoch(state)
                     record = self._finish_epoch(state)
-                    self.log(_format_record(record, c.epochs))
+                    self.log(_format_record(record, self.epochs))
                     self._track(tracker, record)
-                    self.save(state, finished=state.epoch >= c.epochs)
+                    self.save(state, finished=state.epoch >= self.epochs)
                     stop = self.dist.all_max(self._stop_signal or 0)
-                    if stop and state.epoch < c.epochs:
+                    if stop and state.epoch < self.epochs:
                         raise TrainingInterrupted(stop)
         finally:
             tracker.close()
@@ -316,6 +400,12 @@ class Trainer:
             values = torch.cat([w.detach().reshape(-1) for w in latent])
             tracker.log_histogram("latent_weights", values, record["epoch"])
 
+    def _epoch_length(self, epoch: int) -> int:
+        """Steps of `epoch`: the loader's length, less in the last epoch when max_steps ends
+        the run mid-epoch."""
+        per_epoch = len(self.train_loader)
+        return min(per_epoch, self.total_steps - epoch * per_epoch)
+
     def _train_epoch(self, state: TrainState) -> None:
         c, opt, sums = self.config, self.optimizer, state.sums
         self.forward_model.train()
@@ -330,16 +420,24 @@ class Trainer:
         seen = sums.seen if main else 0
         started = time.perf_counter() - sums.seconds
         batches = self.train_loader.epoch(state.epoch, start_batch=sums.batch)
-        bar = self._progress_bar(len(self.train_loader), sums.batch, state.epoch)
+        length = self._epoch_length(state.epoch)
+        bar = self._progress_bar(length, sums.batch, state.epoch)
         for x, y in batches:
+            if sums.batch >= length:
+                break
+            y = y.flatten()  # one target per image, or per token of a text window
             with autocast_context(self.device, c.amp):
-                logits = self.forward_model(x)
+                logits = self.forward_model(x).flatten(0, -2)
                 loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if c.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             opt.step()
+            if self.per_step:
+                self.scheduler.step()
             loss_sum += loss.detach().double() * y.numel()
-            wrong += (logits.detach().argmax(1) != y).sum()
+            wrong += (logits.detach().argmax(-1) != y).sum()
             seen += y.numel()
             sums.batch += 1
             self.divergence.watch(loss, sums.batch)
@@ -349,7 +447,7 @@ class Trainer:
                 bar.update(1)
             stop = self._agreed_stop(sums.batch)
             periodic = c.checkpoint_every_steps and sums.batch % c.checkpoint_every_steps == 0
-            if (stop or periodic) and sums.batch < len(self.train_loader):
+            if (stop or periodic) and sums.batch < length:
                 self._check_diverged(state, before_save=True)
                 self._total_sums(sums, loss_sum, wrong, seen, started)
                 self.save(state)
@@ -389,20 +487,27 @@ class Trainer:
         )
         record = {
             "epoch": state.epoch + 1,
+            "step": state.epoch * len(self.train_loader) + sums.batch,
             "train_loss": sums.loss / sums.seen,
             "train_error": 100.0 * sums.wrong / sums.seen,
             "test_loss": test["loss"],
             "test_error": test["error"],
             "lr": lr,
             "seconds": sums.seconds,
-            "images_per_second": sums.seen / max(sums.seconds, 1e-9),
             "flip_rate": opt.mean_flip_rate(),
             "wb_wr_gap": opt.latent_gap(),
         }
+        if self.text:
+            record["val_loss"] = test["loss"]
+            record["val_bpc"] = test["loss"] / math.log(2)
+            record["tokens_per_second"] = sums.seen / max(sums.seconds, 1e-9)
+        else:
+            record["images_per_second"] = sums.seen / max(sums.seconds, 1e-9)
         state.metrics.append(record)
         state.epoch += 1
         state.sums = EpochSums()
-        self.scheduler.step()
+        if not self.per_step:
+            self.scheduler.step()
         return record
 
     def _check_every(self) -> int:
@@ -463,11 +568,27 @@ class Trainer:
             "best_test_error": min((m["test_error"] for m in metrics), default=None),
             "seconds": sum(m["seconds"] for m in metrics),
             "num_quantized": self.optimizer.num_quantized,
+            **(
+                {
+                    "steps": last.get("step"),
+                    "final_val_loss": last.get("val_loss"),
+                    "final_val_bpc": last.get("val_bpc"),
+                    "best_val_bpc": min((m["val_bpc"] for m in metrics), default=None),
+                }
+                if self.text
+                else {}
+            ),
         }
 
 
 def _format_record(r: dict, epochs: int) -> str:
     gap = f"  gap {r['wb_wr_gap']:.3f}" if r["wb_wr_gap"] is not None else ""
+    if "val_loss" in r:
+        return (
+            f"step {r['step']:>6}  loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  "
+            f"val bpc {r['val_bpc']:.3f}  lr {r['lr']:.2g}  flips {r['flip_rate']:.2e}{gap}  "
+            f"{r['seconds']:.1f}s"
+        )
     return (
         f"epoch {r['epoch']:>3}/{epochs}  loss {r['train_loss']:.4f}  "
         f"train err {r['train_error']:5.2f}%  test err {r['test_error']:5.2f}%  "

@@ -1,0 +1,154 @@
+"""Training tokens per second of a GPT: BC-ADAMW and SR-ADAMW against FP-ADAMW, and against a
+plain float loop written the way nanoGPT's train.py writes it.
+
+    python benchmarks/bench_lm.py [--data-dir ../shared/data/tinyshakespeare] [--rounds 9]
+        [--steps 20] [--threads 1] [--grid ternary]
+
+Model and batch: nanoGPT's CPU baby GPT (4 layers, 4 heads, width 128, context 64, batch 12,
+dropout 0; the preset gpt-shakespeare). Variants:
+
+- nanoGPT loop: the same `GPT` module (a plain nn.Module) trained by a hand-written loop as in
+  nanoGPT's train.py: random windows by torch.randint, forward, cross-entropy, zero_grad,
+  backward, clip_grad_norm_(1.0), torch.optim.AdamW(β = (0.9, 0.99), weight decay 0.1 on the
+  matrices only), the learning rate set by hand each step. No qtrain code runs in the step.
+- FP-ADAMW, BC-ADAMW, SR-ADAMW: qtrain's own trainer loop (`Trainer._train_epoch`, `steps`
+  steps per round; the block projections quantized for BC/SR, absmean-tensor / he scales).
+
+Rounds are interleaved (nanoGPT, FP, BC, SR, nanoGPT, …) so that drift in the machine's speed
+hits every variant alike; medians and their ratios are printed. The target is that
+quantization adds at most 5% to FP-ADAMW's step. Run it alone on the machine for the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_common import interleave, machine_line, median  # noqa: E402
+
+from qtrain import data as qdata  # noqa: E402
+from qtrain import models  # noqa: E402
+from qtrain.train.config import RunConfig, load_toml  # noqa: E402
+from qtrain.train.trainer import Trainer, TrainState  # noqa: E402
+
+# beside the checkout, or beside its parent folder of worktrees
+DEFAULT_DATA_DIR = next(
+    (
+        root / "shared" / "data" / "tinyshakespeare"
+        for root in Path(__file__).resolve().parents[2:4]
+        if (root / "shared" / "data" / "tinyshakespeare" / "input.txt").is_file()
+    ),
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare",
+)
+CELLS = {"FP-ADAMW": ("fp-adamw", "none"), "BC-ADAMW": ("bc-adamw", "absmean-tensor"),
+         "SR-ADAMW": ("sr-adamw", "he")}  # fmt: skip
+
+
+def text_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
+    """(folder holding input.txt, description): data_dir, else a generated text in scratch."""
+    if (data_dir / "input.txt").is_file():
+        return data_dir, f"tiny Shakespeare from {data_dir}"
+    generator = torch.Generator().manual_seed(0)
+    alphabet = "abcdefghijklmnopqrstuvwxyz ,.;:!?\n" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ'-&$3"
+    picks = torch.randint(len(alphabet), (1_115_394,), generator=generator).tolist()
+    (scratch / "input.txt").write_text("".join(alphabet[i] for i in picks))
+    return scratch, "a generated 65-character text (tiny Shakespeare not found)"
+
+
+def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path, steps: int,
+                 run_dir: Path):  # fmt: skip
+    config = RunConfig(**{**preset, "method": method, "scale": scale,
+                          "grid": "binary" if method.startswith("fp") else grid,
+                          "data_dir": str(folder), "eval_every": steps, "max_steps": 10**9,
+                          "device": "cpu"})  # fmt: skip
+    trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
+    return lambda r: trainer._train_epoch(TrainState(epoch=r))
+
+
+def nanogpt_round(preset: dict, folder: Path, steps: int):
+    """A float training loop in nanoGPT's style over the same model class and windows."""
+    splits = qdata.load("shakespeare-char", folder, block_size=preset["block_size"])
+    torch.manual_seed(0)
+    options = {k: preset[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
+    model = models.create("gpt", num_classes=splits.num_classes, in_channels=1, options=options)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": preset["weight_decay"]},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=preset["lr"], betas=(0.9, preset["beta2"]),
+    )  # fmt: skip
+    data, T, B = splits.train, preset["block_size"], preset["batch_size"]
+    total, warmup, lr, min_lr = (
+        preset["max_steps"],
+        preset["warmup_steps"],
+        preset["lr"],
+        preset["min_lr"],
+    )  # noqa: E501
+    state = {"it": 0}
+
+    def get_lr(it: int) -> float:
+        if it < warmup:
+            return lr * (it + 1) / (warmup + 1)
+        ratio = min((it - warmup) / (total - warmup), 1.0)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+    def run(_round: int) -> None:
+        for _ in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = get_lr(state["it"])
+            ix = torch.randint(len(data) - T, (B,))
+            x = torch.stack([data[i : i + T] for i in ix])
+            y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
+            logits = model(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), preset["grad_clip"])
+            optimizer.step()
+            state["it"] += 1
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per round")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--grid", default="ternary", help="grid of BC and SR (binary, ternary)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    preset = load_toml("gpt-shakespeare")
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        folder, source = text_folder(args.data_dir, scratch)
+        variants = {"nanoGPT loop": nanogpt_round(preset, folder, args.steps)}
+        for label, (method, scale) in CELLS.items():
+            variants[label] = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
+                                           scratch / label)  # fmt: skip
+        times = interleave(variants, args.rounds)
+    tokens = args.steps * preset["batch_size"] * preset["block_size"]
+    fp, plain = median(times["FP-ADAMW"]), median(times["nanoGPT loop"])
+    print(f"GPT {preset['n_layer']}x{preset['n_embd']}, batch {preset['batch_size']} x "
+          f"{preset['block_size']}, {args.steps} steps a round, {args.rounds} rounds, "
+          f"grid {args.grid}; {source}")  # fmt: skip
+    print(machine_line())
+    print(f"{'variant':14s} {'median s/round':>15s} {'tokens/s':>10s} {'vs FP-ADAMW':>12s} "
+          f"{'vs nanoGPT':>11s}")  # fmt: skip
+    for name, seconds in times.items():
+        m = median(seconds)
+        print(f"{name:14s} {m:15.3f} {tokens / m:10.0f} {100 * (m / fp - 1):+11.1f}% "
+              f"{100 * (m / plain - 1):+10.1f}%")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""`qtrain reproduce lm`: the paper's question asked of a language model (docs/lm.md).
+
+A GPT (nanoGPT's baby GPT) learns tiny Shakespeare character by character; the four
+projections of every block are quantized (policy `linear`: embeddings, LayerNorms and the
+output head stay in float, as in BitNet b1.58), all else is trained by AdamW. Cells:
+
+| label            | method   | grid    | scale          | why this scale                      |
+|------------------|----------|---------|----------------|-------------------------------------|
+| FP-ADAMW         | fp-adamw | —       | none           | float weights                       |
+| BC-ADAMW         | bc-adamw | binary  | absmean        | per output row, mean |w_r| (XNOR)   |
+| BC-ADAMW         | bc-adamw | ternary | absmean-tensor | one mean |w_r| per matrix (b1.58)   |
+| SR-ADAMW         | sr-adamw | binary  | he             | see below                           |
+| SR-ADAMW         | sr-adamw | ternary | he             |                                     |
+| R-ADAMW          | r-adamw  | binary  | he             |                                     |
+| R-ADAMW          | r-adamw  | ternary | he             |                                     |
+| Bop              | bop-adam | binary  | he             |                                     |
+
+Absmean scales are measured from latent weights, which only BC keeps. The methods without
+latent weights (SR, R, Bop) get the fixed He scale Δ = √(2/fan_in) rather than none (Δ = 1):
+unlike the paper's CNNs, no BatchNorm follows a transformer's projections to absorb the grid's
+scale, and ±1 weights of fan-in 128 would multiply every block's contribution to the residual
+stream by about √128 ≈ 11 against the float model's N(0, 0.02²) initialisation.
+
+Every cell uses the preset `gpt-shakespeare` unchanged (nanoGPT's CPU configuration and its
+shakespeare_char optimizer settings: 2,000 AdamW steps of 12 × 64 characters, lr 1e-3 with
+100 warm-up steps and cosine decay to 1e-4, β₂ 0.99, weight decay 0.1, clip 1.0, dropout 0),
+on one intra-op thread; nothing is tuned per method. The validation loss is measured on the
+same 200 × 12 fixed windows of the validation text for every cell and seed.
+
+Budgets: cpu (default) as above, 2 seeds, 8 cells × 2 = 16 runs of about 3 minutes each on
+one core; paper: nanoGPT's GPU shakespeare_char model (6 layers, 6 heads, width 384, context
+256, batch 64, dropout 0.2, 5,000 steps), 2 seeds. Finished runs are skipped and interrupted
+ones resumed, so the command can be re-run until it completes.
+
+Outputs in OUT: table.md and table.json (validation bits per character, mean ± std over seeds,
+training minutes, packed size of the model), curves.png (validation bits per character per
+evaluation), and samples.md (200 characters from seed 0's model of each cell, draw seed 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from qtrain.base.io import atomic_write_bytes, atomic_write_text
+from qtrain.experiments.comparison import read_cell, run_cell
+from qtrain.report.style import colour, pyplot
+from qtrain.report.tables import format_cell
+from qtrain.train import rundir
+
+PRESET = "gpt-shakespeare"
+SAMPLE_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the table: a method preset on a grid with a weight scale."""
+
+    label: str
+    method: str
+    grid: str = "binary"
+    scale: str = "none"
+
+    @property
+    def slug(self) -> str:
+        """Folder name, e.g. 'bc-adamw-ternary'."""
+        return self.method if self.method.startswith("fp") else f"{self.method}-{self.grid}"
+
+    @property
+    def name(self) -> str:
+        """Label with its grid, as the table and legends print it."""
+        return self.label if self.method.startswith("fp") else f"{self.label} {self.grid}"
+
+
+CELLS = (
+    Cell("FP-ADAMW", "fp-adamw"),
+    Cell("BC-ADAMW", "bc-adamw", "binary", "absmean"),
+    Cell("BC-ADAMW", "bc-adamw", "ternary", "absmean-tensor"),
+    Cell("SR-ADAMW", "sr-adamw", "binary", "he"),
+    Cell("SR-ADAMW", "sr-adamw", "ternary", "he"),
+    Cell("R-ADAMW", "r-adamw", "binary", "he"),
+    Cell("R-ADAMW", "r-adamw", "ternary", "he"),
+    Cell("Bop", "bop-adam", "binary", "he"),
+)
+
+BUDGETS = {
+    "cpu": {"seeds": 2},
+    "paper": {"seeds": 2, "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256,
+              "batch_size": 64, "dropout": 0.2, "max_steps": 5000},
+}  # fmt: skip
+# the settings that change a cell's numbers: a finished run must match them to be reused
+IDENTITY_KEYS = ("method", "grid", "scale", "seed", "n_layer", "n_head", "n_embd", "block_size",
+                 "batch_size", "dropout", "max_steps", "lr")  # fmt: skip
+
+
+def check_budget(budget: str) -> dict:
+    """The settings of `budget`, or a ValueError naming the budgets."""
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r} for lm; choose {' or '.join(BUDGETS)}")
+    return BUDGETS[budget]
+
+
+def cell_config(cell: Cell, budget: str, seed: int, data_dir=None, download: bool = True) -> dict:
+    """The RunConfig dict of one (cell, seed): the preset, the budget's sizes, the cell."""
+    from qtrain.train.config import load_toml
+
+    sizes = {k: v for k, v in check_budget(budget).items() if k != "seeds"}
+    return {
+        **load_toml(PRESET),
+        **sizes,
+        "method": cell.method,
+        "grid": cell.grid,
+        "scale": cell.scale,
+        "seed": seed,
+        # one intra-op thread: on a shared 2-core machine two OpenMP threads wait on each
+        # other (docs/speed.md); it does not change which numbers a cell computes
+        "threads": 1,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "download": download,
+    }
+
+
+def _check_same_cell(config: dict, run_dir: Path) -> None:
+    stored = read_cell(run_dir)
+    differ = [k for k in IDENTITY_KEYS if stored and stored.get(k) != config.get(k)]
+    if differ:
+        raise ValueError(
+            f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
+            "pass another --out or delete that folder"
+        )
+
+
+def model_size(run_dir: Path) -> int:
+    """Bytes of the model with its quantized weights packed (qtrain.export.summary)."""
+    from qtrain.export.loading import load_any_model, summary_of
+
+    return summary_of(*load_any_model(run_dir)).packed_bytes
+
+
+def collect(out: Path, seeds: int) -> tuple[list[dict], dict[str, list[list[dict]]]]:
+    """Per-run results and the metric records of every cell's finished runs."""
+    results, curves = [], {}
+    for cell in CELLS:
+        for seed in range(seeds):
+            run_dir = out / cell.slug / f"seed{seed}"
+            if not rundir.is_finished(run_dir):
+                continue
+            metrics = rundir.read_metrics(run_dir)
+            results.append(
+                {
+                    "cell": cell.name,
+                    "seed": seed,
+                    "val_bpc": metrics[-1]["val_bpc"],
+                    "val_loss": metrics[-1]["val_loss"],
+                    "minutes": sum(m["seconds"] for m in metrics) / 60,
+                    "bytes": model_size(run_dir),
+                }
+            )
+            curves.setdefault(cell.name, []).append(metrics)
+    return results, curves
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per cell: validation bpc and loss, minutes and size over seeds."""
+    rows = []
+    for cell in CELLS:
+        runs = [r for r in results if r["cell"] == cell.name]
+        if runs:
+            rows.append(
+                {
+                    "cell": cell.name,
+                    "scale": cell.scale,
+                    "seeds": len(runs),
+                    **{k: [r[k] for r in runs] for k in ("val_bpc", "val_loss", "minutes")},
+                    "bytes": runs[0]["bytes"],
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    """table.md: one line per cell, mean ± std over seeds."""
+    lines = [
+        f"{title}\n",
+        "| method | scale | val bits / char | val loss (nats) | minutes | model size (kB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cell']} | {r['scale']} | {format_cell(r['val_bpc'])} "
+            f"| {format_cell(r['val_loss'])} | {format_cell(r['minutes'])} "
+            f"| {r['bytes'] / 1000:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def samples(out: Path, seed: int = 0) -> str:
+    """samples.md: SAMPLE_CHARS characters of each cell's first finished model, draw seed 0."""
+    from qtrain.sample import sample_file
+
+    head = f"# Samples: {SAMPLE_CHARS} characters, draw seed {seed}, temperature 0.8, top-k 200"
+    parts = [head + "\n"]
+    for cell in CELLS:
+        run_dir = out / cell.slug / "seed0"
+        if rundir.is_finished(run_dir):
+            text = sample_file(run_dir, chars=SAMPLE_CHARS, seed=seed)
+            parts.append(f"## {cell.name}\n\n```\n{text.strip(chr(10))}\n```\n")
+    return "\n".join(parts)
+
+
+def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
+    """Validation bits per character against the step, mean over seeds, one line per cell."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    for i, (name, seed_runs) in enumerate(curves.items()):
+        length = min(len(r) for r in seed_runs)
+        steps = [seed_runs[0][j]["step"] for j in range(length)]
+        bpc = [sum(r[j]["val_bpc"] for r in seed_runs) / len(seed_runs) for j in range(length)]
+        style = "-" if "ternary" not in name else "--"
+        ax.plot(steps, bpc, style, color=colour(name.split()[0], i), lw=1.6, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation bits per character")
+    ax.set_title("GPT on tiny Shakespeare: binary (solid) and ternary (dashed) projections")
+    ax.legend(frameon=False, fontsize=8)
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def run(
+    out: Path,
+    budget: str = "cpu",
+    seeds: int | None = None,
+    data_dir=None,
+    download: bool = True,
+    log=print,
+) -> list[dict]:
+    """Train every (cell, seed), then write table.md, table.json, curves.png and samples.md."""
+    settings = check_budget(budget)
+    seeds = settings["seeds"] if seeds is None else seeds
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    for cell in CELLS:
+        for seed in range(seeds):
+            config = cell_config(cell, budget, seed, data_dir, download)
+            run_dir = out / cell.slug / f"seed{seed}"
+            _check_same_cell(config, run_dir)
+            run_cell(config, run_dir, {"row": "gpt", "method": cell.name}, log)
+    results, curves = collect(out, seeds)
+    rows = summarize(results)
+    first = cell_config(CELLS[0], budget, 0)
+    title = (
+        f"GPT ({first['n_layer']} layers, {first['n_head']} heads, width {first['n_embd']}, "
+        f"context {first['block_size']}) on tiny Shakespeare, {first['max_steps']:,} steps of "
+        f"{first['batch_size']} windows, budget {budget}, {seeds} seeds; block projections "
+        f"quantized; mean ± std over seeds (uniform guess: {math.log2(65):.2f} bits/char)."
+    )
+    table = markdown(rows, title)
+    atomic_write_text(out / "table.md", table)
+    atomic_write_text(out / "table.json", json.dumps({"runs": results, "rows": rows}, indent=2))
+    atomic_write_text(out / "samples.md", samples(out))
+    plot_curves(curves, out / "curves.png")
+    log(table, end="")
+    log(f"wrote {out / 'table.md'}, table.json, samples.md and curves.png")
+    return rows

@@ -1,0 +1,32 @@
+"""`qtrain reproduce lm` end to end on a tiny budget and a generated text."""
+
+from __future__ import annotations
+
+import torch
+
+from qtrain.experiments import lm
+
+TINY = {"seeds": 1, "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 8, "batch_size": 4,
+        "max_steps": 3, "eval_every": 3, "eval_batches": 2}  # fmt: skip
+
+
+def test_every_cell_trains_and_the_report_holds_table_curves_and_samples(tmp_path, monkeypatch):
+    monkeypatch.setitem(lm.BUDGETS, "tiny", TINY)
+    data = tmp_path / "data"
+    data.mkdir()
+    picks = torch.randint(20, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    (data / "input.txt").write_text("".join("abcdefghijklmnop ,.\n"[i] for i in picks))
+    out = tmp_path / "out"
+    logs = []
+    rows = lm.run(out, budget="tiny", data_dir=data, download=False, log=lambda *a, **k: None)
+    assert [r["cell"] for r in rows] == [c.name for c in lm.CELLS]
+    fp = next(r for r in rows if r["cell"] == "FP-ADAMW")
+    ternary = next(r for r in rows if r["cell"] == "BC-ADAMW ternary")
+    assert ternary["bytes"] < fp["bytes"]  # packed 2-bit projections
+    table = (out / "table.md").read_text()
+    assert table.count("\n| ") == len(lm.CELLS) + 1 and "val bits / char" in table
+    samples = (out / "samples.md").read_text()
+    assert samples.count("## ") == len(lm.CELLS)
+    assert (out / "curves.png").stat().st_size > 0
+    lm.run(out, budget="tiny", data_dir=data, download=False, log=lambda *a, **k: logs.append(a))
+    assert sum("skip" in str(a[0]) for a in logs) == len(lm.CELLS)  # finished runs are reused
