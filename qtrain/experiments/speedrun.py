@@ -200,7 +200,7 @@ def curve_markdown(by_variant: dict[str, list[dict]]) -> str:
 
 
 def _minutes(value: float | None) -> str:
-    return "not reached" if value is None else f"{value:.2f} min"
+    return "not reached" if value is None else f"{value:.2f} min ({60 * value:.1f} s)"
 
 
 def _percent(value: float | None) -> str:

@@ -5,8 +5,8 @@ is scaled by ``width``):
 
     whiten   2×2 patch whitening, C → 2·C·4 = 24 channels, no padding     [B, 24, 31, 31]
              GELU
-    block 1  conv3×3 24→64,  BN, +b, GELU, max-pool 2, conv3×3 64→64,   BN, +b, GELU  [.., 15, 15]
-    block 2  conv3×3 64→256, BN, +b, GELU, max-pool 2, conv3×3 256→256, BN, +b, GELU  [.., 7, 7]
+    block 1  conv3×3 24→64,  BN, +b, max-pool 2, GELU, conv3×3 64→64,   BN, +b, GELU  [.., 15, 15]
+    block 2  conv3×3 64→256, BN, +b, max-pool 2, GELU, conv3×3 256→256, BN, +b, GELU  [.., 7, 7]
     block 3  conv3×3 256→256, …, max-pool 2, …                                        [.., 3, 3]
     head     global max-pool, linear 256→classes (no bias), logits × 1/9
 
@@ -18,9 +18,10 @@ Sources and the choices made here:
   BN bias; McDonnell 2018 trains neither, with 1-bit weights); running-statistics momentum
   0.4 in PyTorch's convention (airbench's "0.6") for its few hundred steps.
 - airbench pools before the first BatchNorm of a block; here BN comes right after every
-  convolution, as in all of qtrain's networks. With no learned scale, BN is x ↦ (x − μ)/σ
-  with σ > 0, which commutes with the max-pool; only its statistics are taken over the
-  un-pooled map.
+  convolution, as in all of qtrain's networks. With no learned scale, BN and its shift are
+  x ↦ (x − μ)/σ + b with σ > 0, increasing in x, so they commute with the max-pool; only
+  the statistics are taken over the un-pooled map. The pool stays before the GELU, which is
+  not monotonic (its minimum is near x = −0.75).
 - airbench initialises part of each convolution as a Dirac (identity) kernel. Binary weights
   cannot hold one (the zeros of a Dirac kernel round to ±1), so speednet keeps PyTorch's
   default initialisation.
@@ -57,21 +58,22 @@ class ChannelShift(nn.Module):
 
 
 def conv_norm(in_channels: int, out_channels: int) -> list[nn.Module]:
-    """conv3×3 (same padding, no bias), BN without affine parameters, shift, GELU."""
+    """conv3×3 (same padding, no bias), BN without affine parameters, its learned shift."""
     return [
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(out_channels, momentum=BN_MOMENTUM, affine=False),
         ChannelShift(out_channels),
-        nn.GELU(),
     ]
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Two conv_norm layers with a 2×2 max-pool between: [B, C, H, W] → [B, C', H/2, W/2]."""
+    """conv_norm, 2×2 max-pool, GELU, conv_norm, GELU: [B, C, H, W] → [B, C', H/2, W/2]."""
     return nn.Sequential(
         *conv_norm(in_channels, out_channels),
         nn.MaxPool2d(2),
+        nn.GELU(),
         *conv_norm(out_channels, out_channels),
+        nn.GELU(),
     )
 
 

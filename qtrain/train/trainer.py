@@ -597,6 +597,7 @@ class Trainer:
         state.sums = EpochSums()
         if not self.per_step:
             self.scheduler.step()
+            self._cycle_momentum()
         return record
 
     def _evaluate(self, final: bool) -> tuple[dict | None, dict]:
