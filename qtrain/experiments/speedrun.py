@@ -110,7 +110,7 @@ def run_variant(config: RunConfig, out: Path, variant: str, seeds: int, targets,
         records = train(seeded, run_dir, resume=True, log=log)
         result = {
             "variant": variant,
-            "model": seeded.model,
+            "model": f"{seeded.model} ×{seeded.width:g}",
             "method": seeded.method,
             "seed": seeded.seed,
             "accuracy_on": "val" if seeded.val_images else "test",

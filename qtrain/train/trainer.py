@@ -34,9 +34,10 @@ Exact resume: the data order and augmentation of batch b in epoch e are a pure f
 running epoch sums and torch's global RNG are all in the checkpoint. A run interrupted at any
 point and resumed therefore ends with bit-identical weights and metrics (CPU, same threads).
 
-Random streams: model initialisation, data order, augmentation and the train_subset draw each
-come from their own stream of the run seed, `stream_seed(seed, "init" | "data-order" |
-"augment" | "subset")`; the optimizer derives its rounding stream from the seed itself.
+Random streams: model initialisation, data order, augmentation, the train_subset draw, the
+held-out validation images and the whitening images each come from their own stream of the
+run seed, `stream_seed(seed, "init" | "data-order" | "augment" | "subset" | "validation" |
+"whitening")`; the optimizer derives its rounding stream from the seed itself.
 
 Divergence (divergence.py): the loss is checked for finiteness every `_check_every` steps
 (every step on the CPU, every 25 on CUDA) without a host sync in between, and always, together
@@ -122,12 +123,10 @@ def evaluate(
 ) -> dict:
     """Test loss and top-1 error (%) of `model` over every batch of `loader`.
 
-    The logits are those of test-time augmentation `tta` (`qtrain.train.tta`); the loss is
-    plain cross-entropy whatever the training loss was.
-
-    The loss is the mean cross-entropy per prediction: per image, or per token for a language
-    model (logits [B, T, V] against y [B, T]). Under `dist` each rank evaluates its shard of
-    every batch and the sums are added up.
+    The logits are those of test-time augmentation `tta` (`qtrain.train.tta`). The loss is the
+    mean plain cross-entropy per prediction, whatever the training loss was: per image, or per
+    token for a language model (logits [B, T, V] against y [B, T]). Under `dist` each rank
+    evaluates its shard of every batch and the sums are added up.
     """
     was_training = model.training
     model.eval()
