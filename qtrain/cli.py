@@ -145,7 +145,7 @@ def _targets(text: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--targets takes accuracies in percent separated by commas (85,90), got {text!r}"
+            f"expected accuracies in percent separated by commas (85,90), got {text!r}"
         ) from None
 
 

@@ -114,13 +114,15 @@ def test_validation_split_is_never_trained_on_and_the_test_set_is_read_once(tmp_
     assert [m["test_error"] is None for m in metrics] == [True, False]
 
 
-def test_evaluation_uses_the_weight_average_and_plain_cross_entropy(tmp_path):
-    config = speed_config(ema_decay=0.9, label_smoothing=0.3)
+def test_evaluation_uses_the_weight_average_tta_and_plain_cross_entropy(tmp_path):
+    config = speed_config(ema_decay=0.9, label_smoothing=0.3, tta="flip")
     trainer = Trainer(config, tmp_path, log=quiet)
     last = trainer.run()[-1]
     with trainer.ema.applied() as model:
-        averaged = evaluate(model, trainer.test_loader, trainer.device)
-    live = evaluate(trainer.model, trainer.test_loader, trainer.device)
+        averaged = evaluate(model, trainer.test_loader, trainer.device, tta="flip")
+        plain = evaluate(model, trainer.test_loader, trainer.device)
+    live = evaluate(trainer.model, trainer.test_loader, trainer.device, tta="flip")
+    assert plain["loss"] != averaged["loss"]
     assert (last["test_loss"], last["test_error"]) == (averaged["loss"], averaged["error"])
     assert averaged["loss"] != live["loss"]
     # the average restored from the checkpoint is the one evaluated
