@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check, under 8 minutes on one H100/H200-class GPU: the CUDA tests, then VGG-9 BC-ADAM on
+# GPU check, under 12 minutes on one H100/H200-class GPU: the CUDA tests, then VGG-9 BC-ADAM on
 # CIFAR-10 with bf16 autocast, channels_last and torch.compile (benchmarks/gpu_check.py), then
-# qtrain against Brevitas on the GPU (skipped with a message when brevitas is not installed).
+# qtrain against Brevitas on the GPU (skipped with a message when brevitas is not installed),
+# then `qtrain speedrun` on CUDA: speednet with binary conv weights, seconds to 90% and 94%
+# test accuracy (docs/speedrun.md).
 #
 #   bash benchmarks/gpu_check.sh [--data-dir ../shared/data]
 #
@@ -22,3 +24,12 @@ timeout 300 python benchmarks/gpu_check.py "$@"
 
 echo "== qtrain vs Brevitas on the GPU, VGG-9 width 1"
 timeout 120 python benchmarks/bench_brevitas.py --device cuda --width 1.0 --chunk 20 "$@"
+
+echo "== qtrain speedrun on CUDA: speednet width 1, binary conv weights, seconds to 90% / 94%"
+speedrun_out=$(mktemp -d)
+# The CPU preset with the GPU's batch (airbench's 1024, 49 steps an epoch), a warm-up scaled to
+# it, and all 50,000 training images: the accuracy timed is the test set's, once per epoch. The
+# line "binary seed 0: ... minutes to 90%: M min (S s)  94%: ..." holds the seconds.
+timeout 240 python -m qtrain speedrun --config speedrun-binary --set device=cuda \
+  --set width=1.0 --set batch_size=1024 --set warmup_steps=50 --set val_images=0 \
+  --time-budget 180 --targets 90,94 --out "$speedrun_out" "$@"

@@ -17,6 +17,7 @@ from pathlib import Path
 from qtrain.base.names import did_you_mean
 
 EXIT_USER_ERROR = 2
+SPEEDRUN_PRESET = "speedrun-binary"  # `qtrain speedrun` without --config
 # A full disk and an exhausted quota (common on shared machines) mean the same to the user.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -117,11 +118,35 @@ def cmd_train(args) -> int:
         score = (
             f"validation loss {last['val_loss']:.4f} ({last['val_bpc']:.3f} bits per character) "
             f"after {last['step']} steps"
-            if "val_loss" in last
+            if "val_bpc" in last
             else f"test error {last['test_error']:.2f}% after {last['epoch']} epochs"
         )
         print(f"finished: {score}; run folder {out}")
     return 0
+
+
+def cmd_speedrun(args) -> int:
+    from qtrain.experiments.speedrun import run_speedrun
+    from qtrain.train.config import load_toml
+
+    defaults = {"download": True} if args.config else {**load_toml(SPEEDRUN_PRESET),
+                                                        "download": True}  # fmt: skip
+    config = _resolve_config(args, defaults=defaults)
+    if args.time_budget is not None:
+        config = config.replace(time_budget_s=args.time_budget)
+    variants = ("binary",) + ("float",) * args.float + ("paper",) * args.paper_recipe
+    run_speedrun(config, Path(args.out), seeds=args.seeds, variants=variants,
+                 paper_epochs=args.paper_epochs, targets=args.targets)  # fmt: skip
+    return 0
+
+
+def _targets(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected accuracies in percent separated by commas (85,90), got {text!r}"
+        ) from None
 
 
 def cmd_eval(args) -> int:
@@ -252,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds before a distributed collective gives up on a dead rank",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("speedrun", help="time to accuracy of the binary-weight CIFAR-10 recipe")
+    _add_train_options(p)
+    p.add_argument("--seeds", type=int, default=1, help="seeds, from --seed on (default 1)")
+    p.add_argument("--float", action="store_true", help="also run the recipe with float weights")
+    p.add_argument(
+        "--paper-recipe",
+        action="store_true",
+        dest="paper_recipe",
+        help="also run the paper's VGG-9 BC-ADAM recipe (width 0.25) under the same budget",
+    )
+    p.add_argument("--paper-epochs", type=int, default=12, dest="paper_epochs",
+                   help="epochs of the paper recipe's step schedule (default 12)")  # fmt: skip
+    p.add_argument("--time-budget", type=float, dest="time_budget",
+                   help="seconds of training per run (the time_budget_s key)")  # fmt: skip
+    p.add_argument("--targets", type=_targets, default=(85.0, 90.0),
+                   help="accuracies to time, in percent (default 85,90)")  # fmt: skip
+    p.add_argument("--out", default="runs/speedrun", help="output folder (default runs/speedrun)")
+    p.set_defaults(func=cmd_speedrun)
 
     p = sub.add_parser("eval", help="test error of a checkpoint or packed model")
     p.add_argument("checkpoint", help="checkpoint.pt, a run folder, or a packed .safetensors")

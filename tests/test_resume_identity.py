@@ -68,11 +68,13 @@ def test_every_field_is_classified_and_the_identity_holds_what_changes_the_numbe
         *("bop_gamma", "bop_tau", "bop_sigma"),
         *("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_weights"),
         *("beta2", "max_steps", "warmup_steps", "min_lr", "grad_clip", "eval_every"),
+        *("momentum_min", "label_smoothing", "ema_decay", "whiten_init", "tta", "val_images"),
     }
     changeable = {
         *("device", "threads", "eval_batch_size", "data_dir", "download", "compile"),
         *("channels_last", "checkpoint_every_steps", "log"),
         *("text_file", "eval_batches"),  # the text itself is checked on resume
+        "time_budget_s",  # a run stopped by its budget is finished; a crashed one may get more
     }
     assert keys == defining
     assert {f.name for f in fields(RunConfig)} == defining | changeable

@@ -14,7 +14,17 @@ import hashlib
 
 import torch
 
-STREAMS = ("init", "grid-init", "rounding", "data-order", "augment", "sample", "subset")
+STREAMS = (
+    "init",
+    "grid-init",
+    "rounding",
+    "data-order",
+    "augment",
+    "sample",
+    "subset",
+    "validation",
+    "whitening",
+)
 
 
 def stream_seed(seed: int, stream: str) -> int:

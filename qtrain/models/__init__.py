@@ -5,7 +5,14 @@ All are plain ``nn.Module``s built from ``nn.Conv2d``, ``nn.Linear`` and ``nn.Ba
 select one by name with `create`. Importing the model files registers them.
 """
 
-from . import gpt, resnet_cifar, resnet_imagenet, tiny, vgg  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    gpt,
+    resnet_cifar,
+    resnet_imagenet,
+    speednet,
+    tiny,
+    vgg,
+)
 from .registry import ModelInfo, create, list_models, model_info, register_model
 
 __all__ = ["ModelInfo", "create", "list_models", "model_info", "register_model"]

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from qtrain.base.names import did_you_mean
+from qtrain.train.ema import check_ema_decay
+from qtrain.train.losses import check_label_smoothing
+from qtrain.train.tta import check_tta
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-SCHEDULES = ("step", "cosine", "constant", "warmup-cosine")
+SCHEDULES = ("step", "cosine", "constant", "warmup-cosine", "warmup-linear")
 AMP_MODES = ("auto", "off", "bf16")
 # No method learns with steps this large, and near 1e38 Adam's step size overflows float32.
 MAX_LR = 1e6
@@ -101,8 +104,19 @@ class RunConfig:
     beta2: float = _identity(0.999)  # Adam's β₂ (β₁ = 0.9)
     # stop after this many optimizer steps (None: after `epochs`); mid-epoch if need be
     max_steps: int | None = _identity(None)
-    warmup_steps: int = _identity(0)  # linear warm-up of "warmup-cosine"
-    min_lr: float = _identity(0.0)  # where "warmup-cosine" ends
+    warmup_steps: int = _identity(0)  # linear warm-up of "warmup-cosine" and "warmup-linear"
+    min_lr: float = _identity(0.0)  # where "warmup-cosine" and "warmup-linear" end
+    # momentum (SGD) or β₁ (Adam) cycled against the learning rate down to this; None: fixed
+    momentum_min: float | None = _identity(None)
+    # fast-training options (docs/speedrun.md)
+    label_smoothing: float = _identity(0.0)  # training loss only; 0: off
+    ema_decay: float = _identity(0.0)  # evaluate an average of the weights; 0: off
+    whiten_init: bool = _identity(False)  # initialise a patch-whitening first layer
+    tta: str = _identity("none")  # test-time augmentation: none, flip, flip-translate
+    # hold N training images out as a validation split ("validation" random stream)
+    val_images: int = _identity(0)
+    # stop training once this many seconds are spent (a run stopped so is finished)
+    time_budget_s: float | None = None
     grad_clip: float = _identity(0.0)  # clip the global gradient norm to this; 0: off
     # text data: evaluate every N steps (each "epoch" of the loop is N steps long)
     eval_every: int | None = _identity(None)
@@ -158,11 +172,26 @@ class RunConfig:
             raise ConfigError(
                 f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}"
             )
+        self._validate_fast_training()
         if not 0 <= self.beta2 < 1:
             raise ConfigError(f"beta2 must be in [0, 1), got {self.beta2}")
         if self.checkpoint_every_steps < 0 or self.threads < 0:
             raise ConfigError("checkpoint_every_steps and threads must be >= 0")
         return self
+
+    def _validate_fast_training(self) -> None:
+        check_label_smoothing(self.label_smoothing)
+        check_ema_decay(self.ema_decay)
+        check_tta(self.tta)
+        if self.momentum_min is not None and not 0 <= self.momentum_min <= self.momentum:
+            raise ConfigError(
+                f"momentum_min must be in [0, momentum={self.momentum:g}], got "
+                f"{self.momentum_min}; lower momentum_min or leave it unset"
+            )
+        if isinstance(self.val_images, bool) or self.val_images < 0:
+            raise ConfigError(f"val_images must be a whole number >= 0, got {self.val_images}")
+        if self.time_budget_s is not None:
+            _positive_number("time_budget_s", self.time_budget_s)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

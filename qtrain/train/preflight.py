@@ -13,6 +13,7 @@ import torch
 from qtrain import data as qdata
 from qtrain import methods, models
 from qtrain.models.gpt import GPT_OPTIONS
+from qtrain.models.whitening import whitening_layers
 from qtrain.train.config import RunConfig
 from qtrain.train.loggers import check_logger
 
@@ -98,6 +99,13 @@ def check_modality(config: RunConfig) -> None:
             f"train_subset applies to image data sets only, not to {config.dataset!r}; leave it "
             "unset (a text run draws random windows of the whole training text)"
         )
+    if data == "text":
+        for key, off in (("val_images", 0), ("tta", "none"), ("whiten_init", False)):
+            if getattr(config, key) != off:
+                raise ValueError(
+                    f"{key} applies to image data sets only, not to {config.dataset!r}; "
+                    f"leave it at {off!r}"
+                )
     if data != "text":
         for key in ("text_file", "eval_every"):
             if getattr(config, key) is not None:
@@ -128,6 +136,11 @@ def check_fit(config: RunConfig) -> None:
             activations=config.activations,
             options=model_options(config),
         )
+        if config.whiten_init and not whitening_layers(model):
+            raise ValueError(
+                f"whiten_init needs a model with a patch-whitening first layer (speednet), "
+                f"and {config.model!r} has none; set whiten_init = false or choose speednet"
+            )
         probe = torch.zeros(1, info.in_channels, side, side)
         try:
             model.eval()(probe)

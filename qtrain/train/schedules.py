@@ -1,6 +1,7 @@
 """Learning-rate schedules, as multipliers of the base rate α₀.
 
-The epoch schedules are stepped once per epoch; "warmup-cosine" (nanoGPT's) once per
+The epoch schedules are stepped once per epoch; "warmup-cosine" (nanoGPT's) and
+"warmup-linear" (the fast-training recipes': airbench, Page's DAWNBench ResNet) once per
 optimizer step s of S (S = max_steps, else epochs × steps per epoch), with W warm-up steps
 and r = min_lr / α₀:
 
@@ -11,6 +12,15 @@ and r = min_lr / α₀:
 | constant       | 1                                                                       |
 | warmup-cosine  | (s+1)/(W+1) for s < W; r + (1−r)·½(1 + cos(π (s−W)/(S−W))) for W ≤ s < S; |
 |                | r from S on                                                             |
+| warmup-linear  | (s+1)/(W+1) for s < W; r + (1−r)·(1 − (s−W)/(S−W)) for W ≤ s < S; r from S on |
+
+Momentum cycling (`momentum_min` β_lo; Smith 2018's one-cycle policy): with f = α/α₀ after
+any schedule step and β_hi the optimizer's own momentum (SGD's `momentum`, Adam's β₁),
+
+    β = β_hi − (β_hi − β_lo)·clip((f − r)/(1 − r), 0, 1)        (β = β_hi when r = 1)
+
+so momentum is lowest where the learning rate peaks and back at β_hi where it ends. It is a
+function of the current learning rate only, so it needs no state of its own to resume.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import math
 
 import torch
 
-PER_STEP = ("warmup-cosine",)
+PER_STEP = ("warmup-cosine", "warmup-linear")
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -31,7 +41,8 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     if schedule == "step":
         return 0.1 ** ((epoch >= math.ceil(epochs / 2)) + (epoch >= math.ceil(3 * epochs / 4)))
     raise ValueError(
-        f"unknown schedule {schedule!r}; choose step, cosine, constant or warmup-cosine"
+        f"unknown schedule {schedule!r}; choose step, cosine, constant, warmup-cosine or "
+        "warmup-linear"
     )
 
 
@@ -43,6 +54,39 @@ def warmup_cosine_factor(step: int, total: int, warmup: int, min_ratio: float) -
         return min_ratio
     progress = (step - warmup) / max(total - warmup, 1)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_linear_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """The multiplier α(s)/α₀ of "warmup-linear" (see the table above)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if step >= total:
+        return min_ratio
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+
+
+def cycled_momentum(factor: float, min_ratio: float, high: float, low: float) -> float:
+    """β for the learning-rate multiplier `factor` (module docstring)."""
+    if min_ratio >= 1.0:
+        return high
+    position = min(max((factor - min_ratio) / (1.0 - min_ratio), 0.0), 1.0)
+    return high - (high - low) * position
+
+
+def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
+    """Write β into every param group: SGD's `momentum`, or β₁ of Adam's `betas`."""
+    for group in optimizer.param_groups:
+        if "betas" in group:
+            group["betas"] = (momentum, group["betas"][1])
+        elif "momentum" in group:
+            group["momentum"] = momentum
+
+
+def starting_momentum(optimizer: torch.optim.Optimizer) -> float:
+    """β_hi: the momentum (or Adam's β₁) the optimizer was built with."""
+    group = optimizer.param_groups[0]
+    return group["betas"][0] if "betas" in group else group.get("momentum", 0.0)
 
 
 def make_scheduler(
@@ -57,9 +101,9 @@ def make_scheduler(
     """A LambdaLR (its state_dict goes into checkpoints): stepped once per epoch for the epoch
     schedules, once per optimizer step for those in `PER_STEP` (over `total_steps`)."""
     if schedule in PER_STEP:
+        factor = warmup_cosine_factor if schedule == "warmup-cosine" else warmup_linear_factor
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_cosine_factor(step, total_steps, warmup_steps, min_ratio),
+            optimizer, lambda step: factor(step, total_steps, warmup_steps, min_ratio)
         )
     lr_factor(schedule, 0, epochs)  # fail fast on an unknown name
     return torch.optim.lr_scheduler.LambdaLR(

@@ -17,14 +17,27 @@ optimizer step over S; the epoch schedules are drawn over ⌈S / steps per epoch
 `grad_clip` c > 0 the gradient g of all parameters is scaled to g·min(1, c/‖g‖₂) before the
 step; for BC that is the gradient at the quantized weights w_b, applied to the latent w_r.
 
+Fast-training options (docs/speedrun.md): `label_smoothing` in the training loss
+(`losses`), an average of the weights evaluated in place of the live ones (`ema_decay`,
+`ema`), test-time augmentation at every evaluation (`tta`), a patch-whitening first layer
+initialised from 5,000 training images drawn by the "whitening" stream (`whiten_init`,
+`qtrain.models.whitening`), momentum cycled against the learning rate (`momentum_min`,
+`schedules`). With `val_images` N > 0, N training images drawn by the "validation" stream
+are never trained on (`qtrain.data.holdout`); every epoch then reports val_loss and
+val_error, and the test set is evaluated once, in the run's last record. `time_budget_s`
+stops training after the first step at which the elapsed time (the sum of the records'
+`seconds`: training steps, and in the first epoch the whitening set-up; evaluations are not
+counted) exceeds it; that record is marked `stopped` and the run is finished.
+
 Exact resume: the data order and augmentation of batch b in epoch e are a pure function of
 (seed, e, b); the model, optimizer (including BC's w_r and the rounding generator), scheduler,
 running epoch sums and torch's global RNG are all in the checkpoint. A run interrupted at any
 point and resumed therefore ends with bit-identical weights and metrics (CPU, same threads).
 
-Random streams: model initialisation, data order, augmentation and the train_subset draw each
-come from their own stream of the run seed, `stream_seed(seed, "init" | "data-order" |
-"augment" | "subset")`; the optimizer derives its rounding stream from the seed itself.
+Random streams: model initialisation, data order, augmentation, the train_subset draw, the
+held-out validation images and the whitening images each come from their own stream of the
+run seed, `stream_seed(seed, "init" | "data-order" | "augment" | "subset" | "validation" |
+"whitening")`; the optimizer derives its rounding stream from the seed itself.
 
 Divergence (divergence.py): the loss is checked for finiteness every `_check_every` steps
 (every step on the CPU, every 25 on CUDA) without a host sync in between, and always, together
@@ -48,16 +61,28 @@ from torch.nn import functional as F
 from qtrain import data as qdata
 from qtrain import methods, models
 from qtrain.base.streams import stream_seed
+from qtrain.data.holdout import hold_out, sample_images, validation_loader
+from qtrain.models.whitening import whiten_model_
 from qtrain.train import loggers, rundir
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
+from qtrain.train.ema import WeightEMA
+from qtrain.train.losses import training_loss
 from qtrain.train.preflight import check_config, data_options, is_text, model_options
-from qtrain.train.schedules import PER_STEP, make_scheduler
+from qtrain.train.schedules import (
+    PER_STEP,
+    cycled_momentum,
+    make_scheduler,
+    set_momentum,
+    starting_momentum,
+)
+from qtrain.train.tta import tta_logits
 
 # Steps between evaluations of a text run when eval_every is unset (nanoGPT's eval_interval).
 DEFAULT_EVAL_EVERY = 250
+WHITEN_IMAGES = 5000  # airbench whitens from 5,000 training images
 
 
 class TrainingInterrupted(Exception):
@@ -89,13 +114,19 @@ def autocast_context(device: torch.device, amp: str):
 
 @torch.no_grad()
 def evaluate(
-    model, loader, device: torch.device, amp: str = "off", dist: DistributedContext | None = None
+    model,
+    loader,
+    device: torch.device,
+    amp: str = "off",
+    dist: DistributedContext | None = None,
+    tta: str = "none",
 ) -> dict:
     """Test loss and top-1 error (%) of `model` over every batch of `loader`.
 
-    The loss is the mean cross-entropy per prediction: per image, or per token for a language
-    model (logits [B, T, V] against y [B, T]). Under `dist` each rank evaluates its shard of
-    every batch and the sums are added up.
+    The logits are those of test-time augmentation `tta` (`qtrain.train.tta`). The loss is the
+    mean plain cross-entropy per prediction, whatever the training loss was: per image, or per
+    token for a language model (logits [B, T, V] against y [B, T]). Under `dist` each rank
+    evaluates its shard of every batch and the sums are added up.
     """
     was_training = model.training
     model.eval()
@@ -104,7 +135,7 @@ def evaluate(
     seen = 0
     for x, y in loader.epoch(0):
         with autocast_context(device, amp):
-            logits = model(x).flatten(0, -2)  # [N, V]: one row per image or token
+            logits = tta_logits(model, x, tta).flatten(0, -2)  # [N, V]: per image or token
         y = y.flatten()
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         wrong += (logits.argmax(-1) != y).sum()
@@ -135,6 +166,7 @@ class TrainState:
     epoch: int = 0  # epoch in progress (0-based)
     sums: EpochSums = field(default_factory=EpochSums)
     metrics: list = field(default_factory=list)
+    stopped: str | None = None  # why the run ended before its last epoch ("time budget")
 
 
 class Trainer:
@@ -173,6 +205,9 @@ class Trainer:
         splits = qdata.load(
             c.dataset, c.data_dir, download=c.download, **data_options(c.dataset, c.model, c)
         )
+        self.held_out, self.val_loader = None, None
+        if c.val_images:
+            splits, self.held_out = hold_out(splits, c.val_images, c.seed)
         self.splits = qdata.subset_train(splits, c.train_subset, c.seed)
         if self.text:
             self._build_text_loaders()
@@ -196,6 +231,7 @@ class Trainer:
         ).to(self.device)
         if c.channels_last and not self.text:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.setup_seconds = self._whiten() if c.whiten_init else 0.0
         self.optimizer = methods.create(
             c.method,
             self.model,
@@ -222,12 +258,34 @@ class Trainer:
             warmup_steps=c.warmup_steps,
             min_ratio=c.min_lr / c.lr,
         )
+        self.momentum_high = starting_momentum(self.optimizer)
+        self._cycle_momentum()
+        self.ema = WeightEMA(self.model, self.optimizer, c.ema_decay) if c.ema_decay else None
         self.forward_model = self.dist.wrap(self.model)
         if c.compile:
             self.forward_model = torch.compile(self.forward_model)
         self.quantized_names = methods.quantized_parameter_names(self.model, c.policy)
         if self.optimizer.mode == "fp":
             self.quantized_names = []
+
+    def _whiten(self) -> float:
+        """Whiten the model's first layer from training images; returns the seconds taken."""
+        started = time.perf_counter()
+        images = sample_images(self.splits, WHITEN_IMAGES, self.config.seed, "whitening")
+        loader = validation_loader(self.splits, images, len(images), seed=self.config.seed,
+                                   device=self.device)  # fmt: skip
+        x, _ = next(iter(loader.epoch(0)))  # normalised, not augmented
+        whiten_model_(self.model, x)
+        return time.perf_counter() - started
+
+    def _cycle_momentum(self) -> None:
+        """Set momentum (β₁) from the current learning rate when `momentum_min` is set."""
+        c = self.config
+        if c.momentum_min is None:
+            return
+        factor = self.optimizer.param_groups[0]["lr"] / self.scheduler.base_lrs[0]
+        momentum = cycled_momentum(factor, c.min_lr / c.lr, self.momentum_high, c.momentum_min)
+        set_momentum(self.optimizer, momentum)
 
     def _build_text_loaders(self) -> None:
         c = self.config
@@ -250,6 +308,10 @@ class Trainer:
         )
         self.train_loader = self.splits.loader("train", c.batch_size, augment=c.augment, **common)
         self.test_loader = self.splits.loader("test", c.eval_batch_size, **common)
+        if self.held_out is not None:
+            self.val_loader = validation_loader(
+                self.splits, self.held_out, c.eval_batch_size, **common
+            )
         if len(self.train_loader) == 0:
             raise ValueError(
                 f"batch_size {c.batch_size} is larger than the {len(self.splits.train)} training "
@@ -288,6 +350,8 @@ class Trainer:
                 "metrics": list(state.metrics),
                 "torch_rng": torch.get_rng_state(),
                 "finished": finished,
+                "ema": self.ema.state_dict() if self.ema else None,
+                "stopped": state.stopped,
             },
         }
 
@@ -319,11 +383,15 @@ class Trainer:
         self.model.load_state_dict(record["model_state"])
         self.optimizer.load_state_dict(training["optimizer"])
         self.scheduler.load_state_dict(training["scheduler"])
+        self._cycle_momentum()
+        if self.ema is not None:
+            self.ema.load_state_dict(training["ema"])
         torch.set_rng_state(training["torch_rng"].cpu())
         return TrainState(
             epoch=int(training["epoch"]),
             sums=EpochSums(**training["sums"]),
             metrics=list(training["metrics"]),
+            stopped=training.get("stopped"),
         )
 
     def _check_same_text(self, vocab: str | None, data: dict) -> None:
@@ -361,7 +429,8 @@ class Trainer:
                 "or choose another --out folder"
             )
         else:
-            state = TrainState()
+            # the set-up (whitening) is part of the recipe's time: epoch 1's seconds hold it
+            state = TrainState(sums=EpochSums(seconds=self.setup_seconds))
         if self.dist.is_main:
             if resume and checkpoint_exists:
                 rundir.record_resume(self.run_dir)
@@ -377,14 +446,15 @@ class Trainer:
                                  first_step=len(state.metrics) + 1)  # fmt: skip
         try:
             with self._signals_save_and_stop():
-                while state.epoch < self.epochs:
+                while state.epoch < self.epochs and not state.stopped:
                     self._train_epoch(state)
                     record = self._finish_epoch(state)
                     self.log(_format_record(record, self.epochs))
                     self._track(tracker, record)
-                    self.save(state, finished=state.epoch >= self.epochs)
+                    finished = state.epoch >= self.epochs or state.stopped is not None
+                    self.save(state, finished=finished)
                     stop = self.dist.all_max(self._stop_signal or 0)
-                    if stop and state.epoch < self.epochs:
+                    if stop and not finished:
                         raise TrainingInterrupted(stop)
         finally:
             tracker.close()
@@ -419,6 +489,7 @@ class Trainer:
         wrong = torch.tensor(sums.wrong if main else 0, dtype=torch.int64, device=self.device)
         seen = sums.seen if main else 0
         started = time.perf_counter() - sums.seconds
+        spent_before = sum(m["seconds"] for m in state.metrics)
         batches = self.train_loader.epoch(state.epoch, start_batch=sums.batch)
         length = self._epoch_length(state.epoch)
         bar = self._progress_bar(length, sums.batch, state.epoch)
@@ -428,7 +499,7 @@ class Trainer:
             y = y.flatten()  # one target per image, or per token of a text window
             with autocast_context(self.device, c.amp):
                 logits = self.forward_model(x).flatten(0, -2)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = training_loss(logits, y, c.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if c.grad_clip:
@@ -436,6 +507,9 @@ class Trainer:
             opt.step()
             if self.per_step:
                 self.scheduler.step()
+                self._cycle_momentum()
+            if self.ema is not None:
+                self.ema.update()
             loss_sum += loss.detach().double() * y.numel()
             wrong += (logits.detach().argmax(-1) != y).sum()
             seen += y.numel()
@@ -445,6 +519,9 @@ class Trainer:
                 self._check_diverged(state, before_save=False)
             if bar is not None:
                 bar.update(1)
+            if self._budget_spent(sums.batch, spent_before + time.perf_counter() - started):
+                state.stopped = "time budget"
+                break
             stop = self._agreed_stop(sums.batch)
             periodic = c.checkpoint_every_steps and sums.batch % c.checkpoint_every_steps == 0
             if (stop or periodic) and sums.batch < length:
@@ -465,6 +542,14 @@ class Trainer:
         sums.seen = int(self.dist.all_sum(torch.tensor(seen, device=self.device)))
         sums.seconds = time.perf_counter() - started
 
+    def _budget_spent(self, batch: int, elapsed: float) -> bool:
+        """True once `elapsed` seconds exceed `time_budget_s` (agreed by every rank at the
+        cadence of `_agreed_stop`, so that all stop after the same step)."""
+        budget = self.config.time_budget_s
+        if budget is None or (self.dist.enabled and batch % self._check_every()):
+            return False
+        return bool(self.dist.all_max(int(elapsed > budget)))
+
     def _agreed_stop(self, batch: int) -> int:
         """The signal that stops the run after this step on every rank (0: none yet).
 
@@ -482,9 +567,8 @@ class Trainer:
         # Each rank's last step updated its own BatchNorm statistics; evaluate rank 0's,
         # which are also the ones the checkpoint keeps.
         self.dist.broadcast_buffers(self.model)
-        test = evaluate(
-            self.forward_model, self.test_loader, self.device, self.config.amp, dist=self.dist
-        )
+        final = state.epoch + 1 >= self.epochs or state.stopped is not None
+        val, test = self._evaluate(final)
         record = {
             "epoch": state.epoch + 1,
             "step": state.epoch * len(self.train_loader) + sums.batch,
@@ -503,12 +587,33 @@ class Trainer:
             record["tokens_per_second"] = sums.seen / max(sums.seconds, 1e-9)
         else:
             record["images_per_second"] = sums.seen / max(sums.seconds, 1e-9)
+        if val is not None:
+            record["val_loss"], record["val_error"] = val["loss"], val["error"]
+        if state.stopped is not None:
+            record["stopped"] = state.stopped
         state.metrics.append(record)
         state.epoch += 1
         state.sums = EpochSums()
         if not self.per_step:
             self.scheduler.step()
+            self._cycle_momentum()
         return record
+
+    def _evaluate(self, final: bool) -> tuple[dict | None, dict]:
+        """(validation, test) results of the evaluated weights (the EMA's when it is on).
+
+        With a validation split the test set is evaluated only in the run's last record, and
+        its loss and error are None before.
+        """
+        c = self.config
+        average = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        run = lambda loader: evaluate(  # noqa: E731
+            self.forward_model, loader, self.device, c.amp, dist=self.dist, tta=c.tta
+        )
+        with average:
+            val = run(self.val_loader) if self.val_loader is not None else None
+            test = run(self.test_loader) if val is None or final else None
+        return val, test or {"loss": None, "error": None}
 
     def _check_every(self) -> int:
         """Steps between finiteness checks of the loss (always also before every checkpoint).
@@ -565,7 +670,10 @@ class Trainer:
             "epochs": len(metrics),
             "final_test_error": last.get("test_error"),
             "final_train_error": last.get("train_error"),
-            "best_test_error": min((m["test_error"] for m in metrics), default=None),
+            "best_test_error": min(
+                (m["test_error"] for m in metrics if m["test_error"] is not None), default=None
+            ),
+            "final_val_error": last.get("val_error"),
             "seconds": sum(m["seconds"] for m in metrics),
             "num_quantized": self.optimizer.num_quantized,
             **(
@@ -583,16 +691,19 @@ class Trainer:
 
 def _format_record(r: dict, epochs: int) -> str:
     gap = f"  gap {r['wb_wr_gap']:.3f}" if r["wb_wr_gap"] is not None else ""
-    if "val_loss" in r:
+    if "val_bpc" in r:
         return (
             f"step {r['step']:>6}  loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  "
             f"val bpc {r['val_bpc']:.3f}  lr {r['lr']:.2g}  flips {r['flip_rate']:.2e}{gap}  "
             f"{r['seconds']:.1f}s"
         )
+    held = [f"{name} err {r[key]:5.2f}%" for name, key in (("val", "val_error"),
+            ("test", "test_error")) if r.get(key) is not None]  # fmt: skip
+    stopped = f"  (stopped: {r['stopped']})" if "stopped" in r else ""
     return (
         f"epoch {r['epoch']:>3}/{epochs}  loss {r['train_loss']:.4f}  "
-        f"train err {r['train_error']:5.2f}%  test err {r['test_error']:5.2f}%  "
-        f"lr {r['lr']:.2g}  flips {r['flip_rate']:.2e}{gap}  {r['seconds']:.1f}s"
+        f"train err {r['train_error']:5.2f}%  {'  '.join(held)}  "
+        f"lr {r['lr']:.2g}  flips {r['flip_rate']:.2e}{gap}  {r['seconds']:.1f}s{stopped}"
     )
 
 

@@ -1,0 +1,102 @@
+"""speednet: a CIFAR network shaped for fast training (after cifar10-airbench's airbench94).
+
+Layers, for a 32×32 input (widths at width 1; every channel count but the whitening layer's
+is scaled by ``width``):
+
+    whiten   2×2 patch whitening, C → 2·C·4 = 24 channels, no padding     [B, 24, 31, 31]
+             GELU
+    block 1  conv3×3 24→64,  BN, +b, max-pool 2, GELU, conv3×3 64→64,   BN, +b, GELU  [.., 15, 15]
+    block 2  conv3×3 64→256, BN, +b, max-pool 2, GELU, conv3×3 256→256, BN, +b, GELU  [.., 7, 7]
+    block 3  conv3×3 256→256, …, max-pool 2, …                                        [.., 3, 3]
+    head     global max-pool, linear 256→classes (no bias), logits × 1/9
+
+Sources and the choices made here:
+
+- Shape, widths (64/256/256), GELU, the final max-pool, the bias-free linear head and its
+  fixed 1/9 logit scale: airbench94 (Keller Jordan 2024).
+- BatchNorm without a learned scale, a learned shift b per channel (airbench trains only the
+  BN bias; McDonnell 2018 trains neither, with 1-bit weights); running-statistics momentum
+  0.4 in PyTorch's convention (airbench's "0.6") for its few hundred steps.
+- airbench pools before the first BatchNorm of a block; here BN comes right after every
+  convolution, as in all of qtrain's networks. With no learned scale, BN and its shift are
+  x ↦ (x − μ)/σ + b with σ > 0, increasing in x, so they commute with the max-pool; only
+  the statistics are taken over the un-pooled map. The pool stays before the GELU, which is
+  not monotonic (its minimum is near x = −0.75).
+- airbench initialises part of each convolution as a Dirac (identity) kernel. Binary weights
+  cannot hold one (the zeros of a Dirac kernel round to ±1), so speednet keeps PyTorch's
+  default initialisation.
+
+Quantization: under the paper's ``conv`` policy every convolution weight (six tensors) is
+quantized. What stays in float: the whitening filters (a frozen buffer, never trained or
+quantized: a fixed change of basis of the input, `qtrain.models.whitening`), the linear head
+(as in the paper), the BN shifts and the whitening bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import register_model, scaled
+from .whitening import PatchWhitening
+
+WIDTHS = (64, 256, 256)
+WHITEN_KERNEL = 2
+BN_MOMENTUM = 0.4  # PyTorch's convention: running ← (1 − 0.4)·running + 0.4·batch
+LOGIT_SCALE = 1 / 9
+
+
+class ChannelShift(nn.Module):
+    """x [B, C, H, W] ↦ x + b_c: the learned shift of a BatchNorm without a learned scale."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.view(1, -1, 1, 1).to(x.dtype)
+
+
+def conv_norm(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """conv3×3 (same padding, no bias), BN without affine parameters, its learned shift."""
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels, momentum=BN_MOMENTUM, affine=False),
+        ChannelShift(out_channels),
+    ]
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """conv_norm, 2×2 max-pool, GELU, conv_norm, GELU: [B, C, H, W] → [B, C', H/2, W/2]."""
+    return nn.Sequential(
+        *conv_norm(in_channels, out_channels),
+        nn.MaxPool2d(2),
+        nn.GELU(),
+        *conv_norm(out_channels, out_channels),
+        nn.GELU(),
+    )
+
+
+class SpeedNet(nn.Module):
+    """Patch whitening, three conv blocks, global max-pool, a scaled bias-free linear head."""
+
+    def __init__(self, num_classes: int, width: float, in_channels: int) -> None:
+        super().__init__()
+        self.whiten = PatchWhitening(in_channels, WHITEN_KERNEL)
+        channels = [self.whiten.out_channels] + [scaled(w, width) for w in WIDTHS]
+        self.blocks = nn.Sequential(
+            nn.GELU(),
+            *(conv_block(a, b) for a, b in zip(channels, channels[1:], strict=False)),
+            nn.AdaptiveMaxPool2d(1),
+        )
+        self.head = nn.Linear(channels[-1], num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] (H, W ≥ 9) → logits [B, num_classes]."""
+        return self.head(torch.flatten(self.blocks(self.whiten(x)), 1)) * LOGIT_SCALE
+
+
+@register_model("speednet")
+def speednet(num_classes: int, width: float, in_channels: int) -> nn.Module:
+    """Fast-training CIFAR net (airbench94 shape): whitening + 6 conv (64-256-256) + 1 linear."""
+    return SpeedNet(num_classes, width, in_channels)

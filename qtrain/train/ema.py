@@ -1,0 +1,151 @@
+"""An exponential moving average (EMA) of the weights, evaluated in place of the live weights.
+
+After optimizer step t (t = 1, 2, …), for every averaged tensor w:
+
+    e ← d_t·e + (1 − d_t)·w,     d_t = min(d, (1 + t)/(10 + t)),     e starts at w
+
+(Polyak averaging with the warm-up of TensorFlow's ExponentialMovingAverage(num_updates), so
+that early averages are not dominated by the random initialisation; d = ``ema_decay``). What
+is averaged, and what evaluation then uses:
+
+| tensor                                   | w averaged            | evaluated as              |
+|------------------------------------------|-----------------------|---------------------------|
+| quantized weight, BC                     | latent w_r            | Q_d(e) on the (scaled) grid |
+| quantized weight, SR / R / Bop           | w_b (on the grid)     | Q_d(e) on the (scaled) grid |
+| full-precision parameter (and all of FP) | w                     | e                         |
+| BatchNorm running mean and variance      | the running statistic | e                         |
+| integer buffers (batch counters)         | not averaged          | the live value            |
+
+For BC the deployed weights are therefore Q(EMA(w_r)), never EMA(w_b): the average moves the
+latent weights, and the model still holds weights on its grid while it is evaluated. Scales
+follow the method: a fixed scale (`none`, `he`) is that of the parameter, an absmean scale is
+measured from e itself (`qtrain.methods.scales`). BatchNorm's running statistics belong to the
+live weights; averaging them with the same decay gives statistics of the averaged trajectory,
+as airbench's Lookahead does with the whole state dict (the exact alternative, re-estimating
+them for the averaged weights, costs a pass over training data at every evaluation).
+
+Lookahead (Zhang et al. 2019; airbench) also keeps such an average but writes it back into the
+live weights every k steps; qtrain keeps the live trajectory untouched (for BC, w_r is the
+method's own state) and uses the average only to evaluate. The state (t and every e) is
+checkpointed, so a resumed run continues the same average bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from qtrain.methods.scales import broadcastable, fixed_scale, measured_scale, scaled_round
+
+WARMUP = 10  # d_t = min(d, (1 + t)/(WARMUP + t))
+
+
+def check_ema_decay(value: float) -> float:
+    """`value` when it is a valid decay (a finite number in [0, 1); 0 means off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"ema_decay must be a number in [0, 1), got {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(
+            f"ema_decay must be in [0, 1) (0 turns the average off; 0.99 to 0.9999 are usual), "
+            f"got {value}"
+        )
+    return float(value)
+
+
+class WeightEMA:
+    """The EMA of `model`'s weights as trained by `optimizer` (a QuantizedOptimizer)."""
+
+    def __init__(self, model: nn.Module, optimizer, decay: float) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.decay = check_ema_decay(decay)
+        self.updates = 0
+        with torch.no_grad():
+            self.averages = {
+                name: w.detach().clone().float() for name, w in self._sources().items()
+            }
+
+    def _quantized_names(self) -> dict[int, str]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {i: names[id(p)] for i, p in enumerate(self.optimizer.quantized)}
+
+    def _sources(self) -> dict[str, torch.Tensor]:
+        """name → the live tensor that is averaged (w_r for BC's quantized weights)."""
+        state = self.model.state_dict(keep_vars=True)
+        sources = {n: t for n, t in state.items() if t.is_floating_point()}
+        latent = self.optimizer.latent_weights()
+        for i, name in self._quantized_names().items():
+            if latent:
+                sources[name] = latent[i]
+        return sources
+
+    def factor(self) -> float:
+        """d_t for the update about to be made (t = updates + 1)."""
+        t = self.updates + 1
+        return min(self.decay, (1 + t) / (WARMUP + t))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One EMA step towards the live weights; call after every optimizer step."""
+        weight = 1.0 - self.factor()
+        for name, source in self._sources().items():
+            average = self.averages[name]
+            average.lerp_(source.detach().to(average.device, average.dtype), weight)
+        self.updates += 1
+
+    @torch.no_grad()
+    def evaluated_state(self) -> dict[str, torch.Tensor]:
+        """name → the tensor evaluation uses (the table of the module docstring)."""
+        out = dict(self.averages)
+        opt = self.optimizer
+        params = dict(self.model.named_parameters())
+        for name in self._quantized_names().values():
+            e, p = self.averages[name], params[name]
+            s = fixed_scale(opt.scale, e)
+            if s is None:
+                s = measured_scale(opt.scale, e)
+            out[name] = scaled_round(e, broadcastable(s, e), opt.grid, stochastic=False)
+            out[name] = out[name].to(p.dtype)
+        return out
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Within the block the model holds the evaluated weights; the live ones after it
+        (bit for bit: they are copied back from a saved clone)."""
+        state = self.model.state_dict(keep_vars=True)
+        evaluated = self.evaluated_state()
+        saved = {name: state[name].detach().clone() for name in evaluated}
+        _copy_into(state, evaluated)
+        try:
+            yield self.model
+        finally:
+            _copy_into(state, saved)
+
+    def state_dict(self) -> dict:
+        return {
+            "decay": self.decay,
+            "updates": self.updates,
+            "averages": {n: t.detach().cpu().clone() for n, t in self.averages.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` of the same run (same decay, same averaged tensors)."""
+        if state["decay"] != self.decay or state["averages"].keys() != self.averages.keys():
+            raise ValueError(
+                "the saved weight average does not match this run (decay or averaged tensors "
+                "differ); resume with the settings the run was created with"
+            )
+        self.updates = int(state["updates"])
+        for name, average in self.averages.items():
+            average.copy_(state["averages"][name])
+
+
+@torch.no_grad()
+def _copy_into(state: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Overwrite the model tensors of `state` in place (parameters keep their storage, so
+    BC's views into the optimizer's flat buffer stay views)."""
+    for name, value in values.items():
+        state[name].data.copy_(value)

@@ -1,0 +1,251 @@
+"""The fast-training options inside the trainer (each does what its docstring states, and a
+run using them resumes bit for bit), the per-step schedules, and `qtrain speedrun`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qtrain.cli import main
+from qtrain.data.holdout import sample_images, validation_loader
+from qtrain.experiments.speedrun import (
+    accuracy_curve,
+    float_variant,
+    minutes_to,
+    paper_variant,
+    run_speedrun,
+)
+from qtrain.models.whitening import image_patches, whitening_filters
+from qtrain.train import rundir
+from qtrain.train.checkpoint import load_checkpoint
+from qtrain.train.config import RunConfig
+from qtrain.train.ema import WeightEMA
+from qtrain.train.schedules import cycled_momentum, warmup_linear_factor
+from qtrain.train.trainer import WHITEN_IMAGES, Trainer, evaluate
+
+TIMING_KEYS = {"seconds", "images_per_second"}
+ALL_OPTIONS = dict(
+    whiten_init=True,
+    label_smoothing=0.2,
+    ema_decay=0.9,
+    tta="flip-translate",
+    val_images=64,
+    schedule="warmup-linear",
+    warmup_steps=3,
+    momentum_min=0.8,
+)
+
+
+def speed_config(**changes) -> RunConfig:
+    base = dict(
+        model="speednet",
+        width=0.125,
+        dataset="synthetic",  # 512 + 128 images made at speednet's 32×32
+        method="bc-adam",
+        epochs=2,
+        batch_size=64,
+        lr=0.01,
+        device="cpu",
+        channels_last=False,
+        eval_batch_size=128,
+        threads=1,
+    )
+    return RunConfig(**{**base, **changes})
+
+
+def quiet(*_args, **_kwargs):
+    pass
+
+
+def comparable(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in metrics]
+
+
+def saved(run_dir) -> dict:
+    return load_checkpoint(run_dir / rundir.CHECKPOINT)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(ALL_OPTIONS),
+        dict(method="sr-adam", ema_decay=0.8, tta="flip"),
+        dict(method="fp-sgd", label_smoothing=0.1, schedule="warmup-linear", momentum_min=0.5),
+    ],
+    ids=["all-options-bc", "ema-sr", "smoothing-momentum-fp"],
+)
+def test_a_run_with_the_options_resumes_bit_identically(tmp_path, options, monkeypatch):
+    config = speed_config(checkpoint_every_steps=3, **options)
+    reference = Trainer(config, tmp_path / "ref", log=quiet).run()
+
+    crashing = Trainer(config, tmp_path / "crash", log=quiet)
+    real_step, calls = crashing.optimizer.step, {"n": 0}
+
+    def step_then_crash():
+        calls["n"] += 1
+        if calls["n"] == len(crashing.train_loader) + 5:  # epoch 2, after its batch-3 save
+            raise RuntimeError("simulated crash")
+        return real_step()
+
+    monkeypatch.setattr(crashing.optimizer, "step", step_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.run()
+    assert saved(tmp_path / "crash")["training"]["sums"]["batch"] == 3
+
+    resumed = Trainer(config, tmp_path / "crash", log=quiet).run(resume=True)
+    assert comparable(resumed) == comparable(reference)
+    a, b = saved(tmp_path / "crash"), saved(tmp_path / "ref")
+    for key, value in b["model_state"].items():
+        assert torch.equal(a["model_state"][key], value), key
+    if config.ema_decay:
+        for key, value in b["training"]["ema"]["averages"].items():
+            assert torch.equal(a["training"]["ema"]["averages"][key], value), key
+
+
+def test_validation_split_is_never_trained_on_and_the_test_set_is_read_once(tmp_path):
+    trainer = Trainer(speed_config(val_images=64), tmp_path, log=quiet)
+    assert len(trainer.splits.train) == 512 - 64 and len(trainer.held_out) == 64
+    trained = {tuple(x.flatten().tolist()) for x in trainer.splits.train.images}
+    assert all(tuple(x.flatten().tolist()) not in trained for x in trainer.held_out.images)
+    metrics = trainer.run()
+    assert all(m["val_error"] is not None for m in metrics)
+    assert [m["test_error"] is None for m in metrics] == [True, False]
+
+
+def test_evaluation_uses_the_weight_average_tta_and_plain_cross_entropy(tmp_path):
+    config = speed_config(ema_decay=0.9, label_smoothing=0.3, tta="flip")
+    trainer = Trainer(config, tmp_path, log=quiet)
+    last = trainer.run()[-1]
+    with trainer.ema.applied() as model:
+        averaged = evaluate(model, trainer.test_loader, trainer.device, tta="flip")
+        plain = evaluate(model, trainer.test_loader, trainer.device)
+    live = evaluate(trainer.model, trainer.test_loader, trainer.device, tta="flip")
+    assert plain["loss"] != averaged["loss"]
+    assert (last["test_loss"], last["test_error"]) == (averaged["loss"], averaged["error"])
+    assert averaged["loss"] != live["loss"]
+    # the average restored from the checkpoint is the one evaluated
+    again = WeightEMA(trainer.model, trainer.optimizer, 0.9)
+    again.load_state_dict(saved(tmp_path)["training"]["ema"])
+    assert again.updates == 2 * len(trainer.train_loader)
+
+
+def test_whitening_initialisation_whitens_the_drawn_training_images(tmp_path):
+    first = Trainer(speed_config(whiten_init=True), tmp_path / "a", log=quiet)
+    second = Trainer(speed_config(whiten_init=True), tmp_path / "b", log=quiet)
+    plain = Trainer(speed_config(), tmp_path / "c", log=quiet)
+    assert torch.equal(first.model.whiten.weight, second.model.whiten.weight)
+    assert not torch.equal(first.model.whiten.weight, plain.model.whiten.weight)
+    # the filters are those of the patches of the training images the "whitening" stream drew
+    drawn = sample_images(first.splits, WHITEN_IMAGES, 0, "whitening")
+    assert len(drawn) == 512 - 64 if first.held_out is not None else len(drawn) == 512
+    x = next(iter(validation_loader(first.splits, drawn, len(drawn), seed=0).epoch(0)))[0]
+    expected = whitening_filters(image_patches(x, 2)).float().reshape(24, 3, 2, 2)
+    assert torch.equal(first.model.whiten.weight, expected)
+
+
+def test_whiten_init_on_a_model_without_the_layer_is_refused_before_any_data(tmp_path):
+    with pytest.raises(ValueError, match="whiten_init needs a model with a patch-whitening"):
+        Trainer(speed_config(model="tiny_cnn", whiten_init=True), tmp_path, log=quiet)
+    assert not (tmp_path / rundir.CONFIG).exists()
+
+
+def test_a_time_budget_stops_at_a_step_and_the_stopped_run_is_finished(tmp_path):
+    config = speed_config(time_budget_s=1e-6, val_images=64)
+    metrics = Trainer(config, tmp_path, log=quiet).run()
+    assert len(metrics) == 1 and metrics[0]["stopped"] == "time budget"
+    assert metrics[0]["step"] == 1 and metrics[0]["test_error"] is not None
+    assert saved(tmp_path)["training"]["finished"]
+    again = Trainer(config, tmp_path, log=quiet).run(resume=True)
+    assert comparable(again) == comparable(metrics)
+
+
+def test_a_budget_that_is_not_reached_changes_nothing(tmp_path):
+    plain = Trainer(speed_config(), tmp_path / "a", log=quiet).run()
+    budget = Trainer(speed_config(time_budget_s=1e6), tmp_path / "b", log=quiet).run()
+    assert comparable(plain) == comparable(budget)
+
+
+def test_warmup_linear_and_cycled_momentum_follow_their_formulas():
+    total, warmup, r = 10, 3, 0.1
+    factors = [warmup_linear_factor(s, total, warmup, r) for s in range(12)]
+    assert factors[:3] == pytest.approx([1 / 4, 2 / 4, 3 / 4])
+    assert factors[3] == 1.0 and factors[10:] == [r, r]
+    assert factors[3:10] == pytest.approx([r + (1 - r) * (1 - k / 7) for k in range(7)])
+    assert cycled_momentum(1.0, r, 0.95, 0.85) == pytest.approx(0.85)
+    assert cycled_momentum(r, r, 0.95, 0.85) == pytest.approx(0.95)
+    assert cycled_momentum(0.0, r, 0.95, 0.85) == pytest.approx(0.95)
+
+
+def test_momentum_is_cycled_against_the_learning_rate_in_the_trainer(tmp_path):
+    config = speed_config(method="fp-sgd", schedule="warmup-linear", warmup_steps=2,
+                          momentum=0.95, momentum_min=0.85, epochs=1)  # fmt: skip
+    trainer = Trainer(config, tmp_path, log=quiet)
+    seen = []
+    real_step = trainer.optimizer.step
+
+    def record():
+        group = trainer.optimizer.param_groups[0]
+        seen.append((group["lr"] / config.lr, group["momentum"]))
+        return real_step()
+
+    trainer.optimizer.step = record
+    trainer.run()
+    for factor, momentum in seen:
+        assert momentum == pytest.approx(cycled_momentum(factor, 0.0, 0.95, 0.85))
+    assert min(m for _, m in seen) == pytest.approx(0.85)  # at the peak of the rate
+
+
+# -- qtrain speedrun ---------------------------------------------------------------------------
+def test_minutes_to_a_target_reads_validation_accuracy_when_held_out():
+    records = [
+        {"seconds": 30.0, "val_error": 20.0, "test_error": None},
+        {"seconds": 30.0, "val_error": 12.0, "test_error": None},
+        {"seconds": 60.0, "val_error": 9.0, "test_error": 9.5},
+    ]
+    assert accuracy_curve(records) == [(0.5, 80.0), (1.0, 88.0), (2.0, 91.0)]
+    assert minutes_to(records, 85) == 1.0 and minutes_to(records, 95) is None
+    tests_only = [{"seconds": 60.0, "test_error": 14.0}]
+    assert minutes_to(tests_only, 85) == 1.0
+
+
+def test_variants_keep_the_recipe_and_change_only_what_they_name():
+    recipe = speed_config(method="bc-adam", scale="he", val_images=64, time_budget_s=30.0)
+    fp = float_variant(recipe)
+    assert (fp.method, fp.scale, fp.model, fp.lr) == ("fp-adam", "none", "speednet", recipe.lr)
+    paper = paper_variant(recipe, epochs=3)
+    assert (paper.model, paper.width, paper.method, paper.epochs) == ("vgg9", 0.25, "bc-adam", 3)
+    assert (paper.time_budget_s, paper.val_images, paper.dataset) == (30.0, 64, "synthetic")
+
+
+def test_run_speedrun_writes_a_markdown_table_over_seeds(tmp_path):
+    config = speed_config(epochs=1, val_images=64)
+    results = run_speedrun(config, tmp_path, seeds=2, variants=("binary", "float"),
+                           targets=(50.0,), log=quiet)  # fmt: skip
+    assert [(r["variant"], r["seed"]) for r in results] == [
+        ("binary", 0), ("binary", 1), ("float", 0), ("float", 1)
+    ]  # fmt: skip
+    assert all(r["accuracy_on"] == "val" and r["final_test_accuracy"] is not None
+               for r in results)  # fmt: skip
+    table = (tmp_path / "results.md").read_text()
+    assert "| binary | speednet ×0.125 | bc-adam | 2 |" in table
+    assert "| float | speednet ×0.125 | fp-adam | 2 |" in table
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    # a second call resumes the finished runs instead of training them again
+    again = run_speedrun(config, tmp_path, seeds=2, variants=("binary", "float"),
+                         targets=(50.0,), log=quiet)  # fmt: skip
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(results))
+
+
+def test_speedrun_command_runs_a_preset_and_names_bad_arguments(tmp_path, capsys):
+    args = ["speedrun", "--model", "speednet", "--width", "0.125", "--dataset", "synthetic",
+            "--epochs", "1", "--batch-size", "64", "--set", "device=cpu",
+            "--set", "channels_last=false", "--set", "val_images=0", "--set", "threads=1",
+            "--targets", "50", "--out", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| binary | speednet ×0.125 |" in out and (tmp_path / "results.md").is_file()
+    assert main([*args[:-2], "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seeds" in err[0]
