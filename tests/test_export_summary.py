@@ -65,9 +65,9 @@ def test_counted_parameters_are_the_models_parameters(name):
     assert summary.buffers == sum(b.numel() for b in model.buffers())
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     row = next(r for r in summary.rows if model.get_submodule(r.layer) is bn)
-    c = bn.num_features
-    assert (row.params, row.buffers, row.quantized) == (2 * c, 2 * c + 1, 0)  # γ, β | μ, σ², n
-    assert row.float_bytes == row.packed_bytes == 4 * 4 * c + 8
+    c, affine = bn.num_features, 2 * bn.affine  # γ, β (speednet's BatchNorm learns no scale)
+    assert (row.params, row.buffers, row.quantized) == (affine * c, 2 * c + 1, 0)  # | μ, σ², n
+    assert row.float_bytes == row.packed_bytes == 4 * (affine + 2) * c + 8
 
 
 @pytest.mark.parametrize("grid", ["binary", "ternary", "3bit"])
