@@ -10,6 +10,7 @@ point and resumed therefore ends with bit-identical weights and metrics (CPU, sa
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,35 @@ class TrainState:
     sums: EpochSums = field(default_factory=EpochSums)
     metrics: list = field(default_factory=list)
     stopped: str | None = None  # why the run ended before its last epoch ("time budget")
+
+
+class RankSums:
+    """This rank's running sums of the epoch in progress, kept on the device so that adding a
+    step needs no host sync.
+
+    `EpochSums` holds totals over all ranks: rank 0 starts from those (restored from a
+    checkpoint), every other rank from zero, each adds its own shard, and the sum over ranks
+    is the epoch's total.
+    """
+
+    def __init__(self, sums: EpochSums, main: bool, device: torch.device) -> None:
+        self.device = device
+        self.loss = torch.tensor(sums.loss if main else 0.0, dtype=torch.float64, device=device)
+        self.wrong = torch.tensor(sums.wrong if main else 0, dtype=torch.int64, device=device)
+        self.seen = sums.seen if main else 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a step's mean loss over y and its top-1 mistakes (logits [N, V], y [N])."""
+        self.loss += loss.detach().double() * y.numel()
+        self.wrong += (logits.detach().argmax(-1) != y).sum()
+        self.seen += y.numel()
+
+    def total_into(self, sums: EpochSums, dist, started: float) -> None:
+        """Set `sums` to the totals over all ranks (`dist`), and its seconds to those since
+        `started` (a `time.perf_counter()` reading), taken after the sums synchronised."""
+        sums.loss, sums.wrong = float(dist.all_sum(self.loss)), int(dist.all_sum(self.wrong))
+        sums.seen = int(dist.all_sum(torch.tensor(self.seen, device=self.device)))
+        sums.seconds = time.perf_counter() - started
 
 
 def checkpoint_payload(

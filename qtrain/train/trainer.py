@@ -68,14 +68,9 @@ from qtrain.train.parts import (
 )
 from qtrain.train.preflight import check_config, is_text
 from qtrain.train.records import epoch_record, format_record, run_summary
-from qtrain.train.schedules import (
-    PER_STEP,
-    cycled_momentum,
-    set_momentum,
-    starting_momentum,
-)
+from qtrain.train.schedules import PER_STEP, cycled_momentum, set_momentum, starting_momentum
 from qtrain.train.signals import stop_requests
-from qtrain.train.state import EpochSums, TrainState, checkpoint_payload, restore_state
+from qtrain.train.state import EpochSums, RankSums, TrainState, checkpoint_payload, restore_state
 
 
 class TrainingInterrupted(Exception):
@@ -238,12 +233,7 @@ class Trainer:
         if sums.batch == 0:
             opt.reset_flip_stats()
         self.divergence.reset()
-        # `sums` holds totals over all ranks: rank 0 carries those restored from a checkpoint,
-        # every rank adds its own shard, and the sum over ranks is the epoch's total.
-        main = self.dist.is_main
-        loss_sum = torch.tensor(sums.loss if main else 0.0, dtype=torch.float64, device=self.device)
-        wrong = torch.tensor(sums.wrong if main else 0, dtype=torch.int64, device=self.device)
-        seen = sums.seen if main else 0
+        running = RankSums(sums, self.dist.is_main, self.device)
         started = time.perf_counter() - sums.seconds
         spent_before = sum(m["seconds"] for m in state.metrics)
         batches = self.train_loader.epoch(state.epoch, start_batch=sums.batch)
@@ -266,9 +256,7 @@ class Trainer:
                 self._cycle_momentum()
             if self.ema is not None:
                 self.ema.update()
-            loss_sum += loss.detach().double() * y.numel()
-            wrong += (logits.detach().argmax(-1) != y).sum()
-            seen += y.numel()
+            running.add(loss, logits, y)
             sums.batch += 1
             self.divergence.watch(loss, sums.batch)
             if sums.batch % self._check_every() == 0:
@@ -282,7 +270,7 @@ class Trainer:
             periodic = c.checkpoint_every_steps and sums.batch % c.checkpoint_every_steps == 0
             if (stop or periodic) and sums.batch < length:
                 self._check_diverged(state, before_save=True)
-                self._total_sums(sums, loss_sum, wrong, seen, started)
+                running.total_into(sums, self.dist, started)
                 self.save(state)
                 if stop:
                     raise TrainingInterrupted(stop)
@@ -290,13 +278,7 @@ class Trainer:
             bar.close()
         # The end-of-epoch checkpoint follows; evaluation does not change the weights.
         self._check_diverged(state, before_save=True)
-        self._total_sums(sums, loss_sum, wrong, seen, started)
-
-    def _total_sums(self, sums: EpochSums, loss_sum, wrong, seen: int, started: float) -> None:
-        """Set `sums` to the totals over all ranks of the running per-rank sums."""
-        sums.loss, sums.wrong = float(self.dist.all_sum(loss_sum)), int(self.dist.all_sum(wrong))
-        sums.seen = int(self.dist.all_sum(torch.tensor(seen, device=self.device)))
-        sums.seconds = time.perf_counter() - started
+        running.total_into(sums, self.dist, started)
 
     def _budget_spent(self, batch: int, elapsed: float) -> bool:
         """True once `elapsed` seconds exceed `time_budget_s` (agreed by every rank at the
