@@ -2,9 +2,9 @@
 
 A record (one line of metrics.jsonl) holds epoch, step, train_loss, train_error, test_loss,
 test_error (None before the last record of a run with a validation split), lr, seconds,
-flip_rate, wb_wr_gap, and images_per_second, or for text val_loss, val_bpc = val_loss / ln 2
-and tokens_per_second; val_loss and val_error with a validation split, and `stopped` when the
-run ended early.
+flip_rate, wb_wr_gap, and images_per_second, or for text val_loss (nats per token),
+val_bpc = val_loss / ln 2 and tokens_per_second; val_loss and val_error with a validation
+split, and `stopped` when the run ended early.
 """
 
 from __future__ import annotations
