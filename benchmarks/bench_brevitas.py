@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qtrain import models
-from qtrain.train.trainer import autocast_context
+from qtrain.train.devices import autocast_context
 
 
 def binarise_convs_with_brevitas(model: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from qtrain.train.trainer import autocast_context
+from qtrain.train.devices import autocast_context
 
 CONV_SHAPES = ((64, 32), (128, 16), (256, 8))  # (channels, side) of VGG-9's conv stages
 REPEATS = 3  # convolution calls per timed peak measurement

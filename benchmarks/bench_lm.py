@@ -36,7 +36,8 @@ from speed_common import interleave, machine_line, median  # noqa: E402
 from qtrain import data as qdata  # noqa: E402
 from qtrain import models  # noqa: E402
 from qtrain.train.config import RunConfig, load_toml  # noqa: E402
-from qtrain.train.trainer import Trainer, TrainState  # noqa: E402
+from qtrain.train.state import TrainState  # noqa: E402
+from qtrain.train.trainer import Trainer  # noqa: E402
 
 # beside the checkout, or beside its parent folder of worktrees
 DEFAULT_DATA_DIR = next(

@@ -34,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qtrain import models
 from qtrain.train.config import RunConfig
-from qtrain.train.trainer import Trainer, resolve_device
+from qtrain.train.devices import resolve_device
+from qtrain.train.trainer import Trainer
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 FULL_RUN_EPOCHS = 160

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from qtrain.train.config import RunConfig
-from qtrain.train.trainer import Trainer, TrainState
+from qtrain.train.state import TrainState
+from qtrain.train.trainer import Trainer
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_FOLDER = "cifar-10-batches-py"

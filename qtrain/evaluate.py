@@ -14,8 +14,8 @@ import torch
 
 from qtrain import data as qdata
 from qtrain.export.loading import load_any_model
+from qtrain.train.evaluation import evaluate
 from qtrain.train.preflight import data_options, is_text
-from qtrain.train.trainer import evaluate
 
 
 def test_loader(record: dict, data_dir: str | None = None, batch_size: int = 1000, device="cpu"):

@@ -21,7 +21,8 @@ from qtrain import methods
 from qtrain.quant import binary, kbit
 from qtrain.quant.fast_rounding import draw_key, round_stochastic_hashed
 from qtrain.train.config import RunConfig
-from qtrain.train.trainer import Trainer, autocast_context, resolve_device
+from qtrain.train.devices import autocast_context, resolve_device
+from qtrain.train.trainer import Trainer
 
 GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 CUDA = torch.cuda.is_available()

@@ -22,8 +22,10 @@ from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
 from qtrain.train.ema import WeightEMA
+from qtrain.train.evaluation import evaluate
+from qtrain.train.parts import WHITEN_IMAGES
 from qtrain.train.schedules import cycled_momentum, warmup_linear_factor
-from qtrain.train.trainer import WHITEN_IMAGES, Trainer, evaluate
+from qtrain.train.trainer import Trainer
 
 TIMING_KEYS = {"seconds", "images_per_second"}
 ALL_OPTIONS = dict(

@@ -33,26 +33,19 @@ checkpointed, so a resumed run continues the same average bit for bit.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
 
 from qtrain.methods.scales import broadcastable, fixed_scale, measured_scale, scaled_round
+from qtrain.train.checks import check_fraction
 
 WARMUP = 10  # d_t = min(d, (1 + t)/(WARMUP + t))
 
 
 def check_ema_decay(value: float) -> float:
     """`value` when it is a valid decay (a finite number in [0, 1); 0 means off)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"ema_decay must be a number in [0, 1), got {value!r}")
-    if not 0 <= value < 1:
-        raise ValueError(
-            f"ema_decay must be in [0, 1) (0 turns the average off; 0.99 to 0.9999 are usual), "
-            f"got {value}"
-        )
-    return float(value)
+    return check_fraction("ema_decay", value, "0 turns the average off; 0.99 to 0.9999 are usual")
 
 
 class WeightEMA:

@@ -13,21 +13,15 @@ compare directly.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from qtrain.train.checks import check_fraction
 
 
 def check_label_smoothing(value: float) -> float:
     """`value` when it is a valid ε (a finite number in [0, 1)), else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"label_smoothing must be a number in [0, 1), got {value!r}")
-    if not 0 <= value < 1:
-        raise ValueError(
-            f"label_smoothing must be in [0, 1) (0 turns it off, airbench uses 0.2), got {value}"
-        )
-    return float(value)
+    return check_fraction("label_smoothing", value, "0 turns it off, airbench uses 0.2")
 
 
 def training_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0):

@@ -27,20 +27,25 @@ _PROBE_CLASSES = 10
 def check_names(config: RunConfig) -> None:
     """Look every registered name of `config` up (ValueError with a did-you-mean if unknown)."""
     models.model_info(config.model)
-    methods.check_settings(
-        config.method,
-        config.lr,
-        grid=config.grid,
-        delta=config.delta,
-        policy=config.policy,
-        scale=config.scale,
-        weight_decay=config.weight_decay,
-        bop_gamma=config.bop_gamma,
-        bop_tau=config.bop_tau,
-        bop_sigma=config.bop_sigma,
-    )
+    methods.check_settings(config.method, **method_settings(config))
     qdata.dataset_info(config.dataset)
     check_logger(config.log)
+
+
+def method_settings(config: RunConfig) -> dict:
+    """The settings of `config` that `methods.check_settings` checks and `methods.create`
+    takes alike (the learning rate, grid, policy, scale, weight decay, Bop's thresholds)."""
+    return {
+        "lr": config.lr,
+        "grid": config.grid,
+        "delta": config.delta,
+        "policy": config.policy,
+        "scale": config.scale,
+        "weight_decay": config.weight_decay,
+        "bop_gamma": config.bop_gamma,
+        "bop_tau": config.bop_tau,
+        "bop_sigma": config.bop_sigma,
+    }
 
 
 def image_size(config: RunConfig) -> int:
@@ -128,14 +133,7 @@ def check_fit(config: RunConfig) -> None:
         return
     side = image_size(config)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = models.create(
-            config.model,
-            num_classes=info.num_classes or _PROBE_CLASSES,
-            width=config.width,
-            in_channels=info.in_channels,
-            activations=config.activations,
-            options=model_options(config),
-        )
+        model = _probe_model(config, info)
         if config.whiten_init and not whitening_layers(model):
             raise ValueError(
                 f"whiten_init needs a model with a patch-whitening first layer (speednet), "
@@ -164,15 +162,20 @@ def _check_text_fit(config: RunConfig, info) -> None:
     """Build the text model on the meta device (sizes and image-only settings are checked)
     and run one window of ids through it."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = models.create(
-            config.model,
-            num_classes=info.num_classes or _PROBE_CLASSES,
-            width=config.width,
-            in_channels=info.in_channels,
-            activations=config.activations,
-            options=model_options(config),
-        )
+        model = _probe_model(config, info)
         model.eval()(torch.zeros(1, context_length(config), dtype=torch.int64))
+
+
+def _probe_model(config: RunConfig, info):
+    """The config's model for data set `info`, built on the current (meta) device."""
+    return models.create(
+        config.model,
+        num_classes=info.num_classes or _PROBE_CLASSES,
+        width=config.width,
+        in_channels=info.in_channels,
+        activations=config.activations,
+        options=model_options(config),
+    )
 
 
 def check_config(config: RunConfig) -> None:

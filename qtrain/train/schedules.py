@@ -48,22 +48,29 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
 
 def warmup_cosine_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """The multiplier α(s)/α₀ of "warmup-cosine" (see the table above)."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if step >= total:
-        return min_ratio
-    progress = (step - warmup) / max(total - warmup, 1)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def cosine(progress: float) -> float:
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return _after_warmup(cosine, step, total, warmup, min_ratio)
 
 
 def warmup_linear_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """The multiplier α(s)/α₀ of "warmup-linear" (see the table above)."""
+
+    def linear(progress: float) -> float:
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+
+    return _after_warmup(linear, step, total, warmup, min_ratio)
+
+
+def _after_warmup(decay, step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """(s+1)/(W+1) for s < W; decay((s−W)/(S−W)) for W ≤ s < S; r from S on."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if step >= total:
         return min_ratio
-    progress = (step - warmup) / max(total - warmup, 1)
-    return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+    return decay((step - warmup) / max(total - warmup, 1))
 
 
 def cycled_momentum(factor: float, min_ratio: float, high: float, low: float) -> float:

@@ -1,0 +1,150 @@
+"""A run's parts, built from its config: data splits and loaders, its length in steps, the
+model (whitened when asked), the method's optimizer and its learning-rate schedule.
+
+Random streams: model initialisation, the train_subset draw, the held-out validation images
+and the whitening images each come from their own stream of the run seed,
+`stream_seed(seed, "init" | "subset" | "validation" | "whitening")`, as do the loaders' data
+order and augmentation ("data-order", "augment"); the optimizer derives its rounding stream
+from the seed itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from qtrain import data as qdata
+from qtrain import methods, models
+from qtrain.base.streams import stream_seed
+from qtrain.data.holdout import hold_out, sample_images, validation_loader
+from qtrain.models.whitening import whiten_model_
+from qtrain.train.config import RunConfig
+from qtrain.train.distributed import DistributedContext
+from qtrain.train.preflight import data_options, is_text, method_settings, model_options
+from qtrain.train.schedules import make_scheduler
+
+# Steps between evaluations of a text run when eval_every is unset (nanoGPT's eval_interval).
+DEFAULT_EVAL_EVERY = 250
+WHITEN_IMAGES = 5000  # airbench whitens from 5,000 training images
+
+
+def load_splits(config: RunConfig):
+    """(the splits the run trains and tests on, the held-out validation images or None).
+
+    `val_images` are held out first, then `train_subset` is drawn from what remains.
+    """
+    c = config
+    splits = qdata.load(
+        c.dataset, c.data_dir, download=c.download, **data_options(c.dataset, c.model, c)
+    )
+    held_out = None
+    if c.val_images:
+        splits, held_out = hold_out(splits, c.val_images, c.seed)
+    return qdata.subset_train(splits, c.train_subset, c.seed), held_out
+
+
+def make_loaders(
+    config: RunConfig, splits, held_out, device: torch.device, dist: DistributedContext
+) -> tuple:
+    """(train, test, validation or None) loaders; a text run's train "epoch" is `eval_every`
+    steps of random windows and its test loader `eval_batches` fixed windows."""
+    c = config
+    if not is_text(c.dataset):
+        return _image_loaders(c, splits, held_out, device, dist)
+    common = dict(seed=c.seed, device=device)
+    steps = c.eval_every or DEFAULT_EVAL_EVERY
+    train = splits.loader("train", c.batch_size, steps=steps, **common)
+    return train, splits.loader("test", c.batch_size, batches=c.eval_batches, **common), None
+
+
+def _image_loaders(c: RunConfig, splits, held_out, device, dist: DistributedContext) -> tuple:
+    common = dict(
+        seed=c.seed,
+        device=device,
+        channels_last=c.channels_last,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        local_world_size=dist.local_world_size,
+    )
+    train = splits.loader("train", c.batch_size, augment=c.augment, **common)
+    test = splits.loader("test", c.eval_batch_size, **common)
+    val = None
+    if held_out is not None:
+        val = validation_loader(splits, held_out, c.eval_batch_size, **common)
+    if len(train) == 0:
+        raise ValueError(
+            f"batch_size {c.batch_size} is larger than the {len(splits.train)} training "
+            "images; lower --batch-size"
+        )
+    return train, test, val
+
+
+def run_length(config: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(S, epochs): the run lasts S = min(epochs × steps per epoch, max_steps) optimizer steps
+    (a text run with max_steps: S = max_steps, its "epochs" being only the evaluation cadence),
+    over ⌈S / steps per epoch⌉ epochs."""
+    c = config
+    total_steps = c.epochs * steps_per_epoch
+    if c.max_steps is not None:
+        total_steps = min(total_steps, c.max_steps)
+    if is_text(c.dataset) and c.max_steps is not None:
+        total_steps = c.max_steps  # a text "epoch" is only the evaluation cadence
+    return total_steps, math.ceil(total_steps / steps_per_epoch)
+
+
+def make_model(config: RunConfig, splits, device: torch.device):
+    """The config's model for `splits`, initialised from the "init" stream, on `device`."""
+    c = config
+    torch.manual_seed(stream_seed(c.seed, "init"))  # model initialisation
+    model = models.create(
+        c.model,
+        num_classes=splits.num_classes,
+        width=c.width,
+        in_channels=splits.in_channels,
+        activations=c.activations,
+        options=model_options(c),
+    ).to(device)
+    if c.channels_last and not is_text(c.dataset):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def whiten(model, splits, seed: int, device: torch.device) -> float:
+    """Whiten the model's first layer from `WHITEN_IMAGES` training images drawn by the
+    "whitening" stream (`qtrain.models.whitening`); returns the seconds taken."""
+    started = time.perf_counter()
+    images = sample_images(splits, WHITEN_IMAGES, seed, "whitening")
+    loader = validation_loader(splits, images, len(images), seed=seed, device=device)
+    x, _ = next(iter(loader.epoch(0)))  # normalised, not augmented
+    whiten_model_(model, x)
+    return time.perf_counter() - started
+
+
+def make_optimizer(config: RunConfig, model):
+    """The config's method over `model` (`qtrain.methods.create`); Adam's β₁ is 0.9."""
+    c = config
+    return methods.create(
+        c.method,
+        model,
+        seed=c.seed,
+        momentum=c.momentum,
+        bc_stochastic=c.bc_stochastic,
+        betas=(0.9, c.beta2),
+        **method_settings(c),
+    )
+
+
+def make_run_scheduler(config: RunConfig, optimizer, epochs: int, total_steps: int):
+    """The config's learning-rate schedule (`qtrain.train.schedules`): over `total_steps`
+    optimizer steps for a per-step schedule, else over `epochs` epochs; it ends at min_lr."""
+    c = config
+    return make_scheduler(
+        optimizer,
+        c.schedule,
+        epochs,
+        total_steps=total_steps,
+        warmup_steps=c.warmup_steps,
+        min_ratio=c.min_lr / c.lr,
+    )

@@ -1,0 +1,95 @@
+"""What a run reports: a record per epoch, each also as one log line, and their summary.
+
+A record (one line of metrics.jsonl) holds epoch, step, train_loss, train_error, test_loss,
+test_error (None before the last record of a run with a validation split), lr, seconds,
+flip_rate, wb_wr_gap, and images_per_second, or for text val_loss (nats per token),
+val_bpc = val_loss / ln 2 and tokens_per_second; val_loss and val_error with a validation
+split, and `stopped` when the run ended early.
+"""
+
+from __future__ import annotations
+
+import math
+
+from qtrain.train.config import RunConfig
+from qtrain.train.preflight import is_text
+from qtrain.train.state import TrainState
+
+
+def epoch_record(
+    state: TrainState, step: int, lr: float, optimizer, val: dict | None, test: dict, text: bool
+) -> dict:
+    """The record of the epoch `state` is in, its training done and its `val` and `test`
+    evaluated (`qtrain.train.evaluation.evaluate`; test loss and error None when the test set
+    was not evaluated); `step` counts the run's optimizer steps so far."""
+    sums = state.sums
+    record = {
+        "epoch": state.epoch + 1,
+        "step": step,
+        "train_loss": sums.loss / sums.seen,
+        "train_error": 100.0 * sums.wrong / sums.seen,
+        "test_loss": test["loss"],
+        "test_error": test["error"],
+        "lr": lr,
+        "seconds": sums.seconds,
+        "flip_rate": optimizer.mean_flip_rate(),
+        "wb_wr_gap": optimizer.latent_gap(),
+    }
+    if text:
+        record["val_loss"] = test["loss"]
+        record["val_bpc"] = test["loss"] / math.log(2)
+        record["tokens_per_second"] = sums.seen / max(sums.seconds, 1e-9)
+    else:
+        record["images_per_second"] = sums.seen / max(sums.seconds, 1e-9)
+    if val is not None:
+        record["val_loss"], record["val_error"] = val["loss"], val["error"]
+    if state.stopped is not None:
+        record["stopped"] = state.stopped
+    return record
+
+
+def format_record(r: dict, epochs: int) -> str:
+    """The log line of record `r` of a run of `epochs` epochs."""
+    gap = f"  gap {r['wb_wr_gap']:.3f}" if r["wb_wr_gap"] is not None else ""
+    if "val_bpc" in r:
+        return (
+            f"step {r['step']:>6}  loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  "
+            f"val bpc {r['val_bpc']:.3f}  lr {r['lr']:.2g}  flips {r['flip_rate']:.2e}{gap}  "
+            f"{r['seconds']:.1f}s"
+        )
+    held = [f"{name} err {r[key]:5.2f}%" for name, key in (("val", "val_error"),
+            ("test", "test_error")) if r.get(key) is not None]  # fmt: skip
+    stopped = f"  (stopped: {r['stopped']})" if "stopped" in r else ""
+    return (
+        f"epoch {r['epoch']:>3}/{epochs}  loss {r['train_loss']:.4f}  "
+        f"train err {r['train_error']:5.2f}%  {'  '.join(held)}  "
+        f"lr {r['lr']:.2g}  flips {r['flip_rate']:.2e}{gap}  {r['seconds']:.1f}s{stopped}"
+    )
+
+
+def run_summary(config: RunConfig, metrics: list[dict], num_quantized: int) -> dict:
+    """summary.json of a run: its config, final and best errors (a text run's bits per
+    character), total seconds and the number of quantized parameters."""
+    last = metrics[-1] if metrics else {}
+    return {
+        "config": config.to_dict(),
+        "epochs": len(metrics),
+        "final_test_error": last.get("test_error"),
+        "final_train_error": last.get("train_error"),
+        "best_test_error": min(
+            (m["test_error"] for m in metrics if m["test_error"] is not None), default=None
+        ),
+        "final_val_error": last.get("val_error"),
+        "seconds": sum(m["seconds"] for m in metrics),
+        "num_quantized": num_quantized,
+        **(
+            {
+                "steps": last.get("step"),
+                "final_val_loss": last.get("val_loss"),
+                "final_val_bpc": last.get("val_bpc"),
+                "best_val_bpc": min((m["val_bpc"] for m in metrics), default=None),
+            }
+            if is_text(config.dataset)
+            else {}
+        ),
+    }

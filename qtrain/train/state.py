@@ -1,0 +1,173 @@
+"""A run's state between steps: the epoch in progress, its running sums, the records so far,
+and how that state (with the model, optimizer, scheduler and weight average) is written into
+a checkpoint and read back from one.
+
+Exact resume: the data order and augmentation of batch b in epoch e are a pure function of
+(seed, e, b); the model, optimizer (including BC's w_r and the rounding generator), scheduler,
+running epoch sums and torch's global RNG are all in the checkpoint. A run interrupted at any
+point and resumed therefore ends with bit-identical weights and metrics (CPU, same threads).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from qtrain import models
+from qtrain.train.config import RunConfig, check_same_identity
+from qtrain.train.preflight import is_text
+
+
+@dataclass
+class EpochSums:
+    """Running sums of the epoch in progress (checkpointed for mid-epoch resume)."""
+
+    loss: float = 0.0
+    wrong: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    batch: int = 0  # next batch index
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epoch in progress (0-based)
+    sums: EpochSums = field(default_factory=EpochSums)
+    metrics: list = field(default_factory=list)
+    stopped: str | None = None  # why the run ended before its last epoch ("time budget")
+
+
+class RankSums:
+    """This rank's running sums of the epoch in progress, kept on the device so that adding a
+    step needs no host sync.
+
+    `EpochSums` holds totals over all ranks: rank 0 starts from those (restored from a
+    checkpoint), every other rank from zero, each adds its own shard, and the sum over ranks
+    is the epoch's total.
+    """
+
+    def __init__(self, sums: EpochSums, main: bool, device: torch.device) -> None:
+        self.device = device
+        self.loss = torch.tensor(sums.loss if main else 0.0, dtype=torch.float64, device=device)
+        self.wrong = torch.tensor(sums.wrong if main else 0, dtype=torch.int64, device=device)
+        self.seen = sums.seen if main else 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a step's mean loss over y and its top-1 mistakes (logits [N, V], y [N])."""
+        self.loss += loss.detach().double() * y.numel()
+        self.wrong += (logits.detach().argmax(-1) != y).sum()
+        self.seen += y.numel()
+
+    def total_into(self, sums: EpochSums, dist, started: float) -> None:
+        """Set `sums` to the totals over all ranks (`dist`), and its seconds to those since
+        `started` (a `time.perf_counter()` reading), taken after the sums synchronised."""
+        sums.loss, sums.wrong = float(dist.all_sum(self.loss)), int(dist.all_sum(self.wrong))
+        sums.seen = int(dist.all_sum(torch.tensor(self.seen, device=self.device)))
+        sums.seconds = time.perf_counter() - started
+
+
+def checkpoint_payload(
+    config: RunConfig,
+    splits,
+    model,
+    optimizer,
+    scheduler,
+    ema,
+    quantized: list[str],
+    state: TrainState,
+    finished: bool,
+) -> dict:
+    """The checkpoint record (`qtrain.train.checkpoint`) of a run at `state`."""
+    text = is_text(config.dataset)
+    return {
+        "config": config.to_dict(),
+        "model": {
+            "name": config.model,
+            "num_classes": splits.num_classes,
+            "width": config.width,
+            "in_channels": splits.in_channels,
+            "activations": config.activations,
+            "options": _resolved_model_options(config.model, model),
+            # a text model's token ids mean these characters (sampling needs them)
+            **({"vocab": splits.vocab} if text else {}),
+        },
+        **({"data": {"sha256": splits.sha256}} if text else {}),
+        "method": {
+            "name": config.method,
+            "grid": optimizer.grid.to_dict(),
+            "scale": config.scale,
+            "policy": config.policy,
+        },
+        "quantized": list(quantized),
+        "model_state": model.state_dict(),
+        "training": {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": state.epoch,
+            "sums": state.sums.to_dict(),
+            "metrics": list(state.metrics),
+            "torch_rng": torch.get_rng_state(),
+            "finished": finished,
+            "ema": ema.state_dict() if ema else None,
+            "stopped": state.stopped,
+        },
+    }
+
+
+def _resolved_model_options(name: str, model) -> dict:
+    """Every size option of a text model, defaults included, so a rebuild needs no
+    defaults of the version that reads the checkpoint; {} for an image model."""
+    return {option: getattr(model.config, option) for option in models.model_info(name).options}
+
+
+def restore_state(
+    record: dict, config: RunConfig, run_dir, splits, model, optimizer, scheduler, ema
+) -> TrainState:
+    """Load checkpoint `record` of the run in `run_dir` into the model, optimizer, scheduler,
+    weight average and torch's global RNG, and return the state it was saved at.
+
+    ValueError when `record` is not of this run: another identity (`config`), exported
+    weights only, or, for a text run, another text.
+    """
+    check_same_identity(record.get("config", {}), config, run_dir)
+    training = record.get("training")
+    if training is None:
+        raise ValueError(f"{run_dir} holds exported weights, not a resumable checkpoint")
+    if is_text(config.dataset):
+        check_same_text(run_dir, splits, record["model"].get("vocab"), record.get("data", {}))
+    # tensors arrive on the CPU and load_state_dict moves them to the device
+    model.load_state_dict(record["model_state"])
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(training["ema"])
+    torch.set_rng_state(training["torch_rng"].cpu())
+    return TrainState(
+        epoch=int(training["epoch"]),
+        sums=EpochSums(**training["sums"]),
+        metrics=list(training["metrics"]),
+        stopped=training.get("stopped"),
+    )
+
+
+def check_same_text(run_dir, splits, vocab: str | None, data: dict) -> None:
+    """A resumed text run must read the same text (the path may change, the text not)."""
+    now = splits.vocab
+    if vocab != now:
+        raise ValueError(
+            f"cannot resume: the run in {run_dir} was trained on a text with the "
+            f"{len(vocab or '')} characters {vocab!r}, but {splits.source} has the "
+            f"{len(now)} characters {now!r}; resume with the original text_file or start "
+            "a new --out folder"
+        )
+    if data.get("sha256") != splits.sha256:
+        raise ValueError(
+            f"cannot resume: {splits.source} is not the text the run in "
+            f"{run_dir} was trained on (SHA-256 differs); resume with the original "
+            "text_file or start a new --out folder"
+        )
