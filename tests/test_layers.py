@@ -12,8 +12,8 @@ A module may import a module of its own group or of a group with a strictly lowe
 groups that share a rank (methods/theory, models/data, evaluate/sample/report) never import
 each other. Inside layer 5 the order reads: export is the deployment end and uses none of the
 others; evaluate, sample and report may load models through export; experiments may use all.
-Besides, report draws from run folders and never runs training: it must not import
-`qtrain.train.trainer`. Every import counts, also those inside functions (lazy imports) and
+Besides, report draws from run folders and never runs training: it must not import the
+trainer or the modules it is built from (`TRAINING_MODULES`). Every import counts, also those inside functions (lazy imports) and
 under `if TYPE_CHECKING:`.
 """
 
@@ -45,7 +45,9 @@ RANKS = {
     CLI: 6.0,
 }
 # (importing group, imported module or package): pairs the ranks allow but the design forbids.
-FORBIDDEN = {("report", "qtrain.train.trainer")}
+# Reports read run folders (rundir, config) and never run or rebuild training.
+TRAINING_MODULES = ("trainer", "parts", "state", "evaluation", "signals", "devices")
+FORBIDDEN = {("report", f"qtrain.train.{name}") for name in TRAINING_MODULES}
 
 
 def module_name(path: Path) -> str:
