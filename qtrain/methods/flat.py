@@ -72,3 +72,36 @@ def generator_on(old: torch.Generator, device: torch.device) -> torch.Generator:
         return old
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=old, device=old.device))
     return torch.Generator(device=device).manual_seed(seed)
+
+
+class FlatWork:
+    """Named scratch buffers shaped like a flat buffer, reused from step to step.
+
+    On a small network a step is short, and a fresh tensor per elementwise pass over the
+    quantized weights costs allocation and page faults on every step; these live as long as
+    the flat buffer's size, dtype and device do (a model move gets new ones on first use).
+    A buffer that caches values derived from other state is marked stale when that changes.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._stale: set[str] = set()
+
+    def get(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(buffer `name` shaped like `like`, True when its contents must be (re)computed)."""
+        buffer = self._buffers.get(name)
+        if (
+            buffer is None
+            or buffer.shape != like.shape
+            or buffer.dtype != like.dtype
+            or buffer.device != like.device
+        ):
+            buffer = self._buffers[name] = torch.empty_like(like)
+            self._stale.add(name)
+        stale = name in self._stale
+        self._stale.discard(name)
+        return buffer, stale
+
+    def mark_stale(self, *names: str) -> None:
+        """The contents of these buffers no longer hold (the next `get` says so)."""
+        self._stale.update(names)

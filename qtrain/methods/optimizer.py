@@ -49,6 +49,7 @@ from torch import nn
 from qtrain.base.streams import stream_generator
 from qtrain.methods.bop import bop2_flips_, bop_flips_, flip_group_index
 from qtrain.methods.flat import (
+    FlatWork,
     check_dense,
     check_widening,
     flat_views,
@@ -59,6 +60,7 @@ from qtrain.methods.flips import FlipCounter
 from qtrain.methods.saved import check_saved_settings, quantization_state, split_saved
 from qtrain.methods.scales import (
     FIXED,
+    absmean,
     broadcastable,
     check_scale,
     fixed_scale,
@@ -66,7 +68,7 @@ from qtrain.methods.scales import (
     on_scaled_grid,
     scaled_round,
 )
-from qtrain.quant import Grid, compute_dtype, quantize
+from qtrain.quant import Grid, compute_dtype, round_nearest, round_stochastic
 
 MODES = ("fp", "bc", "sr", "r", "bop", "bop2")
 FLIPPING = ("bop", "bop2")
@@ -145,6 +147,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._wb_views: list[torch.Tensor] = []
         self._flat_wb = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._work = FlatWork()
         self.generator = None
         self.flips = FlipCounter()
         if self.quantized:
@@ -214,7 +217,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         device, dtype = devices.pop(), dtypes.pop()
         check_widening(self._flat_wb.dtype, dtype)
         old_views = {name: self._views(name) for name in self._buffers}
-        self._scales = [s.to(device, compute_dtype(dtype)) for s in self._scales]
+        self._set_scales([s.to(device, compute_dtype(dtype)) for s in self._scales])
         total = self._flat_wb.numel()
         self._flat_wb = torch.empty(total, dtype=dtype, device=device)
         self._wb_views = flat_views(self.quantized, self._flat_wb)
@@ -236,35 +239,58 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.state = self.base.state
 
     # -- scales and rounding ---------------------------------------------------------------
+    def _set_scales(self, scales: list[torch.Tensor]) -> None:
+        self._scales = scales
+        self._work.mark_stale("scales", "clip_hi", "clip_lo")
+
     def _expanded_scales(self, like: torch.Tensor) -> torch.Tensor:
-        """The flat per-element scale (w_b's layout), in `like`'s dtype."""
-        out = torch.empty_like(like)
-        for view, s in zip(flat_views(self.quantized, out), self._scales, strict=True):
-            view.copy_(broadcastable(s, view).expand_as(view))
+        """The flat per-element scale (w_b's layout), in `like`'s dtype; kept until the scales
+        change, so a fixed scale is expanded once rather than every step."""
+        out, stale = self._work.get("scales", like)
+        if stale:
+            for view, s in zip(flat_views(self.quantized, out), self._scales, strict=True):
+                view.copy_(broadcastable(s, view).expand_as(view))
         return out
 
-    def _round(self, w: torch.Tensor, stochastic: bool) -> torch.Tensor:
+    def _round(self, w: torch.Tensor, stochastic: bool, out: torch.Tensor) -> torch.Tensor:
+        """Q(w) on the (scaled) grid, written into `out` (w's layout; it may be w)."""
         if self.scale == "none":
-            return quantize(w, self.grid, stochastic, self.generator)
-        return scaled_round(w, self._expanded_scales(w), self.grid, stochastic, self.generator)
+            if stochastic:
+                return round_stochastic(w, self.grid, self.generator, out)
+            return round_nearest(w, self.grid, out)
+        s = self._expanded_scales(w)
+        return scaled_round(w, s, self.grid, stochastic, self.generator, out)
+
+    def _measure_scales(self, latent: torch.Tensor) -> None:
+        """The absmean scales of w_r, from one |w_r| pass over the flat buffer."""
+        a, _ = self._work.get("result", latent)
+        if a.dtype != compute_dtype(latent.dtype):
+            self._set_scales([measured_scale(self.scale, v) for v in self._views("latent")])
+            return
+        torch.abs(latent, out=a)
+        self._set_scales([absmean(self.scale, v) for v in flat_views(self.quantized, a)])
 
     def _update_latent_scales_and_weights(self) -> None:
         """BC after the base step: clip w_r, measure absmean scales, then w_b = Q(w_r)."""
         latent = self._buffers["latent"]
         if self.scale in FIXED and self.scale != "none":
-            hi = self._expanded_scales(latent).mul_(self.grid.hi)
-            latent.clamp_(min=-hi, max=hi)
+            hi, stale = self._work.get("clip_hi", latent)
+            lo, _ = self._work.get("clip_lo", latent)
+            if stale:
+                torch.neg(hi.copy_(self._expanded_scales(latent)).mul_(self.grid.hi), out=lo)
+            latent.clamp_(min=lo, max=hi)
         else:
             latent.clamp_(self.grid.lo, self.grid.hi)
         if self.scale not in FIXED:
-            self._scales = [measured_scale(self.scale, v) for v in self._views("latent")]
-        new_wb = self._round(latent, stochastic=self.bc_stochastic)
+            self._measure_scales(latent)
+        new_wb, _ = self._work.get("result", latent)
+        self._round(latent, self.bc_stochastic, out=new_wb)
         self._count_flips(self._flat_wb, new_wb)
         self._flat_wb.copy_(new_wb)
 
     def _count_flips(self, old: torch.Tensor, new: torch.Tensor) -> None:
         if self.track_flips:
-            self.flips.record((old != new).sum())
+            self.flips.record(torch.count_nonzero(old != new))
 
     # -- the step --------------------------------------------------------------------------
     @torch.no_grad()
@@ -304,12 +330,13 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._update_latent_scales_and_weights()
 
     def _rounding_step(self, stochastic: bool) -> None:
-        old = self._flat_wb.clone() if self.track_flips else None
+        if self.track_flips:
+            old, _ = self._work.get("result", self._flat_wb)
+            old.copy_(self._flat_wb)
         self.base.step()
-        new_wb = self._round(self._flat_wb, stochastic=stochastic)
-        if old is not None:
-            self._count_flips(old, new_wb)
-        self._flat_wb.copy_(new_wb)
+        self._round(self._flat_wb, stochastic, out=self._flat_wb)
+        if self.track_flips:
+            self._count_flips(old, self._flat_wb)
 
     def _flip_step(self) -> None:
         group = self.param_groups[self._group_index]
@@ -407,10 +434,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         for name, flat in self._buffers.items():
             flat.copy_(q[name])
         if q.get("scales") is not None:
-            self._scales = [
-                s.to(own.device, own.dtype)
-                for s, own in zip(q["scales"], self._scales, strict=True)
-            ]
+            saved = zip(q["scales"], self._scales, strict=True)
+            self._set_scales([s.to(own.device, own.dtype) for s, own in saved])
         if self.generator is not None and q["generator"] is not None:
             self.generator.set_state(q["generator"])
         if q.get("flips") is not None:
