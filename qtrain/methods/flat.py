@@ -87,16 +87,20 @@ class FlatWork:
         self._buffers: dict[str, torch.Tensor] = {}
         self._stale: set[str] = set()
 
-    def get(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(buffer `name` shaped like `like`, True when its contents must be (re)computed)."""
+    def get(
+        self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, bool]:
+        """(buffer `name` shaped like `like`, in `dtype` or like's, True when its contents must
+        be (re)computed)."""
+        dtype = dtype or like.dtype
         buffer = self._buffers.get(name)
         if (
             buffer is None
             or buffer.shape != like.shape
-            or buffer.dtype != like.dtype
+            or buffer.dtype != dtype
             or buffer.device != like.device
         ):
-            buffer = self._buffers[name] = torch.empty_like(like)
+            buffer = self._buffers[name] = torch.empty_like(like, dtype=dtype)
             self._stale.add(name)
         stale = name in self._stale
         self._stale.discard(name)

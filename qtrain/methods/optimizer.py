@@ -66,6 +66,7 @@ from qtrain.methods.scales import (
     fixed_scale,
     measured_scale,
     on_scaled_grid,
+    safe_divisor,
     scaled_round,
 )
 from qtrain.quant import Grid, compute_dtype, round_nearest, round_stochastic
@@ -73,6 +74,7 @@ from qtrain.quant import Grid, compute_dtype, round_nearest, round_stochastic
 MODES = ("fp", "bc", "sr", "r", "bop", "bop2")
 FLIPPING = ("bop", "bop2")
 BUFFERS = {"bc": ("latent",), "bop": ("m",), "bop2": ("m", "v")}  # flat state kept per mode
+EXACT_FLOAT32_COUNT = 2**24  # float32 holds every integer up to here
 
 
 def check_grid(mode: str, grid: Grid) -> None:
@@ -241,7 +243,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     # -- scales and rounding ---------------------------------------------------------------
     def _set_scales(self, scales: list[torch.Tensor]) -> None:
         self._scales = scales
-        self._work.mark_stale("scales", "clip_hi", "clip_lo")
+        self._work.mark_stale("scales", "divisors", "clip_hi", "clip_lo")
 
     def _expanded_scales(self, like: torch.Tensor) -> torch.Tensor:
         """The flat per-element scale (w_b's layout), in `like`'s dtype; kept until the scales
@@ -259,7 +261,10 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 return round_stochastic(w, self.grid, self.generator, out)
             return round_nearest(w, self.grid, out)
         s = self._expanded_scales(w)
-        return scaled_round(w, s, self.grid, stochastic, self.generator, out)
+        divisor, stale = self._work.get("divisors", s, compute_dtype(s.dtype))
+        if stale:
+            safe_divisor(s, out=divisor)
+        return scaled_round(w, s, self.grid, stochastic, self.generator, out, divisor)
 
     def _measure_scales(self, latent: torch.Tensor) -> None:
         """The absmean scales of w_r, from one |w_r| pass over the flat buffer."""
@@ -289,8 +294,16 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._flat_wb.copy_(new_wb)
 
     def _count_flips(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        if self.track_flips:
+        """Record how many elements differ (NaN counts as changed, −0 equals +0)."""
+        if not self.track_flips:
+            return
+        if old.numel() > EXACT_FLOAT32_COUNT:
             self.flips.record(torch.count_nonzero(old != new))
+            return
+        # a comparison into float32 and its sum run about twice as fast as into bool and a
+        # count, and a float32 sum of 0s and 1s is exact while no partial sum exceeds 2^24
+        changed, _ = self._work.get("changed", old, torch.float32)
+        self.flips.record(torch.ne(old, new, out=changed).sum())
 
     # -- the step --------------------------------------------------------------------------
     @torch.no_grad()
