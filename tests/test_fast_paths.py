@@ -248,7 +248,7 @@ CELLS = [(mode, grid, scale, stochastic)
          for stochastic in ((False, True) if mode == "bc" else (mode == "sr",))]  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize(
     "mode, grid, scale, bc_stochastic",
     CELLS,

@@ -80,18 +80,14 @@ class FlatWork:
     On a small network a step is short, and a fresh tensor per elementwise pass over the
     quantized weights costs allocation and page faults on every step; these live as long as
     the flat buffer's size, dtype and device do (a model move gets new ones on first use).
-    A buffer that caches values derived from other state is marked stale when that changes.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
-        self._stale: set[str] = set()
 
-    def get(
-        self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None
-    ) -> tuple[torch.Tensor, bool]:
-        """(buffer `name` shaped like `like`, in `dtype` or like's, True when its contents must
-        be (re)computed)."""
+    def get(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Buffer `name` with like's shape and device and `dtype` (like's by default); its
+        contents are whatever the last user left there."""
         dtype = dtype or like.dtype
         buffer = self._buffers.get(name)
         if (
@@ -101,11 +97,4 @@ class FlatWork:
             or buffer.device != like.device
         ):
             buffer = self._buffers[name] = torch.empty_like(like, dtype=dtype)
-            self._stale.add(name)
-        stale = name in self._stale
-        self._stale.discard(name)
-        return buffer, stale
-
-    def mark_stale(self, *names: str) -> None:
-        """The contents of these buffers no longer hold (the next `get` says so)."""
-        self._stale.update(names)
+        return buffer

@@ -219,7 +219,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         device, dtype = devices.pop(), dtypes.pop()
         check_widening(self._flat_wb.dtype, dtype)
         old_views = {name: self._views(name) for name in self._buffers}
-        self._set_scales([s.to(device, compute_dtype(dtype)) for s in self._scales])
+        self._scales = [s.to(device, compute_dtype(dtype)) for s in self._scales]
         total = self._flat_wb.numel()
         self._flat_wb = torch.empty(total, dtype=dtype, device=device)
         self._wb_views = flat_views(self.quantized, self._flat_wb)
@@ -241,54 +241,56 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.state = self.base.state
 
     # -- scales and rounding ---------------------------------------------------------------
-    def _set_scales(self, scales: list[torch.Tensor]) -> None:
-        self._scales = scales
-        self._work.mark_stale("scales", "divisors", "clip_hi", "clip_lo")
+    def _round(
+        self, w: torch.Tensor, stochastic: bool, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Q(w) on the (scaled) grid, written into `out` (w's layout; it may be w; a new
+        tensor when None).
 
-    def _expanded_scales(self, like: torch.Tensor) -> torch.Tensor:
-        """The flat per-element scale (w_b's layout), in `like`'s dtype; kept until the scales
-        change, so a fixed scale is expanded once rather than every step."""
-        out, stale = self._work.get("scales", like)
-        if stale:
-            for view, s in zip(flat_views(self.quantized, out), self._scales, strict=True):
-                view.copy_(broadcastable(s, view).expand_as(view))
-        return out
-
-    def _round(self, w: torch.Tensor, stochastic: bool, out: torch.Tensor) -> torch.Tensor:
-        """Q(w) on the (scaled) grid, written into `out` (w's layout; it may be w)."""
+        With a scale this is `scaled_round`'s s·Q(x/s), with the division and the product taken
+        one parameter at a time so that a 0-dim or per-channel s broadcasts instead of being
+        copied out per element, and the rounding in one flat call (one draw for Q_s).
+        """
+        out = torch.empty_like(w) if out is None else out
         if self.scale == "none":
             if stochastic:
                 return round_stochastic(w, self.grid, self.generator, out)
             return round_nearest(w, self.grid, out)
-        s = self._expanded_scales(w)
-        divisor, stale = self._work.get("divisors", s, compute_dtype(s.dtype))
-        if stale:
-            safe_divisor(s, out=divisor)
-        return scaled_round(w, s, self.grid, stochastic, self.generator, out, divisor)
-
-    def _measure_scales(self, latent: torch.Tensor) -> None:
-        """The absmean scales of w_r, from one |w_r| pass over the flat buffer."""
-        a, _ = self._work.get("result", latent)
-        if a.dtype != compute_dtype(latent.dtype):
-            self._set_scales([measured_scale(self.scale, v) for v in self._views("latent")])
-            return
-        torch.abs(latent, out=a)
-        self._set_scales([absmean(self.scale, v) for v in flat_views(self.quantized, a)])
+        dtype = compute_dtype(w.dtype)
+        u = out if out.dtype == dtype else self._work.get("units", w, dtype)
+        # each s as the per-element expansion in w's dtype would hold it
+        scales = [s.to(w.dtype).to(dtype) for s in self._scales]
+        parts = zip(flat_views(self.quantized, w), scales, flat_views(self.quantized, u))
+        for x, s, part in parts:
+            torch.div(x.to(dtype), broadcastable(safe_divisor(s), x), out=part)
+        if stochastic:
+            round_stochastic(u, self.grid, self.generator, out=u)
+        else:
+            round_nearest(u, self.grid, out=u)
+        parts = zip(flat_views(self.quantized, u), scales, flat_views(self.quantized, out))
+        for q, s, part in parts:
+            if u is out:
+                q.mul_(broadcastable(s, q))
+            else:
+                part.copy_(q * broadcastable(s, q))
+        return out
 
     def _update_latent_scales_and_weights(self) -> None:
         """BC after the base step: clip w_r, measure absmean scales, then w_b = Q(w_r)."""
         latent = self._buffers["latent"]
         if self.scale in FIXED and self.scale != "none":
-            hi, stale = self._work.get("clip_hi", latent)
-            lo, _ = self._work.get("clip_lo", latent)
-            if stale:
-                torch.neg(hi.copy_(self._expanded_scales(latent)).mul_(self.grid.hi), out=lo)
-            latent.clamp_(min=lo, max=hi)
+            for w_r, s in zip(self._views("latent"), self._scales, strict=True):
+                hi = broadcastable(s.to(w_r.dtype) * self.grid.hi, w_r)
+                w_r.clamp_(min=-hi, max=hi)
         else:
             latent.clamp_(self.grid.lo, self.grid.hi)
-        if self.scale not in FIXED:
-            self._measure_scales(latent)
-        new_wb, _ = self._work.get("result", latent)
+        new_wb = self._work.get("result", latent)
+        if self.scale not in FIXED and new_wb.dtype == compute_dtype(latent.dtype):
+            # one |w_r| pass over the flat buffer, then a mean per parameter
+            a = torch.abs(latent, out=new_wb)
+            self._scales = [absmean(self.scale, v) for v in flat_views(self.quantized, a)]
+        elif self.scale not in FIXED:
+            self._scales = [measured_scale(self.scale, v) for v in self._views("latent")]
         self._round(latent, self.bc_stochastic, out=new_wb)
         self._count_flips(self._flat_wb, new_wb)
         self._flat_wb.copy_(new_wb)
@@ -302,7 +304,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             return
         # a comparison into float32 and its sum run about twice as fast as into bool and a
         # count, and a float32 sum of 0s and 1s is exact while no partial sum exceeds 2^24
-        changed, _ = self._work.get("changed", old, torch.float32)
+        changed = self._work.get("changed", old, torch.float32)
         self.flips.record(torch.ne(old, new, out=changed).sum())
 
     # -- the step --------------------------------------------------------------------------
@@ -344,7 +346,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     def _rounding_step(self, stochastic: bool) -> None:
         if self.track_flips:
-            old, _ = self._work.get("result", self._flat_wb)
+            old = self._work.get("result", self._flat_wb)
             old.copy_(self._flat_wb)
         self.base.step()
         self._round(self._flat_wb, stochastic, out=self._flat_wb)
@@ -448,7 +450,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             flat.copy_(q[name])
         if q.get("scales") is not None:
             saved = zip(q["scales"], self._scales, strict=True)
-            self._set_scales([s.to(own.device, own.dtype) for s, own in saved])
+            self._scales = [s.to(own.device, own.dtype) for s, own in saved]
         if self.generator is not None and q["generator"] is not None:
             self.generator.set_state(q["generator"])
         if q.get("flips") is not None:

@@ -91,19 +91,15 @@ def scaled_round(
     stochastic: bool,
     generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
-    divisor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """s·Q(x/s) in x's dtype (s broadcastable to x); a zero s gives 0.
 
-    The result goes into `out` when given (x's shape and dtype; it may be x). `divisor` is
-    `safe_divisor(s)` when the caller keeps it from step to step.
+    The result goes into `out` when given (x's shape and dtype; it may be x).
     """
     dtype = compute_dtype(x.dtype)
     s = s.to(dtype)
-    if divisor is None:
-        divisor = safe_divisor(s)
     work = out if out is not None and out.dtype == dtype else None
-    u = torch.div(x.to(dtype), divisor, out=work)
+    u = torch.div(x.to(dtype), safe_divisor(s), out=work)
     q = round_stochastic(u, grid, generator, u) if stochastic else round_nearest(u, grid, u)
     if out is None:
         return (q * s).to(x.dtype)
@@ -112,11 +108,11 @@ def scaled_round(
     return torch.mul(q, s, out=out)
 
 
-def safe_divisor(s: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def safe_divisor(s: torch.Tensor) -> torch.Tensor:
     """max(s, tiny) in the compute precision: a zero scale would divide by zero, and the
     tiniest normal divisor sends x to an end level, which the product with s = 0 then zeroes."""
     dtype = compute_dtype(s.dtype)
-    return torch.clamp_min(s.to(dtype), torch.finfo(dtype).tiny, out=out)
+    return s.to(dtype).clamp_min(torch.finfo(dtype).tiny)
 
 
 def on_scaled_grid(w: torch.Tensor, s: torch.Tensor, grid: Grid) -> bool:

@@ -59,10 +59,10 @@ def nearest_multiples_(u: torch.Tensor, grid: Grid) -> torch.Tensor:
         # sign(±0) = +1 once 3 is clipped; floor, products and clamp all keep NaN
         return u.floor_().mul_(2.0).add_(1.0).clamp_(max=1.0)
     if grid.kind == "ternary":
-        # trunc(u ± ½) = sign(u)·⌊|u| + ½⌋ because round-to-nearest is symmetric; NaN stays
-        # NaN through u itself, and + 0.0 turns the −0 of small negative u into +0
-        half = torch.full((), 0.5, dtype=u.dtype, device=u.device)
-        return u.add_(torch.copysign(half, u)).trunc_().add_(0.0)
+        # trunc(u + ½·sign(u)) = sign(u)·⌊|u| + ½⌋ because round-to-nearest is symmetric;
+        # sign(NaN) is 0 in torch, so NaN stays NaN through u itself, and + 0.0 turns the −0
+        # of small negative u into +0
+        return u.add_(torch.sign(u), alpha=0.5).trunc_().add_(0.0)
     negative = u < 0
     a = u.abs_()
     if grid.step == 1:
