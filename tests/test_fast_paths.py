@@ -134,6 +134,8 @@ def test_round_nearest_equals_the_reference_formula(grid, dtype):
     inplace = w.clone()
     round_nearest(inplace, grid, out=inplace)
     assert_identical(inplace, want)
+    work = torch.full(w.shape, float("nan"), dtype=compute_dtype(dtype))  # scratch, not input
+    assert_identical(round_nearest(w.clone(), grid, out=torch.empty_like(w), work=work), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -142,13 +144,15 @@ def test_round_stochastic_equals_the_reference_formula_and_stream(grid, dtype):
     w = awkward_values(grid, dtype, seed=2)
     reference_generator = torch.Generator().manual_seed(5)
     want = reference_round_stochastic(w, grid, reference_generator)
+    scratch = torch.full(w.shape, float("nan"), dtype=compute_dtype(dtype))
     for out in (None, torch.empty_like(w), "in place"):
-        x = w.clone() if out == "in place" else w
-        target = x if out == "in place" else out
-        generator = torch.Generator().manual_seed(5)
-        assert_identical(round_stochastic(x, grid, generator, out=target), want)
-        # the uniforms drawn into a buffer are the same numbers, and as many of them
-        assert torch.equal(generator.get_state(), reference_generator.get_state())
+        for work in (None, scratch):
+            x = w.clone() if out == "in place" else w
+            target = x if out == "in place" else out
+            generator = torch.Generator().manual_seed(5)
+            assert_identical(round_stochastic(x, grid, generator, out=target, work=work), want)
+            # the same uniforms, and as many of them
+            assert torch.equal(generator.get_state(), reference_generator.get_state())
 
 
 def scale_cases(w: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -149,7 +149,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._wb_views: list[torch.Tensor] = []
         self._flat_wb = None
         self._buffers: dict[str, torch.Tensor] = {}
-        self._work = FlatWork()
+        self._buffer_views: dict[str, list[torch.Tensor]] = {}
+        self._work = FlatWork(self.quantized)
         self.generator = None
         self.flips = FlipCounter()
         if self.quantized:
@@ -198,12 +199,25 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             for name in BUFFERS.get(self.mode, ()):
                 # w_r starts at the model's weights; Bop's m and v start at 0
                 start = self._flat_wb if name == "latent" else torch.zeros_like(self._flat_wb)
-                self._buffers[name] = start.clone()
+                self._set_buffer(name, start.clone())
             if self.mode == "bc":
                 self._update_latent_scales_and_weights()
 
+    def _set_buffer(self, name: str, flat: torch.Tensor) -> None:
+        self._buffers[name] = flat
+        self._buffer_views[name] = flat_views(self.quantized, flat)
+
     def _views(self, name: str) -> list[torch.Tensor]:
-        return flat_views(self.quantized, self._buffers[name])
+        return self._buffer_views[name]
+
+    def _parts(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The quantized parameters' views into `flat`, made once for the buffers kept here."""
+        if flat is self._flat_wb:
+            return self._wb_views
+        for name, buffer in self._buffers.items():
+            if flat is buffer:
+                return self._buffer_views[name]
+        return self._work.views(flat)
 
     def _follow_model(self) -> None:
         """Re-home the buffers when the model was moved or cast since the last call (module doc)."""
@@ -229,7 +243,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 view.copy_(scaled_round(p, broadcastable(s, p), self.grid, stochastic=False))
                 p.data = view
             for name, views in old_views.items():
-                self._buffers[name] = torch.empty(total, dtype=dtype, device=device)
+                self._set_buffer(name, torch.empty(total, dtype=dtype, device=device))
                 for new, old in zip(self._views(name), views, strict=True):
                     new.copy_(old)
         self.generator = generator_on(self.generator, device)
@@ -252,22 +266,25 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         copied out per element, and the rounding in one flat call (one draw for Q_s).
         """
         out = torch.empty_like(w) if out is None else out
+        dtype = compute_dtype(w.dtype)
+        work = self._work.get("rounding", w, dtype)
         if self.scale == "none":
             if stochastic:
-                return round_stochastic(w, self.grid, self.generator, out)
-            return round_nearest(w, self.grid, out)
-        dtype = compute_dtype(w.dtype)
+                return round_stochastic(w, self.grid, self.generator, out, work)
+            return round_nearest(w, self.grid, out, work)
         u = out if out.dtype == dtype else self._work.get("units", w, dtype)
         # each s as the per-element expansion in w's dtype would hold it
-        scales = [s.to(w.dtype).to(dtype) for s in self._scales]
-        parts = zip(flat_views(self.quantized, w), scales, flat_views(self.quantized, u))
+        scales = (
+            self._scales if w.dtype == dtype else [s.to(w.dtype).to(dtype) for s in self._scales]
+        )
+        parts = zip(self._parts(w), scales, self._parts(u))
         for x, s, part in parts:
             torch.div(x.to(dtype), broadcastable(safe_divisor(s), x), out=part)
         if stochastic:
-            round_stochastic(u, self.grid, self.generator, out=u)
+            round_stochastic(u, self.grid, self.generator, u, work)
         else:
-            round_nearest(u, self.grid, out=u)
-        parts = zip(flat_views(self.quantized, u), scales, flat_views(self.quantized, out))
+            round_nearest(u, self.grid, u, work)
+        parts = zip(self._parts(u), scales, self._parts(out))
         for q, s, part in parts:
             if u is out:
                 q.mul_(broadcastable(s, q))
@@ -288,7 +305,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if self.scale not in FIXED and new_wb.dtype == compute_dtype(latent.dtype):
             # one |w_r| pass over the flat buffer, then a mean per parameter
             a = torch.abs(latent, out=new_wb)
-            self._scales = [absmean(self.scale, v) for v in flat_views(self.quantized, a)]
+            self._scales = [absmean(self.scale, v) for v in self._parts(a)]
         elif self.scale not in FIXED:
             self._scales = [measured_scale(self.scale, v) for v in self._views("latent")]
         self._round(latent, self.bc_stochastic, out=new_wb)
@@ -420,7 +437,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if "latent" not in self._buffers:
             return []
         self._follow_model()
-        return self._views("latent")
+        return list(self._views("latent"))
 
     def scales(self) -> list[torch.Tensor]:
         """The scale s of each quantized parameter: 0-dim, or (C,) per output channel.

@@ -9,7 +9,8 @@ Non-finite input, the same for every grid and both functions (and `fast_rounding
 NaN, so a diverged weight remains visible instead of landing on a level; ±∞ is clipped to the
 end level ±MΔ of a bounded grid and stays ±∞ on the unbounded lattice.
 
-Both take `out=` (w's shape and dtype; it may be w itself) and then work in it, because on
+Both take `out=` (w's shape and dtype; it may be w itself) and then work in it, and `work=`, a
+scratch tensor of w's shape in the compute precision used instead of a fresh one, because on
 small networks a training step is short and every fresh tensor and extra elementwise pass over
 the quantized weights shows in it. The binary and ternary grids have shorter formulas whose
 results equal the general ones bit for bit (tests/test_fast_paths.py checks them).
@@ -52,7 +53,9 @@ def levels(m: torch.Tensor, grid: Grid, dtype: torch.dtype, out: torch.Tensor | 
     return out
 
 
-def nearest_multiples_(u: torch.Tensor, grid: Grid) -> torch.Tensor:
+def nearest_multiples_(
+    u: torch.Tensor, grid: Grid, work: torch.Tensor | None = None
+) -> torch.Tensor:
     """u (clipped, in units of Δ) replaced by its nearest multiple m, ties away from zero."""
     if grid.kind == "binary":
         # on [−1, 1]: ⌊u⌋ is −1 exactly for u < 0, so 2⌊u⌋ + 1 ∈ {−1, 1, 3} is the sign with
@@ -62,7 +65,7 @@ def nearest_multiples_(u: torch.Tensor, grid: Grid) -> torch.Tensor:
         # trunc(u + ½·sign(u)) = sign(u)·⌊|u| + ½⌋ because round-to-nearest is symmetric;
         # sign(NaN) is 0 in torch, so NaN stays NaN through u itself, and + 0.0 turns the −0
         # of small negative u into +0
-        return u.add_(torch.sign(u), alpha=0.5).trunc_().add_(0.0)
+        return u.add_(torch.sign(u, out=work), alpha=0.5).trunc_().add_(0.0)
     negative = u < 0
     a = u.abs_()
     if grid.step == 1:
@@ -75,7 +78,12 @@ def nearest_multiples_(u: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.where(negative, -m, m, out=m).add_(0.0)
 
 
-def round_nearest(w: torch.Tensor, grid: Grid, out: torch.Tensor | None = None) -> torch.Tensor:
+def round_nearest(
+    w: torch.Tensor,
+    grid: Grid,
+    out: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Deterministic rounding Q_d(w): the nearest level, ties away from zero.
 
     With u = clip(w)/Δ: m = sign(u)·(⌊|u| + ½⌋) on step-1 grids (ternary, lattice) and
@@ -84,7 +92,7 @@ def round_nearest(w: torch.Tensor, grid: Grid, out: torch.Tensor | None = None) 
     idempotent: Q_d(Q_d(w)) = Q_d(w). NaN stays NaN; ±∞ goes to ±MΔ (±∞ on the lattice).
     The result goes into `out` when given (w's shape and dtype; it may be w).
     """
-    m = nearest_multiples_(units(w, grid, out), grid)
+    m = nearest_multiples_(units(w, grid, out), grid, work)
     return levels(m, grid, w.dtype, out)
 
 
@@ -93,6 +101,7 @@ def round_stochastic(
     grid: Grid,
     generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stochastic rounding Q_s(w), unbiased inside the grid's range.
 
@@ -109,10 +118,11 @@ def round_stochastic(
         # offset 1 on odd-multiple grids: lo = step·⌊(u − 1)/step⌋ + 1, t the position in
         # level units (on step-1 grids t = u, and u − 0 and u/1 change no bit)
         t.sub_(1.0).div_(float(grid.step))
-    lo = torch.floor(t)
+    lo = torch.floor(t, out=work)
+    p = t.sub_(lo)
     r = torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device)
-    # t − lo is p; r < p rounds up. A value clipped to the top level has p = 0 and stays.
-    m = lo.add_(torch.lt(r, t.sub_(lo), out=r))
+    # r < p rounds up (a value clipped to the top level has p = 0 and stays); m lands in t
+    m = torch.lt(r, p, out=p).add_(lo)
     if grid.step != 1:
         m.mul_(float(grid.step)).add_(1.0)
     return levels(m, grid, w.dtype, out)
