@@ -318,3 +318,33 @@ def test_optimizer_steps_equal_a_twin_run_of_the_reference_formulas(
                     w.copy_(want[offset : offset + w.numel()].view_as(w))
                     offset += w.numel()
     assert torch.equal(opt.generator.get_state(), generator.get_state())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flip_counts_above_the_exact_float_range_are_counted_in_integers(monkeypatch, dtype):
+    """Past 2^24 (float32) elements the float sum of 0s and 1s would round; the count then
+    goes through integers. A low limit sends these small buffers down that path."""
+    counts = {}
+    for limit in (None, 10):
+        if limit is not None:
+            monkeypatch.setattr(
+                "qtrain.methods.optimizer.exact_float_count", lambda dtype, limit=limit: limit
+            )
+        net = tiny_net(dtype)
+        base = torch.optim.AdamW(net.parameters(), lr=0.05)
+        opt = QuantizedOptimizer(base, quantized_weights(net), "bc", ternary(), scale="absmean")
+        counts[limit] = []
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            x, y = (
+                torch.randn(8, 6, generator=g, dtype=dtype),
+                torch.randint(0, 3, (8,), generator=g),
+            )
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            old = torch.cat([w.detach().reshape(-1) for w in quantized_weights(net)])
+            opt.step()
+            new = torch.cat([w.detach().reshape(-1) for w in quantized_weights(net)])
+            assert opt.flips.last.item() == float((old != new).sum())
+            counts[limit].append(opt.flips.last.item())
+    assert counts[None] == counts[10] and max(counts[10]) > 0

@@ -74,7 +74,12 @@ from qtrain.quant import Grid, compute_dtype, round_nearest, round_stochastic
 MODES = ("fp", "bc", "sr", "r", "bop", "bop2")
 FLIPPING = ("bop", "bop2")
 BUFFERS = {"bc": ("latent",), "bop": ("m",), "bop2": ("m", "v")}  # flat state kept per mode
-EXACT_FLOAT32_COUNT = 2**24  # float32 holds every integer up to here
+
+
+def exact_float_count(dtype: torch.dtype) -> int:
+    """2^(mantissa bits + 1): every integer up to it is a `dtype` value, so a sum of that many
+    0s and 1s is exact."""
+    return int(2 / torch.finfo(dtype).eps)
 
 
 def check_grid(mode: str, grid: Grid) -> None:
@@ -316,12 +321,14 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         """Record how many elements differ (NaN counts as changed, −0 equals +0)."""
         if not self.track_flips:
             return
-        if old.numel() > EXACT_FLOAT32_COUNT:
+        dtype = compute_dtype(old.dtype)
+        if old.numel() > exact_float_count(dtype):
             self.flips.record(torch.count_nonzero(old != new))
             return
-        # a comparison into float32 and its sum run about twice as fast as into bool and a
-        # count, and a float32 sum of 0s and 1s is exact while no partial sum exceeds 2^24
-        changed = self._work.get("changed", old, torch.float32)
+        # a comparison into floats and their sum run about twice as fast as into bool and a
+        # count, and the sum of 0s and 1s is exact while it fits the mantissa; the rounding
+        # scratch is free again by now
+        changed = self._work.get("rounding", old, dtype)
         self.flips.record(torch.ne(old, new, out=changed).sum())
 
     # -- the step --------------------------------------------------------------------------
