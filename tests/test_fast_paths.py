@@ -348,3 +348,12 @@ def test_flip_counts_above_the_exact_float_range_are_counted_in_integers(monkeyp
             assert opt.flips.last.item() == float((old != new).sum())
             counts[limit].append(opt.flips.last.item())
     assert counts[None] == counts[10] and max(counts[10]) > 0
+
+
+def test_an_out_of_another_dtype_or_shape_is_refused_with_one_sentence():
+    w = torch.randn(5, dtype=torch.float16)
+    for out in (torch.empty(5), torch.empty(4, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="out must have the input's shape, dtype and device"):
+            round_nearest(w, ternary(), out=out)
+        with pytest.raises(ValueError, match="out must have the input's shape, dtype and device"):
+            round_stochastic(w, ternary(), out=out)

@@ -27,8 +27,9 @@ or the user changes them between steps like a learning rate (the group's `lr` is
 
 All quantized parameters are re-homed into one flat buffer (views with the original shapes
 and strides, so channels_last survives), and w_r, m and v are flat buffers of the same layout,
-so rounding, clipping, flipping and flip counting are one vectorised call per step. Scales
-(`scales`) multiply the grid per tensor or per output channel.
+so rounding, clipping, flipping and flip counting are a few vectorised calls per step, into
+scratch buffers kept from step to step (`flat.FlatWork`). Scales (`scales`) multiply the grid
+per tensor or per output channel; they broadcast over each parameter's view.
 
 Moving or casting the model after the optimizer was built (`model.to(device)`, `.double()`,
 `.to(memory_format=torch.channels_last)`) replaces the parameters' memory. Every step,

@@ -42,7 +42,19 @@ def units(w: torch.Tensor, grid: Grid, out: torch.Tensor | None = None) -> torch
     return u
 
 
-def levels(m: torch.Tensor, grid: Grid, dtype: torch.dtype, out: torch.Tensor | None):
+def check_out(w: torch.Tensor, out: torch.Tensor | None) -> None:
+    """`out` must be able to hold the result exactly as a fresh tensor would."""
+    if out is not None and (out.shape != w.shape or out.dtype != w.dtype or out.device != w.device):
+        raise ValueError(
+            f"out must have the input's shape, dtype and device ({tuple(w.shape)}, {w.dtype}, "
+            f"{w.device}), got ({tuple(out.shape)}, {out.dtype}, {out.device}); pass a matching "
+            "tensor or none"
+        )
+
+
+def levels(
+    m: torch.Tensor, grid: Grid, dtype: torch.dtype, out: torch.Tensor | None
+) -> torch.Tensor:
     """m·Δ rounded once into `dtype` (as `Grid.from_multiples`), written over m, then `out`."""
     if grid.delta != 1.0:  # m·1 = m exactly, NaN included
         m.mul_(grid.delta)
@@ -92,6 +104,7 @@ def round_nearest(
     idempotent: Q_d(Q_d(w)) = Q_d(w). NaN stays NaN; ±∞ goes to ±MΔ (±∞ on the lattice).
     The result goes into `out` when given (w's shape and dtype; it may be w).
     """
+    check_out(w, out)
     m = nearest_multiples_(units(w, grid, out), grid, work)
     return levels(m, grid, w.dtype, out)
 
@@ -113,6 +126,7 @@ def round_stochastic(
     per element. NaN stays NaN; ±∞ goes to ±MΔ (±∞ on the lattice). The result goes into
     `out` when given (w's shape and dtype; it may be w).
     """
+    check_out(w, out)
     t = units(w, grid, out)
     if grid.step != 1:
         # offset 1 on odd-multiple grids: lo = step·⌊(u − 1)/step⌋ + 1, t the position in
