@@ -328,7 +328,7 @@ def test_flip_counts_above_the_exact_float_range_are_counted_in_integers(monkeyp
     for limit in (None, 10):
         if limit is not None:
             monkeypatch.setattr(
-                "qtrain.methods.optimizer.exact_float_count", lambda dtype, limit=limit: limit
+                "qtrain.methods.flips.exact_float_count", lambda dtype, limit=limit: limit
             )
         net = tiny_net(dtype)
         base = torch.optim.AdamW(net.parameters(), lr=0.05)

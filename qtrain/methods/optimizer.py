@@ -57,7 +57,7 @@ from qtrain.methods.flat import (
     generator_on,
     moved,
 )
-from qtrain.methods.flips import FlipCounter
+from qtrain.methods.flips import FlipCounter, count_changed
 from qtrain.methods.saved import check_saved_settings, quantization_state, split_saved
 from qtrain.methods.scales import (
     FIXED,
@@ -75,12 +75,6 @@ from qtrain.quant import Grid, compute_dtype, round_nearest, round_stochastic
 MODES = ("fp", "bc", "sr", "r", "bop", "bop2")
 FLIPPING = ("bop", "bop2")
 BUFFERS = {"bc": ("latent",), "bop": ("m",), "bop2": ("m", "v")}  # flat state kept per mode
-
-
-def exact_float_count(dtype: torch.dtype) -> int:
-    """2^(mantissa bits + 1): every integer up to it is a `dtype` value, so a sum of that many
-    0s and 1s is exact."""
-    return int(2 / torch.finfo(dtype).eps)
 
 
 def check_grid(mode: str, grid: Grid) -> None:
@@ -319,18 +313,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._flat_wb.copy_(new_wb)
 
     def _count_flips(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        """Record how many elements differ (NaN counts as changed, −0 equals +0)."""
-        if not self.track_flips:
-            return
-        dtype = compute_dtype(old.dtype)
-        if old.numel() > exact_float_count(dtype):
-            self.flips.record(torch.count_nonzero(old != new))
-            return
-        # a comparison into floats and their sum run about twice as fast as into bool and a
-        # count, and the sum of 0s and 1s is exact while it fits the mantissa; the rounding
-        # scratch is free again by now
-        changed = self._work.get("rounding", old, dtype)
-        self.flips.record(torch.ne(old, new, out=changed).sum())
+        if self.track_flips:  # the rounding scratch is free again by now
+            scratch = self._work.get("rounding", old, compute_dtype(old.dtype))
+            self.flips.record(count_changed(old, new, scratch))
 
     # -- the step --------------------------------------------------------------------------
     @torch.no_grad()
