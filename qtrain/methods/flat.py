@@ -72,3 +72,41 @@ def generator_on(old: torch.Generator, device: torch.device) -> torch.Generator:
         return old
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=old, device=old.device))
     return torch.Generator(device=device).manual_seed(seed)
+
+
+class FlatWork:
+    """Named scratch buffers shaped like the flat buffer of `params`, reused from step to step,
+    with the parameters' views into each made once.
+
+    On a small network a step is short, and a fresh tensor per elementwise pass over the
+    quantized weights (allocation and page faults) or a fresh set of views per pass shows in
+    it; these live as long as the flat buffer's size, dtype and device do (a model move gets
+    new ones on first use).
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self._params = params
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[str, list[torch.Tensor]] = {}
+
+    def get(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Buffer `name` with like's shape and device and `dtype` (like's by default); its
+        contents are whatever the last user left there."""
+        dtype = dtype or like.dtype
+        buffer = self._buffers.get(name)
+        if (
+            buffer is None
+            or buffer.shape != like.shape
+            or buffer.dtype != dtype
+            or buffer.device != like.device
+        ):
+            buffer = self._buffers[name] = torch.empty_like(like, dtype=dtype)
+            self._views[name] = flat_views(self._params, buffer)
+        return buffer
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The parameters' views into `flat`: kept for these buffers, made for any other."""
+        for name, buffer in self._buffers.items():
+            if buffer is flat:
+                return self._views[name]
+        return flat_views(self._params, flat)

@@ -9,6 +9,24 @@ from __future__ import annotations
 import torch
 
 
+def exact_float_count(dtype: torch.dtype) -> int:
+    """2^(mantissa bits + 1): every integer up to it is a `dtype` value, so a sum of that many
+    0s and 1s is exact."""
+    return int(2 / torch.finfo(dtype).eps)
+
+
+def count_changed(old: torch.Tensor, new: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Σ [old ≠ new] as a 0-dim tensor (NaN counts as changed, −0 equals +0).
+
+    `scratch` (old's shape, a floating dtype) receives the comparison: comparing into floats and
+    summing them runs about twice as fast as comparing into bool and counting, and the sum of
+    0s and 1s is exact up to `exact_float_count`; past it the count goes through integers.
+    """
+    if old.numel() > exact_float_count(scratch.dtype):
+        return torch.count_nonzero(old != new)
+    return torch.ne(old, new, out=scratch).sum()
+
+
 class FlipCounter:
     """The last step's flip count, and the sum and number of steps since the last reset."""
 

@@ -27,8 +27,9 @@ or the user changes them between steps like a learning rate (the group's `lr` is
 
 All quantized parameters are re-homed into one flat buffer (views with the original shapes
 and strides, so channels_last survives), and w_r, m and v are flat buffers of the same layout,
-so rounding, clipping, flipping and flip counting are one vectorised call per step. Scales
-(`scales`) multiply the grid per tensor or per output channel.
+so rounding, clipping, flipping and flip counting are a few vectorised calls per step, into
+scratch buffers kept from step to step (`flat.FlatWork`). Scales (`scales`) multiply the grid
+per tensor or per output channel; they broadcast over each parameter's view.
 
 Moving or casting the model after the optimizer was built (`model.to(device)`, `.double()`,
 `.to(memory_format=torch.channels_last)`) replaces the parameters' memory. Every step,
@@ -49,24 +50,27 @@ from torch import nn
 from qtrain.base.streams import stream_generator
 from qtrain.methods.bop import bop2_flips_, bop_flips_, flip_group_index
 from qtrain.methods.flat import (
+    FlatWork,
     check_dense,
     check_widening,
     flat_views,
     generator_on,
     moved,
 )
-from qtrain.methods.flips import FlipCounter
+from qtrain.methods.flips import FlipCounter, count_changed
 from qtrain.methods.saved import check_saved_settings, quantization_state, split_saved
 from qtrain.methods.scales import (
     FIXED,
+    absmean,
     broadcastable,
     check_scale,
     fixed_scale,
     measured_scale,
     on_scaled_grid,
+    safe_divisor,
     scaled_round,
 )
-from qtrain.quant import Grid, compute_dtype, quantize
+from qtrain.quant import Grid, compute_dtype, round_nearest, round_stochastic
 
 MODES = ("fp", "bc", "sr", "r", "bop", "bop2")
 FLIPPING = ("bop", "bop2")
@@ -145,6 +149,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._wb_views: list[torch.Tensor] = []
         self._flat_wb = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._buffer_views: dict[str, list[torch.Tensor]] = {}
+        self._work = FlatWork(self.quantized)
         self.generator = None
         self.flips = FlipCounter()
         if self.quantized:
@@ -193,12 +199,25 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             for name in BUFFERS.get(self.mode, ()):
                 # w_r starts at the model's weights; Bop's m and v start at 0
                 start = self._flat_wb if name == "latent" else torch.zeros_like(self._flat_wb)
-                self._buffers[name] = start.clone()
+                self._set_buffer(name, start.clone())
             if self.mode == "bc":
                 self._update_latent_scales_and_weights(count_flips=False)
 
+    def _set_buffer(self, name: str, flat: torch.Tensor) -> None:
+        self._buffers[name] = flat
+        self._buffer_views[name] = flat_views(self.quantized, flat)
+
     def _views(self, name: str) -> list[torch.Tensor]:
-        return flat_views(self.quantized, self._buffers[name])
+        return self._buffer_views[name]
+
+    def _parts(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The quantized parameters' views into `flat`, made once for the buffers kept here."""
+        if flat is self._flat_wb:
+            return self._wb_views
+        for name, buffer in self._buffers.items():
+            if flat is buffer:
+                return self._buffer_views[name]
+        return self._work.views(flat)
 
     def _follow_model(self) -> None:
         """Re-home the buffers when the model was moved or cast since the last call (module doc)."""
@@ -224,7 +243,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 view.copy_(scaled_round(p, broadcastable(s, p), self.grid, stochastic=False))
                 p.data = view
             for name, views in old_views.items():
-                self._buffers[name] = torch.empty(total, dtype=dtype, device=device)
+                self._set_buffer(name, torch.empty(total, dtype=dtype, device=device))
                 for new, old in zip(self._views(name), views, strict=True):
                     new.copy_(old)
         self.generator = generator_on(self.generator, device)
@@ -236,49 +255,85 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.state = self.base.state
 
     # -- scales and rounding ---------------------------------------------------------------
-    def _expanded_scales(self, like: torch.Tensor) -> torch.Tensor:
-        """The flat per-element scale (w_b's layout), in `like`'s dtype."""
-        out = torch.empty_like(like)
-        for view, s in zip(flat_views(self.quantized, out), self._scales, strict=True):
-            view.copy_(broadcastable(s, view).expand_as(view))
-        return out
+    def _round(
+        self, w: torch.Tensor, stochastic: bool, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Q(w) on the (scaled) grid, written into `out` (w's layout; it may be w; a new
+        tensor when None).
 
-    def _round(self, w: torch.Tensor, stochastic: bool) -> torch.Tensor:
+        With a scale this is `scaled_round`'s s·Q(x/s), with the division and the product taken
+        one parameter at a time so that a 0-dim or per-channel s broadcasts instead of being
+        copied out per element, and the rounding in one flat call (one draw for Q_s).
+        """
+        out = torch.empty_like(w) if out is None else out
+        dtype = compute_dtype(w.dtype)
+        work = self._work.get("rounding", w, dtype)
         if self.scale == "none":
-            return quantize(w, self.grid, stochastic, self.generator)
-        return scaled_round(w, self._expanded_scales(w), self.grid, stochastic, self.generator)
+            if stochastic:
+                return round_stochastic(w, self.grid, self.generator, out, work)
+            return round_nearest(w, self.grid, out, work)
+        u = out if out.dtype == dtype else self._work.get("units", w, dtype)
+        # each s as the per-element expansion in w's dtype would hold it
+        scales = (
+            self._scales if w.dtype == dtype else [s.to(w.dtype).to(dtype) for s in self._scales]
+        )
+        parts = zip(self._parts(w), scales, self._parts(u))
+        for x, s, part in parts:
+            torch.div(x.to(dtype), broadcastable(safe_divisor(s), x), out=part)
+        if stochastic:
+            round_stochastic(u, self.grid, self.generator, u, work)
+        else:
+            round_nearest(u, self.grid, u, work)
+        parts = zip(self._parts(u), scales, self._parts(out))
+        for q, s, part in parts:
+            if u is out:
+                q.mul_(broadcastable(s, q))
+            else:
+                part.copy_(q * broadcastable(s, q))
+        return out
 
     def _update_latent_scales_and_weights(self, count_flips: bool = True) -> None:
         """BC after the base step: clip w_r, measure absmean scales, then w_b = Q(w_r)."""
         count_flips = count_flips and self.track_flips
         latent = self._buffers["latent"]
         if self.scale in FIXED and self.scale != "none":
-            hi = self._expanded_scales(latent).mul_(self.grid.hi)
-            latent.clamp_(min=-hi, max=hi)
+            for w_r, s in zip(self._views("latent"), self._scales, strict=True):
+                hi = broadcastable(s.to(w_r.dtype) * self.grid.hi, w_r)
+                w_r.clamp_(min=-hi, max=hi)
         else:
             latent.clamp_(self.grid.lo, self.grid.hi)
-        if self.scale in FIXED:
-            new_wb = self._round(latent, stochastic=self.bc_stochastic)
-            if count_flips:
-                self._count_flips(self._flat_wb, new_wb)
-        else:
-            # A measured scale moves every step, and with it the value of every weight: a flip
-            # is a change of grid level m (w_b = s·m·Δ), not of value.
-            old_levels = self._levels(self._flat_wb) if count_flips else None
+        new_wb = self._work.get("result", latent)
+        measured = self.scale not in FIXED
+        # A measured scale moves every step, and with it every weight's value: a flip is then a
+        # change of grid level m (w_b = s·m·Δ), which the old scales tell for the old weights.
+        old_levels = self._levels(self._flat_wb) if measured and count_flips else None
+        if measured and new_wb.dtype == compute_dtype(latent.dtype):
+            # one |w_r| pass over the flat buffer, then a mean per parameter
+            a = torch.abs(latent, out=new_wb)
+            self._scales = [absmean(self.scale, v) for v in self._parts(a)]
+        elif measured:
             self._scales = [measured_scale(self.scale, v) for v in self._views("latent")]
-            new_wb = self._round(latent, stochastic=self.bc_stochastic)
-            if old_levels is not None:
-                self.flips.record((old_levels != self._levels(new_wb)).sum())
+        self._round(latent, self.bc_stochastic, out=new_wb)
+        if old_levels is not None:
+            self.flips.record((old_levels != self._levels(new_wb)).sum())
+        elif count_flips:
+            self._count_flips(self._flat_wb, new_wb)
         self._flat_wb.copy_(new_wb)
 
     def _levels(self, w: torch.Tensor) -> torch.Tensor:
-        """The grid multiple m of every weight w = s·m·Δ under the current scales."""
-        s = self._expanded_scales(w).clamp_min_(torch.finfo(w.dtype).tiny)
-        return torch.round(w / s / self.grid.delta)
+        """The grid multiple m of every weight w = s·m·Δ under the current scales (flat)."""
+        levels = torch.empty_like(w)
+        for source, target, s in zip(
+            self._parts(w), self._parts(levels), self._scales, strict=True
+        ):
+            divisor = broadcastable(safe_divisor(s) * self.grid.delta, source).to(w.dtype)
+            torch.div(source, divisor, out=target)
+        return levels.round_()
 
     def _count_flips(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        if self.track_flips:
-            self.flips.record((old != new).sum())
+        if self.track_flips:  # the rounding scratch is free again by now
+            scratch = self._work.get("rounding", old, compute_dtype(old.dtype))
+            self.flips.record(count_changed(old, new, scratch))
 
     # -- the step --------------------------------------------------------------------------
     @torch.no_grad()
@@ -318,12 +373,13 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._update_latent_scales_and_weights()
 
     def _rounding_step(self, stochastic: bool) -> None:
-        old = self._flat_wb.clone() if self.track_flips else None
+        if self.track_flips:
+            old = self._work.get("result", self._flat_wb)
+            old.copy_(self._flat_wb)
         self.base.step()
-        new_wb = self._round(self._flat_wb, stochastic=stochastic)
-        if old is not None:
-            self._count_flips(old, new_wb)
-        self._flat_wb.copy_(new_wb)
+        self._round(self._flat_wb, stochastic, out=self._flat_wb)
+        if self.track_flips:
+            self._count_flips(old, self._flat_wb)
 
     def _flip_step(self) -> None:
         group = self.param_groups[self._group_index]
@@ -393,7 +449,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if "latent" not in self._buffers:
             return []
         self._follow_model()
-        return self._views("latent")
+        return list(self._views("latent"))
 
     def scales(self) -> list[torch.Tensor]:
         """The scale s of each quantized parameter: 0-dim, or (C,) per output channel.
@@ -422,10 +478,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         for name, flat in self._buffers.items():
             flat.copy_(q[name])
         if q.get("scales") is not None:
-            self._scales = [
-                s.to(own.device, own.dtype)
-                for s, own in zip(q["scales"], self._scales, strict=True)
-            ]
+            saved = zip(q["scales"], self._scales, strict=True)
+            self._scales = [s.to(own.device, own.dtype) for s, own in saved]
         if self.generator is not None and q["generator"] is not None:
             self.generator.set_state(q["generator"])
         if q.get("flips") is not None:

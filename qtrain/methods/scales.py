@@ -69,9 +69,13 @@ def fixed_scale(kind: str, p: torch.Tensor) -> torch.Tensor | None:
 
 def measured_scale(kind: str, w_r: torch.Tensor) -> torch.Tensor:
     """mean|w_r| per output channel (shape (C,)) for `absmean`, of the tensor (0-dim) else."""
-    a = w_r.to(compute_dtype(w_r.dtype)).abs()
+    return absmean(kind, w_r.to(compute_dtype(w_r.dtype)).abs())
+
+
+def absmean(kind: str, a: torch.Tensor) -> torch.Tensor:
+    """`measured_scale` from a = |w_r| already in the compute precision (a view will do)."""
     if kind == "absmean-tensor" or a.dim() < 2:
-        return a.mean() if kind == "absmean-tensor" else a.reshape(a.shape[:1])
+        return a.mean() if kind == "absmean-tensor" else a.reshape(a.shape[:1]).clone()
     return a.mean(dim=tuple(range(1, a.dim())))
 
 
@@ -86,14 +90,29 @@ def scaled_round(
     grid: Grid,
     stochastic: bool,
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """s·Q(x/s) in x's dtype (s broadcastable to x); a zero s gives 0."""
+    """s·Q(x/s) in x's dtype (s broadcastable to x); a zero s gives 0.
+
+    The result goes into `out` when given (x's shape and dtype; it may be x).
+    """
     dtype = compute_dtype(x.dtype)
     s = s.to(dtype)
-    # a zero scale would divide by zero; the tiniest divisor sends x to an end level, times 0
-    u = x.to(dtype) / s.clamp_min(torch.finfo(dtype).tiny)
-    q = round_stochastic(u, grid, generator) if stochastic else round_nearest(u, grid)
-    return (q * s).to(x.dtype)
+    work = out if out is not None and out.dtype == dtype else None
+    u = torch.div(x.to(dtype), safe_divisor(s), out=work)
+    q = round_stochastic(u, grid, generator, u) if stochastic else round_nearest(u, grid, u)
+    if out is None:
+        return (q * s).to(x.dtype)
+    if work is None:
+        return out.copy_(q * s)
+    return torch.mul(q, s, out=out)
+
+
+def safe_divisor(s: torch.Tensor) -> torch.Tensor:
+    """max(s, tiny) in the compute precision: a zero scale would divide by zero, and the
+    tiniest normal divisor sends x to an end level, which the product with s = 0 then zeroes."""
+    dtype = compute_dtype(s.dtype)
+    return s.to(dtype).clamp_min(torch.finfo(dtype).tiny)
 
 
 def on_scaled_grid(w: torch.Tensor, s: torch.Tensor, grid: Grid) -> bool:
