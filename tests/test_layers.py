@@ -13,8 +13,8 @@ groups that share a rank (methods/theory, models/data, evaluate/sample/report) n
 each other. Inside layer 5 the order reads: export is the deployment end and uses none of the
 others; evaluate, sample and report may load models through export; experiments may use all.
 Besides, report draws from run folders and never runs training: it must not import the
-trainer or the modules it is built from (`TRAINING_MODULES`). Every import counts, also those inside functions (lazy imports) and
-under `if TYPE_CHECKING:`.
+trainer or the modules it is built from (`TRAINING_MODULES`). Every import counts, also those
+inside functions (lazy imports) and under `if TYPE_CHECKING:`.
 """
 
 from __future__ import annotations
