@@ -122,6 +122,29 @@ def export_onnx(
             output_names=[OUTPUT_NAME],
             dynamic_axes={input_name: axes, OUTPUT_NAME: axes},
         )
-    data = buffer.getvalue()
-    onnx.checker.check_model(onnx.load_from_string(data))
-    atomic_write_bytes(path, data)
+    graph = onnx.load_from_string(buffer.getvalue())
+    compact_names(graph.graph)
+    onnx.checker.check_model(graph)
+    atomic_write_bytes(path, graph.SerializeToString())
+
+
+def compact_names(graph) -> None:
+    """Give every intermediate value a short name and drop node names (in place).
+
+    The exporter names values after the module path ("/features/features.8/weight_packed/
+    Slice_output_0"); in a graph that unpacks its weights those names would outweigh the packed
+    weights of a small model. Inputs, outputs and initializers keep their names.
+    """
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    keep |= {t.name for t in graph.initializer}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        node.name = ""
+        node.doc_string = ""
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                renamed[name] = node.output[i] = f"v{len(renamed)}"
+    for value in graph.value_info:
+        value.name = renamed.get(value.name, value.name)

@@ -44,7 +44,8 @@ class PackedWeight(nn.Module):
 
     def forward(self) -> torch.Tensor:
         byte = self.packed.to(torch.int32).unsqueeze(1)  # [nbytes, 1]
-        stream = torch.remainder(torch.div(byte, self.byte_powers, rounding_mode="floor"), 2)
+        # bytes are non-negative, so truncating division is floor division (one graph node)
+        stream = torch.remainder(torch.div(byte, self.byte_powers, rounding_mode="trunc"), 2)
         stream = stream.reshape(-1)[: self.count * self.bits].reshape(self.count, self.bits)
         codes = (stream * self.code_powers).sum(dim=1)  # [n] int32
         return (self.levels[codes].reshape(self.shape) * self.scale).contiguous()
