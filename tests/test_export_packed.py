@@ -41,8 +41,9 @@ GRIDS = {
 
 
 def input_side(name: str) -> int:
-    """The model's own input side for the VGGs (their classifier needs 32), else 8 pixels."""
-    return 32 if name.startswith("vgg") else 8
+    """The model's own input side for the VGGs (their classifier needs 32) and speednet (three
+    poolings after an unpadded 2×2 whitening conv), else 8 pixels."""
+    return 32 if name.startswith(("vgg", "speednet")) else 8
 
 
 @torch.no_grad()
