@@ -99,11 +99,18 @@ RECIPE = {"model": "vgg9", "dataset": "cifar10", "grid": "binary", "batch_size":
 PANELS = {"float": "VGG-9, binary weights, float activations", "binary": "VGG-9, fully binary"}
 
 
+def pick_budget(budgets: dict, budget: str, experiment: str) -> dict:
+    """`budgets[budget]`, or a ValueError naming the experiment's budgets."""
+    if budget not in budgets:
+        raise ValueError(
+            f"unknown budget {budget!r} for {experiment}; choose {' or '.join(budgets)}"
+        )
+    return budgets[budget]
+
+
 def check_budget(budget: str) -> dict:
     """The settings of `budget`, or a ValueError naming the budgets."""
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r} for methods; choose {' or '.join(BUDGETS)}")
-    return BUDGETS[budget]
+    return pick_budget(BUDGETS, budget, "methods")
 
 
 def cell_config(cell: Cell, budget: str, seed: int, data_dir=None, download: bool = True) -> dict:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qtrain.base.io import atomic_write_bytes, atomic_write_text
-from qtrain.experiments.comparison import read_cell, run_cell
+from qtrain.experiments.comparison import pick_budget, run_cell
 from qtrain.report.style import colour, pyplot
 from qtrain.report.tables import format_cell
 from qtrain.train import rundir
@@ -90,16 +90,11 @@ BUDGETS = {
     "paper": {"seeds": 2, "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256,
               "batch_size": 64, "dropout": 0.2, "max_steps": 5000},
 }  # fmt: skip
-# the settings that change a cell's numbers: a finished run must match them to be reused
-IDENTITY_KEYS = ("method", "grid", "scale", "seed", "n_layer", "n_head", "n_embd", "block_size",
-                 "batch_size", "dropout", "max_steps", "lr")  # fmt: skip
 
 
 def check_budget(budget: str) -> dict:
     """The settings of `budget`, or a ValueError naming the budgets."""
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r} for lm; choose {' or '.join(BUDGETS)}")
-    return BUDGETS[budget]
+    return pick_budget(BUDGETS, budget, "lm")
 
 
 def cell_config(cell: Cell, budget: str, seed: int, data_dir=None, download: bool = True) -> dict:
@@ -120,16 +115,6 @@ def cell_config(cell: Cell, budget: str, seed: int, data_dir=None, download: boo
         "data_dir": None if data_dir is None else str(data_dir),
         "download": download,
     }
-
-
-def _check_same_cell(config: dict, run_dir: Path) -> None:
-    stored = read_cell(run_dir)
-    differ = [k for k in IDENTITY_KEYS if stored and stored.get(k) != config.get(k)]
-    if differ:
-        raise ValueError(
-            f"{run_dir} holds a run with other settings ({', '.join(differ)}); "
-            "pass another --out or delete that folder"
-        )
 
 
 def model_size(run_dir: Path) -> int:
@@ -249,7 +234,6 @@ def run(
         for seed in range(seeds):
             config = cell_config(cell, budget, seed, data_dir, download)
             run_dir = out / cell.slug / f"seed{seed}"
-            _check_same_cell(config, run_dir)
             run_cell(config, run_dir, {"row": "gpt", "method": cell.name}, log)
     results, curves = collect(out, seeds)
     rows = summarize(results)
