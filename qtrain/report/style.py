@@ -19,6 +19,11 @@ LATER_METHOD_COLOURS = {
     "BC-ADAM + absmean": "#bcbd22",
     "Bop": "#8c564b",
     "Bop2": "#e377c2",
+    # AdamW variants (`qtrain reproduce lm`) share their method's colour
+    "FP-ADAMW": "#1f77b4",
+    "BC-ADAMW": "#2ca02c",
+    "SR-ADAMW": "#ff7f0e",
+    "R-ADAMW": "#d62728",
 }
 FALLBACK_COLOURS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
