@@ -44,8 +44,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtrain.base.io import atomic_write_bytes, atomic_write_text
+from qtrain.base.io import atomic_write_text
 from qtrain.experiments.comparison import pick_budget, run_cell
+from qtrain.report.figures import save_figure
 from qtrain.report.style import colour, pyplot
 from qtrain.report.tables import format_cell
 from qtrain.train import rundir
@@ -209,12 +210,8 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: Path) -> None:
     ax.set_ylabel("validation bits per character")
     ax.set_title("GPT on tiny Shakespeare: binary (solid) and ternary (dashed) projections")
     ax.legend(frameon=False, fontsize=8)
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def run(

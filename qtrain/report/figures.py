@@ -25,7 +25,8 @@ def mean_curve(seed_runs: list[list[dict]], key: str) -> tuple[list[int], list[f
     return epochs, values
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write `fig` as a PNG to `path` atomically."""
     import io
 
     buffer = io.BytesIO()
@@ -72,7 +73,7 @@ def plot_error_curves(panels: dict[str, dict[str, list[list[dict]]]], path: str 
             frameon=False,
             bbox_to_anchor=(0.5, 0.0),
         )
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     plt.close(fig)
 
 
@@ -91,5 +92,5 @@ def plot_fig7(runs: dict[str, list[list[dict]]], path: str | Path) -> None:
     ax_gap.set_ylim(0, 1.05)
     ax_gap.legend(frameon=False)
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     plt.close(fig)
