@@ -256,3 +256,9 @@ def test_a_tied_gpt_counts_its_shared_embedding_once():
     summary = summarize(model, methods.quantized_parameter_names(model, "linear"), grids.ternary())
     assert summary.params == sum(p.numel() for p in model.parameters())
     assert summary.quantized > 0
+    # bytes too: the head adds nothing, the model's tensors are counted once
+    unique = {(t.untyped_storage().data_ptr(), t.shape) for t in model.state_dict().values()}
+    assert len(unique) == len(model.state_dict()) - 1
+    assert summary.float_bytes == sum(
+        t.numel() * t.element_size() for n, t in model.state_dict().items() if n != "lm_head.weight"
+    )

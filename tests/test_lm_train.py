@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from qtrain import methods
 from qtrain.evaluate import evaluate_file
@@ -196,6 +197,8 @@ def test_packed_ternary_gpt_gives_identical_logits_and_samples(text_file, tmp_pa
     loaded, packed_record = read_packed(tmp_path / "m.safetensors")
     assert packed_record["model"]["vocab"] == record["model"]["vocab"]
     assert loaded.lm_head.weight is loaded.tok_emb.weight  # the tie survives the round trip
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:  # stored once
+        assert "tok_emb.weight" in f.keys() and "lm_head.weight" not in f.keys()  # noqa: SIM118
     idx = torch.randint(len(ALPHABET), (3, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))

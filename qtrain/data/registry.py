@@ -16,13 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
 from qtrain.base.names import unknown_name
-from qtrain.base.streams import stream_generator
 
 from .cifar import load_cifar
 from .digits import load_digits
+from .holdout import sample_images
 from .imagenet import load_imagenet
 from .loader import Batch
 from .synthetic import make_synthetic
@@ -134,8 +132,7 @@ def subset_train(splits: Splits, size: int | None, seed: int) -> Splits:
     """
     if size is None or size >= len(splits.train):
         return splits
-    keep = torch.randperm(len(splits.train), generator=stream_generator(seed, "subset"))[:size]
-    return replace(splits, train=splits.train.take(keep))
+    return replace(splits, train=sample_images(splits, size, seed, "subset"))
 
 
 def _cifar(name: str) -> Callable[..., Splits]:

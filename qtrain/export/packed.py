@@ -83,9 +83,10 @@ def save_packed(path: str | Path, record: dict) -> None:
     safetensors = _safetensors()
     model = build_model(record)
     grid = Grid.from_dict(record["method"].get("grid"))
-    # Tied parameters (a GPT's head is its token embedding) share memory, which safetensors
-    # refuses: every entry gets its own copy, and loading ties them again.
-    state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+    # A tied parameter (a GPT's head is its token embedding) is stored once, under its first
+    # name; the model the reader builds is tied the same way, so it knows the other name.
+    tied = tied_names(model.state_dict())
+    state = {n: t.detach().cpu() for n, t in model.state_dict().items() if n not in tied}
     tensors, quantized = dict(state), {}
     for name in record["quantized"]:
         if name not in state:
@@ -107,6 +108,20 @@ def save_packed(path: str | Path, record: dict) -> None:
         "crc32": {name: tensor_crc32(t) for name, t in tensors.items()},
     }
     atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=packed_metadata(header)))
+
+
+def tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{name: the earlier name of the same tensor} for every entry of `state` that repeats one
+    (tied weights share their storage)."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, t in state.items():
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+        if where in first:
+            tied[name] = first[where]
+        else:
+            first[where] = name
+    return tied
 
 
 def packed_metadata(header: dict) -> dict[str, str]:
@@ -147,15 +162,9 @@ def _pack_weight(
             f"quantized parameter {name!r} has dtype {dtype}, packed files hold float weights "
             f"({', '.join(DTYPES)}); the checkpoint is damaged"
         )
-    codes = grid.to_codes(weight)
-    exact = codes.numel() == 0 or (
-        int(codes.min()) >= 0
-        and int(codes.max()) < grid.num_levels
-        and torch.equal(grid.from_codes(codes, weight.dtype), weight)
-    )
     entry = {"shape": list(weight.shape), "dtype": dtype, "code_bits": grid.code_bits}
-    if exact:
-        return {name: pack_codes(codes, grid.code_bits)}, entry
+    if grid.contains(weight):
+        return {name: pack_codes(grid.to_codes(weight), grid.code_bits)}, entry
     scaled = channel_codes(weight, grid)
     if scaled is None:  # restoring from codes (with any scales) would change the weight
         raise PackedFormatError(
@@ -208,7 +217,8 @@ def read_packed(path: str | Path) -> tuple[nn.Module, dict]:
         ) from None
     grid = _grid(path, header)
     model = _create_model(path, header["model"])
-    expected = model.state_dict()
+    tied = tied_names(model.state_dict())
+    expected = {n: t for n, t in model.state_dict().items() if n not in tied}
     scales = {name for name in stored if name.endswith(SCALE_SUFFIX)}
     _check_names(path, set(stored) - scales, set(expected), set(header["quantized"]))
     _check_crc32(path, stored, header["crc32"])
@@ -228,6 +238,7 @@ def read_packed(path: str | Path) -> tuple[nn.Module, dict]:
                 f"{REEXPORT}"
             )
         state[name] = tensor
+    state.update({name: state[first] for name, first in tied.items()})
     model.load_state_dict(state)
     record = {
         "format": FORMAT,

@@ -8,6 +8,7 @@ A layer is the module owning state entries. Per layer:
                   num_batches_tracked): not parameters, but a deployed file needs them
     quantized     values of its quantized parameters
     float bytes   Σ n·(element size) over its `state_dict()` entries, parameters and buffers
+                  (a tensor listed under two names, a tied weight, is counted once)
                   (4 per float32 value, 8 per int64 value): the float file
     packed bytes  the packed file's tensors: ⌈n·b/8⌉ per quantized weight of n values with
                   b = grid.code_bits bits per code, plus C·(element size) for a weight stored
@@ -196,18 +197,23 @@ def summarize(
         layer, _, entry = name.rpartition(".")
         groups.setdefault(layer, []).append((entry, tensor))
     rows, q_float, q_packed = [], 0, 0
+    stored: set[tuple] = set()  # a tied weight (a GPT's head) is one tensor under two names
     for layer, entries in groups.items():
         n_params = n_buffers = n_quantized = float_bytes = packed_bytes = scale_bytes = 0
         bits = _dtype_bits(entries[0][1])
         for entry, tensor in entries:
             full_name = f"{layer}.{entry}" if layer else entry
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+            if where in stored:
+                continue
+            stored.add(where)
             size = tensor.numel() * tensor.element_size()
             n_params += params.get(full_name, 0)
             n_buffers += buffers.get(full_name, 0)
             float_bytes += size
             if full_name in quantized:
                 packed = packed_nbytes(tensor.numel(), grid.code_bits)
-                if scaled or (scaled is None and not _on_fixed_grid(tensor, grid)):
+                if scaled or (scaled is None and not grid.contains(tensor)):
                     scales = _scale_nbytes(tensor)
                     packed, scale_bytes = packed + scales, scale_bytes + scales
                 n_quantized += tensor.numel()
@@ -235,16 +241,6 @@ def summarize(
         name for name, module in model.named_modules() if isinstance(module, BinaryActivation)
     )
     return Summary(tuple(rows), grid, q_float, q_packed, activations)
-
-
-def _on_fixed_grid(weight: torch.Tensor, grid: Grid) -> bool:
-    """True when `weight` is exactly levels of `grid`, so its codes alone restore it."""
-    codes = grid.to_codes(weight)
-    return codes.numel() == 0 or (
-        int(codes.min()) >= 0
-        and int(codes.max()) < grid.num_levels
-        and torch.equal(grid.from_codes(codes, weight.dtype), weight)
-    )
 
 
 def _scale_nbytes(weight: torch.Tensor) -> int:
