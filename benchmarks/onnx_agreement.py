@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from qtrain.evaluate import test_loader
 from qtrain.export import export_onnx, input_shape, load_any_model, save_packed
 from qtrain.export.onnx import reads_tokens
+from qtrain.export.packed import tied_names
 from qtrain.export.summary import human_bytes
 from qtrain.quant import Grid
 
@@ -34,7 +35,8 @@ from qtrain.quant import Grid
 def write_files(model, record: dict, out: Path) -> dict[str, Path]:
     files = {name: out / name for name in
              ("float.safetensors", "packed.safetensors", "packed.onnx", "float.onnx")}  # fmt: skip
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tied = tied_names(model.state_dict())  # a tied head is the embedding: saved once
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
     save_file(state, files["float.safetensors"])
     save_packed(files["packed.safetensors"], record)
     for weights in ("packed", "float"):
