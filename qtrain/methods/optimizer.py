@@ -322,7 +322,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     def _levels(self, w: torch.Tensor) -> torch.Tensor:
         """The grid multiple m of every weight w = s·m·Δ under the current scales (flat)."""
-        levels = torch.empty_like(w)
+        levels = self._work.get("levels-new" if w is not self._flat_wb else "levels-old", w)
         for source, target, s in zip(
             self._parts(w), self._parts(levels), self._scales, strict=True
         ):
@@ -383,8 +383,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     def _flip_step(self) -> None:
         group = self.param_groups[self._group_index]
-        g = torch.zeros_like(self._flat_wb)
-        for view, p in zip(flat_views(self.quantized, g), self.quantized, strict=True):
+        g = self._work.get("gradient", self._flat_wb).zero_()  # kept between steps
+        for view, p in zip(self._work.views(g), self.quantized, strict=True):
             if p.grad is not None:
                 view.copy_(p.grad)
         w, m = self._flat_wb, self._buffers["m"]
@@ -393,7 +393,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         else:
             v = self._buffers["v"]
             flips = bop2_flips_(w, g, m, v, group["gamma"], group["sigma"], group["tau"])
-        w.copy_(torch.where(flips, -w, w))
+        torch.where(flips, w.neg(), w, out=w)
         if self.track_flips:
             self.flips.record(flips.sum())
         # without a gradient the base optimizer skips a parameter and keeps no state for it

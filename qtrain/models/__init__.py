@@ -13,6 +13,20 @@ from . import (  # noqa: F401  (registration)
     tiny,
     vgg,
 )
-from .registry import ModelInfo, create, list_models, model_info, register_model
+from .registry import (
+    ModelInfo,
+    create,
+    list_binary_activation_models,
+    list_models,
+    model_info,
+    register_model,
+)
 
-__all__ = ["ModelInfo", "create", "list_models", "model_info", "register_model"]
+__all__ = [
+    "ModelInfo",
+    "create",
+    "list_binary_activation_models",
+    "list_models",
+    "model_info",
+    "register_model",
+]
