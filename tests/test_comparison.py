@@ -87,7 +87,9 @@ def test_cell_config_is_the_budget_and_the_cell_and_nothing_tuned():
 
 
 def test_unknown_budget_and_bad_seeds_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown budget 'short' for methods; choose cpu or"):
+    with pytest.raises(
+        ValueError, match="unknown methods budget 'short'; choose one of cpu, paper"
+    ):
         comparison.run(tmp_path, budget="short", log=quiet)
     with pytest.raises(ValueError, match="--seeds must be >= 1"):
         comparison.run(tmp_path, seeds=0, log=quiet)

@@ -14,6 +14,8 @@ import hashlib
 
 import torch
 
+from qtrain.base.names import unknown_name
+
 STREAMS = (
     "init",
     "grid-init",
@@ -30,7 +32,7 @@ STREAMS = (
 def stream_seed(seed: int, stream: str) -> int:
     """The 63-bit seed of `stream` for run seed `seed` (a pure, platform-independent hash)."""
     if stream not in STREAMS:
-        raise ValueError(f"unknown random stream {stream!r}; choose one of {', '.join(STREAMS)}")
+        raise unknown_name("random stream", stream, STREAMS)
     digest = hashlib.blake2b(f"qtrain/{stream}/{int(seed)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qtrain.base.io import atomic_write_text
+from qtrain.base.names import unknown_name
 from qtrain.report.figures import plot_error_curves
 from qtrain.report.tables import format_cell
 from qtrain.train import rundir
@@ -102,9 +103,7 @@ PANELS = {"float": "VGG-9, binary weights, float activations", "binary": "VGG-9,
 def pick_budget(budgets: dict, budget: str, experiment: str) -> dict:
     """`budgets[budget]`, or a ValueError naming the experiment's budgets."""
     if budget not in budgets:
-        raise ValueError(
-            f"unknown budget {budget!r} for {experiment}; choose {' or '.join(budgets)}"
-        )
+        raise unknown_name(f"{experiment} budget", budget, budgets)
     return budgets[budget]
 
 

@@ -30,6 +30,7 @@ import statistics
 from pathlib import Path
 
 from qtrain.base.io import atomic_write_text
+from qtrain.base.names import unknown_name
 from qtrain.report.tables import format_cell
 from qtrain.train.config import RunConfig, from_dict, load_toml
 from qtrain.train.trainer import train
@@ -142,7 +143,7 @@ def run_speedrun(
         raise ValueError(f"--seeds must be a whole number >= 1, got {seeds!r}")
     for variant in variants:
         if variant not in VARIANTS:
-            raise ValueError(f"unknown speedrun variant {variant!r}; choose from {VARIANTS}")
+            raise unknown_name("speedrun variant", variant, VARIANTS)
     if not targets or any(not 0 < t <= 100 for t in targets):
         raise ValueError(f"--targets must be accuracies in (0, 100], got {targets}")
     out = Path(out)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from qtrain.base.io import atomic_write_bytes
+from qtrain.base.names import unknown_name
 from qtrain.base.optional import require
 from qtrain.export.unpack_graph import pack_into_model, packed_weights
 from qtrain.quant import Grid
@@ -86,9 +87,7 @@ def export_onnx(
     if opset < DEFAULT_OPSET:
         raise ValueError(f"ONNX opset must be >= {DEFAULT_OPSET}, got {opset}; use a newer opset")
     if weights not in WEIGHT_FORMATS:
-        raise ValueError(
-            f"unknown ONNX weight format {weights!r}; choose one of {', '.join(WEIGHT_FORMATS)}"
-        )
+        raise unknown_name("ONNX weight format", weights, WEIGHT_FORMATS)
     model.eval()
     packed = weights == "packed" and bool(quantized)
     if packed:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtrain.base.names import unknown_name
 from qtrain.base.streams import stream_generator
 from qtrain.methods.bop import bop2_flips_, bop_flips_, flip_group_index
 from qtrain.methods.flat import (
@@ -121,7 +122,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         track_flips: bool = True,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+            raise unknown_name("training mode", mode, MODES)
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
         check_scale(scale, mode)
