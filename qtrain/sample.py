@@ -12,27 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from qtrain.base.streams import stream_generator
+from qtrain.data.text import encode
 from qtrain.export.loading import load_any_model
 
 # nanoGPT's sample.py defaults.
 TEMPERATURE = 0.8
 TOP_K = 200
 DEFAULT_PROMPT = "\n"
-
-
-def encode(vocab: str, text: str) -> torch.Tensor:
-    """int64 ids of `text` in `vocab`; a character outside it is one clear sentence."""
-    index = {ch: i for i, ch in enumerate(vocab)}
-    unknown = "".join(sorted({ch for ch in text if ch not in index}))
-    if unknown:
-        raise ValueError(
-            f"the prompt has characters the model never saw ({unknown!r}); use only characters "
-            f"of its vocabulary {vocab!r}"
-        )
-    return torch.tensor([index[ch] for ch in text], dtype=torch.int64)
 
 
 def sample_model(
@@ -50,7 +37,7 @@ def sample_model(
         raise ValueError("the prompt is empty; give at least one character or leave it out")
     start = prompt if prompt is not None else (DEFAULT_PROMPT if "\n" in vocab else vocab[0])
     device = next(model.parameters()).device
-    idx = encode(vocab, start).to(device)[None]  # [1, T]
+    idx = encode(vocab, start, "the prompt").to(device)[None]  # [1, T]
     generator = stream_generator(seed, "sample", device=device)
     out = model.generate(idx, chars, generator=generator, temperature=temperature, top_k=top_k)
     return "".join(vocab[i] for i in out[0].tolist())

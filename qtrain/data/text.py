@@ -124,17 +124,6 @@ class TextSplits:
     def num_classes(self) -> int:
         return len(self.vocab)
 
-    def encode(self, text: str) -> torch.Tensor:
-        """int64 ids of `text`; a character outside the vocabulary is one clear sentence."""
-        index = {ch: i for i, ch in enumerate(self.vocab)}
-        unknown = sorted({ch for ch in text if ch not in index})
-        if unknown:
-            raise ValueError(
-                f"the text has characters the model never saw ({''.join(unknown)!r}); use only "
-                f"characters of its vocabulary: {self.vocab!r}"
-            )
-        return torch.tensor([index[ch] for ch in text], dtype=torch.int64)
-
     def loader(self, split: str, batch_size: int, *, seed: int = 0, device="cpu",
                steps: int = 1, batches: int = 1, **_image_options) -> TextLoader:  # fmt: skip
         """A `TextLoader` of `split`: "train" (`steps` random batches per epoch, drawn by step
@@ -184,14 +173,25 @@ class TextLoader:
             yield self.batch(offsets)
 
 
+def encode(vocab: str, text: str, what: str = "the text") -> torch.Tensor:
+    """int64 ids of `text` (id i ↔ vocab[i]); a character outside `vocab` is one sentence."""
+    index = {ch: i for i, ch in enumerate(vocab)}
+    unknown = "".join(sorted({ch for ch in text if ch not in index}))
+    if unknown:
+        raise ValueError(
+            f"{what} has characters the model never saw ({unknown!r}); use only characters "
+            f"of its vocabulary {vocab!r}"
+        )
+    return torch.tensor([index[ch] for ch in text], dtype=torch.int64)
+
+
 def load_text(text: str, *, block_size: int, source: str, name: str = "text") -> TextSplits:
     """Split `text` 90/10 into `TextSplits` with windows of `block_size` + 1 tokens.
 
     Each split must hold at least block_size + 1 characters, else one sentence says so.
     """
     vocab = "".join(sorted(set(text)))
-    index = {ch: i for i, ch in enumerate(vocab)}
-    ids = torch.tensor([index[ch] for ch in text], dtype=torch.int64)
+    ids = encode(vocab, text)
     cut = int(len(ids) * TRAIN_FRACTION)
     for label, part in (("training", ids[:cut]), ("validation", ids[cut:])):
         if len(part) < block_size + 1:

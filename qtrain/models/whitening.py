@@ -98,8 +98,8 @@ def whitening_layers(model: nn.Module) -> list[PatchWhitening]:
     return [m for m in model.modules() if isinstance(m, PatchWhitening)]
 
 
-def whiten_model_(model: nn.Module, images: torch.Tensor, eps: float = EPS) -> int:
-    """`whiten_` every whitening layer of ``model`` from ``images``; returns how many.
+def whiten_model_(model: nn.Module, images: torch.Tensor, eps: float = EPS) -> None:
+    """`whiten_` the model's one whitening layer (its first layer) from ``images``.
 
     Only a layer that reads the input images can be whitened from them, so a model has at
     most one, its first layer; a model without one is refused with a sentence.
@@ -116,4 +116,3 @@ def whiten_model_(model: nn.Module, images: torch.Tensor, eps: float = EPS) -> i
             "first layer reads the images it would be whitened from; keep one"
         )
     whiten_(layers[0], images, eps)
-    return 1

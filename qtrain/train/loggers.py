@@ -8,7 +8,8 @@ methods, so that another tracker (MLflow, Weights & Biases) is one small class:
     log_histogram(tag, values, step) the distribution of a tensor (e.g. BC's latent weights)
     close()                          flush and release files
 
-`step` is the epoch for per-epoch records and the optimizer step for per-evaluation ones.
+`step` is the record's number (its `epoch` field): an epoch of an image run, an evaluation of
+a text run.
 On resume a logger is opened with `first_step` = the next step to be logged: the TensorBoard
 logger discards events written at or after it by the interrupted attempt (they are logged
 again), so a resumed run's curves have no duplicated points.
@@ -67,11 +68,6 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def list_loggers() -> list[str]:
-    """Names accepted by `create`."""
-    return list(LOGGERS)
 
 
 def check_logger(name: str) -> str:
