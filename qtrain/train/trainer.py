@@ -25,7 +25,8 @@ are never trained on (`qtrain.data.holdout`); every epoch then reports val_loss 
 val_error, and the test set is evaluated once, in the run's last record. `time_budget_s`
 stops training after the first step at which the elapsed time (the sum of the records'
 `seconds`: training steps, and in the first epoch the whitening set-up; evaluations are not
-counted) exceeds it; that record is marked `stopped` and the run is finished.
+counted) exceeds it (under torchrun, the first such step at which the ranks agree: every
+`_check_every` steps, 25 on CUDA); that record is marked `stopped` and the run is finished.
 
 Exact resume (`state`): the data order and augmentation of batch b in epoch e are a pure
 function of (seed, e, b), and everything else that changes the numbers is in the checkpoint,
