@@ -152,7 +152,8 @@ def _targets(text: str) -> tuple[float, ...]:
 def cmd_eval(args) -> int:
     from qtrain.evaluate import evaluate_file
 
-    result = evaluate_file(args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size)
+    result = evaluate_file(args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size,
+                           tta=args.tta, weights=args.weights)  # fmt: skip
     score = (
         f"validation loss {result['val_loss']:.4f} ({result['val_bpc']:.3f} bits per character) "
         f"over {result['images']} tokens"
@@ -301,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint.pt, a run folder, or a packed .safetensors")
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--batch-size", type=int, default=1000, dest="batch_size")
+    p.add_argument("--tta", help="test-time augmentation: none, flip, flip-translate "
+                   "(default: the run's own)")  # fmt: skip
+    p.add_argument("--weights", default="reported", help="reported (default: the weights the "
+                   "run's numbers were measured with, its EMA if it kept one) or live")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)
 

@@ -16,6 +16,7 @@ from qtrain import data as qdata
 from qtrain.export.loading import load_any_model
 from qtrain.train.evaluation import evaluate
 from qtrain.train.preflight import data_options, is_text
+from qtrain.train.tta import check_tta
 
 
 def test_loader(record: dict, data_dir: str | None = None, batch_size: int = 1000, device="cpu"):
@@ -40,16 +41,37 @@ def test_loader(record: dict, data_dir: str | None = None, batch_size: int = 100
 
 
 def evaluate_file(
-    path: str | Path, data_dir: str | None = None, batch_size: int = 1000, device: str = "cpu"
+    path: str | Path,
+    data_dir: str | None = None,
+    batch_size: int = 1000,
+    device: str = "cpu",
+    *,
+    tta: str | None = None,
+    weights: str = "reported",
 ) -> dict:
-    """Evaluate a checkpoint, run folder or packed file on its data set's test split."""
-    model, record = load_any_model(path)
-    if not (record.get("config") or {}).get("dataset"):
+    """Evaluate a checkpoint, run folder or packed file on its data set's test split.
+
+    By default as the run evaluated itself: the reported weights (its weight average when it
+    kept one), its test-time augmentation and its autocast setting, so an image run's test
+    error here equals the one in its last record. `tta` and `weights="live"` override.
+    """
+    if tta is not None:
+        check_tta(tta)
+    model, record = load_any_model(path, weights)
+    config = record.get("config") or {}
+    if not config.get("dataset"):
         raise ValueError(
             f"{path} does not name the data set it was trained on; it cannot be evaluated"
         )
+    tta = config.get("tta", "none") if tta is None else tta
+    if tta != "none" and is_text(config["dataset"]):
+        raise ValueError(
+            f"test-time augmentation {tta!r} applies to images; a text model takes --tta none"
+        )
     loader, splits = test_loader(record, data_dir, batch_size, device)
-    result = evaluate(model.to(torch.device(device)), loader, torch.device(device))
+    torch_device = torch.device(device)
+    result = evaluate(model.to(torch_device), loader, torch_device, config.get("amp", "off"),
+                      tta=tta)  # fmt: skip
     dataset = record["config"]["dataset"]
     summary = {
         "model": record["model"]["name"],
@@ -58,6 +80,8 @@ def evaluate_file(
         "images": len(splits.test),
         "test_error": result["error"],
         "test_loss": result["loss"],
+        "tta": tta,
+        "weights": weights,
     }
     if is_text(dataset):
         tokens = len(loader) * loader.batch_size * loader.block_size

@@ -244,6 +244,10 @@ def packed_truncated(folder, trained, monkeypatch):
     (folder / "m.safetensors").write_bytes(packed[:2000])
 
 
+def packed_copy(folder, trained, monkeypatch):
+    (folder / "m.safetensors").write_bytes((trained.parent / "model.safetensors").read_bytes())
+
+
 def packed_header_edited(folder, trained, monkeypatch):
     """The JSON header's Δ edited in place (same length), as a hand edit or a bit flip would."""
     packed = (trained.parent / "model.safetensors").read_bytes()
@@ -378,6 +382,12 @@ CASES = [
          then(with_run, checkpoint_other_model)),
     Case("checkpoint", "unreadable checkpoint", "eval run", "cannot be read",
          then(with_run, checkpoint_unreadable)),
+    Case("checkpoint", "unknown test-time augmentation for eval", "eval run --tta flips",
+         "unknown tta 'flips'", with_run),
+    Case("checkpoint", "unknown weights for eval", "eval run --weights lve",
+         "unknown weights 'lve'", with_run),
+    Case("checkpoint", "live weights of a packed file", "eval m.safetensors --weights live",
+         "holds only the weights its run reported", packed_copy),
     Case("checkpoint", "resume with another model", "{syn} --model tiny_cnn --out run --resume",
          "trained with model='tiny_mlp'", with_run),
     Case("checkpoint", "resume with another learning rate", "{syn} --lr 0.5 --out run --resume",

@@ -40,6 +40,8 @@ def test_toml_round_trip_keeps_every_value(tmp_path):
         ("method=sr-adam", ("method", "sr-adam")),
         ("channels_last=false", ("channels_last", False)),
         ("train_subset=none", ("train_subset", None)),
+        ("tta=none", ("tta", "none")),  # a string key keeps the word
+        ("scale=None", ("scale", "None")),
         ('data_dir="/data/cifar"', ("data_dir", "/data/cifar")),
     ],
 )

@@ -10,6 +10,7 @@ import torch
 
 from qtrain.cli import main
 from qtrain.data.holdout import sample_images, validation_loader
+from qtrain.evaluate import evaluate_file
 from qtrain.experiments.speedrun import (
     accuracy_curve,
     float_variant,
@@ -17,6 +18,7 @@ from qtrain.experiments.speedrun import (
     paper_variant,
     run_speedrun,
 )
+from qtrain.export import load, save_packed
 from qtrain.models.whitening import image_patches, whitening_filters
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
@@ -131,6 +133,36 @@ def test_evaluation_uses_the_weight_average_tta_and_plain_cross_entropy(tmp_path
     again = WeightEMA(trainer.model, trainer.optimizer, 0.9)
     again.load_state_dict(saved(tmp_path)["training"]["ema"])
     assert again.updates == 2 * len(trainer.train_loader)
+
+
+def test_a_saved_run_evaluates_and_exports_with_its_reported_weights(tmp_path):
+    """`qtrain eval` and `qtrain export` use the weights the run's numbers were measured with:
+    Q(EMA(w_r)) and the run's TTA, not the live weights."""
+    config = speed_config(ema_decay=0.9, tta="flip", scale="he")
+    trainer = Trainer(config, tmp_path / "run", log=quiet)
+    last = trainer.run()[-1]
+    reported = evaluate_file(tmp_path / "run")
+    assert (reported["test_loss"], reported["test_error"], reported["tta"]) == (
+        last["test_loss"], last["test_error"], "flip")  # fmt: skip
+    live = evaluate(trainer.model, trainer.test_loader, trainer.device)
+    live_file = evaluate_file(tmp_path / "run", tta="none", weights="live")
+    assert (live_file["test_loss"], live_file["test_error"]) == (live["loss"], live["error"])
+    assert live_file["test_loss"] != reported["test_loss"]
+    # the deployed model holds Q_d of the averaged latent weights, on the he-scaled grid
+    model = load(tmp_path / "run")
+    with trainer.ema.applied() as averaged:
+        expected = {n: t.clone() for n, t in averaged.state_dict().items()}
+    for name in trainer.quantized_names:
+        assert torch.equal(model.state_dict()[name], expected[name]), name
+    save_packed(tmp_path / "m.safetensors", load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT))
+    packed = evaluate_file(tmp_path / "m.safetensors")
+    assert (packed["test_loss"], packed["test_error"]) == (last["test_loss"], last["test_error"])
+    with pytest.raises(ValueError, match="packed file, which holds only"):
+        evaluate_file(tmp_path / "m.safetensors", weights="live")
+    with pytest.raises(ValueError, match="did you mean 'live'"):
+        evaluate_file(tmp_path / "run", weights="lve")
+    with pytest.raises(ValueError, match="unknown tta"):
+        evaluate_file(tmp_path / "run", tta="flips")
 
 
 def test_whitening_initialisation_whitens_the_drawn_training_images(tmp_path):

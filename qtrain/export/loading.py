@@ -1,6 +1,7 @@
 """Loading a saved model of either kind, and the storage summary of a file or a model name.
 
     load(path)                            checkpoint, run folder or packed file → nn.Module
+                                          (the weights the run reported: its EMA if kept)
     load_any_model(path)                  the same → (model, record)
     summary_of(model, record)             per-layer storage of a loaded model
     summary_of_target(target, **options)  the same for a path, or for a registered model name
@@ -20,7 +21,12 @@ from qtrain.base.names import did_you_mean, unknown_name
 from qtrain.export.packed import is_packed_file, read_packed
 from qtrain.export.summary import Summary, summarize
 from qtrain.quant import Grid, parse_grid
-from qtrain.train.checkpoint import CheckpointError, build_model, load_checkpoint
+from qtrain.train.checkpoint import (
+    WEIGHT_CHOICES,
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+)
 
 MODEL_OPTIONS = {"grid": "binary", "policy": "conv", "scale": "none", "width": 1.0,
                  "num_classes": 10, "in_channels": 3, "activations": "float"}  # fmt: skip
@@ -39,10 +45,22 @@ def load(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def load_any_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """(model in eval mode, record) from a checkpoint, a run folder or a packed file."""
+def load_any_model(path: str | Path, weights: str = "reported") -> tuple[nn.Module, dict]:
+    """(model in eval mode, record) from a checkpoint, a run folder or a packed file.
+
+    `weights` (`qtrain.train.checkpoint.build_model`): "reported", the weights the run's
+    numbers were measured with (its weight average when it kept one), or "live". A packed
+    file holds the reported weights only.
+    """
+    if weights not in WEIGHT_CHOICES:
+        raise unknown_name("weights", weights, WEIGHT_CHOICES)
     path = Path(path)
     if is_packed_file(path):
+        if weights != "reported":
+            raise ValueError(
+                f"{path} is a packed file, which holds only the weights its run reported; "
+                "pass the run folder or its checkpoint.pt for the live weights"
+            )
         return read_packed(path)
     if path.is_file() and not zipfile.is_zipfile(path):
         raise CheckpointError(
@@ -50,7 +68,7 @@ def load_any_model(path: str | Path) -> tuple[nn.Module, dict]:
             "pass a checkpoint.pt written by `qtrain train` or a file from `qtrain export`"
         )
     record = load_checkpoint(path)
-    return build_model(record), record
+    return build_model(record, weights), record
 
 
 def summary_of(model: nn.Module, record: dict) -> Summary:

@@ -295,8 +295,8 @@ def parse_override(text: str) -> tuple[str, object]:
     key, raw = (part.strip() for part in text.split("=", 1))
     if key not in _FIELDS:
         raise _unknown_key(key)
-    if raw.lower() in ("none", "null"):
-        return key, None
+    if raw.lower() in ("none", "null") and type(None) in _allowed_types(key):
+        return key, None  # unset; a string key such as tta keeps the word "none"
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

@@ -89,20 +89,12 @@ class WeightEMA:
             average.lerp_(source.detach().to(average.device, average.dtype), weight)
         self.updates += 1
 
-    @torch.no_grad()
     def evaluated_state(self) -> dict[str, torch.Tensor]:
         """name → the tensor evaluation uses (the table of the module docstring)."""
-        out = dict(self.averages)
         opt = self.optimizer
-        params = dict(self.model.named_parameters())
-        for name in self._quantized_names().values():
-            e, p = self.averages[name], params[name]
-            s = fixed_scale(opt.scale, e)
-            if s is None:
-                s = measured_scale(opt.scale, e)
-            out[name] = scaled_round(e, broadcastable(s, e), opt.grid, stochastic=False)
-            out[name] = out[name].to(p.dtype)
-        return out
+        dtypes = {name: p.dtype for name, p in self.model.named_parameters()}
+        quantized = {name: dtypes[name] for name in self._quantized_names().values()}
+        return evaluated_weights(self.averages, quantized, opt.grid, opt.scale)
 
     @contextlib.contextmanager
     def applied(self):
@@ -134,6 +126,27 @@ class WeightEMA:
         self.updates = int(state["updates"])
         for name, average in self.averages.items():
             average.copy_(state["averages"][name])
+
+
+@torch.no_grad()
+def evaluated_weights(
+    averages: dict[str, torch.Tensor], quantized: dict[str, torch.dtype], grid, scale: str
+) -> dict[str, torch.Tensor]:
+    """name → evaluated tensor from the averages e: s·Q_d(e/s) on the grid for the quantized
+    names (cast to the parameter's dtype given in `quantized`), e itself for the others.
+
+    s is the scale of kind `scale`: constant for `none`/`he`, measured from e for absmean.
+    The trainer evaluates with these, and a checkpoint's model is rebuilt with them
+    (`qtrain.train.checkpoint.build_model`), so both give the same numbers.
+    """
+    out = dict(averages)
+    for name, dtype in quantized.items():
+        e = averages[name]
+        s = fixed_scale(scale, e)
+        if s is None:
+            s = measured_scale(scale, e)
+        out[name] = scaled_round(e, broadcastable(s, e), grid, stochastic=False).to(dtype)
+    return out
 
 
 @torch.no_grad()
