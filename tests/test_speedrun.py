@@ -283,3 +283,13 @@ def test_speedrun_command_runs_a_preset_and_names_bad_arguments(tmp_path, capsys
     assert main([*args[:-2], "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--seeds" in err[0]
+
+
+def test_bf16_on_a_cpu_without_native_support_is_named_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    lines = []
+    Trainer(speed_config(epochs=1, amp="bf16"), tmp_path / "a", log=lines.append).run()
+    assert sum("no native bf16" in line for line in lines) == 1
+    lines.clear()
+    Trainer(speed_config(epochs=1), tmp_path / "b", log=lines.append).run()
+    assert not any("bf16" in line for line in lines)

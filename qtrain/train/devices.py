@@ -33,3 +33,15 @@ def autocast_context(device: torch.device, amp: str):
     if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def slow_bf16_note(device: torch.device, amp: str) -> str | None:
+    """A one-line note when bf16 autocast is asked for on a CPU without native bf16 support
+    (AVX-512 BF16 or AMX, as oneDNN reports it): it still computes the same, but emulated,
+    slower than float32. None otherwise."""
+    if device.type != "cpu" or amp != "bf16" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return (
+        "note: this CPU has no native bf16 (AVX-512 BF16 or AMX), so amp=bf16 runs slower "
+        "than float32; --set amp=off is faster here"
+    )

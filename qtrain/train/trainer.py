@@ -52,7 +52,7 @@ from qtrain import methods
 from qtrain.train import loggers, rundir
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
-from qtrain.train.devices import autocast_context, resolve_device
+from qtrain.train.devices import autocast_context, resolve_device, slow_bf16_note
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
 from qtrain.train.ema import WeightEMA
@@ -181,6 +181,9 @@ class Trainer:
         else:
             # the set-up (whitening) is part of the recipe's time: epoch 1's seconds hold it
             state = TrainState(sums=EpochSums(seconds=self.setup_seconds))
+        note = slow_bf16_note(self.device, c.amp)
+        if note and self.dist.is_main:
+            self.log(note)
         if self.dist.is_main:
             if resume and checkpoint_exists:
                 rundir.record_resume(self.run_dir)
