@@ -1,0 +1,118 @@
+"""Where the speedrun recipe's training time goes, and what bf16 and binarisation cost per image.
+
+    python benchmarks/bench_speedrun_step.py [--data-dir ../shared/data] [--width 1.0]
+        [--images 2560] [--rounds 5] [--threads 2]
+
+Variants, each the trainer's own loop (`Trainer._train_epoch`) over `images` CIFAR-10
+training images of the preset `speedrun-binary` (its batch, whitening, EMA, label smoothing):
+
+- binary, bf16   the preset as shipped (BC-ADAM, bf16 activations)
+- float, bf16    the same with float weights (FP-ADAM): the per-image price of binarisation
+- binary, fp32   the preset with amp=off: what bf16 buys on this CPU
+
+Rounds are interleaved (binary, float, fp32, binary, …) so that drift in the machine's speed
+hits every variant alike; medians and their ratios are printed. Then one more round of the
+preset is split into data loading, optimizer step, EMA update, and the rest (forward,
+loss and backward), timed around those calls. Run it alone on the machine for the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_common import cifar10_folder, interleave, machine_line, median  # noqa: E402
+
+from qtrain.train.config import RunConfig, load_toml  # noqa: E402
+from qtrain.train.state import TrainState  # noqa: E402
+from qtrain.train.trainer import Trainer  # noqa: E402
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+VARIANTS = {
+    "binary, bf16": {},
+    "float, bf16": {"method": "fp-adam"},
+    "binary, fp32": {"amp": "off"},
+}
+
+
+def preset_trainer(folder: Path, run_dir: Path, args, **changes) -> Trainer:
+    """The preset on `args.images` training images, one epoch a round, no validation split."""
+    values = {**load_toml("speedrun-binary"), "data_dir": str(folder), "device": "cpu",
+              "width": args.width, "train_subset": args.images, "val_images": 0, "epochs": 1,
+              "threads": args.threads, **changes}  # fmt: skip
+    return Trainer(RunConfig(**values), run_dir, log=lambda *a, **k: None, progress=False)
+
+
+def timed(totals: dict, key: str, function):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        totals[key] += time.perf_counter() - start
+        return result
+
+    return wrapper
+
+
+def breakdown(trainer: Trainer) -> tuple[float, dict[str, float]]:
+    """(seconds of one round, seconds per part) of the preset's loop."""
+    totals = {"data loading": 0.0, "optimizer step": 0.0, "EMA update": 0.0}
+    trainer.optimizer.step = timed(totals, "optimizer step", trainer.optimizer.step)
+    trainer.ema.update = timed(totals, "EMA update", trainer.ema.update)
+    epoch = trainer.train_loader.epoch
+
+    def timed_epoch(*args, **kwargs):
+        batches = iter(epoch(*args, **kwargs))
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            totals["data loading"] += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+
+    trainer.train_loader.epoch = timed_epoch
+    start = time.perf_counter()
+    trainer._train_epoch(TrainState(epoch=0))
+    total = time.perf_counter() - start
+    totals["forward, loss, backward (the rest)"] = total - sum(totals.values())
+    return total, totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--images", type=int, default=2560, help="training images per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        folder, source = cifar10_folder(args.data_dir, scratch)
+        trainers = {name: preset_trainer(folder, scratch / str(i), args, **changes)
+                    for i, (name, changes) in enumerate(VARIANTS.items())}  # fmt: skip
+        rounds = {name: (lambda _r, t=t: t._train_epoch(TrainState(epoch=0)))
+                  for name, t in trainers.items()}  # fmt: skip
+        times = interleave(rounds, args.rounds)
+        total, parts = breakdown(trainers["binary, bf16"])
+    print(f"speedrun-binary at width {args.width:g}, {args.images} images a round, {source}; "
+          f"{args.rounds} interleaved rounds; {machine_line()}")  # fmt: skip
+    reference = median(times["binary, bf16"])
+    print(f"{'variant':16s} {'images/s':>9s} {'time ÷ binary bf16':>19s}")
+    for name, seconds in times.items():
+        middle = median(seconds)
+        print(f"{name:16s} {args.images / middle:9.1f} {middle / reference:18.2f}x")
+    print(f"one round of the preset, {total:.2f} s:")
+    for part, seconds in parts.items():
+        print(f"  {part:36s} {seconds:6.2f} s  {100 * seconds / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
