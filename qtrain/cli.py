@@ -388,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except TrainingInterrupted as stop:
         signum = int(stop.args[0]) if stop.args else 2
-        print(
-            "qtrain: interrupted; a checkpoint was saved, continue with --resume", file=sys.stderr
-        )
+        # `train` continues with --resume; speedrun and reproduce resume by running again
+        how = "with --resume" if args.command == "train" else "by running the same command again"
+        print(f"qtrain: interrupted; a checkpoint was saved, continue {how}", file=sys.stderr)
         return 128 + signum
     except KeyboardInterrupt:
         print("qtrain: interrupted", file=sys.stderr)

@@ -293,3 +293,17 @@ def test_bf16_on_a_cpu_without_native_support_is_named_once(tmp_path, monkeypatc
     lines.clear()
     Trainer(speed_config(epochs=1), tmp_path / "b", log=lines.append).run()
     assert not any("bf16" in line for line in lines)
+
+
+def test_an_interrupted_speedrun_says_to_run_the_same_command_again(monkeypatch, capsys):
+    from qtrain.experiments import speedrun
+    from qtrain.train.trainer import TrainingInterrupted
+
+    def interrupted(*_args, **_kwargs):
+        raise TrainingInterrupted(2)
+
+    monkeypatch.setattr(speedrun, "run_speedrun", interrupted)
+    assert main(["speedrun", "--out", "unused"]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "qtrain: interrupted; a checkpoint was saved, continue by running the same command again"
+    )
