@@ -1,4 +1,4 @@
-"""The GPU code paths: device choice, bf16 autocast, torch.compile, the fused kernel, gpu_check.
+"""The GPU code paths: device choice, bf16 autocast, torch.compile, gpu_check.
 
 Without a GPU these run the same code on the CPU (explicit amp="bf16", compile=True on a tiny
 model, the gpu_check script in --smoke mode); with CUDA the marked tests also run there.
@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from qtrain import methods
-from qtrain.quant import binary, kbit
-from qtrain.quant.fast_rounding import draw_key, round_stochastic_hashed
+from qtrain.quant import binary
 from qtrain.train.config import RunConfig
 from qtrain.train.devices import autocast_context, resolve_device
 from qtrain.train.trainer import Trainer
@@ -111,14 +110,6 @@ def test_compiled_model_trains_an_epoch_on_cpu(tmp_path, compile_works):
     assert_quantized_weights_on_grid(trainer)
 
 
-def test_hashed_rounding_follows_its_input_device():
-    """Key, counters and result are made on w's device (checked on the meta device)."""
-    w = torch.empty(1000, device="meta")
-    assert draw_key(None, w.device).device.type == "meta"
-    out = round_stochastic_hashed(w, binary(), fused=False)
-    assert out.device.type == "meta" and out.shape == w.shape
-
-
 def test_gpu_check_script_runs_end_to_end_in_smoke_mode(capsys):
     gpu_check_module().main(["--device", "cpu", "--smoke", "--no-compile", "--epochs", "2"])
     printed = capsys.readouterr().out
@@ -130,15 +121,6 @@ def test_gpu_check_script_runs_end_to_end_in_smoke_mode(capsys):
 def test_gpu_check_script_refuses_to_run_without_cuda():
     with pytest.raises(SystemExit, match="torch sees no CUDA GPU"):
         gpu_check_module().main([])
-
-
-@needs_cuda
-@pytest.mark.parametrize("grid", [binary(), kbit(2, 0.1)], ids=str)
-def test_fused_rounding_on_cuda_matches_the_eager_formulas(grid):
-    w = torch.randn(100_003, device="cuda") * 3
-    fused = round_stochastic_hashed(w, grid, torch.Generator("cuda").manual_seed(1))
-    eager = round_stochastic_hashed(w, grid, torch.Generator("cuda").manual_seed(1), fused=False)
-    assert torch.equal(fused, eager) and grid.contains(fused)
 
 
 @needs_cuda

@@ -5,9 +5,9 @@ m·Δ. They preserve shape, dtype and device, and clip to a bounded grid's range
 first. Arithmetic runs in float32 (float64 for float64 inputs), so half-precision weights round
 exactly as their float32 values do.
 
-Non-finite input, the same for every grid and both functions (and `fast_rounding`): NaN stays
-NaN, so a diverged weight remains visible instead of landing on a level; ±∞ is clipped to the
-end level ±MΔ of a bounded grid and stays ±∞ on the unbounded lattice.
+Non-finite input, the same for every grid and both functions: NaN stays NaN, so a diverged
+weight remains visible instead of landing on a level; ±∞ is clipped to the end level ±MΔ of a
+bounded grid and stays ±∞ on the unbounded lattice.
 
 Both take `out=` (w's shape and dtype; it may be w itself) and then work in it, and `work=`, a
 scratch tensor of w's shape in the compute precision used instead of a fresh one, because on

@@ -14,7 +14,10 @@ dicts, lists, strings and numbers only, so loading never runs code):
     method          {"name", "grid": Grid.to_dict(), "policy"}
     quantized       names of the parameters that live on the grid
     model_state     model.state_dict()
-    training        optimizer / scheduler / progress state (absent in exported weights)
+    training        optimizer / scheduler / progress state (absent in exported weights),
+                    with the states of torch's default generators (`state.generator_states`):
+                    "torch_rng" (CPU) and "cuda_rng" (the run's CUDA device; None on the CPU,
+                    absent in checkpoints written before it was saved)
 
 Writes go to a temporary file in the same folder, are fsync'ed, then atomically renamed over
 the target, so a crash at any moment leaves either the old or the new checkpoint, never a

@@ -4,8 +4,10 @@ a checkpoint and read back from one.
 
 Exact resume: the data order and augmentation of batch b in epoch e are a pure function of
 (seed, e, b); the model, optimizer (including BC's w_r and the rounding generator), scheduler,
-running epoch sums and torch's global RNG are all in the checkpoint. A run interrupted at any
-point and resumed therefore ends with bit-identical weights and metrics (CPU, same threads).
+running epoch sums and the default generators the run draws from (`generator_states`) are all
+in the checkpoint. A run interrupted at any point and resumed therefore ends with
+bit-identical weights and metrics on the CPU (same threads); on CUDA it draws the same random
+numbers, and is bit-identical as far as the CUDA kernels it runs are deterministic.
 """
 
 from __future__ import annotations
@@ -111,12 +113,52 @@ def checkpoint_payload(
             "epoch": state.epoch,
             "sums": state.sums.to_dict(),
             "metrics": list(state.metrics),
-            "torch_rng": torch.get_rng_state(),
+            **generator_states(_device_of(model)),
             "finished": finished,
             "ema": ema.state_dict() if ema else None,
             "stopped": state.stopped,
         },
     }
+
+
+def generator_states(device: torch.device) -> dict:
+    """The states of torch's default generators that a run on `device` draws from:
+    "torch_rng", the CPU generator's, and "cuda_rng", the default generator's of `device` on a
+    CUDA run (None on any other device).
+
+    The other random draws of a run need no entry here: the optimizer's rounding generator is
+    in its own `state_dict`, and the loaders make a fresh generator from the seed and the
+    position in the run (epoch and batch, or step) for every shuffle, augmentation and text
+    batch. What draws from the default generators while training is dropout (the GPT's
+    `nn.Dropout` and attention dropout), from the default generator of the device it runs on.
+    Under torchrun rank 0's states are saved and restored on every rank: every rank seeds its
+    default generators alike and draws the same shapes (equal shards), so their states agree.
+    """
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def restore_generator_states(training: dict, device: torch.device) -> None:
+    """Set torch's default generators to the `generator_states` saved in `training`.
+
+    The CPU state is always restored. The CUDA state is restored into `device`'s default
+    generator when the run is on CUDA and the checkpoint has one; it is ignored on the CPU (a
+    CUDA checkpoint resumed on the CPU, where that stream does not exist; such a resume is not
+    bit-exact anyway). A checkpoint without a CUDA state (written on the CPU, or before CUDA
+    states were saved) resumes on CUDA with the CUDA generator as the run's set-up left it:
+    the run continues, but its dropout masks differ from an uninterrupted run's.
+    """
+    torch.set_rng_state(training["torch_rng"].cpu())
+    cuda_state = training.get("cuda_rng")
+    if device.type == "cuda" and cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state.cpu(), device)
+
+
+def _device_of(model) -> torch.device:
+    """The device a run computes on: its model's (library code follows its inputs)."""
+    return next(model.parameters()).device
 
 
 def _resolved_model_options(name: str, model) -> dict:
@@ -129,7 +171,7 @@ def restore_state(
     record: dict, config: RunConfig, run_dir, splits, model, optimizer, scheduler, ema
 ) -> TrainState:
     """Load checkpoint `record` of the run in `run_dir` into the model, optimizer, scheduler,
-    weight average and torch's global RNG, and return the state it was saved at.
+    weight average and torch's default generators, and return the state it was saved at.
 
     ValueError when `record` is not of this run: another identity (`config`), exported
     weights only, or, for a text run, another text.
@@ -146,7 +188,7 @@ def restore_state(
     scheduler.load_state_dict(training["scheduler"])
     if ema is not None:
         ema.load_state_dict(training["ema"])
-    torch.set_rng_state(training["torch_rng"].cpu())
+    restore_generator_states(training, _device_of(model))
     return TrainState(
         epoch=int(training["epoch"]),
         sums=EpochSums(**training["sums"]),
