@@ -23,7 +23,8 @@ w ← w − αλw pulls w_b towards 0 and so adds a chance (SR) or, once αλ|w|
 spacing, a certainty (R) of stepping one level inwards. Bop and Bop2 hide the quantized
 gradients from the base optimizer, which then trains only the full-precision parameters;
 γ, τ (and σ) live in the quantized parameter group as `gamma`, `tau`, `sigma`, so a schedule
-or the user changes them between steps like a learning rate (the group's `lr` is unused).
+or the user changes them between steps like a learning rate (the group's `lr` is unused, and
+`learning_rate` reports the full-precision group's).
 
 All quantized parameters are re-homed into one flat buffer (views with the original shapes
 and strides, so channels_last survives), and w_r, m and v are flat buffers of the same layout,
@@ -422,6 +423,17 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def num_quantized(self) -> int:
         """d: the number of quantized weights."""
         return 0 if self._flat_wb is None else self._flat_wb.numel()
+
+    @property
+    def learning_rate(self) -> float | None:
+        """The learning rate α the run reports: the `lr` of the first parameter group that is
+        trained with α. Bop's and Bop2's quantized group flips signs with γ and τ and never
+        reads its `lr`, so for them it is the full-precision group's; None when no group uses
+        an `lr` (every parameter binary under Bop)."""
+        for i, group in enumerate(self.param_groups):
+            if i != self._group_index:
+                return group["lr"]
+        return None
 
     def reset_flip_stats(self) -> None:
         """Start a new accumulation window (the trainer calls this at each epoch start)."""

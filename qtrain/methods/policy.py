@@ -10,7 +10,7 @@ is an option:
 | `conv`        | weights of every nn.Conv1d/2d/3d (and transposed variants)         |
 | `conv+linear` | the above plus the weights of every nn.Linear                      |
 | `linear`      | weights of every nn.Linear outside the model's full-precision part |
-| `all`         | every parameter of the model (norms, embeddings and biases too)    |
+| `all`         | every trainable parameter (norms, embeddings and biases too)       |
 
 A model declares its full-precision part with a class or instance attribute
 ``full_precision_modules``: a tuple of submodule names (as in ``model.named_modules()``), e.g.
@@ -18,6 +18,11 @@ A model declares its full-precision part with a class or instance attribute
 a declared module (or of its children) is quantized, so a CNN that declares nothing has its
 classifier's linear layers quantized and its convolutions kept in full precision. Only
 `linear` reads the declaration: `conv+linear` and `all` keep their meaning for every model.
+
+A frozen parameter (``requires_grad`` False) is never quantized, under any policy: no
+optimizer step moves it, so it would never be put on a grid, and whoever froze it asked for
+it to stay as it is (a pretrained stem, a fixed projection). It stays in full precision, and
+`quantized_parameter_names` lists exactly the parameters the optimizer keeps on the grid.
 
 A parameter shared by several modules (a GPT's token embedding tied to its output head) is one
 parameter: it is listed once, under the first name ``model.named_parameters()`` gives it, and
@@ -67,8 +72,8 @@ def _weights_of(model: nn.Module, layer_types: tuple[type, ...]) -> set[int]:
 
 
 def quantized_parameter_names(model: nn.Module, policy: str = "conv") -> list[str]:
-    """Names (as in `model.named_parameters()`, each shared parameter once) of the parameters
-    the policy quantizes, in the model's parameter order."""
+    """Names (as in `model.named_parameters()`, each shared parameter once) of the trainable
+    parameters the policy quantizes, in the model's parameter order."""
     check_policy(policy)
     if policy == "all":
         chosen = {id(p) for p in model.parameters()}
@@ -79,7 +84,7 @@ def quantized_parameter_names(model: nn.Module, policy: str = "conv") -> list[st
         if policy == "conv+linear":
             layer_types += (nn.Linear,)
         chosen = _weights_of(model, layer_types)
-    return [name for name, p in model.named_parameters() if id(p) in chosen]
+    return [name for name, p in model.named_parameters() if id(p) in chosen and p.requires_grad]
 
 
 def split_parameters(

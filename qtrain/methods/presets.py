@@ -16,7 +16,8 @@ Adam trains only the full-precision parameters.
 Defaults: Adam and AdamW β = (0.9, 0.999), ε = 1e-8; SGD momentum 0.9; no weight decay
 [docs/paper.md]. With AdamW, `weight_decay` is the decoupled λ (w ← w − αλw before the Adam
 step). Scaled grids multiply every level by the scale s (`qtrain.methods.scales`); Rademacher
-signs are then ±s·Δ.
+signs are then ±s·Δ; with a measured scale (absmean, BC only) s is measured from the weights
+the signs replace, so `init="rademacher"` keeps the magnitude of the model's initialisation.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from qtrain.methods.scales import (
     broadcastable,
     check_scale,
     fixed_scale,
+    measured_scale,
     on_scaled_grid,
     scaled_round,
 )
@@ -244,16 +246,25 @@ def _initialise(quantized, mode: str, grid: Grid, scale: str, init: str, seed: i
     if init == "auto" and latent_free and _all_on_grid(quantized, grid, scale):
         return  # restored weights (a framework resuming a checkpoint): keep them
     if init == "rademacher" or (init == "auto" and latent_free):
+        # a measured scale is that of the weights the signs replace
+        scales = [_start_scale(scale, p) for p in quantized]
         rademacher_(quantized, grid, stream_generator(seed, "grid-init"))
         if scale != "none":
-            for p in quantized:
-                p.mul_(broadcastable(fixed_scale(scale, p), p).to(p.dtype))
+            for p, s in zip(quantized, scales, strict=True):
+                p.mul_(broadcastable(s, p).to(p.dtype))
     elif init == "round":
         for p in quantized:
             s = fixed_scale(scale, p)
             if s is None:  # measured scales: BC re-rounds w_r after building anyway
                 continue
             p.copy_(scaled_round(p, broadcastable(s, p), grid, stochastic=False))
+
+
+def _start_scale(scale: str, p: torch.Tensor) -> torch.Tensor:
+    """The scale s of p's Rademacher start ±s·Δ: the fixed one, or a measured one (absmean)
+    taken from p's weights before the draw."""
+    s = fixed_scale(scale, p)
+    return measured_scale(scale, p) if s is None else s
 
 
 def _all_on_grid(quantized, grid: Grid, scale: str) -> bool:

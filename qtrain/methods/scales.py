@@ -10,12 +10,19 @@ ternary grids s is exactly the level Δ:
 | `none`           | 1                                          | the paper              |
 | `he`             | √(2/fan_in), one constant per tensor       | McDonnell 2018         |
 | `absmean`        | mean|w_r| over each output channel (dim 0) | XNOR-Net / BWN         |
+|                  | of a tensor with ≥ 2 dims; over the whole  |                        |
+|                  | of a 1-D one                               |                        |
 | `absmean-tensor` | mean|w_r| over the whole tensor            | BitNet b1.58 (ternary) |
 
 fan_in is the number of elements of one output channel (in_channels·k_h·k_w for a conv, 1 for
-a 1-D tensor). The absmean scales are measured from the latent weights w_r after every step,
-so they need a method that keeps w_r (BC); methods without latent weights (SR, R, Bop, Bop2)
-take `none` or `he`. With s = mean|w_r|, BitNet's w_b = γ·RoundClip(w_r/(γ + ε), −1, 1) is
+a 1-D tensor). A 1-D tensor (a bias, a norm's weight; quantized under the policy `all`) holds
+one number per channel, so a per-channel absmean would be s_c = |w_c| and s_c·Q(w_c/s_c) = w_c:
+the tensor would stay in full precision while listed as quantized. Per-channel scales
+therefore apply to tensors with ≥ 2 dims only, and a 1-D tensor takes one scale, its mean|w_r|.
+
+The absmean scales are measured from the latent weights w_r after every step, so they need a
+method that keeps w_r (BC); methods without latent weights (SR, R, Bop, Bop2) take `none` or
+`he`. With s = mean|w_r|, BitNet's w_b = γ·RoundClip(w_r/(γ + ε), −1, 1) is
 s·Q_d(w_r/s) on the ternary grid; a zero scale (an all-zero channel) gives w_b = 0.
 
 BC's clip box: with a fixed scale (`none`, `he`) w_r is clipped to the scaled grid's range
@@ -68,14 +75,15 @@ def fixed_scale(kind: str, p: torch.Tensor) -> torch.Tensor | None:
 
 
 def measured_scale(kind: str, w_r: torch.Tensor) -> torch.Tensor:
-    """mean|w_r| per output channel (shape (C,)) for `absmean`, of the tensor (0-dim) else."""
+    """mean|w_r| per output channel (shape (C,)) for `absmean` on a tensor with ≥ 2 dims, of
+    the whole tensor (0-dim) for `absmean-tensor` and for 1-D tensors (module doc)."""
     return absmean(kind, w_r.to(compute_dtype(w_r.dtype)).abs())
 
 
 def absmean(kind: str, a: torch.Tensor) -> torch.Tensor:
     """`measured_scale` from a = |w_r| already in the compute precision (a view will do)."""
     if kind == "absmean-tensor" or a.dim() < 2:
-        return a.mean() if kind == "absmean-tensor" else a.reshape(a.shape[:1]).clone()
+        return a.mean()
     return a.mean(dim=tuple(range(1, a.dim())))
 
 

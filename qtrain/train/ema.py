@@ -17,7 +17,10 @@ is averaged, and what evaluation then uses:
 | integer buffers (batch counters)         | not averaged          | the live value            |
 
 For BC the deployed weights are therefore Q(EMA(w_r)), never EMA(w_b): the average moves the
-latent weights, and the model still holds weights on its grid while it is evaluated. Scales
+latent weights, and the model still holds weights on its grid while it is evaluated. A tensor
+the state dict lists under several names (a GPT's token embedding tied to its output head) is
+one tensor: it is averaged once, under its first name (the name the quantization policy
+gives it), so a raw average kept under another name can never overwrite its Q_d(e). Scales
 follow the method: a fixed scale (`none`, `he`) is that of the parameter, an absmean scale is
 measured from e itself (`qtrain.methods.scales`). BatchNorm's running statistics belong to the
 live weights; averaging them with the same decay gives statistics of the averaged trajectory,
@@ -61,18 +64,29 @@ class WeightEMA:
                 name: w.detach().clone().float() for name, w in self._sources().items()
             }
 
-    def _quantized_names(self) -> dict[int, str]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return {i: names[id(p)] for i, p in enumerate(self.optimizer.quantized)}
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """first name → floating-point tensor of the model's state, each tensor once (tied
+        parameters are one object under several names; state_dict and named_parameters both
+        list a model's modules in the same order, so the first names are the policy's)."""
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if t.is_floating_point() and id(t) not in seen:
+                seen.add(id(t))
+                tensors[name] = t
+        return tensors
+
+    def _quantized_names(self) -> list[str]:
+        """The first name of each quantized parameter, in the optimizer's order."""
+        names = {id(t): name for name, t in self._tensors().items()}
+        return [names[id(p)] for p in self.optimizer.quantized]
 
     def _sources(self) -> dict[str, torch.Tensor]:
-        """name → the live tensor that is averaged (w_r for BC's quantized weights)."""
-        state = self.model.state_dict(keep_vars=True)
-        sources = {n: t for n, t in state.items() if t.is_floating_point()}
+        """first name → the live tensor that is averaged (w_r for BC's quantized weights)."""
+        sources = self._tensors()
         latent = self.optimizer.latent_weights()
-        for i, name in self._quantized_names().items():
-            if latent:
-                sources[name] = latent[i]
+        if latent:
+            sources.update(zip(self._quantized_names(), latent, strict=True))
         return sources
 
     def factor(self) -> float:
@@ -92,8 +106,9 @@ class WeightEMA:
     def evaluated_state(self) -> dict[str, torch.Tensor]:
         """name → the tensor evaluation uses (the table of the module docstring)."""
         opt = self.optimizer
-        dtypes = {name: p.dtype for name, p in self.model.named_parameters()}
-        quantized = {name: dtypes[name] for name in self._quantized_names().values()}
+        quantized = {
+            name: p.dtype for name, p in zip(self._quantized_names(), opt.quantized, strict=True)
+        }
         return evaluated_weights(self.averages, quantized, opt.grid, opt.scale)
 
     @contextlib.contextmanager
@@ -117,8 +132,14 @@ class WeightEMA:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict()` of the same run (same decay, same averaged tensors)."""
-        if state["decay"] != self.decay or state["averages"].keys() != self.averages.keys():
+        """Restore a `state_dict()` of the same run (same decay, same averaged tensors).
+
+        A state saved before tied tensors were averaged once also holds averages under their
+        other names: they duplicate a tensor averaged under its first name and are left out.
+        """
+        saved = state["averages"].keys()
+        names = self.model.state_dict(keep_vars=True).keys()
+        if state["decay"] != self.decay or not self.averages.keys() <= saved <= names:
             raise ValueError(
                 "the saved weight average does not match this run (decay or averaged tensors "
                 "differ); resume with the settings the run was created with"
@@ -137,9 +158,12 @@ def evaluated_weights(
 
     s is the scale of kind `scale`: constant for `none`/`he`, measured from e for absmean.
     The trainer evaluates with these, and a checkpoint's model is rebuilt with them
-    (`qtrain.train.checkpoint.build_model`), so both give the same numbers.
+    (`qtrain.train.checkpoint.build_model`), so both give the same numbers. The quantized
+    names come last: a caller that writes the values in order then leaves Q_d(e) in a
+    quantized tensor even when `averages` also holds a raw average under another name of it
+    (a tied weight in a checkpoint written before tied tensors were averaged once).
     """
-    out = dict(averages)
+    out = {name: e for name, e in averages.items() if name not in quantized}
     for name, dtype in quantized.items():
         e = averages[name]
         s = fixed_scale(scale, e)

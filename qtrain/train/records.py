@@ -4,7 +4,9 @@ A record (one line of metrics.jsonl) holds epoch, step, train_loss, train_error,
 test_error (None before the last record of a run with a validation split), lr, seconds,
 flip_rate, wb_wr_gap, and images_per_second, or for text val_loss (nats per token),
 val_bpc = val_loss / ln 2 and tokens_per_second; val_loss and val_error with a validation
-split, and `stopped` when the run ended early.
+split, and `stopped` when the run ended early. lr is the optimizer's `learning_rate`: for Bop
+and Bop2 that of the full-precision parameters (γ and τ move the binary ones), None when a
+Bop run has no full-precision parameter; the log line then leaves it out.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from qtrain.train.state import TrainState
 
 
 def epoch_record(
-    state: TrainState, step: int, lr: float, optimizer, val: dict | None, test: dict, text: bool
+    state: TrainState,
+    step: int,
+    lr: float | None,
+    optimizer,
+    val: dict | None,
+    test: dict,
+    text: bool,
 ) -> dict:
     """The record of the epoch `state` is in, its training done and its `val` and `test`
     evaluated (`qtrain.train.evaluation.evaluate`; test loss and error None when the test set
@@ -51,10 +59,11 @@ def epoch_record(
 def format_record(r: dict, epochs: int) -> str:
     """The log line of record `r` of a run of `epochs` epochs."""
     gap = f"  gap {r['wb_wr_gap']:.3f}" if r["wb_wr_gap"] is not None else ""
+    lr = f"lr {r['lr']:.2g}  " if r["lr"] is not None else ""
     if "val_bpc" in r:
         return (
             f"step {r['step']:>6}  loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  "
-            f"val bpc {r['val_bpc']:.3f}  lr {r['lr']:.2g}  flips {r['flip_rate']:.2e}{gap}  "
+            f"val bpc {r['val_bpc']:.3f}  {lr}flips {r['flip_rate']:.2e}{gap}  "
             f"{r['seconds']:.1f}s"
         )
     held = [f"{name} err {r[key]:5.2f}%" for name, key in (("val", "val_error"),
@@ -63,7 +72,7 @@ def format_record(r: dict, epochs: int) -> str:
     return (
         f"epoch {r['epoch']:>3}/{epochs}  loss {r['train_loss']:.4f}  "
         f"train err {r['train_error']:5.2f}%  {'  '.join(held)}  "
-        f"lr {r['lr']:.2g}  flips {r['flip_rate']:.2e}{gap}  {r['seconds']:.1f}s{stopped}"
+        f"{lr}flips {r['flip_rate']:.2e}{gap}  {r['seconds']:.1f}s{stopped}"
     )
 
 

@@ -305,7 +305,7 @@ class Trainer:
 
     def _finish_epoch(self, state: TrainState) -> dict:
         sums, opt = state.sums, self.optimizer
-        lr = opt.param_groups[0]["lr"]
+        lr = opt.learning_rate
         # Each rank's last step updated its own BatchNorm statistics; evaluate rank 0's,
         # which are also the ones the checkpoint keeps.
         self.dist.broadcast_buffers(self.model)
