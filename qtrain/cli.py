@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from qtrain.base.errors import NamesSettings
 from qtrain.base.names import did_you_mean
 
 EXIT_USER_ERROR = 2
@@ -73,25 +74,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve_config(args, defaults: dict | None = None):
-    from qtrain.train.config import from_dict, load_toml, parse_override
+    """The RunConfig of the defaults, then --config, then every flag named after a config key
+    (--model, --lr, --data-dir, ...), then each --set."""
+    from qtrain.train.config import from_dict, keys, load_toml, parse_override
 
     values = dict(defaults or {})
     if getattr(args, "config", None):
         values.update(load_toml(args.config))
-    for key in (
-        "model",
-        "dataset",
-        "method",
-        "epochs",
-        "batch_size",
-        "lr",
-        "width",
-        "grid",
-        "seed",
-        "data_dir",
-        "download",
-        "compile",
-    ):
+    for key in keys():
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
@@ -135,8 +125,9 @@ def cmd_speedrun(args) -> int:
     if args.time_budget is not None:
         config = config.replace(time_budget_s=args.time_budget)
     variants = ("binary",) + ("float",) * args.float + ("paper",) * args.paper_recipe
-    run_speedrun(config, Path(args.out), seeds=args.seeds, variants=variants,
-                 paper_epochs=args.paper_epochs, targets=args.targets)  # fmt: skip
+    run_speedrun(config, Path(args.out), budget=args.budget, seeds=args.seeds,
+                 variants=variants, paper_epochs=args.paper_epochs,
+                 targets=args.targets)  # fmt: skip
     return 0
 
 
@@ -194,6 +185,10 @@ def cmd_list(args) -> int:
     elif args.what == "methods":
         for name in methods.list_methods():
             print(f"{name:10s} {methods.parse_method(name).describe}")
+    elif args.what == "keys":
+        from qtrain.train.config import describe_keys
+
+        print(describe_keys())
     else:
         for name in data.list_datasets():
             print(f"{name:16s} {data.dataset_info(name).description}")
@@ -203,41 +198,34 @@ def cmd_list(args) -> int:
 def cmd_demo(args) -> int:
     from qtrain.experiments.demo import run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, seed=args.seed, seeds=args.seeds)
+    run_demo(Path(args.out), epochs=args.epochs, seed=args.seed, seeds=args.seeds,
+             budget=args.budget)  # fmt: skip
     return 0
+
+
+# `qtrain reproduce EXPERIMENT`: the module that runs it and its default budget.
+EXPERIMENTS = {"table1": "short", "fig7": "short", "methods": "cpu", "lm": "cpu"}
 
 
 def cmd_reproduce(args) -> int:
     from qtrain.experiments import comparison, fig7, lm, table1
 
-    if args.experiment == "lm":
-        lm.run(
-            Path(args.out),
-            budget=args.budget or "cpu",
-            seeds=args.seeds,
-            data_dir=args.data_dir,
-            download=args.download,
-        )
-    elif args.experiment == "methods":
-        comparison.run(
-            Path(args.out),
-            budget=args.budget or "cpu",
-            seeds=args.seeds,
-            data_dir=args.data_dir,
-            download=args.download,
-        )
-    elif args.experiment == "table1":
-        table1.run(
-            Path(args.out),
-            rows=args.rows,
-            budget=args.budget or "short",
-            seeds=1 if args.seeds is None else args.seeds,
-            data_dir=args.data_dir,
-            download=args.download,
-        )
+    for flag, value, only in (("--rows", args.rows, "table1"), ("--seeds", args.seeds, "not fig7")):
+        applies = args.experiment == only if only == "table1" else args.experiment != "fig7"
+        if value is not None and not applies:
+            raise ValueError(
+                f"{flag} does not apply to `reproduce {args.experiment}`; leave it out"
+            )
+    common = dict(budget=args.budget or EXPERIMENTS[args.experiment], data_dir=args.data_dir,
+                  download=args.download)  # fmt: skip
+    out = Path(args.out)
+    if args.experiment == "table1":
+        table1.run(out, rows=args.rows, seeds=args.seeds, **common)
+    elif args.experiment == "fig7":
+        fig7.run(out, **common)
     else:
-        budget = args.budget or "short"
-        fig7.run(Path(args.out), budget=budget, data_dir=args.data_dir, download=args.download)
+        module = comparison if args.experiment == "methods" else lm
+        module.run(out, seeds=args.seeds, **common)
     return 0
 
 
@@ -263,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per method (default 20)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
+    p.add_argument("--budget", default="full", help="full (default) or smoke (1 epoch, 1 seed)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train one network with one method")
@@ -281,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("speedrun", help="time to accuracy of the binary-weight CIFAR-10 recipe")
     _add_train_options(p)
-    p.add_argument("--seeds", type=int, default=1, help="seeds, from --seed on (default 1)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds, from --seed on (default 1)")
+    p.add_argument("--budget", default="full", help="full (default: the recipe as given) or "
+                   "smoke (one short epoch on synthetic images)")  # fmt: skip
     p.add_argument("--float", action="store_true", help="also run the recipe with float weights")
     p.add_argument(
         "--paper-recipe",
@@ -319,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample among the k likeliest characters; 0: all (200)")  # fmt: skip
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("list", help="list models, methods or datasets")
-    p.add_argument("what", choices=["models", "methods", "datasets"])
+    p = sub.add_parser("list", help="list models, methods, datasets or config keys")
+    p.add_argument("what", choices=["models", "methods", "datasets", "keys"])
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("reproduce", help="the paper's experiments: table1, fig7, methods or lm")
@@ -328,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", default=None, help="Table 1 rows (default: all)")
     p.add_argument(
         "--budget",
-        choices=["paper", "short", "cpu"],
-        help="paper, or short (table1, fig7; their default) or cpu (methods, lm; their default)",
+        help="table1, fig7: short (default), paper or smoke; methods, lm: cpu (default), paper "
+        "or smoke (seconds, to try the machinery)",
     )
     p.add_argument(
         "--seeds", type=int, help="seeds per cell (table1: 1; methods, lm: the budget's)"
@@ -404,15 +395,39 @@ def main(argv: list[str] | None = None) -> int:
             )
             return EXIT_USER_ERROR
         if isinstance(e, _user_error_types()):
-            print(f"qtrain: error: {_one_line(e)}", file=sys.stderr)
+            print(f"qtrain: error: {_one_line(e, args.command)}", file=sys.stderr)
             return EXIT_USER_ERROR
         raise
     except _user_error_types() as e:
-        print(f"qtrain: error: {_one_line(e)}", file=sys.stderr)
+        print(f"qtrain: error: {_one_line(e, args.command)}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
-def _one_line(e: BaseException) -> str:
+def _cli_spelling(command: str):
+    """`spell(name, library spelling)` for `NamesSettings.render`: a setting as this command
+    takes it, `--name` or `--name value` (--resume, --batch-size, --onnx-weights float), and
+    for train and speedrun a config key without a flag of its own as `--set key=value`."""
+    from qtrain.train.config import keys
+
+    probe = argparse.ArgumentParser(add_help=False)
+    _add_train_options(probe)
+    own_flags = {action.dest for action in probe._actions}
+
+    def spell(name: str, spelling: str) -> str:
+        if name == "keys":
+            return "`qtrain list keys`"
+        if command in ("train", "speedrun") and name in keys() and name not in own_flags:
+            return f"--set {spelling}"
+        _, has_value, value = spelling.partition("=")
+        flag = "--" + name.replace("_", "-")
+        return flag if not has_value or value == "True" else f"{flag} {value}"
+
+    return spell
+
+
+def _one_line(e: BaseException, command: str = "") -> str:
+    if isinstance(e, NamesSettings):
+        return " ".join(e.render(_cli_spelling(command)).split())
     if isinstance(e, FileExistsError) and e.filename:
         return f"{e.filename} is a file where a folder is needed; choose another path"
     if isinstance(e, OSError) and e.filename and e.strerror:

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from qtrain import data as qdata
+from qtrain.base.errors import UserError
 from qtrain.export.loading import load_any_model
 from qtrain.train.evaluation import evaluate
-from qtrain.train.preflight import data_options, is_text
+from qtrain.train.settings import data_options, is_text
 from qtrain.train.tta import check_tta
 
 
@@ -65,8 +66,9 @@ def evaluate_file(
         )
     tta = config.get("tta", "none") if tta is None else tta
     if tta != "none" and is_text(config["dataset"]):
-        raise ValueError(
-            f"test-time augmentation {tta!r} applies to images; a text model takes --tta none"
+        raise UserError(
+            f"test-time augmentation {tta!r} applies to images; a text model takes {{tta}}",
+            tta="tta=none",
         )
     loader, splits = test_loader(record, data_dir, batch_size, device)
     torch_device = torch.device(device)

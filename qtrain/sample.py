@@ -50,6 +50,6 @@ def sample_file(path: str | Path, **options) -> str:
     if not vocab:
         raise ValueError(
             f"{path} holds model {record['model']['name']!r} trained on images, not a language "
-            "model; sample a run trained on a text data set (e.g. --config gpt-shakespeare)"
+            "model; sample a run trained on a text data set (e.g. with the preset gpt-shakespeare)"
         )
     return sample_model(model, vocab, **options)

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# the `fake_training` fixture of the experiment tests
+pytest_plugins = ("fake_training",)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The real CIFAR-10 (official python format) sits beside the checkout when it is available.
 CIFAR10_DIR = Path(os.environ.get("QTRAIN_CIFAR10_DIR", REPO_ROOT.parent / "shared" / "data"))

@@ -395,7 +395,7 @@ CASES = [
     Case("checkpoint", "resume with more epochs of a step schedule",
          "{syn} --epochs 3 --out run --resume", "trained with epochs=1, not 3", with_run),
     Case("checkpoint", "new run into an existing run", "{syn} --out run",
-         "already holds a run; pass --resume", with_run),
+         "already holds a run; continue it with --resume or choose another --out folder", with_run),
     Case("checkpoint", "resume from a damaged checkpoint", "{syn} --out run --resume",
          "fails the CRC-32 check", then(with_run, checkpoint_bit_flip)),
     Case("export", "missing source", "export nope.pt --format packed --out m",

@@ -3,61 +3,23 @@
 from __future__ import annotations
 
 import json
-import random
 import statistics
 
 import pytest
+from fake_training import fake_metrics, write_fake_run
 
 from qtrain import cli
 from qtrain.experiments import comparison
-from qtrain.train import rundir
+from qtrain.train.config import from_dict
 
 
 def quiet(*_args, **_kwargs):
     pass
 
 
-def fake_metrics(config: dict) -> list[dict]:
-    """Per-epoch records drawn from a generator seeded by the cell, so each cell differs."""
-    key = f"{config['method']}/{config['scale']}/{config['activations']}/{config['seed']}"
-    rng = random.Random(key)
-    return [
-        {
-            "epoch": e + 1,
-            "train_error": rng.uniform(0, 90),
-            "test_error": rng.uniform(0, 90),
-            "flip_rate": rng.uniform(0, 0.01),
-            "seconds": rng.uniform(1, 100),
-        }
-        for e in range(config["epochs"])
-    ]
-
-
-def write_fake_run(config: dict, run_dir, finished: bool = True) -> None:
-    """What the trainer leaves in a run folder (as `run_cell` started it)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / comparison.CELL_FILE).write_text(json.dumps(config))
-    rundir.write_metrics(run_dir, fake_metrics(config))
-    (run_dir / rundir.CHECKPOINT).write_bytes(b"fake")
-    if finished:
-        rundir.write_json(run_dir / rundir.SUMMARY, {})
-
-
-@pytest.fixture
-def fake_training(monkeypatch):
-    calls: list[tuple[dict, bool]] = []
-
-    def train_cell(config, run_dir, resume, log):
-        calls.append((config, resume))
-        write_fake_run(config, run_dir)
-
-    monkeypatch.setattr(comparison, "train_cell", train_cell)
-    return calls
-
-
 def test_cells_cover_every_method_and_binary_activations_where_it_makes_sense():
-    float_cells = [c for c in comparison.CELLS if c.activations == "float"]
-    binary_cells = [c for c in comparison.CELLS if c.activations == "binary"]
+    float_cells = [c for c in comparison.COLUMNS if c.activations == "float"]
+    binary_cells = [c for c in comparison.COLUMNS if c.activations == "binary"]
     assert [(c.method, c.scale) for c in float_cells] == [
         ("fp-adam", "none"),
         ("bc-adam", "none"),
@@ -69,18 +31,18 @@ def test_cells_cover_every_method_and_binary_activations_where_it_makes_sense():
         ("bop2-adam", "none"),
     ]
     assert [c.label for c in binary_cells] == ["BC-ADAM", "BC-ADAM + absmean", "Bop", "Bop2"]
-    assert len({c.slug for c in comparison.CELLS}) == len(comparison.CELLS) == 12
+    assert len({c.slug for c in comparison.COLUMNS}) == len(comparison.COLUMNS) == 12
 
 
 def test_cell_config_is_the_budget_and_the_cell_and_nothing_tuned():
-    cell = comparison.Cell("Bop", "bop-adam", activations="binary")
+    cell = comparison.Column("Bop", "bop-adam", activations="binary")
     config = comparison.cell_config(cell, "cpu", 1, "/data", False)
     assert config["method"] == "bop-adam" and config["activations"] == "binary"
     assert config["scale"] == "none" and config["seed"] == 1 and config["data_dir"] == "/data"
     assert (config["model"], config["dataset"], config["grid"]) == ("vgg9", "cifar10", "binary")
     assert (config["lr"], config["batch_size"]) == (0.01, 128)
     assert not any(k.startswith("bop_") for k in config)  # the presets' own defaults apply
-    budget = comparison.BUDGETS["cpu"]
+    budget = comparison.BUDGETS["cpu"].settings
     assert config["width"] == budget["width"] and config["epochs"] == budget["epochs"]
     paper = comparison.cell_config(cell, "paper", 0)
     assert paper["width"] == 1.0 and paper["train_subset"] is None and paper["epochs"] >= 160
@@ -91,24 +53,26 @@ def test_unknown_budget_and_bad_seeds_are_refused(tmp_path):
         ValueError, match="unknown methods budget 'short'; choose one of cpu, paper"
     ):
         comparison.run(tmp_path, budget="short", log=quiet)
-    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+    with pytest.raises(ValueError, match="seeds must be a whole number >= 1"):
         comparison.run(tmp_path, seeds=0, log=quiet)
 
 
 def test_run_trains_every_cell_and_seed_then_writes_the_table(tmp_path, fake_training):
     rows = comparison.run(tmp_path, budget="cpu", seeds=2, log=quiet)
-    trained = {(c["method"], c["scale"], c["activations"], c["seed"]) for c, _ in fake_training}
-    expected = {(c.method, c.scale, c.activations, s) for c in comparison.CELLS for s in range(2)}
+    trained = {(c.method, c.scale, c.activations, c.seed) for c, _ in fake_training}
+    expected = {(c.method, c.scale, c.activations, s) for c in comparison.COLUMNS for s in range(2)}
     assert trained == expected and len(fake_training) == 24
     assert not any(resume for _, resume in fake_training)
-    table = (tmp_path / "table.md").read_text()
-    steps = comparison.BUDGETS["cpu"]["train_subset"] // 128
-    for cell in comparison.CELLS:
-        runs = [fake_metrics(comparison.cell_config(cell, "cpu", s)) for s in range(2)]
+    folder = tmp_path / "methods-cpu"
+    table = (folder / "table.md").read_text()
+    for cell in comparison.COLUMNS:
+        runs = [fake_metrics(from_dict(comparison.cell_config(cell, "cpu", s))) for s in range(2)]
         errors = [r[-1]["test_error"] for r in runs]
         mean, std = statistics.fmean(errors), statistics.stdev(errors)
         minutes = [sum(m["seconds"] for m in r) / 60 for r in runs]
-        flips = statistics.fmean(statistics.fmean(m["flip_rate"] for m in r) * steps for r in runs)
+        flips = statistics.fmean(
+            statistics.fmean(m["flip_rate"] for m in r) * r[0]["step"] for r in runs
+        )
         line = next(
             row
             for row in table.splitlines()
@@ -117,15 +81,15 @@ def test_run_trains_every_cell_and_seed_then_writes_the_table(tmp_path, fake_tra
         assert f"{mean:.2f} ± {std:.2f}" in line
         assert f"{statistics.fmean(minutes):.2f}" in line and f"{flips:.3g}" in line
     assert len(rows) == 12 and all(r["seeds"] == 2 for r in rows)
-    saved = json.loads((tmp_path / "table.json").read_text())
+    saved = json.loads((folder / "table.json").read_text())
     assert len(saved["runs"]) == 24
-    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert (folder / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path, fake_training):
-    first = comparison.CELLS[1]
-    interrupted = comparison.cell_config(first, "cpu", 0)
-    write_fake_run(interrupted, tmp_path / first.slug / "seed0", finished=False)
+    first = comparison.COLUMNS[1]
+    interrupted = from_dict(comparison.cell_config(first, "cpu", 0))
+    write_fake_run(interrupted, tmp_path / "methods-cpu" / first.slug / "seed0", finished=False)
     messages: list[str] = []
     comparison.run(tmp_path, seeds=1, log=lambda *a, **_k: messages.append(str(a[0])))
     assert [resume for c, resume in fake_training if c == interrupted] == [True]
@@ -138,11 +102,12 @@ def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path, fake_
 
 
 def test_a_finished_run_with_other_settings_is_not_reused(tmp_path, fake_training):
-    cell = comparison.CELLS[0]
-    other = comparison.cell_config(cell, "cpu", 0) | {"epochs": 1}
-    write_fake_run(other, tmp_path / cell.slug / "seed0")
+    cell = comparison.COLUMNS[0]
+    other = from_dict(comparison.cell_config(cell, "cpu", 0) | {"epochs": 1})
+    write_fake_run(other, tmp_path / "methods-cpu" / cell.slug / "seed0")
     with pytest.raises(ValueError, match=r"holds a run with epochs=1, not 6"):
         comparison.run(tmp_path, seeds=1, log=quiet)
+    assert fake_training == []  # refused before any cell trained
 
 
 def test_cli_runs_the_comparison_with_its_own_default_budget(tmp_path, monkeypatch):
@@ -156,6 +121,6 @@ def test_cli_runs_the_comparison_with_its_own_default_budget(tmp_path, monkeypat
 def test_every_method_of_the_comparison_has_its_own_colour():
     from qtrain.report.style import colour
 
-    labels = list(dict.fromkeys(c.label for c in comparison.CELLS))
+    labels = list(dict.fromkeys(c.label for c in comparison.COLUMNS))
     colours = [colour(label, i) for i, label in enumerate(labels)]
     assert len(set(colours)) == len(labels)

@@ -102,7 +102,7 @@ def test_missing_folder_says_where_to_put_the_archive(tmp_path):
     with pytest.raises(data.DatasetNotFoundError) as info:
         data.load("cifar10", root=tmp_path / "nowhere")
     message = str(info.value)
-    assert "cifar-10-python.tar.gz" in message and "--download" in message
+    assert "cifar-10-python.tar.gz" in message and "download=True" in message
     assert str(tmp_path / "nowhere") in message
     assert isinstance(info.value, FileNotFoundError)
 

@@ -116,6 +116,6 @@ def test_truncated_transfer_is_detected(tmp_path, archive_site):
 
 def test_no_download_without_permission(tmp_path, archive_site):
     url, md5 = archive_site
-    with pytest.raises(data.DatasetNotFoundError, match="--download"):
+    with pytest.raises(data.DatasetNotFoundError, match="download=True"):
         data.load("cifar10", root=tmp_path / "cache", url=url, md5=md5)
     assert not (tmp_path / "cache").exists()

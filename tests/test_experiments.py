@@ -9,6 +9,7 @@ import pytest
 from qtrain.experiments import table1
 from qtrain.experiments.demo import run_demo
 from qtrain.experiments.methods import LABEL_ORDER, PAPER_METHODS
+from qtrain.experiments.runner import Cell, run_cells
 from qtrain.report.collect import report_runs
 from qtrain.report.style import METHOD_ORDER
 from qtrain.train import rundir
@@ -22,7 +23,8 @@ def quiet(*_args, **_kwargs):
 
 def test_demo_writes_results_for_the_five_methods_and_a_figure(tmp_path):
     results = run_demo(tmp_path, epochs=1, seeds=2, log=quiet)
-    saved = json.loads((tmp_path / "results.json").read_text())
+    folder = tmp_path / "demo-full"
+    saved = json.loads((folder / "table.json").read_text())
     assert saved == results
     assert [r["method"] for r in saved] == LABEL_ORDER
     for r in saved:
@@ -32,8 +34,13 @@ def test_demo_writes_results_for_the_five_methods_and_a_figure(tmp_path):
     # binary conv weights are stored with 1 bit: the quantized models are smaller
     fp, bc = saved[0], saved[1]
     assert bc["packed_bytes"] < fp["packed_bytes"] == fp["float_bytes"]
-    png = (tmp_path / "curves.png").read_bytes()
+    png = (folder / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    # a second demo reads the finished runs back: the same table, nothing trained
+    assert run_demo(tmp_path, epochs=1, seeds=2, log=quiet) == results
+    # and one with other settings is refused before it trains, naming the setting
+    with pytest.raises(ValueError, match="holds a run with epochs=1, not 2"):
+        run_demo(tmp_path, epochs=2, seeds=2, log=quiet)
 
 
 def test_reports_order_methods_as_the_experiments_define_them():
@@ -69,12 +76,24 @@ def test_every_row_comes_from_its_presets_alone(row):
         }
 
 
+def tiny_cell(config):
+    return config.replace(
+        model="tiny_mlp",
+        dataset="synthetic",
+        epochs=2,
+        train_subset=None,
+        batch_size=64,
+        channels_last=False,
+        device="cpu",
+    )
+
+
 def test_a_crash_after_the_summary_keeps_the_cells_label(tmp_path, monkeypatch):
     """Killed between summary.json and anything after it, a big-batch SR-ADAM cell must still
     be reported as big-batch SR-ADAM, not merged into SR-ADAM (same method preset)."""
     big = next(m for m in PAPER_METHODS if m.big_batch)
     config = tiny_cell(table1.row_config("vgg9-cifar10", big, "short", 0, None, False))
-    run_dir = tmp_path / "vgg9-cifar10" / big.slug / "seed0"
+    cell = Cell(f"vgg9-cifar10/{big.slug}/seed0", config, "vgg9 cifar10", big.label)
     real_run = Trainer.run
 
     def run_then_die(self, resume=False):
@@ -83,41 +102,26 @@ def test_a_crash_after_the_summary_keeps_the_cells_label(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "run", run_then_die)
     with pytest.raises(KeyboardInterrupt):
-        table1.run_one(config, run_dir, {"row": "vgg9 cifar10", "method": big.label}, quiet)
-    assert rundir.is_finished(run_dir)
+        run_cells([cell], tmp_path, quiet)
+    assert rundir.is_finished(tmp_path / cell.path)
     summary = report_runs([tmp_path], tmp_path / "report", log=quiet)
     assert [r["method"] for r in summary["summary"]] == ["big-batch SR-ADAM"]
 
 
-def tiny_cell(config):
-    return config.replace(
-        model="tiny_mlp",
-        dataset="synthetic",
-        epochs=2,
-        schedule="constant",  # so that a one-epoch cell may be resumed to two
-        train_subset=None,
-        batch_size=64,
-        channels_last=False,
-        device="cpu",
-    )
-
-
 def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path):
     config = tiny_cell(table1.row_config("vgg9-cifar10", PAPER_METHODS[1], "short", 0, None, False))
-    run_dir = tmp_path / "cell"
+    cell = Cell("cell", config, "r", "BC-ADAM")
     messages = []
-    table1.run_one(
-        config.replace(epochs=1), run_dir, {"row": "r", "method": "BC-ADAM"}, messages.append
-    )
-    (run_dir / rundir.SUMMARY).unlink()  # as if killed after its last checkpoint
-    table1.run_one(config, run_dir, {"row": "r", "method": "BC-ADAM"}, messages.append)
-    table1.run_one(config, run_dir, {"row": "r", "method": "BC-ADAM"}, messages.append)
+    run_cells([cell], tmp_path, messages.append)
+    (tmp_path / "cell" / rundir.SUMMARY).unlink()  # as if killed after its last checkpoint
+    run_cells([cell], tmp_path, messages.append)
+    run_cells([cell], tmp_path, messages.append)
     assert [m.split()[0] for m in messages if m.split()[0] in ("train", "resume", "skip")] == [
         "train",
         "resume",
         "skip",
     ]
-    assert len(rundir.read_metrics(run_dir)) == 2
+    assert len(rundir.read_metrics(tmp_path / "cell")) == 2
     summary = report_runs([tmp_path], tmp_path / "report", log=quiet)
     assert summary["summary"][0]["method"] == "BC-ADAM"
     table = (tmp_path / "report" / "table.md").read_text()

@@ -9,9 +9,8 @@ from test_export_packed import assert_same_model, make_checkpoint, rewrite
 
 from qtrain.cli import main
 from qtrain.export import PackedFormatError, load_packed, save_packed
-from qtrain.export.packed import MACHINE_LOCAL_KEYS
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
-from qtrain.train.config import RunConfig
+from qtrain.train.config import RunConfig, identity_keys, keys
 
 safe_open = pytest.importorskip("safetensors").safe_open
 save_file = pytest.importorskip("safetensors.torch").save_file
@@ -76,6 +75,8 @@ def test_the_packed_file_carries_no_path_or_setting_of_the_training_machine(tmp_
 
     assert str(tmp_path).encode() not in packed.read_bytes()
     config = header_of(packed)["config"]
-    assert not MACHINE_LOCAL_KEYS & set(config) and {"out", "cache"}.isdisjoint(config)
+    machine = set(keys(kind="machine"))
+    assert not machine & set(config) and {"out", "cache"}.isdisjoint(config)
     full = RunConfig(model="tiny_cnn", dataset="synthetic").to_dict()
-    assert config == {k: v for k, v in full.items() if k not in MACHINE_LOCAL_KEYS}
+    assert config == {k: v for k, v in full.items() if k not in machine}
+    assert {"amp", *identity_keys()} <= set(full) and set(identity_keys()) <= set(config)

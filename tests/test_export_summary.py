@@ -177,7 +177,7 @@ def test_bad_targets_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an existing file nor a registered model"):
         summary_cli("vgg10")
     write_checkpoint(tmp_path / "c.pt")
-    with pytest.raises(ValueError, match="--grid applies to model names only"):
+    with pytest.raises(ValueError, match="grid applies to model names only"):
         summary_cli(tmp_path / "c.pt", "--grid", "binary")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="neither a qtrain checkpoint nor a packed model file"):

@@ -262,11 +262,12 @@ def test_run_speedrun_writes_a_markdown_table_over_seeds(tmp_path):
     ]  # fmt: skip
     assert all(r["accuracy_on"] == "val" and r["final_test_accuracy"] is not None
                for r in results)  # fmt: skip
-    table = (tmp_path / "results.md").read_text()
+    folder = tmp_path / "speedrun-full"
+    table = (folder / "table.md").read_text()
     assert "| binary | speednet ×0.125 | bc-adam | 2 |" in table
     assert "| float | speednet ×0.125 | fp-adam | 2 |" in table
-    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
-    # a second call resumes the finished runs instead of training them again
+    assert json.loads((folder / "table.json").read_text()) == json.loads(json.dumps(results))
+    # a second call reads the finished runs back instead of training them again
     again = run_speedrun(config, tmp_path, seeds=2, variants=("binary", "float"),
                          targets=(50.0,), log=quiet)  # fmt: skip
     assert json.loads(json.dumps(again)) == json.loads(json.dumps(results))
@@ -279,7 +280,8 @@ def test_speedrun_command_runs_a_preset_and_names_bad_arguments(tmp_path, capsys
             "--targets", "50", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| binary | speednet ×0.125 |" in out and (tmp_path / "results.md").is_file()
+    assert "| binary | speednet ×0.125 |" in out
+    assert (tmp_path / "speedrun-full" / "table.md").is_file()
     assert main([*args[:-2], "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--seeds" in err[0]

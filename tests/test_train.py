@@ -144,7 +144,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint(tmp
 
 def test_an_existing_run_is_not_overwritten_without_resume(tmp_path):
     Trainer(tiny_config(epochs=1), tmp_path, log=quiet).run()
-    with pytest.raises(ValueError, match="--resume"):
+    with pytest.raises(ValueError, match="resume=True"):
         Trainer(tiny_config(epochs=1), tmp_path, log=quiet).run()
 
 

@@ -282,7 +282,7 @@ def load_cifar(
         else:
             raise DatasetNotFoundError(
                 f"{spec.title} was not found in {root}: put {spec.archive} (from {spec.url}) "
-                f"or its extracted folder {spec.folder} there, or pass --download "
-                "(download=True) to fetch it."
+                f"or its extracted folder {spec.folder} there, or fetch it with {{download}}",
+                download="download=True",
             )
     return read_cifar(folder, spec)

@@ -1,7 +1,7 @@
 """Errors a user can cause with data: each message is one sentence naming the problem and fix.
 
 DatasetNotFoundError(FileNotFoundError)  the files are not where they should be
-DataError(ValueError)                    the files are there but unusable
+DataError(UserError: a ValueError)       the files are there but unusable
   ├─ CorruptDataError                    truncated, wrong shape, labels out of range
   ├─ UnsafePickleError                   a pickle asks for code outside the allow-list
   └─ DownloadError                       fetching failed (network, HTTP status)
@@ -12,7 +12,7 @@ MissingDependencyError(ImportError)      an optional extra is not installed (it 
 
 from __future__ import annotations
 
-from qtrain.base.errors import MissingDependencyError
+from qtrain.base.errors import MissingDependencyError, NamesSettings, UserError
 
 __all__ = [
     "ChecksumError",
@@ -25,11 +25,11 @@ __all__ = [
 ]
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(NamesSettings, FileNotFoundError):
     """The data set's files are missing; the message says where to put them."""
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data set's files exist but cannot be used."""
 
 

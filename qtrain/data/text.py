@@ -84,7 +84,9 @@ def shakespeare_path(root: Path, download: bool, url: str = SHAKESPEARE_URL,
     if not download:
         raise DatasetNotFoundError(
             f"tiny Shakespeare not found: {target} does not exist; put input.txt there, pass "
-            "its folder as --data-dir, or pass --download to fetch it"
+            "its folder as {data_dir}, or fetch it with {download}",
+            data_dir="data_dir",
+            download="download=True",
         )
     root.mkdir(parents=True, exist_ok=True)
     part = root / f".{SHAKESPEARE_FILE}.part"

@@ -2,37 +2,50 @@
 
 Trains `tiny_cnn` on scikit-learn's 8×8 digits with FP-ADAM, BC-ADAM, big-batch SR-ADAM,
 SR-ADAM and R-ADAM (learning rate 0.01, the paper's default), three seeds each, then prints a
-Table-1-style table (mean ± std over seeds) and writes:
+Table-1-style table (mean ± std over seeds) and writes into OUT/demo-<budget>:
 
-    OUT/results.json   one object per method: method, test_error (% mean over seeds),
-                       test_error_std, test_errors, train_error (%), epochs, seconds,
-                       packed_bytes, float_bytes
-    OUT/curves.png     Figure 6 style: train error solid, test error dashed
-    OUT/runs/<method>/seed<k>/  the full run folders (config, metrics, checkpoint)
+    table.json   one object per method: method, test_error (% mean over seeds),
+                 test_error_std, test_errors, train_error (%), epochs, seconds,
+                 packed_bytes, float_bytes
+    curves.png   Figure 6 style: train error solid, test error dashed
+    <method>/seed<k>/  the full run folders (config, metrics, checkpoint)
+
+Budgets: `full` (20 epochs, 3 seeds) and `smoke` (1 epoch, 1 seed). The cells run through
+`runner`: a second `qtrain demo` reads the finished runs back instead of training them again.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_text
 from qtrain.experiments.methods import PAPER_METHODS
-from qtrain.export.summary import summarize
+from qtrain.experiments.runner import (
+    Budget,
+    Cell,
+    check_seeds,
+    experiment_folder,
+    pick_budget,
+    run_cells,
+)
+from qtrain.export.loading import load_any_model, summary_of
 from qtrain.report.figures import plot_error_curves
 from qtrain.report.tables import format_cell, mean_std
-from qtrain.train import rundir
 from qtrain.train.config import RunConfig
-from qtrain.train.trainer import Trainer
 
-DEMO_EPOCHS = 20
-DEMO_SEEDS = 3  # 300 test images: one image is 0.33%, so single runs differ by noise
 DEMO_BATCH = 32
 BIG_BATCH = 256  # 8× the base batch, as 1024 vs 128 in the paper
+# 300 test images: one image is 0.33%, so single runs differ by noise; hence three seeds.
+BUDGETS = {
+    "full": Budget("20 epochs, 3 seeds: about a minute", seeds=3, settings={"epochs": 20}),
+    "smoke": Budget("1 epoch, 1 seed: tests the machinery only", seeds=1,
+                    settings={"epochs": 1}),
+}  # fmt: skip
 
 
 def demo_config(method: str, batch_size: int, epochs: int, seed: int) -> RunConfig:
@@ -53,63 +66,78 @@ def demo_config(method: str, batch_size: int, epochs: int, seed: int) -> RunConf
     )
 
 
-def _model_bytes(trainer: Trainer) -> dict:
+def cells(epochs: int, seed: int, seeds: int) -> list[Cell]:
+    """Every (method, seed) cell: seeds `seed` to `seed + seeds - 1`."""
+    return [
+        Cell(
+            f"{row.slug}/seed{seed + k}",
+            demo_config(row.method, BIG_BATCH if row.big_batch else DEMO_BATCH, epochs, seed + k),
+            "tiny_cnn digits",
+            row.label,
+        )  # fmt: skip
+        for row in PAPER_METHODS
+        for k in range(seeds)
+    ]
+
+
+def _model_bytes(run_dir: Path) -> dict:
     """Float vs packed storage of the trained model (1 bit per binary weight)."""
-    sizes = summarize(trainer.model, trainer.quantized_names, trainer.optimizer.grid)
+    sizes = summary_of(*load_any_model(run_dir))
     return {"float_bytes": sizes.float_bytes, "packed_bytes": sizes.packed_bytes}
 
 
 def run_demo(
-    out: Path, epochs: int | None = None, seed: int = 0, seeds: int = DEMO_SEEDS, log=print
+    out: Path,
+    epochs: int | None = None,
+    seed: int = 0,
+    seeds: int | None = None,
+    budget: str = "full",
+    log=print,
 ) -> list[dict]:
-    """Train the five methods over `seeds` seeds; write results.json and curves.png to `out`."""
-    epochs = epochs or DEMO_EPOCHS
-    if epochs <= 0 or seeds <= 0:
-        raise ValueError(f"--epochs and --seeds must be > 0, got {epochs} and {seeds}")
-    out.mkdir(parents=True, exist_ok=True)
-    results, curves = [], {}
+    """Train the five methods over `seeds` seeds; write table.json and curves.png into
+    OUT/demo-<budget>."""
+    chosen = pick_budget(BUDGETS, budget, "demo")
+    seeds = check_seeds(seeds, chosen)
+    epochs = chosen.settings["epochs"] if epochs is None else epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise UserError(f"{{epochs}} must be a whole number >= 1, got {epochs!r}", epochs="epochs")
+    folder = experiment_folder(out, "demo", budget)
     started = time.perf_counter()
+    finished = run_cells(cells(epochs, seed, seeds), folder, log=lambda *a, **k: None)
+    results, curves = [], {}
     for row in PAPER_METHODS:
-        batch = BIG_BATCH if row.big_batch else DEMO_BATCH
-        runs = []
-        for k in range(seeds):
-            run_dir = out / "runs" / row.slug / f"seed{seed + k}"
-            shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts afresh
-            config = demo_config(row.method, batch, epochs, seed + k)
-            trainer = Trainer(config, run_dir, log=lambda *a, **k: None)
-            runs.append(trainer.run())
-            label = {"row": "tiny_cnn digits", "method": row.label}
-            rundir.write_json(run_dir / "label.json", label)
-        test_errors = [metrics[-1]["test_error"] for metrics in runs]
+        runs = [f for f in finished if f.cell.method == row.label]
+        metrics = [f.metrics for f in runs]
+        test_errors = [m[-1]["test_error"] for m in metrics]
         mean, std = mean_std(test_errors)
         results.append(
             {
                 "method": row.label,
                 "preset": row.method,
-                "batch_size": batch,
+                "batch_size": runs[0].cell.config.batch_size,
                 "test_error": mean,
                 "test_error_std": std,
                 "test_errors": test_errors,
-                "train_error": statistics.fmean(m[-1]["train_error"] for m in runs),
+                "train_error": statistics.fmean(m[-1]["train_error"] for m in metrics),
                 "epochs": epochs,
                 "seeds": seeds,
-                "seconds": sum(r["seconds"] for metrics in runs for r in metrics),
-                **_model_bytes(trainer),
+                "seconds": sum(r["seconds"] for m in metrics for r in m),
+                **_model_bytes(runs[-1].run_dir),
             }
         )
-        curves[row.label] = runs
+        curves[row.label] = metrics
         log(
             f"  {row.label:18s} test error {format_cell(test_errors)}%  "
             f"({results[-1]['seconds']:.1f}s)",
             file=sys.stderr,
         )
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(folder / "table.json", json.dumps(results, indent=2) + "\n")
     title = f"tiny_cnn on digits (8×8), mean of {seeds} seed{'s' * (seeds > 1)}"
-    plot_error_curves({title: curves}, out / "curves.png")
+    plot_error_curves({title: curves}, folder / "curves.png")
     log(format_results(results))
     log(
-        f"total {time.perf_counter() - started:.0f}s; wrote {out / 'results.json'} and "
-        f"{out / 'curves.png'}"
+        f"total {time.perf_counter() - started:.0f}s; wrote {folder / 'table.json'} and "
+        f"{folder / 'curves.png'}"
     )
     return results
 

@@ -29,12 +29,15 @@ same 200 × 12 fixed windows of the validation text for every cell and seed.
 
 Budgets: cpu (default) as above, 2 seeds, 8 cells × 2 = 16 runs of about 3 minutes each on
 one core; paper: nanoGPT's GPU shakespeare_char model (6 layers, 6 heads, width 384, context
-256, batch 64, dropout 0.2, 5,000 steps), 2 seeds. Finished runs are skipped and interrupted
-ones resumed, so the command can be re-run until it completes.
+256, batch 64, dropout 0.2, 5,000 steps), 2 seeds; smoke: a one-block GPT of width 16 for 4
+steps, 1 seed, seconds in all (it tests the machinery; its numbers mean nothing). Runs live in
+OUT/lm-<budget>/<cell>/seed<k> (`runner`): finished runs are skipped and interrupted ones
+resumed, so the command can be re-run until it completes.
 
-Outputs in OUT: table.md and table.json (validation bits per character, mean ± std over seeds,
-training minutes, packed size of the model), curves.png (validation bits per character per
-evaluation), and samples.md (200 characters from seed 0's model of each cell, draw seed 0).
+Outputs in OUT/lm-<budget>: table.md and table.json (validation bits per character, mean ± std
+over seeds, training minutes, packed size of the model), curves.png (validation bits per
+character per evaluation), and samples.md (200 characters from the first seed's model of each
+row, draw seed 0).
 """
 
 from __future__ import annotations
@@ -45,18 +48,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qtrain.base.io import atomic_write_text
-from qtrain.experiments.comparison import pick_budget, run_cell
+from qtrain.experiments import runner
+from qtrain.experiments.runner import Budget, Finished, check_seeds, experiment_folder, pick_budget
 from qtrain.report.figures import save_figure
 from qtrain.report.style import colour, pyplot
 from qtrain.report.tables import format_cell
-from qtrain.train import rundir
+from qtrain.train.config import from_dict, load_toml
 
 PRESET = "gpt-shakespeare"
 SAMPLE_CHARS = 200
 
 
 @dataclass(frozen=True)
-class Cell:
+class Row:
     """One row of the table: a method preset on a grid with a weight scale."""
 
     label: str
@@ -75,40 +79,38 @@ class Cell:
         return self.label if self.method.startswith("fp") else f"{self.label} {self.grid}"
 
 
-CELLS = (
-    Cell("FP-ADAMW", "fp-adamw"),
-    Cell("BC-ADAMW", "bc-adamw", "binary", "absmean"),
-    Cell("BC-ADAMW", "bc-adamw", "ternary", "absmean-tensor"),
-    Cell("SR-ADAMW", "sr-adamw", "binary", "he"),
-    Cell("SR-ADAMW", "sr-adamw", "ternary", "he"),
-    Cell("R-ADAMW", "r-adamw", "binary", "he"),
-    Cell("R-ADAMW", "r-adamw", "ternary", "he"),
-    Cell("Bop", "bop-adam", "binary", "he"),
+ROWS = (
+    Row("FP-ADAMW", "fp-adamw"),
+    Row("BC-ADAMW", "bc-adamw", "binary", "absmean"),
+    Row("BC-ADAMW", "bc-adamw", "ternary", "absmean-tensor"),
+    Row("SR-ADAMW", "sr-adamw", "binary", "he"),
+    Row("SR-ADAMW", "sr-adamw", "ternary", "he"),
+    Row("R-ADAMW", "r-adamw", "binary", "he"),
+    Row("R-ADAMW", "r-adamw", "ternary", "he"),
+    Row("Bop", "bop-adam", "binary", "he"),
 )
 
 BUDGETS = {
-    "cpu": {"seeds": 2},
-    "paper": {"seeds": 2, "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256,
-              "batch_size": 64, "dropout": 0.2, "max_steps": 5000},
+    "cpu": Budget("nanoGPT's CPU baby GPT, 2,000 steps: about 3 minutes a run on one core",
+                  seeds=2),
+    "paper": Budget("nanoGPT's GPU shakespeare_char model, 5,000 steps", seeds=2,
+                    settings={"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256,
+                              "batch_size": 64, "dropout": 0.2, "max_steps": 5000}),
+    "smoke": Budget("a one-block GPT for 4 steps: tests the machinery only", seeds=1,
+                    settings={"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16,
+                              "batch_size": 4, "max_steps": 4, "warmup_steps": 1,
+                              "eval_every": 2, "eval_batches": 2}),
 }  # fmt: skip
 
 
-def check_budget(budget: str) -> dict:
-    """The settings of `budget`, or a ValueError naming the budgets."""
-    return pick_budget(BUDGETS, budget, "lm")
-
-
-def cell_config(cell: Cell, budget: str, seed: int, data_dir=None, download: bool = True) -> dict:
-    """The RunConfig dict of one (cell, seed): the preset, the budget's sizes, the cell."""
-    from qtrain.train.config import load_toml
-
-    sizes = {k: v for k, v in check_budget(budget).items() if k != "seeds"}
+def cell_config(row: Row, budget: str, seed: int, data_dir=None, download: bool = True) -> dict:
+    """The RunConfig dict of one (row, seed): the preset, the budget's sizes, the row."""
     return {
         **load_toml(PRESET),
-        **sizes,
-        "method": cell.method,
-        "grid": cell.grid,
-        "scale": cell.scale,
+        **pick_budget(BUDGETS, budget, "lm").settings,
+        "method": row.method,
+        "grid": row.grid,
+        "scale": row.scale,
         "seed": seed,
         # one intra-op thread: on a shared 2-core machine two OpenMP threads wait on each
         # other (docs/speed.md); it does not change which numbers a cell computes
@@ -125,39 +127,43 @@ def model_size(run_dir: Path) -> int:
     return summary_of(*load_any_model(run_dir)).packed_bytes
 
 
-def collect(out: Path, seeds: int) -> tuple[list[dict], dict[str, list[list[dict]]]]:
-    """Per-run results and the metric records of every cell's finished runs."""
-    results, curves = [], {}
-    for cell in CELLS:
-        for seed in range(seeds):
-            run_dir = out / cell.slug / f"seed{seed}"
-            if not rundir.is_finished(run_dir):
-                continue
-            metrics = rundir.read_metrics(run_dir)
-            results.append(
-                {
-                    "cell": cell.name,
-                    "seed": seed,
-                    "val_bpc": metrics[-1]["val_bpc"],
-                    "val_loss": metrics[-1]["val_loss"],
-                    "minutes": sum(m["seconds"] for m in metrics) / 60,
-                    "bytes": model_size(run_dir),
-                }
-            )
-            curves.setdefault(cell.name, []).append(metrics)
-    return results, curves
+def cells(budget: str, seeds: int, data_dir=None, download: bool = True) -> list[runner.Cell]:
+    """Every (row, seed) cell under `budget`."""
+    return [
+        runner.Cell(
+            f"{row.slug}/seed{seed}",
+            from_dict(cell_config(row, budget, seed, data_dir, download)),
+            "gpt",
+            row.name,
+        )  # fmt: skip
+        for row in ROWS
+        for seed in range(seeds)
+    ]
+
+
+def result(finished: Finished) -> dict:
+    """The table's numbers of one finished cell."""
+    metrics = finished.metrics
+    return {
+        "cell": finished.cell.method,
+        "seed": finished.cell.config.seed,
+        "val_bpc": metrics[-1]["val_bpc"],
+        "val_loss": metrics[-1]["val_loss"],
+        "minutes": sum(m["seconds"] for m in metrics) / 60,
+        "bytes": model_size(finished.run_dir),
+    }
 
 
 def summarize(results: list[dict]) -> list[dict]:
     """One row per cell: validation bpc and loss, minutes and size over seeds."""
     rows = []
-    for cell in CELLS:
-        runs = [r for r in results if r["cell"] == cell.name]
+    for row in ROWS:
+        runs = [r for r in results if r["cell"] == row.name]
         if runs:
             rows.append(
                 {
-                    "cell": cell.name,
-                    "scale": cell.scale,
+                    "cell": row.name,
+                    "scale": row.scale,
                     "seeds": len(runs),
                     **{k: [r[k] for r in runs] for k in ("val_bpc", "val_loss", "minutes")},
                     "bytes": runs[0]["bytes"],
@@ -182,17 +188,17 @@ def markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def samples(out: Path, seed: int = 0) -> str:
-    """samples.md: SAMPLE_CHARS characters of each cell's first finished model, draw seed 0."""
+def samples(finished: list[Finished], seed: int = 0) -> str:
+    """samples.md: SAMPLE_CHARS characters of each row's first seed, draw seed `seed`."""
     from qtrain.sample import sample_file
 
     head = f"# Samples: {SAMPLE_CHARS} characters, draw seed {seed}, temperature 0.8, top-k 200"
-    parts = [head + "\n"]
-    for cell in CELLS:
-        run_dir = out / cell.slug / "seed0"
-        if rundir.is_finished(run_dir):
-            text = sample_file(run_dir, chars=SAMPLE_CHARS, seed=seed)
-            parts.append(f"## {cell.name}\n\n```\n{text.strip(chr(10))}\n```\n")
+    parts, done = [head + "\n"], set()
+    for f in finished:
+        if f.cell.method not in done:
+            done.add(f.cell.method)
+            text = sample_file(f.run_dir, chars=SAMPLE_CHARS, seed=seed)
+            parts.append(f"## {f.cell.method}\n\n```\n{text.strip(chr(10))}\n```\n")
     return "\n".join(parts)
 
 
@@ -222,30 +228,28 @@ def run(
     download: bool = True,
     log=print,
 ) -> list[dict]:
-    """Train every (cell, seed), then write table.md, table.json, curves.png and samples.md."""
-    settings = check_budget(budget)
-    seeds = settings["seeds"] if seeds is None else seeds
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
-    for cell in CELLS:
-        for seed in range(seeds):
-            config = cell_config(cell, budget, seed, data_dir, download)
-            run_dir = out / cell.slug / f"seed{seed}"
-            run_cell(config, run_dir, {"row": "gpt", "method": cell.name}, log)
-    results, curves = collect(out, seeds)
+    """Train every (row, seed) cell, then write table.md, table.json, curves.png and
+    samples.md into OUT/lm-<budget>."""
+    seeds = check_seeds(seeds, pick_budget(BUDGETS, budget, "lm"))
+    folder = experiment_folder(out, "lm", budget)
+    finished = runner.run_cells(cells(budget, seeds, data_dir, download), folder, log)
+    results = [result(f) for f in finished]
+    curves: dict[str, list[list[dict]]] = {}
+    for f in finished:
+        curves.setdefault(f.cell.method, []).append(f.metrics)
     rows = summarize(results)
-    first = cell_config(CELLS[0], budget, 0)
+    first = finished[0].cell.config
     title = (
-        f"GPT ({first['n_layer']} layers, {first['n_head']} heads, width {first['n_embd']}, "
-        f"context {first['block_size']}) on tiny Shakespeare, {first['max_steps']:,} steps of "
-        f"{first['batch_size']} windows, budget {budget}, {seeds} seeds; block projections "
+        f"GPT ({first.n_layer} layers, {first.n_head} heads, width {first.n_embd}, "
+        f"context {first.block_size}) on tiny Shakespeare, {first.max_steps:,} steps of "
+        f"{first.batch_size} windows, budget {budget}, {seeds} seeds; block projections "
         f"quantized; mean ± std over seeds (uniform guess: {math.log2(65):.2f} bits/char)."
     )
     table = markdown(rows, title)
-    atomic_write_text(out / "table.md", table)
-    atomic_write_text(out / "table.json", json.dumps({"runs": results, "rows": rows}, indent=2))
-    atomic_write_text(out / "samples.md", samples(out))
-    plot_curves(curves, out / "curves.png")
+    atomic_write_text(folder / "table.md", table)
+    atomic_write_text(folder / "table.json", json.dumps({"runs": results, "rows": rows}, indent=2))
+    atomic_write_text(folder / "samples.md", samples(finished))
+    plot_curves(curves, folder / "curves.png")
     log(table, end="")
-    log(f"wrote {out / 'table.md'}, table.json, samples.md and curves.png")
+    log(f"wrote {folder / 'table.md'}, table.json, samples.md and curves.png")
     return rows

@@ -18,9 +18,12 @@ Variants: `binary` (the recipe as given), `float` (the same recipe with float we
 method's fp-* twin, so the row prices binarisation at equal time), `paper` (the paper's VGG-9
 BC-ADAM recipe, preset vgg9-cifar10 at width 0.25, under the same budget and split).
 
-OUT/results.md holds the tables (markdown), OUT/results.json one object per run, and
-OUT/runs/<variant>/seed<k>/ the run folders; an existing run folder is resumed, so an
-interrupted measurement continues where it stopped.
+Budgets: `full` trains the recipe as given; `smoke` trains it for one short epoch on synthetic
+images (seconds, offline; it tests the machinery, and its numbers mean nothing). In
+OUT/speedrun-<budget> (`runner`), table.md holds the tables (markdown), table.json one object
+per run, and <variant>/seed<k>/ the run folders; a finished run is read back, an interrupted
+one resumed, and a folder holding a run of other settings refused, so an interrupted
+measurement continues where it stopped.
 """
 
 from __future__ import annotations
@@ -29,32 +32,34 @@ import json
 import statistics
 from pathlib import Path
 
+from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_text
 from qtrain.base.names import unknown_name
+from qtrain.experiments.runner import (
+    Budget,
+    Cell,
+    Finished,
+    check_seeds,
+    experiment_folder,
+    pick_budget,
+    run_cells,
+)
 from qtrain.report.tables import format_cell
-from qtrain.train.config import RunConfig, from_dict, load_toml
-from qtrain.train.trainer import train
+from qtrain.train.config import RunConfig, from_dict, keys, load_toml
 
 TARGETS = (85.0, 90.0)
 VARIANTS = ("binary", "float", "paper")
 PAPER_PRESET = "vgg9-cifar10"
 PAPER_WIDTH = 0.25
-# Keys the paper variant takes from the recipe, so both rows see the same data, budget,
-# split, seed and machine settings.
-SHARED_KEYS = (
-    "dataset",
-    "data_dir",
-    "download",
-    "train_subset",
-    "val_images",
-    "time_budget_s",
-    "seed",
-    "device",
-    "threads",
-    "amp",
-    "channels_last",
-    "eval_batch_size",
-)
+# The paper variant takes the recipe's data, seed, time budget and machine settings, so both
+# rows see the same data, budget, split and machine.
+SHARED_SECTIONS = ("data", "run", "machine")
+BUDGETS = {
+    "full": Budget("the recipe as given", seeds=1),
+    "smoke": Budget("one short epoch on synthetic images: tests the machinery only", seeds=1,
+                    settings={"dataset": "synthetic", "width": 0.25, "epochs": 1,
+                              "batch_size": 64, "val_images": 64, "warmup_steps": 2}),
+}  # fmt: skip
 
 
 def accuracy_curve(records: list[dict]) -> list[tuple[float, float]]:
@@ -89,7 +94,9 @@ def float_variant(config: RunConfig) -> RunConfig:
 
 def paper_variant(config: RunConfig, epochs: int) -> RunConfig:
     """The paper's VGG-9 BC-ADAM recipe (width 0.25, `epochs`) on the recipe's data and budget."""
-    shared = {key: getattr(config, key) for key in SHARED_KEYS}
+    shared = {
+        key: getattr(config, key) for section in SHARED_SECTIONS for key in keys(section=section)
+    }
     values = {**load_toml(PAPER_PRESET), **shared, "width": PAPER_WIDTH, "epochs": epochs}
     return from_dict(values)
 
@@ -102,61 +109,70 @@ def variant_config(config: RunConfig, variant: str, paper_epochs: int) -> RunCon
     return config
 
 
-def run_variant(config: RunConfig, out: Path, variant: str, seeds: int, targets, log) -> list[dict]:
-    """Train `seeds` seeds of `config` into OUT/runs/<variant>/seed<k>; one result per seed."""
-    results = []
-    for k in range(seeds):
-        seeded = config.replace(seed=config.seed + k)
-        run_dir = out / "runs" / variant / f"seed{seeded.seed}"
-        records = train(seeded, run_dir, resume=True, log=log)
-        result = {
-            "variant": variant,
-            "model": f"{seeded.model} ×{seeded.width:g}",
-            "method": seeded.method,
-            "seed": seeded.seed,
-            "accuracy_on": "val" if seeded.val_images else "test",
-            "final_test_accuracy": final_test_accuracy(records),
-            "minutes": sum(r["seconds"] for r in records) / 60.0,
-            "epochs": len(records),
-            "curve": accuracy_curve(records),
-            **{f"minutes_to_{t:g}": minutes_to(records, t) for t in targets},
-        }
-        results.append(result)
-        reached = "  ".join(f"{t:g}%: " + _minutes(result[f"minutes_to_{t:g}"]) for t in targets)
-        log(f"{variant} seed {seeded.seed}: final test accuracy "
-            f"{_percent(result['final_test_accuracy'])}  minutes to {reached}")  # fmt: skip
-    return results
+def result(finished: Finished, targets) -> dict:
+    """One row of table.json: the run's final accuracy, minutes and curve."""
+    config, records = finished.cell.config, finished.metrics
+    return {
+        "variant": finished.cell.row,
+        "model": f"{config.model} ×{config.width:g}",
+        "method": config.method,
+        "seed": config.seed,
+        "accuracy_on": "val" if config.val_images else "test",
+        "final_test_accuracy": final_test_accuracy(records),
+        "minutes": sum(r["seconds"] for r in records) / 60.0,
+        "epochs": len(records),
+        "curve": accuracy_curve(records),
+        **{f"minutes_to_{t:g}": minutes_to(records, t) for t in targets},
+    }
 
 
 def run_speedrun(
     config: RunConfig,
     out: str | Path,
     *,
-    seeds: int = 1,
+    budget: str = "full",
+    seeds: int | None = None,
     variants: tuple[str, ...] = ("binary",),
     paper_epochs: int = 12,
     targets: tuple[float, ...] = TARGETS,
     log=print,
 ) -> list[dict]:
-    """Run every variant over `seeds` seeds; write OUT/results.md and OUT/results.json."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"--seeds must be a whole number >= 1, got {seeds!r}")
+    """Run every variant over `seeds` seeds (from config.seed on) under `budget`; write
+    table.md and table.json into OUT/speedrun-<budget>."""
+    chosen = pick_budget(BUDGETS, budget, "speedrun")
+    seeds = check_seeds(seeds, chosen)
     for variant in variants:
         if variant not in VARIANTS:
             raise unknown_name("speedrun variant", variant, VARIANTS)
     if not targets or any(not 0 < t <= 100 for t in targets):
-        raise ValueError(f"--targets must be accuracies in (0, 100], got {targets}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise UserError(
+            f"{{targets}} must be accuracies in (0, 100], got {targets}", targets="targets"
+        )
+    config = config.replace(**chosen.settings)
     configs = {v: variant_config(config, v, paper_epochs) for v in variants}  # fail fast
+    cells = [
+        Cell(
+            f"{variant}/seed{config.seed + k}",
+            variant_cfg.replace(seed=config.seed + k),
+            variant,
+            variant_cfg.method,
+        )  # fmt: skip
+        for variant, variant_cfg in configs.items()
+        for k in range(seeds)
+    ]
+    folder = experiment_folder(out, "speedrun", budget)
     results = []
-    for variant, variant_cfg in configs.items():
-        results += run_variant(variant_cfg, out, variant, seeds, targets, log)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    for finished in run_cells(cells, folder, log):
+        results.append(result(finished, targets))
+        r = results[-1]
+        reached = "  ".join(f"{t:g}%: " + _minutes(r[f"minutes_to_{t:g}"]) for t in targets)
+        log(f"{r['variant']} seed {r['seed']}: final test accuracy "
+            f"{_percent(r['final_test_accuracy'])}  minutes to {reached}")  # fmt: skip
+    atomic_write_text(folder / "table.json", json.dumps(results, indent=2) + "\n")
     table = results_markdown(results, targets)
-    atomic_write_text(out / "results.md", table)
+    atomic_write_text(folder / "table.md", table)
     log(table)
-    log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    log(f"wrote {folder / 'table.md'} and {folder / 'table.json'}")
     return results
 
 

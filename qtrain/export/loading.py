@@ -17,6 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import did_you_mean, unknown_name
 from qtrain.export.packed import is_packed_file, read_packed
 from qtrain.export.summary import Summary, summarize
@@ -89,9 +90,11 @@ def summary_of_target(target: str, **model_options) -> Summary:
 
     if Path(target).exists():
         if model_options:
-            raise ValueError(
-                f"--{next(iter(model_options)).replace('_', '-')} applies to model names only; "
-                f"{target} carries its own model and grid"
+            option = next(iter(model_options))
+            raise UserError(
+                "{" + option + "} applies to model names only; "
+                f"{target} carries its own model and grid",
+                **{option: option},
             )
         return summary_of(*load_any_model(target))
     if target not in models.list_models():

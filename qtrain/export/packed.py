@@ -16,8 +16,9 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
       method     {"name", "grid": Grid.to_dict(), "policy", "scale"}
       quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order,
                  plus "scale": "channel" for a weight stored with a scale per output channel
-      config     the training run's configuration without its machine-local keys (data
-                 folder, device, threads, ...): nothing of the training machine travels along
+      config     the training run's configuration without its machine keys (data folder,
+                 device, threads, ...): nothing of the training machine travels along, and
+                 every identity key (amp included) does
       bit_order  "little"
       crc32      {name: CRC-32 (zlib) of the tensor's stored bytes} for every tensor
 
@@ -45,12 +46,14 @@ import torch
 from torch import nn
 
 import qtrain
+from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_bytes
 from qtrain.base.optional import require
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
 from qtrain.export.scales import channel_codes, weight_from_codes
 from qtrain.quant import Grid
 from qtrain.train.checkpoint import build_model
+from qtrain.train.config import portable
 
 FORMAT = "qtrain-packed"
 FORMAT_VERSION = 2
@@ -58,19 +61,17 @@ READABLE_VERSIONS = (1, 2)  # version 1: no header checksum (qtrain 0.1)
 METADATA_KEY = "qtrain"
 HEADER_CRC_KEY = "qtrain_crc32"
 SCALE_SUFFIX = ":scale"  # ":" never occurs in a state_dict key
-# RunConfig keys that describe the training machine, not the model: never exported.
-MACHINE_LOCAL_KEYS = frozenset(
-    {"data_dir", "download", "device", "amp", "channels_last", "compile", "eval_batch_size",
-     "checkpoint_every_steps", "threads"}
-)  # fmt: skip
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}  # fmt: skip
-REEXPORT = "export it again with `qtrain export CHECKPOINT --format packed`"
+REEXPORT = "export it again from its checkpoint with {format}"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors limit on the JSON header
 
 
-class PackedFormatError(ValueError):
+class PackedFormatError(UserError):
     """A packed model file that is missing, unreadable, corrupt or inconsistent."""
+
+    def __init__(self, message: str, **settings: str) -> None:
+        super().__init__(message, **{"format": "format=packed", **settings})
 
 
 def save_packed(path: str | Path, record: dict) -> None:
@@ -131,12 +132,10 @@ def packed_metadata(header: dict) -> dict[str, str]:
 
 
 def deployable_config(config: dict) -> dict:
-    """`config` without MACHINE_LOCAL_KEYS and without any value that is an absolute path."""
-    return {
-        key: value
-        for key, value in config.items()
-        if key not in MACHINE_LOCAL_KEYS and not _is_local_path(value)
-    }
+    """`config` without its machine keys (`qtrain.train.config.portable`: the data folder,
+    device, threads, ...) and without any value that is an absolute path. Identity keys stay,
+    ``amp`` among them, so the file is evaluated at its run's precision."""
+    return {key: value for key, value in portable(config).items() if not _is_local_path(value)}
 
 
 def _is_local_path(value: object) -> bool:
@@ -154,7 +153,8 @@ def _pack_weight(
     if not grid.bounded:
         raise PackedFormatError(
             f"grid {grid.describe()} has no fixed code width, so its weights cannot be "
-            "packed; export with --format onnx instead"
+            "packed; export with {format} instead",
+            format="format=onnx",
         )
     dtype = str(weight.dtype).removeprefix("torch.")
     if dtype not in DTYPES:

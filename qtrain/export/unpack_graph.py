@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.export.packing import pack_codes
 from qtrain.export.scales import channel_codes
 from qtrain.quant import Grid
@@ -90,9 +91,10 @@ def packed_weights(weights: dict[str, torch.Tensor], grid: Grid) -> dict[str, Pa
     scale [C, 1, …]. Anything else raises ValueError: it would not be restored exactly.
     """
     if not grid.bounded:
-        raise ValueError(
+        raise UserError(
             f"the grid {grid.describe()} has no fixed code width, so its weights cannot be "
-            "packed; export with --onnx-weights float"
+            "packed; export with {onnx_weights}",
+            onnx_weights="onnx_weights=float",
         )
     packed = {}
     for name, weight in weights.items():
@@ -102,9 +104,10 @@ def packed_weights(weights: dict[str, torch.Tensor], grid: Grid) -> dict[str, Pa
         else:
             found = channel_codes(w, grid)
             if found is None:
-                raise ValueError(
+                raise UserError(
                     f"weight {name!r} is not on the grid {grid.describe()} (nor on it scaled per "
-                    "output channel); export with --onnx-weights float"
+                    "output channel); export with {onnx_weights}",
+                    onnx_weights="onnx_weights=float",
                 )
             codes, channel_scale = found
             table = level_table(grid, 1.0)

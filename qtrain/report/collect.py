@@ -84,7 +84,12 @@ def sizes_table(sizes: dict[str, dict]) -> str:
 
 def report_runs(paths: list[Path], out: Path, log=print) -> dict:
     """Write table.md, table.json and curves.png for the runs under `paths` into `out`."""
-    runs = [r for r in (load_run(p) for p in find_runs(paths)) if r["metrics"]]
+    return write_report([load_run(p) for p in find_runs(paths)], out, log)
+
+
+def write_report(loaded: list[dict], out: Path, log=print) -> dict:
+    """Write table.md, table.json and curves.png for exactly the runs `loaded` (`load_run`)."""
+    runs = [r for r in loaded if r["metrics"]]
     if not runs:
         raise ValueError("the run folders hold no finished epoch yet; train first")
     results = [

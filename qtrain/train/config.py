@@ -1,8 +1,34 @@
-"""Typed run configuration: one flat dataclass, loaded from TOML, overridable from the CLI.
+"""Typed run configuration: one flat table of keys in sections, each key declared once.
 
-Every run directory and checkpoint stores the resolved configuration, so a run can be
-repeated from its folder alone. Unknown keys and values of the wrong type are rejected with
-one sentence that names the key and the fix.
+A run's configuration is one flat TOML table (``key = value``), loaded from a file or a shipped
+preset and overridden from the CLI; every run folder and checkpoint stores the resolved table,
+so a run can be repeated from its folder alone. Unknown keys and values of the wrong type are
+refused with one sentence that names the key and the fix.
+
+Each key (a field of `RunConfig`) declares once, in its `Key` metadata, everything the rest of
+qtrain needs to know about it; nothing elsewhere keeps a list of keys:
+
+    section   where a reader finds it: model, text model, data, method, optimizer and schedule,
+              fast training, evaluation, run, machine (`qtrain list keys` prints them so)
+    kind      identity   the key changes the numbers the run computes (precision included):
+                         resuming with another value is refused, an experiment reuses a folder
+                         only when every identity key matches, and it travels with an export
+              run        it describes the run without changing what is computed so far (a
+                         time budget, the number of validation windows, a text file whose
+                         content is checked by its SHA-256): it may change on resume and it
+                         travels with an export
+              machine    where and how fast the same arithmetic runs (device, threads, memory
+                         layout, compile, evaluation batch, checkpoint cadence, the data
+                         folder, the tracker): it may change on resume, and it never leaves
+                         the machine (exports strip it)
+    when      identity only for some runs: the number of epochs of a constant schedule (a
+              constant schedule can be extended), the quantization keys of a float run
+    applies   the runs the key means something for (`Scope`); a key set away from its default
+              on a run it does not apply to is refused with one line rather than ignored
+
+Quantization keys (grid, delta, scale, policy) are accepted by a float (fp-*) run, so that a
+preset can switch its method from the command line, but they are not part of its identity: a
+float run computes the same numbers whatever they say.
 """
 
 from __future__ import annotations
@@ -12,9 +38,11 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import did_you_mean
 from qtrain.train.ema import check_ema_decay
 from qtrain.train.losses import check_label_smoothing
@@ -26,111 +54,222 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SCHEDULES = ("step", "cosine", "constant", "warmup-cosine", "warmup-linear")
+PER_STEP_SCHEDULES = ("warmup-cosine", "warmup-linear")
 AMP_MODES = ("auto", "off", "bf16")
 # No method learns with steps this large, and near 1e38 Adam's step size overflows float32.
 MAX_LR = 1e6
 
+SECTIONS = (
+    "model",
+    "text model",
+    "data",
+    "method",
+    "optimizer and schedule",
+    "fast training",
+    "evaluation",
+    "run",
+    "machine",
+)
+IDENTITY, RUN, MACHINE = "identity", "run", "machine"
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration value or file that cannot be used."""
 
 
-IDENTITY = "identity"
+@dataclass(frozen=True)
+class Scope:
+    """The runs a key applies to: `test(config)` is True for them, `phrase` names them and
+    `subject(config)` names what a run that is not among them is (for the refusal)."""
+
+    phrase: str
+    test: Callable[[RunConfig], bool]
+    subject: Callable[[RunConfig], str]
 
 
-def _identity(default, when=None):
-    """A field that defines the run: resuming with another value is refused (see RunConfig).
+def _modality(config: RunConfig) -> str:
+    from qtrain.data.registry import dataset_info
 
-    ``when(config)`` limits that to the configs for which the key changes the numbers.
-    """
-    return field(default=default, metadata={IDENTITY: when or (lambda config: True)})
+    return dataset_info(config.dataset).modality
+
+
+def _method(config: RunConfig):
+    from qtrain.methods.presets import parse_method
+
+    return parse_method(config.method)
+
+
+def _model_options(config: RunConfig) -> tuple[str, ...]:
+    from qtrain.models.registry import model_info
+
+    return model_info(config.model).options
+
+
+_DATA = lambda c: f"data set {c.dataset!r}"  # noqa: E731
+_METHOD = lambda c: f"method {c.method!r}"  # noqa: E731
+IMAGES = Scope("image data sets", lambda c: _modality(c) == "image", _DATA)
+TEXT = Scope("text data sets", lambda c: _modality(c) == "text", _DATA)
+BC = Scope("BinaryConnect (bc-*) methods", lambda c: _method(c).mode == "bc", _METHOD)
+FLIPS = Scope("bop-adam and bop2-adam", lambda c: _method(c).mode in ("bop", "bop2"), _METHOD)
+BOP2 = Scope("bop2-adam", lambda c: _method(c).mode == "bop2", _METHOD)
+ADAM = Scope("Adam and AdamW methods", lambda c: _method(c).base != "sgd", _METHOD)
+PER_STEP = Scope(
+    f"the per-step schedules ({', '.join(PER_STEP_SCHEDULES)})",
+    lambda c: c.schedule in PER_STEP_SCHEDULES,
+    lambda c: f"schedule {c.schedule!r}",
+)
+
+
+def _text_model_option(key: str) -> Scope:
+    return Scope(
+        "text models that take it (gpt)",
+        lambda c: key in _model_options(c),
+        lambda c: f"model {c.model!r}",
+    )
+
+
+def _quantized(config: RunConfig) -> bool:
+    return _method(config).mode != "fp"
+
+
+def _not_constant(config: RunConfig) -> bool:
+    return config.schedule != "constant"
+
+
+@dataclass(frozen=True)
+class Key:
+    """What a config key is (module docstring): its section, kind, identity condition, scope
+    and one line of help."""
+
+    section: str
+    kind: str
+    doc: str
+    when: Callable[[RunConfig], bool] | None = None
+    applies: Scope | None = None
+
+    def is_identity(self, config: RunConfig | None = None) -> bool:
+        """True when the key is identity for `config` (for some run, without a config)."""
+        if self.kind != IDENTITY:
+            return False
+        return config is None or self.when is None or self.when(config)
+
+
+def _key(default, section: str, doc: str, kind: str = IDENTITY, *, when=None, applies=None):
+    assert section in SECTIONS and kind in (IDENTITY, RUN, MACHINE)
+    return field(default=default, metadata={"key": Key(section, kind, doc, when, applies)})
 
 
 @dataclass
 class RunConfig:
-    """Everything that determines a training run (docs/paper.md §2 defaults).
+    """Everything that determines a training run (docs/paper.md §2 defaults), in sections.
 
-    Fields made with `_identity` define the run's identity: the numbers it computes. The rule:
-    a key is part of the identity when it changes what is computed, including the precision
-    of the arithmetic (the model, the data and its order, the method and every
-    hyper-parameter, the seed, the number of epochs unless the schedule is constant (step
-    and cosine schedules are drawn over all epochs; a constant one lets a run be extended), and
-    ``amp`` because bf16 activations keep only 8 bits of mantissa). A key that only changes
-    where or in which order the same arithmetic runs (device, threads, ``channels_last``,
-    ``compile``), how fast or how often things happen (eval batch size, checkpoint cadence)
-    or where inputs are found (``data_dir``, ``download``) may change on resume; such a change
-    can break bit-exactness, which holds only for the same device, threads and memory layout.
-    ``amp = "auto"`` means bf16 on CUDA and fp32 on the CPU, so moving such a run between
-    the two changes its precision with the device; set amp to "off" or "bf16" to pin it.
+    The identity rule: a key is identity when it changes what is computed, including the
+    precision of the arithmetic (``amp``: bf16 activations keep 8 bits of mantissa). A key that
+    only changes where or in which order the same arithmetic runs may change on resume; such
+    a change can break bit-exactness, which holds only for the same device, threads and
+    memory layout. ``amp = "auto"`` means bf16 on CUDA and fp32 on the CPU, so moving such a
+    run between the two changes its precision with the device; set "off" or "bf16" to pin it.
     """
 
-    # what to train
-    model: str = _identity("vgg9")
-    width: float = _identity(1.0)
-    dataset: str = _identity("cifar10")
-    data_dir: str | None = None
-    download: bool = False
-    # use only N training images, drawn by the "subset" random stream
-    train_subset: int | None = _identity(None)
-    augment: bool | None = _identity(None)  # None: the data set's default (CIFAR: crop + flip)
-    # a UTF-8 file read instead of a text data set's own text; its vocabulary and SHA-256 are
-    # checked on resume, so the path itself may change
-    text_file: str | None = None
-    # size of a text model (gpt); None: the model's default (qtrain.models.gpt.GPTConfig)
-    n_layer: int | None = _identity(None)
-    n_head: int | None = _identity(None)
-    n_embd: int | None = _identity(None)
-    block_size: int | None = _identity(None)  # the context, in tokens
-    dropout: float | None = _identity(None)
-    bias: bool | None = _identity(None)
-    tie_weights: bool | None = _identity(None)
-    # how to train it
-    method: str = _identity("bc-adam")
-    grid: str = _identity("binary")
-    delta: float | None = _identity(None)  # None: the grid's default (end levels at ±1)
-    scale: str = _identity("none")
-    policy: str = _identity("conv")
-    activations: str = _identity("float")
-    bc_stochastic: bool = _identity(False)
-    bop_gamma: float | None = _identity(None)
-    bop_tau: float | None = _identity(None)
-    bop_sigma: float | None = _identity(None)
-    epochs: int = _identity(160, when=lambda config: config.schedule != "constant")
-    batch_size: int = _identity(128)
-    lr: float = _identity(0.01)
-    schedule: str = _identity("step")  # ×0.1 at 50% and 75% of training [ours]
-    weight_decay: float = _identity(0.0)
-    momentum: float = _identity(0.9)
-    beta2: float = _identity(0.999)  # Adam's β₂ (β₁ = 0.9)
-    # stop after this many optimizer steps (None: after `epochs`); mid-epoch if need be
-    max_steps: int | None = _identity(None)
-    warmup_steps: int = _identity(0)  # linear warm-up of "warmup-cosine" and "warmup-linear"
-    min_lr: float = _identity(0.0)  # where "warmup-cosine" and "warmup-linear" end
-    # momentum (SGD) or β₁ (Adam) cycled against the learning rate down to this; None: fixed
-    momentum_min: float | None = _identity(None)
-    # fast-training options (docs/speedrun.md)
-    label_smoothing: float = _identity(0.0)  # training loss only; 0: off
-    ema_decay: float = _identity(0.0)  # evaluate an average of the weights; 0: off
-    whiten_init: bool = _identity(False)  # initialise a patch-whitening first layer
-    tta: str = _identity("none")  # test-time augmentation: none, flip, flip-translate
-    # hold N training images out as a validation split ("validation" random stream)
-    val_images: int = _identity(0)
-    # stop training once this many seconds are spent (a run stopped so is finished)
-    time_budget_s: float | None = None
-    grad_clip: float = _identity(0.0)  # clip the global gradient norm to this; 0: off
-    # text data: evaluate every N steps (each "epoch" of the loop is N steps long)
-    eval_every: int | None = _identity(None)
-    eval_batches: int = 20  # text data: validation windows = eval_batches × batch_size
-    seed: int = _identity(0)
-    # where and how fast
-    device: str = "auto"
-    amp: str = _identity("auto")  # bf16 autocast on CUDA, off on CPU
-    channels_last: bool = True
-    compile: bool = False
-    eval_batch_size: int = 1000
-    checkpoint_every_steps: int = 0  # 0: checkpoint at the end of every epoch only
-    threads: int = 0  # torch intra-op threads; 0 keeps PyTorch's default
-    log: str = "none"  # mirror metrics to a tracker: none or tensorboard (qtrain.train.loggers)
+    # -- model
+    model: str = _key("vgg9", "model", "network name (qtrain list models)")
+    width: float = _key(1.0, "model", "channel width multiplier")
+    activations: str = _key("float", "model", "float, or binary activations (sign)")
+    # -- text model: None takes the model's default (qtrain.models.gpt.GPTConfig)
+    n_layer: int | None = _key(None, "text model", "transformer blocks",
+                               applies=_text_model_option("n_layer"))  # fmt: skip
+    n_head: int | None = _key(None, "text model", "attention heads per block",
+                              applies=_text_model_option("n_head"))  # fmt: skip
+    n_embd: int | None = _key(None, "text model", "width of the residual stream",
+                              applies=_text_model_option("n_embd"))  # fmt: skip
+    block_size: int | None = _key(None, "text model", "the context, in tokens",
+                                  applies=_text_model_option("block_size"))  # fmt: skip
+    dropout: float | None = _key(None, "text model", "dropout probability",
+                                 applies=_text_model_option("dropout"))  # fmt: skip
+    bias: bool | None = _key(None, "text model", "biases in linear layers and norms",
+                             applies=_text_model_option("bias"))  # fmt: skip
+    tie_weights: bool | None = _key(None, "text model", "the head shares the token embedding",
+                                    applies=_text_model_option("tie_weights"))  # fmt: skip
+    # -- data
+    dataset: str = _key("cifar10", "data", "data set name (qtrain list datasets)")
+    data_dir: str | None = _key(None, "data", "folder holding the data set", MACHINE)
+    download: bool = _key(False, "data", "fetch a missing archive", MACHINE)
+    train_subset: int | None = _key(None, "data", "train on N images drawn by the subset stream",
+                                    applies=IMAGES)  # fmt: skip
+    augment: bool | None = _key(None, "data", "crop + flip (None: the data set's default)",
+                                applies=IMAGES)  # fmt: skip
+    text_file: str | None = _key(None, "data", "a UTF-8 file read instead of the data set's "
+                                 "text (its vocabulary and SHA-256 are checked on resume)", RUN,
+                                 applies=TEXT)  # fmt: skip
+    val_images: int = _key(0, "data", "hold N training images out as a validation split",
+                           applies=IMAGES)  # fmt: skip
+    # -- method
+    method: str = _key("bc-adam", "method", "training method (qtrain list methods)")
+    grid: str = _key("binary", "method", "binary, ternary or <k>bit", when=_quantized)
+    delta: float | None = _key(None, "method", "grid step Δ (None: end levels at ±1)",
+                               when=_quantized)  # fmt: skip
+    scale: str = _key("none", "method", "weight scale: none, he, absmean, absmean-tensor",
+                      when=_quantized)  # fmt: skip
+    policy: str = _key("conv", "method", "which parameters are quantized: conv, linear, "
+                       "conv+linear, all", when=_quantized)  # fmt: skip
+    bc_stochastic: bool = _key(False, "method", "BC's forward weights by stochastic rounding",
+                               applies=BC)  # fmt: skip
+    bop_gamma: float | None = _key(None, "method", "Bop's γ (None: the method's default)",
+                                   applies=FLIPS)  # fmt: skip
+    bop_tau: float | None = _key(None, "method", "Bop's τ (None: the method's default)",
+                                 applies=FLIPS)  # fmt: skip
+    bop_sigma: float | None = _key(None, "method", "Bop2's σ (None: the method's default)",
+                                   applies=BOP2)  # fmt: skip
+    # -- optimizer and schedule
+    lr: float = _key(0.01, "optimizer and schedule", "base learning rate")
+    weight_decay: float = _key(0.0, "optimizer and schedule", "L2 (Adam, SGD) or decoupled "
+                               "(AdamW) weight decay")  # fmt: skip
+    momentum: float = _key(0.9, "optimizer and schedule", "SGD's momentum, or Adam's β₁")
+    beta2: float = _key(0.999, "optimizer and schedule", "Adam's β₂", applies=ADAM)
+    batch_size: int = _key(128, "optimizer and schedule", "training minibatch")
+    epochs: int = _key(160, "optimizer and schedule", "epochs (identity unless the "
+                       "schedule is constant, which lets a run be extended)",
+                       when=_not_constant)  # fmt: skip
+    schedule: str = _key("step", "optimizer and schedule", "step (×0.1 at 50% and 75%), "
+                         "cosine, constant, warmup-cosine, warmup-linear")  # fmt: skip
+    warmup_steps: int = _key(0, "optimizer and schedule", "linear warm-up steps",
+                             applies=PER_STEP)  # fmt: skip
+    min_lr: float = _key(0.0, "optimizer and schedule", "where the schedule ends",
+                         applies=PER_STEP)  # fmt: skip
+    momentum_min: float | None = _key(None, "optimizer and schedule", "cycle momentum (β₁) "
+                                      "against the learning rate down to this")  # fmt: skip
+    max_steps: int | None = _key(None, "optimizer and schedule", "stop after this many steps "
+                                 "(None: after `epochs`), mid-epoch if need be")  # fmt: skip
+    grad_clip: float = _key(0.0, "optimizer and schedule", "clip the global gradient norm to "
+                            "this (0: off)")  # fmt: skip
+    # -- fast training (docs/speedrun.md)
+    label_smoothing: float = _key(0.0, "fast training", "label smoothing of the training loss")
+    ema_decay: float = _key(0.0, "fast training", "evaluate an average of the weights (0: off)")
+    whiten_init: bool = _key(False, "fast training", "initialise a patch-whitening first layer",
+                             applies=IMAGES)  # fmt: skip
+    tta: str = _key("none", "fast training", "test-time augmentation: none, flip, "
+                    "flip-translate", applies=IMAGES)  # fmt: skip
+    # -- evaluation
+    eval_every: int | None = _key(None, "evaluation", "evaluate every N steps (text runs; "
+                                  "image runs evaluate once an epoch)", applies=TEXT)  # fmt: skip
+    eval_batches: int = _key(20, "evaluation", "validation windows = eval_batches × batch_size",
+                             RUN, applies=TEXT)  # fmt: skip
+    # -- run
+    seed: int = _key(0, "run", "the seed of every random stream")
+    time_budget_s: float | None = _key(None, "run", "stop training after this many seconds "
+                                       "(a run stopped so is finished)", RUN)  # fmt: skip
+    # -- machine
+    device: str = _key("auto", "machine", "cpu, cuda, cuda:N or auto", MACHINE)
+    amp: str = _key("auto", "machine", "autocast: auto (bf16 on CUDA, off on the CPU), off, "
+                    "bf16")  # fmt: skip
+    channels_last: bool = _key(True, "machine", "channels-last memory layout (images)", MACHINE)
+    compile: bool = _key(False, "machine", "run the model through torch.compile", MACHINE)
+    eval_batch_size: int = _key(1000, "machine", "evaluation minibatch", MACHINE)
+    checkpoint_every_steps: int = _key(0, "machine", "also checkpoint every N steps (0: at "
+                                       "epoch ends only)", MACHINE)  # fmt: skip
+    threads: int = _key(0, "machine", "torch intra-op threads (0: PyTorch's default)", MACHINE)
+    log: str = _key("none", "machine", "mirror metrics to a tracker: none or tensorboard",
+                    MACHINE)  # fmt: skip
 
     def validate(self) -> RunConfig:
         """Check value ranges; returns self so calls chain."""
@@ -139,7 +278,9 @@ class RunConfig:
         _positive_int("eval_batch_size", self.eval_batch_size)
         _positive_number("lr", self.lr)
         if self.lr > MAX_LR:
-            raise ConfigError(f"lr must be at most {MAX_LR:g}, got {self.lr:g}; lower --lr")
+            raise ConfigError(
+                f"lr must be at most {MAX_LR:g}, got {self.lr:g}; lower {{lr}}", lr="lr"
+            )
         _positive_number("width", self.width)
         if self.delta is not None:
             _positive_number("delta", self.delta)
@@ -200,13 +341,49 @@ class RunConfig:
         return from_dict({**self.to_dict(), **changes})
 
 
+def key_spec(name: str) -> Key:
+    """The `Key` of config key `name` (ConfigError with a did-you-mean when unknown)."""
+    if name not in _FIELDS:
+        raise _unknown_key(name)
+    return _FIELDS[name].metadata["key"]
+
+
+def keys(*, section: str | None = None, kind: str | None = None) -> tuple[str, ...]:
+    """Config keys in declaration order, only those of `section` and `kind` when given."""
+    return tuple(
+        name
+        for name, f in _FIELDS.items()
+        if (section is None or f.metadata["key"].section == section)
+        and (kind is None or f.metadata["key"].kind == kind)
+    )
+
+
 def identity_keys(config: RunConfig | None = None) -> tuple[str, ...]:
     """The config keys that define a run like `config` (all that may, without a config)."""
-    return tuple(
-        f.name
-        for f in fields(RunConfig)
-        if IDENTITY in f.metadata and (config is None or f.metadata[IDENTITY](config))
-    )
+    return tuple(name for name in _FIELDS if key_spec(name).is_identity(config))
+
+
+def portable(values: dict) -> dict:
+    """`values` (a config dict) without its machine keys: what may leave the machine."""
+    return {key: value for key, value in values.items() if _kind(key) != MACHINE}
+
+
+def _kind(key: str) -> str:
+    # A key this version does not know (a file from a later one) is kept: it is not ours to drop.
+    return _FIELDS[key].metadata["key"].kind if key in _FIELDS else RUN
+
+
+def inapplicable(config: RunConfig) -> str | None:
+    """One sentence for the first key set away from its default on a run it does not apply
+    to (the names in `config` must be known: call after they are checked), else None."""
+    for name, f in _FIELDS.items():
+        scope = f.metadata["key"].applies
+        value = getattr(config, name)
+        if scope is None or value == f.default or scope.test(config):
+            continue
+        leave = "leave it unset" if f.default is None else f"leave it at {f.default!r}"
+        return f"{name} applies to {scope.phrase}, not to {scope.subject(config)}; {leave}"
+    return None
 
 
 def identity_change(saved: dict, config: RunConfig) -> tuple[str, object, object] | None:
@@ -215,7 +392,21 @@ def identity_change(saved: dict, config: RunConfig) -> tuple[str, object, object
     A key missing from `saved` (a run made before the key existed) counts as its default.
     Returns (key, saved value, new value), or None when the identity is the same.
     """
-    for key in identity_keys(config):
+    return _first_change(saved, config, identity_keys(config))
+
+
+def portable_change(saved: dict, config: RunConfig) -> tuple[str, object, object] | None:
+    """The first key that is not a machine key whose value differs (as `identity_change`).
+
+    Stricter than the identity: it also compares the run keys (a time budget) and the keys
+    that are identity only for some runs (the epochs of a constant schedule), so that a
+    finished run is never taken for a longer one or one with another budget.
+    """
+    return _first_change(saved, config, keys(kind=IDENTITY) + keys(kind=RUN))
+
+
+def _first_change(saved: dict, config: RunConfig, names) -> tuple[str, object, object] | None:
+    for key in names:
         before = saved.get(key, _FIELDS[key].default)
         after = getattr(config, key)
         if before != after:
@@ -224,14 +415,28 @@ def identity_change(saved: dict, config: RunConfig) -> tuple[str, object, object
 
 
 def check_same_identity(saved: dict, config: RunConfig, run_dir) -> None:
-    """ValueError naming the key and both values if `config` is not the run `saved` describes."""
+    """ConfigError naming the key and both values if `config` is not the run `saved` describes."""
     change = identity_change(saved, config)
     if change is not None:
         key, before, after = change
         raise ConfigError(
             f"cannot resume: the run in {run_dir} was trained with {key}={before!r}, "
-            f"not {after!r}; resume with {key}={before!r} or start a new --out folder"
+            f"not {after!r}; resume with {{key}} or start a new {{out}} folder",
+            key=f"{key}={before!r}",
+            out="run",
         )
+
+
+def describe_keys() -> str:
+    """Every key by section: name, default, kind and scope, and its line of help."""
+    lines = []
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for name in keys(section=section):
+            spec, default = key_spec(name), _FIELDS[name].default
+            notes = [spec.kind] + ([f"only for {spec.applies.phrase}"] if spec.applies else [])
+            lines.append(f"  {name} = {default!r}  ({'; '.join(notes)})  {spec.doc}")
+    return "\n".join(lines)
 
 
 def _positive_int(name: str, value) -> None:
@@ -257,8 +462,8 @@ def _allowed_types(name: str) -> tuple[type, ...]:
 
 def _unknown_key(key: str) -> ConfigError:
     return ConfigError(
-        f"unknown config key {key!r}{did_you_mean(key, _FIELDS)}; "
-        "see `qtrain train --help` for the keys"
+        f"unknown config key {key!r}{did_you_mean(key, _FIELDS)}; {{keys}} lists them",
+        keys="qtrain.train.config.describe_keys()",
     )
 
 
@@ -336,11 +541,15 @@ def load_toml(path: str | Path) -> dict:
 
 
 def to_toml(config: RunConfig) -> str:
-    """The config as TOML text (keys whose value is None are left out)."""
-    lines = []
+    """The config as flat TOML text, a comment line before each section (keys whose value is
+    None are left out)."""
+    lines, section = [], None
     for key, value in config.to_dict().items():
         if value is None:
             continue
+        if key_spec(key).section != section:
+            section = key_spec(key).section
+            lines.append(f"# {section}")
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, str):

@@ -9,6 +9,8 @@ import contextlib
 
 import torch
 
+from qtrain.base.errors import UserError
+
 
 def resolve_device(name: str) -> torch.device:
     """The device named by the config: 'auto' (CUDA when available, else the CPU), 'cpu' or
@@ -16,8 +18,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {name!r} was requested but CUDA is not available; use --set device=cpu"
+        raise UserError(
+            f"device {name!r} was requested but CUDA is not available; use {{device}}",
+            device="device=cpu",
         )
     try:
         return torch.device(name)
@@ -43,5 +46,5 @@ def slow_bf16_note(device: torch.device, amp: str) -> str | None:
         return None
     return (
         "note: this CPU has no native bf16 (AVX-512 BF16 or AMX), so amp=bf16 runs slower "
-        "than float32; --set amp=off is faster here"
+        "than float32; amp=off is faster here"
     )

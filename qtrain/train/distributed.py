@@ -27,10 +27,12 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from qtrain.base.errors import NamesSettings
+
 ROLL_CALL_MAX_S = 10.0  # how long survivors of a failed collective wait for each other
 
 
-class RankFailure(RuntimeError):
+class RankFailure(NamesSettings, RuntimeError):
     """A collective failed because another rank died or stopped responding."""
 
 
@@ -156,8 +158,8 @@ class DistributedContext:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise RankFailure(
                 f"rank {self.rank} of {self.world_size}: a collective operation failed "
-                f"({first_line[:200]}); {who}; collectives give up after --dist-timeout "
-                f"{self.timeout_s:g} s"
+                f"({first_line[:200]}); {who}; collectives give up after {{dist_timeout}} s",
+                dist_timeout=f"dist_timeout={self.timeout_s:g}",
             ) from error
 
     def unanswered_roll_call(self, wait_s: float) -> list[int] | None:

@@ -17,13 +17,14 @@ import torch
 
 from qtrain import data as qdata
 from qtrain import methods, models
+from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_seed
 from qtrain.data.holdout import hold_out, sample_images, validation_loader
 from qtrain.models.whitening import whiten_model_
 from qtrain.train.config import RunConfig
 from qtrain.train.distributed import DistributedContext
-from qtrain.train.preflight import data_options, is_text, method_settings, model_options
 from qtrain.train.schedules import make_scheduler
+from qtrain.train.settings import data_options, is_text, method_settings, model_options
 
 # Steps between evaluations of a text run when eval_every is unset (nanoGPT's eval_interval).
 DEFAULT_EVAL_EVERY = 250
@@ -74,9 +75,10 @@ def _image_loaders(c: RunConfig, splits, held_out, device, dist: DistributedCont
     if held_out is not None:
         val = validation_loader(splits, held_out, c.eval_batch_size, **common)
     if len(train) == 0:
-        raise ValueError(
+        raise UserError(
             f"batch_size {c.batch_size} is larger than the {len(splits.train)} training "
-            "images; lower --batch-size"
+            "images; lower {batch_size}",
+            batch_size="batch_size",
         )
     return train, test, val
 
@@ -123,7 +125,8 @@ def whiten(model, splits, seed: int, device: torch.device) -> float:
 
 
 def make_optimizer(config: RunConfig, model):
-    """The config's method over `model` (`qtrain.methods.create`); Adam's β₁ is 0.9."""
+    """The config's method over `model` (`qtrain.methods.create`): `momentum` is SGD's
+    momentum and Adam's β₁ (the one knob that averages gradients in either), `beta2` Adam's β₂."""
     c = config
     return methods.create(
         c.method,
@@ -131,7 +134,7 @@ def make_optimizer(config: RunConfig, model):
         seed=c.seed,
         momentum=c.momentum,
         bc_stochastic=c.bc_stochastic,
-        betas=(0.9, c.beta2),
+        betas=(c.momentum, c.beta2),
         **method_settings(c),
     )
 

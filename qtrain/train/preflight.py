@@ -12,13 +12,10 @@ import torch
 
 from qtrain import data as qdata
 from qtrain import methods, models
-from qtrain.models.gpt import GPT_OPTIONS
 from qtrain.models.whitening import whitening_layers
-from qtrain.train.config import RunConfig
+from qtrain.train.config import ConfigError, RunConfig, inapplicable
 from qtrain.train.loggers import check_logger
-
-# Config keys that size a text model (None: the model's default).
-MODEL_OPTIONS = GPT_OPTIONS
+from qtrain.train.settings import context_length, image_size, method_settings, model_options
 
 # The classes of the probe model: the fit of the input does not depend on the output width.
 _PROBE_CLASSES = 10
@@ -32,62 +29,8 @@ def check_names(config: RunConfig) -> None:
     check_logger(config.log)
 
 
-def method_settings(config: RunConfig) -> dict:
-    """The settings of `config` that `methods.check_settings` checks and `methods.create`
-    takes alike (the learning rate, grid, policy, scale, weight decay, Bop's thresholds)."""
-    return {
-        "lr": config.lr,
-        "grid": config.grid,
-        "delta": config.delta,
-        "policy": config.policy,
-        "scale": config.scale,
-        "weight_decay": config.weight_decay,
-        "bop_gamma": config.bop_gamma,
-        "bop_tau": config.bop_tau,
-        "bop_sigma": config.bop_sigma,
-    }
-
-
-def image_size(config: RunConfig) -> int:
-    """The side of the images the model will see: the data set's, or the model's own when the
-    data set is made at any size (synthetic, ImageNet crops)."""
-    side = qdata.dataset_info(config.dataset).image_size
-    return models.model_info(config.model).input_size if side is None else side
-
-
-def model_options(config: RunConfig | dict) -> dict:
-    """The model size options of `config` that are set (a text model's; None = default)."""
-    values = config if isinstance(config, dict) else config.to_dict()
-    return {key: values[key] for key in MODEL_OPTIONS if values.get(key) is not None}
-
-
-def context_length(config: RunConfig | dict) -> int:
-    """Tokens per window of a text model: block_size, else the model's default context."""
-    values = config if isinstance(config, dict) else config.to_dict()
-    return values.get("block_size") or models.model_info(values["model"]).input_size
-
-
-def is_text(dataset: str) -> bool:
-    return qdata.dataset_info(dataset).modality == "text"
-
-
-def data_options(dataset: str, model: str, config: RunConfig | dict | None = None) -> dict:
-    """Builder options: a text data set gets the model's context (and `text_file`), a data set
-    of any size the model's image side, any other none."""
-    if is_text(dataset):
-        values = {"model": model, **(config if isinstance(config, dict) else
-                                     config.to_dict() if config else {})}  # fmt: skip
-        options = {"block_size": context_length(values)}
-        if values.get("text_file"):
-            options["text_file"] = values["text_file"]
-        return options
-    if qdata.dataset_info(dataset).image_size is None:
-        return {"image_size": models.model_info(model).input_size}
-    return {}
-
-
 def check_modality(config: RunConfig) -> None:
-    """Refuse a text model on images, an image model on text, and text-only keys on images."""
+    """Refuse a text model on images and an image model on text."""
     data = qdata.dataset_info(config.dataset).modality
     model = models.model_info(config.model)
     if model.modality != data:
@@ -99,25 +42,6 @@ def check_modality(config: RunConfig) -> None:
             f"{config.dataset!r} holds {noun[data]}; choose a model for {noun[data]} "
             f"({', '.join(suited)}) or a data set of {noun[model.modality]} ({', '.join(sets)})"
         )
-    if data == "text" and config.train_subset is not None:
-        raise ValueError(
-            f"train_subset applies to image data sets only, not to {config.dataset!r}; leave it "
-            "unset (a text run draws random windows of the whole training text)"
-        )
-    if data == "text":
-        for key, off in (("val_images", 0), ("tta", "none"), ("whiten_init", False)):
-            if getattr(config, key) != off:
-                raise ValueError(
-                    f"{key} applies to image data sets only, not to {config.dataset!r}; "
-                    f"leave it at {off!r}"
-                )
-    if data != "text":
-        for key in ("text_file", "eval_every"):
-            if getattr(config, key) is not None:
-                raise ValueError(
-                    f"{key} applies to text data sets only, not to {config.dataset!r}; leave it "
-                    "unset (image runs evaluate once per epoch)"
-                )
 
 
 def check_fit(config: RunConfig) -> None:
@@ -178,9 +102,18 @@ def _probe_model(config: RunConfig, info):
     )
 
 
+def check_applicable(config: RunConfig) -> None:
+    """Refuse a key set on a run it does not apply to (each key's `Scope`, in config.py)."""
+    problem = inapplicable(config)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
 def check_config(config: RunConfig) -> None:
-    """Every check that needs neither data nor files: values, names, model/data fit."""
+    """Every check that needs neither data nor files: values, names, keys that apply, and the
+    model/data fit."""
     config.validate()
+    check_applicable(config)
     check_names(config)
     check_modality(config)
     check_fit(config)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from qtrain.train.config import RunConfig
-from qtrain.train.preflight import is_text
+from qtrain.train.settings import is_text
 from qtrain.train.state import TrainState
 
 

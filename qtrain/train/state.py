@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from qtrain import models
+from qtrain.base.errors import UserError
 from qtrain.train.config import RunConfig, check_same_identity
-from qtrain.train.preflight import is_text
+from qtrain.train.settings import is_text
 
 
 @dataclass
@@ -201,15 +202,17 @@ def check_same_text(run_dir, splits, vocab: str | None, data: dict) -> None:
     """A resumed text run must read the same text (the path may change, the text not)."""
     now = splits.vocab
     if vocab != now:
-        raise ValueError(
+        raise UserError(
             f"cannot resume: the run in {run_dir} was trained on a text with the "
             f"{len(vocab or '')} characters {vocab!r}, but {splits.source} has the "
             f"{len(now)} characters {now!r}; resume with the original text_file or start "
-            "a new --out folder"
+            "a new {out} folder",
+            out="run",
         )
     if data.get("sha256") != splits.sha256:
-        raise ValueError(
+        raise UserError(
             f"cannot resume: {splits.source} is not the text the run in "
             f"{run_dir} was trained on (SHA-256 differs); resume with the original "
-            "text_file or start a new --out folder"
+            "text_file or start a new {out} folder",
+            out="run",
         )

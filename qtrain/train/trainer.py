@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from qtrain import methods
+from qtrain.base.errors import UserError
 from qtrain.train import loggers, rundir
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
@@ -67,9 +68,10 @@ from qtrain.train.parts import (
     run_length,
     whiten,
 )
-from qtrain.train.preflight import check_config, is_text
+from qtrain.train.preflight import check_config
 from qtrain.train.records import epoch_record, format_record, run_summary
 from qtrain.train.schedules import PER_STEP, cycled_momentum, set_momentum, starting_momentum
+from qtrain.train.settings import is_text
 from qtrain.train.signals import stop_requests
 from qtrain.train.state import EpochSums, RankSums, TrainState, checkpoint_payload, restore_state
 
@@ -174,9 +176,11 @@ class Trainer:
                 f"resuming {self.run_dir} at epoch {state.epoch + 1}, batch {state.sums.batch}"
             )
         elif checkpoint_exists and not resume:
-            raise ValueError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it "
-                "or choose another --out folder"
+            raise UserError(
+                f"{self.run_dir} already holds a run; continue it with {{resume}} "
+                "or choose another {out} folder",
+                resume="resume=True",
+                out="run",
             )
         else:
             # the set-up (whitening) is part of the recipe's time: epoch 1's seconds hold it
