@@ -29,7 +29,8 @@ from qtrain import methods, models
 from qtrain.export import export_onnx, input_shape, save_packed, summarize
 from qtrain.export.summary import human_bytes
 from qtrain.quant import Grid, parse_grid
-from qtrain.train.checkpoint import build_model, load_checkpoint, save_checkpoint
+from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
+from qtrain.train.rebuild import build_model
 
 
 def fresh_record(name: str, grid: str, width: float, policy: str) -> dict:

@@ -15,8 +15,9 @@ from qtrain.evaluate import evaluate_file
 from qtrain.export.packed import read_packed, save_packed
 from qtrain.sample import sample_file
 from qtrain.train import rundir
-from qtrain.train.checkpoint import build_model, load_checkpoint
+from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
+from qtrain.train.rebuild import build_model
 from qtrain.train.schedules import warmup_cosine_factor
 from qtrain.train.trainer import Trainer
 

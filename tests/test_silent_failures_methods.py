@@ -16,9 +16,10 @@ from qtrain.methods.scales import broadcastable, on_scaled_grid
 from qtrain.models.gpt import build_gpt
 from qtrain.quant import binary, round_nearest
 from qtrain.train import rundir
-from qtrain.train.checkpoint import build_model, load_checkpoint
+from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
 from qtrain.train.ema import WeightEMA
+from qtrain.train.rebuild import build_model
 from qtrain.train.records import format_record
 from qtrain.train.trainer import Trainer
 

@@ -22,12 +22,8 @@ from qtrain.base.names import did_you_mean, unknown_name
 from qtrain.export.packed import is_packed_file, read_packed
 from qtrain.export.summary import Summary, summarize
 from qtrain.quant import Grid, parse_grid
-from qtrain.train.checkpoint import (
-    WEIGHT_CHOICES,
-    CheckpointError,
-    build_model,
-    load_checkpoint,
-)
+from qtrain.train.checkpoint import CheckpointError, load_checkpoint
+from qtrain.train.rebuild import WEIGHT_CHOICES, build_model
 
 MODEL_OPTIONS = {"grid": "binary", "policy": "conv", "scale": "none", "width": 1.0,
                  "num_classes": 10, "in_channels": 3, "activations": "float"}  # fmt: skip
@@ -49,7 +45,7 @@ def load(path: str | Path) -> nn.Module:
 def load_any_model(path: str | Path, weights: str = "reported") -> tuple[nn.Module, dict]:
     """(model in eval mode, record) from a checkpoint, a run folder or a packed file.
 
-    `weights` (`qtrain.train.checkpoint.build_model`): "reported", the weights the run's
+    `weights` (`qtrain.train.rebuild.build_model`): "reported", the weights the run's
     numbers were measured with (its weight average when it kept one), or "live". A packed
     file holds the reported weights only.
     """

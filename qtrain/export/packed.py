@@ -52,8 +52,8 @@ from qtrain.base.optional import require
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
 from qtrain.export.scales import channel_codes, weight_from_codes
 from qtrain.quant import Grid
-from qtrain.train.checkpoint import build_model
 from qtrain.train.config import portable
+from qtrain.train.rebuild import build_model
 
 FORMAT = "qtrain-packed"
 FORMAT_VERSION = 2

@@ -1,1 +1,2 @@
-"""Training: the loop, schedules, atomic checkpoints, configuration, distributed set-up."""
+"""Training: the loop, schedules, atomic checkpoints (and rebuilding their models), configuration,
+distributed set-up."""

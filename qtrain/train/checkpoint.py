@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loads, and rebuilding the model they describe.
+"""Checkpoints: atomic writes and safe, validated loads (rebuilding the model: `rebuild`).
 
 A checkpoint is one `torch.save`d dict that `torch.load(weights_only=True)` can read (tensors,
 dicts, lists, strings and numbers only, so loading never runs code):
@@ -36,13 +36,9 @@ import zlib
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import qtrain
 from qtrain.base.io import atomic_write_bytes
-from qtrain.base.names import unknown_name
-from qtrain.quant import Grid
-from qtrain.train.ema import evaluated_weights
 
 FORMAT = "qtrain-checkpoint"
 FORMAT_VERSION = 1
@@ -137,58 +133,3 @@ def _first_damaged_member(path: Path) -> str | None:
             return archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error):
         return None
-
-
-WEIGHT_CHOICES = ("reported", "live")
-
-
-def build_model(record: dict, weights: str = "reported") -> nn.Module:
-    """The model a checkpoint describes, with its saved weights loaded (eval mode).
-
-    `weights="reported"` gives the weights the run's numbers were measured with: for a run
-    that kept a weight average (`ema_decay`), the average's evaluated weights (Q_d of the
-    averaged latent weights on the grid, `qtrain.train.ema.evaluated_weights`); else the live
-    weights. `weights="live"` gives the live weights (those a resumed run continues from).
-    """
-    from qtrain import models
-
-    spec = record["model"]
-    model = models.create(
-        spec["name"],
-        num_classes=int(spec["num_classes"]),
-        width=float(spec["width"]),
-        in_channels=int(spec["in_channels"]),
-        activations=spec.get("activations", "float"),
-        options=spec.get("options") or {},
-    )
-    try:
-        model.load_state_dict(record["model_state"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(
-            f"the checkpoint's weights do not fit model {spec['name']!r} ({first[:160]}); "
-            "the file is damaged or was edited"
-        ) from None
-    if weights not in WEIGHT_CHOICES:
-        raise unknown_name("weights", weights, WEIGHT_CHOICES)
-    average = (record.get("training") or {}).get("ema")
-    if weights == "reported" and average:
-        _load_average(model, record, average)
-    return model.eval()
-
-
-@torch.no_grad()
-def _load_average(model: nn.Module, record: dict, average: dict) -> None:
-    """Overwrite `model`'s averaged tensors with the evaluated weights of `average`."""
-    state = model.state_dict()
-    averages = average.get("averages") or {}
-    if not set(averages) <= set(state) or not set(record["quantized"]) <= set(averages):
-        raise CheckpointError(
-            "the checkpoint's weight average does not fit its model; the file is damaged or "
-            "was edited"
-        )
-    quantized = {name: state[name].dtype for name in record["quantized"]}
-    grid = Grid.from_dict(record["method"]["grid"])
-    scale = record["method"].get("scale", "none")
-    for name, value in evaluated_weights(averages, quantized, grid, scale).items():
-        state[name].copy_(value)

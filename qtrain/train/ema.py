@@ -158,7 +158,7 @@ def evaluated_weights(
 
     s is the scale of kind `scale`: constant for `none`/`he`, measured from e for absmean.
     The trainer evaluates with these, and a checkpoint's model is rebuilt with them
-    (`qtrain.train.checkpoint.build_model`), so both give the same numbers. The quantized
+    (`qtrain.train.rebuild.build_model`), so both give the same numbers. The quantized
     names come last: a caller that writes the values in order then leaves Q_d(e) in a
     quantized tensor even when `averages` also holds a raw average under another name of it
     (a tied weight in a checkpoint written before tied tensors were averaged once).
