@@ -210,12 +210,10 @@ EXPERIMENTS = {"table1": "short", "fig7": "short", "methods": "cpu", "lm": "cpu"
 def cmd_reproduce(args) -> int:
     from qtrain.experiments import comparison, fig7, lm, table1
 
-    for flag, value, only in (("--rows", args.rows, "table1"), ("--seeds", args.seeds, "not fig7")):
-        applies = args.experiment == only if only == "table1" else args.experiment != "fig7"
-        if value is not None and not applies:
-            raise ValueError(
-                f"{flag} does not apply to `reproduce {args.experiment}`; leave it out"
-            )
+    if args.rows is not None and args.experiment != "table1":
+        raise ValueError("--rows applies to `reproduce table1` only; leave it out")
+    if args.seeds is not None and args.experiment == "fig7":
+        raise ValueError("`reproduce fig7` runs one seed; leave --seeds out")
     common = dict(budget=args.budget or EXPERIMENTS[args.experiment], data_dir=args.data_dir,
                   download=args.download)  # fmt: skip
     out = Path(args.out)
@@ -420,7 +418,7 @@ def _cli_spelling(command: str):
             return f"--set {spelling}"
         _, has_value, value = spelling.partition("=")
         flag = "--" + name.replace("_", "-")
-        return flag if not has_value or value == "True" else f"{flag} {value}"
+        return flag if not has_value or value == "True" else f"{flag} {value.strip(chr(39))}"
 
     return spell
 

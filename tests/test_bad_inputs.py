@@ -175,6 +175,11 @@ def with_gpt_run(folder, trained, monkeypatch):
         assert main([str(a) for a in argv]) == 0
 
 
+def with_other_run_in_an_experiment(folder, trained, monkeypatch):
+    """rep/fig7-smoke/wd0 holds the tiny run, not the cell `reproduce fig7` trains there."""
+    shutil.copytree(trained, folder / "rep" / "fig7-smoke" / "wd0")
+
+
 def empty_data_dir(folder, trained, monkeypatch):
     (folder / "data").mkdir()
 
@@ -291,7 +296,7 @@ CASES = [
     Case("cli", "Bop on a grid other than binary", "{syn} --method bop-adam --grid ternary --out o",
          "needs the binary grid"),
     Case("cli", "Bop settings for another method", "{syn} --set bop_tau=1e-6 --out o",
-         "only applies to bop-adam and bop2-adam; leave it unset"),
+         "bop_tau applies to bop-adam and bop2-adam, not to method 'bc-adam'; leave it unset"),
     Case("cli", "unknown logger", "{syn} --set log=tensorbord --out o",
          "did you mean 'tensorboard'"),
     Case("cli", "whitening init on a model without a whitening layer",
@@ -445,6 +450,28 @@ CASES = [
     Case("cli", "sample prompt with unknown characters", "sample gpt --prompt Zebra",
          "characters the model never saw ('Z')", with_gpt_run),
     Case("cli", "sample of an image model", "sample run", "trained on images", with_run),
+    Case("config", "a key of Adam on an SGD method",
+         "{syn} --method bc-sgd --set beta2=0.99 --out o",
+         "beta2 applies to Adam and AdamW methods, not to method 'bc-sgd'; leave it at 0.999"),
+    Case("config", "an image key on text",
+         "{gpt} --set text_file=a.txt --set augment=true --out o",
+         "augment applies to image data sets, not to data set 'shakespeare-char'", with_text),
+    Case("config", "a warm-up schedule's key on a step schedule",
+         "{syn} --set min_lr=0.001 --out o",
+         "min_lr applies to the per-step schedules"),
+    Case("cli", "experiment folder holding another run", "reproduce fig7 --budget smoke --out rep",
+         "rep/fig7-smoke/wd0 holds a run with model='tiny_mlp', not 'vgg_bc'",
+         with_other_run_in_an_experiment),
+    Case("cli", "unknown experiment budget", "reproduce table1 --budget shrot --out rep",
+         "unknown table1 budget 'shrot' (did you mean 'short'?)"),
+    Case("cli", "rows for an experiment without rows", "reproduce methods --rows vgg9-cifar10",
+         "--rows applies to `reproduce table1` only"),
+    Case("cli", "seeds for figure 7", "reproduce fig7 --seeds 2",
+         "runs one seed; leave --seeds out"),
+    Case("cli", "zero seeds", "reproduce methods --budget smoke --seeds 0 --out rep",
+         "--seeds must be a whole number >= 1, got 0"),
+    Case("cli", "unknown demo budget", "demo --budget smok --out d",
+         "unknown demo budget 'smok' (did you mean 'smoke'?)"),
 ]  # fmt: skip
 
 

@@ -100,7 +100,8 @@ def check_cells(cells: list[Cell], folder: Path) -> None:
             key, before, after = change
             raise ConfigError(
                 f"{run_dir} holds a run with {key}={before!r}, not {after!r}; choose another "
-                "output folder or delete that run folder"
+                "{out} folder or delete that run folder",
+                out="output",
             )
 
 

@@ -421,9 +421,8 @@ def check_same_identity(saved: dict, config: RunConfig, run_dir) -> None:
         key, before, after = change
         raise ConfigError(
             f"cannot resume: the run in {run_dir} was trained with {key}={before!r}, "
-            f"not {after!r}; resume with {{key}} or start a new {{out}} folder",
-            key=f"{key}={before!r}",
-            out="run",
+            f"not {after!r}; resume with {{{key}}} or start a new {{out}} folder",
+            **{key: f"{key}={before!r}", "out": "run"},
         )
 
 

@@ -113,7 +113,7 @@ def check_config(config: RunConfig) -> None:
     """Every check that needs neither data nor files: values, names, keys that apply, and the
     model/data fit."""
     config.validate()
+    check_modality(config)
     check_applicable(config)
     check_names(config)
-    check_modality(config)
     check_fit(config)
