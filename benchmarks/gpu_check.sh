@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 
 echo "== CUDA tests"
 timeout 180 python -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py \
-  tests/test_data_loader.py
+  tests/test_data_loader.py tests/test_resume_generators.py tests/test_methods_invariants.py
 
 echo "== VGG-9 BC-ADAM, bf16 autocast, channels_last, torch.compile"
 timeout 300 python benchmarks/gpu_check.py "$@"
