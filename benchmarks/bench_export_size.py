@@ -87,7 +87,7 @@ def main() -> None:
             )
         sizes = {label: path.stat().st_size for label, path in files.items()}
 
-    summary = summarize(model, record["quantized"], grid, scaled=None)
+    summary = summarize(model, record["quantized"], grid, scale=None)
     spec = record["model"]
     print(
         f"{spec['name']} (width {spec['width']:g}), grid {grid.describe()}: {summary.quantized:,} "

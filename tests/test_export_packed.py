@@ -193,7 +193,7 @@ def test_metadata_states_the_format(tmp_path):
     assert sorted(metadata) == ["qtrain", "qtrain_crc32"]
     assert metadata["qtrain_crc32"] == str(zlib.crc32(metadata["qtrain"].encode()))
     header = json.loads(metadata["qtrain"])
-    assert header["format"] == "qtrain-packed" and header["format_version"] == 2
+    assert header["format"] == "qtrain-packed" and header["format_version"] == 3
     assert header["bit_order"] == "little"
     assert header["method"]["grid"] == {"kind": "ternary", "delta": 1.0, "bits": None}
     assert header["model"]["name"] == "tiny_cnn"
@@ -312,7 +312,7 @@ CORRUPTIONS = {
     "no qtrain metadata": (dict(metadata={"other": "1"}), "without qtrain metadata"),
     "metadata not JSON": (dict(metadata={"qtrain": "{not json"}), "not valid JSON"),
     "another format": (dict(header=lambda h: _set(h, "format", "x")), "another format"),
-    "newer version": (dict(header=lambda h: _set(h, "format_version", 3)), "version 3"),
+    "newer version": (dict(header=lambda h: _set(h, "format_version", 4)), "version 4"),
     "unknown grid": (
         dict(header=lambda h: _set(h["method"], "grid", {"kind": "quinary"}) and h),
         "invalid grid",

@@ -1,4 +1,5 @@
-"""Packed export of weights on scaled grids: codes plus one Δ per output channel, bit-identical."""
+"""Packed export of weights on scaled grids: codes plus one Δ, or one per output channel,
+bit-identical."""
 
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ def test_binary_weights_scaled_per_channel_round_trip_bit_identically(tmp_path):
         assert stored[key].numel() == packed_nbytes(model.get_parameter(key).numel(), 1)
 
 
-def test_one_scale_per_tensor_is_stored_as_equal_channel_scales(tmp_path):
-    """The he scale: one constant Δ = √(2/fan_in) per layer."""
+def test_one_scale_per_tensor_is_stored_once(tmp_path):
+    """The he scale: one constant Δ = √(2/fan_in) per layer, stored as float32 [1]."""
 
     def he(p, generator):
         return torch.full((p.shape[0],), math.sqrt(2 / p[0].numel()))
@@ -81,7 +82,9 @@ def test_one_scale_per_tensor_is_stored_as_equal_channel_scales(tmp_path):
     model, x, deltas, record = hand_scaled(tmp_path / "c.pt", grids.binary(), signs, he)
     save_packed(tmp_path / "m.safetensors", record)
     assert_same_model(model, load_packed(tmp_path / "m.safetensors"), x)
-    assert torch.equal(stored_tensors(tmp_path / "m.safetensors")[FIRST + ":scale"], deltas[FIRST])
+    stored = stored_tensors(tmp_path / "m.safetensors")
+    for key, delta in deltas.items():
+        assert torch.equal(stored[key + ":scale"], delta[:1])
 
 
 def test_ternary_with_a_zero_channel_and_kbit_without_its_smallest_level(tmp_path):
@@ -143,7 +146,7 @@ CORRUPT_SCALES = {
     ),
     "unknown scale kind": (
         dict(header=lambda h: _set(h["quantized"][FIRST], "scale", "row") and h),
-        "no scale other than 'channel'",
+        "no scale other than 'channel' or 'tensor'",
     ),
 }
 

@@ -66,7 +66,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="per-layer parameters, bits and bytes, float vs packed",
         description="Per-layer storage table of a checkpoint, packed file or registered model: "
         "parameters, buffers, bits per weight, bytes as float tensors and bit-packed (with "
-        "per-channel scales for scaled weights); binary activations store nothing.",
+        "the scales of scaled weights); binary activations store nothing.",
     )
     summary.add_argument("target", help="checkpoint, packed file or registered model name")
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")

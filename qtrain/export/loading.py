@@ -70,9 +70,9 @@ def load_any_model(path: str | Path, weights: str = "reported") -> tuple[nn.Modu
 
 def summary_of(model: nn.Module, record: dict) -> Summary:
     """Summary of a loaded model: its record names the quantized parameters and the grid, and
-    its weights say which carry per-channel scales."""
+    its weights say which carry scales, and how many."""
     grid = Grid.from_dict(record["method"]["grid"])
-    return summarize(model, record["quantized"], grid, scaled=None)
+    return summarize(model, record["quantized"], grid, scale=None)
 
 
 def summary_of_target(target: str, **model_options) -> Summary:
@@ -80,7 +80,7 @@ def summary_of_target(target: str, **model_options) -> Summary:
 
     For a model name, `model_options` (grid, policy, scale, width, num_classes, in_channels,
     activations; the defaults are in MODEL_OPTIONS) choose the network, which parameters count
-    as packed and whether they carry per-channel scales (any scale but 'none').
+    as packed and which scales they carry (those of the scale the model would train with).
     """
     from qtrain import methods, models
 
@@ -110,5 +110,4 @@ def summary_of_target(target: str, **model_options) -> Summary:
         activations=options["activations"],
     )
     names = methods.quantized_parameter_names(model, options["policy"])
-    scaled = options["scale"] != "none"
-    return summarize(model, names, parse_grid(options["grid"]), scaled=scaled)
+    return summarize(model, names, parse_grid(options["grid"]), scale=options["scale"])

@@ -80,8 +80,8 @@ def export_onnx(
     [batch, time, vocabulary]; batch and time are dynamic.
 
     With `weights="packed"` the parameters named in `quantized` (each on `grid`, or on `grid`
-    scaled per output channel) are stored packed; `model` itself is not changed. The graph is
-    checked with `onnx.checker` before anything is written.
+    with one scale or one per output channel) are stored packed; `model` itself is not changed.
+    The graph is checked with `onnx.checker` before anything is written.
     """
     onnx = require("onnx", "export", "ONNX export")
     if opset < DEFAULT_OPSET:

@@ -6,16 +6,20 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
       <name> of every quantized parameter   uint8 [⌈n·b/8⌉]: its n codes i = (m + M)/step
                                             (see `qtrain.quant.grids`), b = grid.code_bits,
                                             packed as in `qtrain.export.packing`
-      <name>:scale of a scaled quantized parameter  float32 [C] (float64 for float64
-                                            weights): Δ_c of each output channel
+      <name>:scale of a scaled quantized parameter  float32 (float64 for float64 weights):
+                                            [1], the one Δ of the whole tensor, when one
+                                            restores it (scale he, absmean-tensor, and absmean
+                                            on a 1-D tensor); else [C], Δ_c of each output
+                                            channel
       every other entry of model.state_dict()  as it is (BN weights and running statistics,
                                             num_batches_tracked, linear layers, biases)
     __metadata__ = {"qtrain": one JSON string, "qtrain_crc32": CRC-32 of that string} holding
-      format "qtrain-packed", format_version 2, qtrain_version
+      format "qtrain-packed", format_version 3, qtrain_version
       model      {"name", "num_classes", "width", "in_channels", "activations"}: the network
       method     {"name", "grid": Grid.to_dict(), "policy", "scale"}
       quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order,
-                 plus "scale": "channel" for a weight stored with a scale per output channel
+                 plus, for a weight stored with scales, "scale": "tensor" (one, [1]) or
+                 "channel" (one per output channel, [C])
       config     the training run's configuration without its machine keys (data folder,
                  device, threads, ...): nothing of the training machine travels along, and
                  every identity key (amp included) does
@@ -23,15 +27,18 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
       crc32      {name: CRC-32 (zlib) of the tensor's stored bytes} for every tensor
 
 A weight is restored as grid.from_codes(codes, dtype).reshape(shape), or, when it is stored
-with scales (weights trained with a scaled grid: he, absmean, absmean-tensor), channel c as
-m·Δ_c (`qtrain.export.scales`). That is the exact value it had, because export refuses weights
-that are neither exactly on the grid nor exactly on it scaled per output channel; so a model
-loaded from a packed file computes bit-identical outputs to the checkpoint's model.
+with scales (weights trained with a scaled grid: he, absmean, absmean-tensor), as m·Δ, channel
+c as m·Δ_c (`qtrain.export.scales`). That is the exact value it had, because export refuses
+weights that are neither exactly on the grid nor exactly on it with one scale or one scale per
+output channel; so a model loaded from a packed file computes bit-identical outputs to the
+checkpoint's model.
 Everything is validated on load, the checksums first (safetensors has none, and a flipped
 bit in a float tensor would otherwise pass unnoticed); a problem raises `PackedFormatError`
 naming it and the fix. The header's own CRC-32 covers every byte of the JSON string, so an
-edited value (a grid's Δ, a model's width) is refused like a damaged tensor. Files of format
-version 1 (qtrain 0.1) have no header checksum and are still read, with their tensors checked.
+edited value (a grid's Δ, a model's width) is refused like a damaged tensor. Older files are
+still read: format version 2 stored every scale per channel, also C equal ones ("scale" is
+never "tensor" there), and version 1 (qtrain 0.1) has no header checksum either; their
+tensors are checked as always.
 """
 
 from __future__ import annotations
@@ -50,14 +57,16 @@ from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_bytes
 from qtrain.base.optional import require
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
-from qtrain.export.scales import channel_codes, weight_from_codes
+from qtrain.export.scales import scaled_codes, weight_from_codes
 from qtrain.quant import Grid
 from qtrain.train.config import portable
 from qtrain.train.rebuild import build_model
 
 FORMAT = "qtrain-packed"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no header checksum (qtrain 0.1)
+FORMAT_VERSION = 3
+# version 2: scales per channel only; version 1: no header checksum either (qtrain 0.1)
+READABLE_VERSIONS = (1, 2, 3)
+SCALE_KINDS = ("channel", "tensor")  # one scale per output channel, one for the whole tensor
 METADATA_KEY = "qtrain"
 HEADER_CRC_KEY = "qtrain_crc32"
 SCALE_SUFFIX = ":scale"  # ":" never occurs in a state_dict key
@@ -145,10 +154,11 @@ def _is_local_path(value: object) -> bool:
 def _pack_weight(
     name: str, weight: torch.Tensor, grid: Grid
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """({name: packed uint8 codes[, name:scale: Δ per channel]}, metadata entry) of a weight.
+    """({name: packed uint8 codes[, name:scale: Δ [1] or Δ_c [C]]}, metadata entry) of a weight.
 
-    Codes on the record's grid when the weight is exactly on it, else codes and scales when
-    every output channel is exactly on the grid with its own Δ_c.
+    Codes on the record's grid when the weight is exactly on it, else codes and one scale when
+    the whole weight is exactly on the grid with one Δ, else codes and scales when every output
+    channel is exactly on the grid with its own Δ_c.
     """
     if not grid.bounded:
         raise PackedFormatError(
@@ -165,7 +175,7 @@ def _pack_weight(
     entry = {"shape": list(weight.shape), "dtype": dtype, "code_bits": grid.code_bits}
     if grid.contains(weight):
         return {name: pack_codes(grid.to_codes(weight), grid.code_bits)}, entry
-    scaled = channel_codes(weight, grid)
+    scaled = scaled_codes(weight, grid)
     if scaled is None:  # restoring from codes (with any scales) would change the weight
         raise PackedFormatError(
             f"quantized parameter {name!r} is not exactly on the grid {grid.describe()}, nor on "
@@ -175,7 +185,7 @@ def _pack_weight(
         )
     codes, scale = scaled
     packed = {name: pack_codes(codes, grid.code_bits), name + SCALE_SUFFIX: scale.contiguous()}
-    return packed, {**entry, "scale": "channel"}
+    return packed, {**entry, "scale": "tensor" if scale.numel() == 1 else "channel"}
 
 
 def is_packed_file(path: str | Path) -> bool:
@@ -386,13 +396,13 @@ def _unpack_weight(
         and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in entry["shape"])
         and entry.get("dtype") in DTYPES
         and entry.get("code_bits") == grid.code_bits
-        and entry.get("scale", "channel") == "channel"
+        and entry.get("scale", "channel") in SCALE_KINDS
         and (entry["shape"] or "scale" not in entry)
     ):
         raise PackedFormatError(
             f"{path}: the metadata of quantized tensor {name!r} is invalid (it needs an integer "
             f"shape, a float dtype, code_bits {grid.code_bits} and no scale other than "
-            f"'channel'); {REEXPORT}"
+            f"{' or '.join(map(repr, SCALE_KINDS))}); {REEXPORT}"
         )
     count = math.prod(entry["shape"])
     if packed.dtype != torch.uint8 or packed.dim() != 1:
@@ -418,15 +428,19 @@ def _unpack_weight(
     if "scale" not in entry:
         return grid.from_codes(codes, dtype).reshape(entry["shape"])
     scale = stored[name + SCALE_SUFFIX]
+    if entry["scale"] == "tensor":
+        scales, each = 1, "one for the whole tensor"
+    else:
+        scales, each = entry["shape"][0], "one per output channel"
     if not (
         scale.dtype in (torch.float32, torch.float64)
-        and list(scale.shape) == entry["shape"][:1]
+        and list(scale.shape) == [scales]
         and bool(torch.isfinite(scale).all())
         and bool((scale >= 0).all())
     ):
         raise PackedFormatError(
-            f"{path}: the scales of quantized tensor {name!r} are not {entry['shape'][0]} finite "
-            f"float values >= 0 (one per output channel); {REEXPORT}"
+            f"{path}: the scales of quantized tensor {name!r} are not {scales} finite float "
+            f"value(s) >= 0 ({each}); {REEXPORT}"
         )
     return weight_from_codes(codes, scale, grid, entry["shape"], dtype)
 

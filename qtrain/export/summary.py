@@ -11,14 +11,17 @@ A layer is the module owning state entries. Per layer:
                   (a tensor listed under two names, a tied weight, is counted once)
                   (4 per float32 value, 8 per int64 value): the float file
     packed bytes  the packed file's tensors: ⌈n·b/8⌉ per quantized weight of n values with
-                  b = grid.code_bits bits per code, plus C·(element size) for a weight stored
-                  with per-output-channel scales (float32 [C], float64 for float64 weights;
-                  `qtrain.export.packed` stores them as `<name>:scale`), plus every other entry
-                  at its float bytes
+                  b = grid.code_bits bits per code, plus k·(element size) for a weight stored
+                  with k scales (float32, float64 for float64 weights; `qtrain.export.packed`
+                  stores them as `<name>:scale`): k = 1 for one scale of the whole tensor,
+                  k = C for one per output channel; plus every other entry at its float bytes
 
 A quantized weight is stored with scales when it is not exactly on the fixed grid (trained with
-scale he, absmean or absmean-tensor): `summarize` reads that from trained weights, or is told
-(`scaled`) for a model not trained yet. `bits` of a layer is the storage width of its
+scale he, absmean or absmean-tensor): `summarize` reads that, and how many, from trained
+weights as export does (`qtrain.export.scales.scaled_codes`), or is told the `scale` a model
+not trained yet will train with: then k is the number of values of that scale
+(`qtrain.methods.scales`: one for he and absmean-tensor and for absmean on a 1-D tensor, C for
+absmean on a tensor with ≥ 2 dims). `bits` of a layer is the storage width of its
 `weight` (b when quantized, else the dtype's bits). Binary activations
 (`qtrain.models.activations.BinaryActivation`) are computed by the sign, not stored: they add
 no bytes and are listed by name. The totals are the tensor bytes of a packed file; its JSON
@@ -33,6 +36,8 @@ import torch
 from torch import nn
 
 from qtrain.export.packing import packed_nbytes
+from qtrain.export.scales import scaled_codes
+from qtrain.methods.scales import fixed_scale, measured_scale
 from qtrain.models.activations import BinaryActivation
 from qtrain.quant import Grid
 
@@ -41,7 +46,7 @@ COLUMNS = (
 )  # fmt: skip
 STORED = (
     "A deployed (packed) file stores every parameter and buffer (BatchNorm running statistics "
-    "too): quantized weights as codes, plus per-channel scales when scaled, the rest as floats"
+    "too): quantized weights as codes, plus their scales when scaled, the rest as floats"
 )
 
 
@@ -57,7 +62,7 @@ class LayerRow:
     bits: int
     float_bytes: int
     packed_bytes: int
-    scale_bytes: int  # of the per-channel scales, included in packed_bytes
+    scale_bytes: int  # of the scales of its quantized weights, included in packed_bytes
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ class Summary:
         body = [line(cells[0]), rule, *map(line, cells[1:-1]), rule, line(cells[-1])]
         body.append(STORED + ".")
         if self.scale_bytes:
-            body.append(f"packed bytes include {self.scale_bytes:,} bytes of per-channel scales.")
+            body.append(f"packed bytes include {self.scale_bytes:,} bytes of scales.")
         if self.binary_activations:
             count = len(self.binary_activations)
             body.append(
@@ -174,13 +179,13 @@ class Summary:
 
 
 def summarize(
-    model: nn.Module, quantized_names: list[str], grid: Grid, *, scaled: bool | None = False
+    model: nn.Module, quantized_names: list[str], grid: Grid, *, scale: str | None = "none"
 ) -> Summary:
     """Storage summary of `model` when `quantized_names` are packed as codes of `grid`.
 
-    `scaled`: whether the quantized weights are stored with per-channel scales (False: codes
-    only; True: codes and scales); None reads it from each trained weight as export does
-    (scaled when not exactly on the fixed grid).
+    `scale`: the scale the quantized weights are trained with ("none": codes only; "he",
+    "absmean", "absmean-tensor": codes and that scale's values); None reads from each trained
+    weight as export does whether it carries scales, and how many.
     """
     state = model.state_dict()
     unknown = sorted(set(quantized_names) - set(state))
@@ -213,9 +218,8 @@ def summarize(
             float_bytes += size
             if full_name in quantized:
                 packed = packed_nbytes(tensor.numel(), grid.code_bits)
-                if scaled or (scaled is None and not grid.contains(tensor)):
-                    scales = _scale_nbytes(tensor)
-                    packed, scale_bytes = packed + scales, scale_bytes + scales
+                scales = _scale_nbytes(tensor, grid, scale)
+                packed, scale_bytes = packed + scales, scale_bytes + scales
                 n_quantized += tensor.numel()
                 q_float, q_packed = q_float + size, q_packed + packed
                 packed_bytes += packed
@@ -243,10 +247,21 @@ def summarize(
     return Summary(tuple(rows), grid, q_float, q_packed, activations)
 
 
-def _scale_nbytes(weight: torch.Tensor) -> int:
-    """Bytes of one scale per output channel: float32 [C] (float64 for float64 weights)."""
-    channels = weight.shape[0] if weight.dim() else 1
-    return channels * (8 if weight.dtype == torch.float64 else 4)
+def _scale_nbytes(weight: torch.Tensor, grid: Grid, scale: str | None) -> int:
+    """Bytes of the scales stored with `weight` (float32, float64 for float64 weights): as
+    many as the scale of kind `scale` has values, or, for `scale=None`, as export stores."""
+    if scale is None:
+        if grid.contains(weight):
+            return 0
+        found = scaled_codes(weight, grid)
+        # a weight export refuses counts one scale per channel, as the nearest storable
+        count = found[1].numel() if found else (weight.shape[0] if weight.dim() else 1)
+    elif scale == "none":
+        return 0
+    else:
+        value = fixed_scale(scale, weight)
+        count = (value if value is not None else measured_scale(scale, weight.detach())).numel()
+    return count * (8 if weight.dtype == torch.float64 else 4)
 
 
 def _dtype_bits(tensor: torch.Tensor) -> int:

@@ -11,9 +11,10 @@ runs the file as it is while the file stores 1 bit per binary weight:
     code[i]   = Σ_j bits[i·b + j]·2^j                            j < b
     w         = (levels[code] ⊙ scale).reshape(shape)           levels = grid multiples m
 
-`scale` is Δ for a fixed grid, or one Δ_c per output channel ([C_out, 1, …]) for a scaled
-one; m·Δ is one float32 product, the same one rounding produces, so the rebuilt weight is
-bit-identical to the trained one.
+`scale` is Δ for a fixed grid, or for a scaled one the scale export reads back from the
+weight (`qtrain.export.scales`): one Δ for the whole tensor (0-dim) or one Δ_c per output
+channel ([C_out, 1, …]); m·Δ is one float32 product, the same one rounding produces, so the
+rebuilt weight is bit-identical to the trained one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from qtrain.base.errors import UserError
 from qtrain.export.packing import pack_codes
-from qtrain.export.scales import channel_codes
+from qtrain.export.scales import scaled_codes
 from qtrain.quant import Grid
 
 
@@ -84,11 +85,12 @@ def level_table(grid: Grid, delta: float) -> torch.Tensor:
 
 
 def packed_weights(weights: dict[str, torch.Tensor], grid: Grid) -> dict[str, PackedWeight]:
-    """A `PackedWeight` for every named weight on `grid`, or on `grid` scaled per channel.
+    """A `PackedWeight` for every named weight on `grid`, or on `grid` scaled.
 
     A weight on the grid itself keeps its levels m·Δ in the table and scale 1; a weight on a
-    per-output-channel scaled grid (`qtrain.export.scales`) keeps m in the table and Δ_c as its
-    scale [C, 1, …]. Anything else raises ValueError: it would not be restored exactly.
+    scaled grid (`qtrain.export.scales`) keeps m in the table and as its scale one Δ (0-dim)
+    when one restores the whole tensor, else Δ_c per output channel [C, 1, …]. Anything else
+    raises ValueError: it would not be restored exactly.
     """
     if not grid.bounded:
         raise UserError(
@@ -102,15 +104,18 @@ def packed_weights(weights: dict[str, torch.Tensor], grid: Grid) -> dict[str, Pa
         if grid.contains(w):
             table, scale, codes = level_table(grid, grid.delta), torch.tensor(1.0), grid.to_codes(w)
         else:
-            found = channel_codes(w, grid)
+            found = scaled_codes(w, grid)
             if found is None:
                 raise UserError(
-                    f"weight {name!r} is not on the grid {grid.describe()} (nor on it scaled per "
-                    "output channel); export with {onnx_weights}",
+                    f"weight {name!r} is not on the grid {grid.describe()} (nor on it with one "
+                    "scale or one per output channel); export with {onnx_weights}",
                     onnx_weights="onnx_weights=float",
                 )
-            codes, channel_scale = found
+            codes, found_scale = found
             table = level_table(grid, 1.0)
-            scale = channel_scale.reshape(-1, *([1] * (w.dim() - 1)))
+            if found_scale.numel() == 1:
+                scale = found_scale.reshape(())
+            else:
+                scale = found_scale.reshape(-1, *([1] * (w.dim() - 1)))
         packed[name] = PackedWeight(codes.reshape(w.shape), grid.code_bits, table, scale)
     return packed
