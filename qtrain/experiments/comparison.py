@@ -138,7 +138,7 @@ def cells(budget: str, seeds: int, data_dir=None, download: bool = True) -> list
             from_dict(cell_config(column, budget, seed, data_dir, download)),
             PANELS[column.activations],
             column.label,
-        )  # fmt: skip
+        )
         for column in COLUMNS
         for seed in range(seeds)
     ]

@@ -74,7 +74,7 @@ def cells(epochs: int, seed: int, seeds: int) -> list[Cell]:
             demo_config(row.method, BIG_BATCH if row.big_batch else DEMO_BATCH, epochs, seed + k),
             "tiny_cnn digits",
             row.label,
-        )  # fmt: skip
+        )
         for row in PAPER_METHODS
         for k in range(seeds)
     ]

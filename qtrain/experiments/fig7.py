@@ -29,7 +29,7 @@ def cells(budget: str, data_dir=None, download: bool = True) -> list[Cell]:
             config.replace(weight_decay=decay),
             "VGG-BC BC-ADAM",
             label,
-        )  # fmt: skip
+        )
         for label, decay in DECAYS.items()
     ]
 

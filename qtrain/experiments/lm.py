@@ -135,7 +135,7 @@ def cells(budget: str, seeds: int, data_dir=None, download: bool = True) -> list
             from_dict(cell_config(row, budget, seed, data_dir, download)),
             "gpt",
             row.name,
-        )  # fmt: skip
+        )
         for row in ROWS
         for seed in range(seeds)
     ]

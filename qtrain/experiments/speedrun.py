@@ -156,7 +156,7 @@ def run_speedrun(
             variant_cfg.replace(seed=config.seed + k),
             variant,
             variant_cfg.method,
-        )  # fmt: skip
+        )
         for variant, variant_cfg in configs.items()
         for k in range(seeds)
     ]

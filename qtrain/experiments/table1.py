@@ -100,7 +100,7 @@ def cells(rows: list[str], budget: str, seeds: int, data_dir=None, download=True
             row_config(row, method, budget, seed, data_dir, download),
             row_title(row),
             method.label,
-        )  # fmt: skip
+        )
         for row in check_rows(rows)
         for method in PAPER_METHODS
         for seed in range(seeds)
