@@ -1,8 +1,10 @@
 """The `qtrain` command line: parses arguments, then calls the library.
 
-Expected user errors (bad paths, unknown names, impossible values, corrupt files) end with one
-line on stderr and exit code 2; an interrupted run saves a checkpoint and exits with 130
-(SIGINT) or 143 (SIGTERM); anything else is a bug and shows its traceback.
+Expected user errors (bad paths, unknown names, impossible values, corrupt files: a
+`qtrain.base.errors.UserError` or one of the OS errors of a path) end with one line on stderr
+and exit code 2; an interrupted run saves a checkpoint and exits with 130 (SIGINT) or 143
+(SIGTERM); anything else is a bug in qtrain: it keeps its traceback, says how to report it
+(with the run's meta.json) and exits with 1.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import errno
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from qtrain.base.errors import NamesSettings
+from qtrain.base.errors import NamesSettings, UserError
 from qtrain.base.names import did_you_mean
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
 SPEEDRUN_PRESET = "speedrun-binary"  # `qtrain speedrun` without --config
 # A full disk and an exhausted quota (common on shared machines) mean the same to the user.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -211,9 +215,9 @@ def cmd_reproduce(args) -> int:
     from qtrain.experiments import comparison, fig7, lm, table1
 
     if args.rows is not None and args.experiment != "table1":
-        raise ValueError("--rows applies to `reproduce table1` only; leave it out")
+        raise UserError("--rows applies to `reproduce table1` only; leave it out")
     if args.seeds is not None and args.experiment == "fig7":
-        raise ValueError("`reproduce fig7` runs one seed; leave --seeds out")
+        raise UserError("`reproduce fig7` runs one seed; leave --seeds out")
     common = dict(budget=args.budget or EXPERIMENTS[args.experiment], data_dir=args.data_dir,
                   download=args.download)  # fmt: skip
     out = Path(args.out)
@@ -351,20 +355,19 @@ def _register_optional(module_name: str, sub) -> None:
 
 
 def _user_error_types() -> tuple[type, ...]:
-    from qtrain.base.errors import MissingDependencyError
-    from qtrain.train.distributed import RankFailure
-    from qtrain.train.divergence import DivergenceError
+    """Errors an input can cause (a value, a name, a path, a file): one line and exit 2. Every
+    other exception is a bug in qtrain."""
+    from qtrain.base.errors import MissingDependencyError, UserError
 
     return (
+        UserError,
+        NamesSettings,
         MissingDependencyError,
-        ValueError,
         FileNotFoundError,
         NotADirectoryError,
         IsADirectoryError,
         FileExistsError,
         PermissionError,
-        DivergenceError,
-        RankFailure,
     )
 
 
@@ -384,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qtrain: interrupted", file=sys.stderr)
         return 130
+    except _user_error_types() as e:
+        print(f"qtrain: error: {_one_line(e, args.command)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except OSError as e:
         if e.errno in DISK_FULL_ERRNOS:
             print(
@@ -392,13 +398,28 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_USER_ERROR
-        if isinstance(e, _user_error_types()):
-            print(f"qtrain: error: {_one_line(e, args.command)}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
-    except _user_error_types() as e:
-        print(f"qtrain: error: {_one_line(e, args.command)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _internal_error(args)
+    except Exception:
+        return _internal_error(args)
+
+
+def _internal_error(args) -> int:
+    """A bug: the traceback, then one line saying how to report it (exit 1)."""
+    traceback.print_exc()
+    out = getattr(args, "out", None) or getattr(args, "checkpoint", None)
+    meta = f" and {Path(out) / 'meta.json'}" if out and (Path(out) / "meta.json").is_file() else ""
+    print(
+        "qtrain: internal error: this is a bug in qtrain, not a mistake in your input; please "
+        f"report it with the traceback above{meta} (qtrain {_version()}, `qtrain --version`)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL_ERROR
+
+
+def _version() -> str:
+    import qtrain
+
+    return qtrain.__version__
 
 
 def _cli_spelling(command: str):

@@ -26,7 +26,7 @@ def test_loader(record: dict, data_dir: str | None = None, batch_size: int = 100
     config = record.get("config") or {}
     dataset = config.get("dataset")
     if not dataset:
-        raise ValueError("the file does not name the data set it was trained on")
+        raise UserError("the file does not name the data set it was trained on")
     name = record["model"]["name"]
     text = is_text(dataset)
     if text:  # the model's own context, whatever the config's defaults are now
@@ -61,7 +61,7 @@ def evaluate_file(
     model, record = load_any_model(path, weights)
     config = record.get("config") or {}
     if not config.get("dataset"):
-        raise ValueError(
+        raise UserError(
             f"{path} does not name the data set it was trained on; it cannot be evaluated"
         )
     tta = config.get("tta", "none") if tta is None else tta

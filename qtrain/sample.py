@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_generator
 from qtrain.data.text import encode
 from qtrain.export.loading import load_any_model
@@ -34,7 +35,7 @@ def sample_model(
 ) -> str:
     """The prompt followed by `chars` generated characters (see the module doc)."""
     if prompt == "":
-        raise ValueError("the prompt is empty; give at least one character or leave it out")
+        raise UserError("the prompt is empty; give at least one character or leave it out")
     start = prompt if prompt is not None else (DEFAULT_PROMPT if "\n" in vocab else vocab[0])
     device = next(model.parameters()).device
     idx = encode(vocab, start, "the prompt").to(device)[None]  # [1, T]
@@ -48,7 +49,7 @@ def sample_file(path: str | Path, **options) -> str:
     model, record = load_any_model(path)
     vocab = record["model"].get("vocab")
     if not vocab:
-        raise ValueError(
+        raise UserError(
             f"{path} holds model {record['model']['name']!r} trained on images, not a language "
             "model; sample a run trained on a text data set (e.g. with the preset gpt-shakespeare)"
         )

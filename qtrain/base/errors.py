@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
-class NamesSettings:
+class NamesSettings(Exception):
     """Mixin for an error whose message names settings through {placeholders} (above)."""
 
     def __init__(self, message: str, **settings: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from qtrain.base.errors import UserError
+
 
 def closest(name: object, choices: Iterable[str]) -> str | None:
     """The registered name most similar to `name` (difflib ratio ≥ 0.6), or None."""
@@ -21,6 +23,6 @@ def did_you_mean(name: object, choices: Iterable[str]) -> str:
 def unknown_name(kind: str, name: object, choices: Iterable[str]) -> ValueError:
     """ValueError: "unknown <kind> 'x' (did you mean 'y'?); choose one of a, b, c"."""
     choices = list(choices)
-    return ValueError(
+    return UserError(
         f"unknown {kind} {name!r}{did_you_mean(name, choices)}; choose one of {', '.join(choices)}"
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 
 from .loader import BatchLoader
@@ -33,12 +34,12 @@ class ArrayDataset:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(
+            raise UserError(
                 f"images must be a uint8 tensor [N, C, H, W], got {self.images.dtype} "
                 f"of shape {tuple(self.images.shape)}; convert the pixels to uint8 first"
             )
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
-            raise ValueError(
+            raise UserError(
                 f"labels must be an int64 tensor [N] with N = {self.images.shape[0]}, got "
                 f"{self.labels.dtype} of shape {tuple(self.labels.shape)}; pass one label per image"
             )

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import torch
 
+from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_generator
 
 
@@ -30,7 +31,7 @@ def hold_out(splits, size: int, seed: int):
     """
     total = len(splits.train)
     if isinstance(size, bool) or not isinstance(size, int) or not 0 < size < total:
-        raise ValueError(
+        raise UserError(
             f"val_images must be a whole number between 1 and {total - 1} (the data set has "
             f"{total} training images), got {size!r}; lower val_images"
         )

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from qtrain.base.errors import UserError
 from qtrain.base.optional import require
 
 from .arrays import check_split
@@ -103,7 +104,7 @@ class ImageNetSplits:
         """
         check_split(split)
         if split == "train" and augment is False:
-            raise ValueError(
+            raise UserError(
                 "ImageNet training always uses random-resized crops and flips; remove augment=false"
             )
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -157,7 +158,7 @@ def load_imagenet(root: str | Path, image_size: int = 224) -> ImageNetSplits:
     ``image_size`` is the side of the crops its loaders yield (224 for ResNet-18).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"ImageNet crops need image_size >= 1 (an integer), got {image_size!r}")
+        raise UserError(f"ImageNet crops need image_size >= 1 (an integer), got {image_size!r}")
     root = Path(root).expanduser()
     train = scan_folder(root / "train")
     test = scan_folder(root / "val", train.class_names)
@@ -284,7 +285,7 @@ class ImageNetLoader(Batching):
         resize_size: int = 256,
     ) -> None:
         if not 0 < image_size <= resize_size:
-            raise ValueError(
+            raise UserError(
                 f"crop size {image_size} must be positive and at most the resize size "
                 f"{resize_size}; pass a smaller image_size or a larger resize_size"
             )

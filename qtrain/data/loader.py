@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_seed
 
 if TYPE_CHECKING:  # arrays.py builds loaders, so the import runs one way only
@@ -145,7 +146,7 @@ class Batching(ABC):
     ) -> None:
         _check_sizes(size, batch_size, rank, world_size)
         if len(mean) != channels or len(std) != channels or min(std) <= 0:
-            raise ValueError(
+            raise UserError(
                 f"mean and std need {channels} values (one per channel) with std > 0, got "
                 f"mean={tuple(mean)} std={tuple(std)}; pass the data set's statistics"
             )
@@ -155,7 +156,7 @@ class Batching(ABC):
         self.seed = seed
         self.drop_last = train if drop_last is None else drop_last
         if self.drop_last and size < batch_size:
-            raise ValueError(
+            raise UserError(
                 f"batch size {batch_size} is larger than the {size} images of the "
                 "split, so dropping the last partial batch leaves none; use a smaller batch"
             )
@@ -176,7 +177,7 @@ class Batching(ABC):
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches ``start_batch`` … len−1 of ``epoch``: x float32 [B/W, C, H, W], y int64."""
         if not 0 <= start_batch <= len(self):
-            raise ValueError(
+            raise UserError(
                 f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch); "
                 "resume from a batch index of this epoch"
             )
@@ -237,7 +238,7 @@ class BatchLoader(Batching):
             world_size=world_size,
         )
         if not isinstance(padding, int) or padding < 0:
-            raise ValueError(f"crop padding must be an integer >= 0, got {padding!r}")
+            raise UserError(f"crop padding must be an integer >= 0, got {padding!r}")
         self.augment = train and augment
         self.padding = padding
         self.images = dataset.images.to(self.device)  # uint8 [N, C, H, W], stored once
@@ -276,16 +277,16 @@ class BatchLoader(Batching):
 
 def _check_sizes(size: int, batch_size: int, rank: int, world_size: int) -> None:
     if size == 0:
-        raise ValueError("the data set is empty; load a split that holds images")
+        raise UserError("the data set is empty; load a split that holds images")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
     if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
+        raise UserError(
             f"rank {rank} is not in 0..{world_size - 1} for world size {world_size}; "
             "pass the process's rank and the number of processes"
         )
     if batch_size % world_size:
-        raise ValueError(
+        raise UserError(
             f"global batch size {batch_size} is not divisible by world size {world_size}; "
             "choose a batch size that is a multiple of the number of processes"
         )

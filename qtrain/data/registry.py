@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 
 from .cifar import load_cifar
@@ -83,7 +84,7 @@ _DATASETS: dict[str, DatasetInfo] = {}
 def register_dataset(info: DatasetInfo) -> DatasetInfo:
     """Add ``info`` to the registry; a duplicate name is a programming error."""
     if info.name in _DATASETS:
-        raise ValueError(f"data set name {info.name!r} is already registered; pick another name")
+        raise UserError(f"data set name {info.name!r} is already registered; pick another name")
     _DATASETS[info.name] = info
     return info
 
@@ -117,7 +118,7 @@ def load(name: str, root: str | Path | None = None, download: bool = False, **op
     unknown = sorted(set(options) - set(info.options))
     if unknown:
         accepted = ", ".join(info.options) or "none"
-        raise ValueError(
+        raise UserError(
             f"data set {name!r} has no option {', '.join(unknown)}; its options are: {accepted}"
         )
     root = default_root() / info.folder if root is None else Path(root).expanduser()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.base.errors import UserError
+
 from .arrays import ArrayDataset, DataSplits, channel_stats
 
 
@@ -42,7 +44,7 @@ def make_synthetic(
         ("image_size", image_size),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"synthetic data needs {label} >= 1 (an integer), got {value!r}")
+            raise UserError(f"synthetic data needs {label} >= 1 (an integer), got {value!r}")
     generator = torch.Generator().manual_seed(seed)
     shape = (num_classes, in_channels, image_size, image_size)
     prototypes = torch.randint(0, 256, shape, generator=generator).float()

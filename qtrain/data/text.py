@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_seed
 
 from .download import fetch
@@ -132,7 +133,7 @@ class TextSplits:
         from `seed`) or "test" (`batches` fixed batches). Image options (augment, layout,
         ranks) do not apply to text and are ignored."""
         if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r}; choose train or test")
+            raise UserError(f"unknown split {split!r}; choose train or test")
         ids = self.train if split == "train" else self.test
         return TextLoader(ids, batch_size, self.block_size, torch.device(device),
                           seed=seed, length=steps if split == "train" else batches,
@@ -180,7 +181,7 @@ def encode(vocab: str, text: str, what: str = "the text") -> torch.Tensor:
     index = {ch: i for i, ch in enumerate(vocab)}
     unknown = "".join(sorted({ch for ch in text if ch not in index}))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{what} has characters the model never saw ({unknown!r}); use only characters "
             f"of its vocabulary {vocab!r}"
         )

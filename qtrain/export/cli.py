@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+from qtrain.base.errors import UserError
 from qtrain.export.loading import MODEL_OPTIONS, load_any_model, summary_of, summary_of_target
 from qtrain.export.onnx import (
     DEFAULT_OPSET,
@@ -87,7 +88,7 @@ def run_export(args: argparse.Namespace) -> int:
     source, out = Path(args.source), Path(args.out)
     written = source / "checkpoint.pt" if source.is_dir() else source
     if out.exists() and written.exists() and out.resolve() == written.resolve():
-        raise ValueError(f"--out {out} is the source file itself; choose another output path")
+        raise UserError(f"--out {out} is the source file itself; choose another output path")
     model, record = load_any_model(source)
     if args.format == "packed":
         save_packed(out, record)
@@ -103,7 +104,7 @@ def run_export(args: argparse.Namespace) -> int:
         unit = "tokens" if tokens else "pixels"
         if args.input_size < 1 or (tokens and args.input_size > shape[0]):
             limit = f" (at most the context, {shape[0]})" if tokens else ""
-            raise ValueError(
+            raise UserError(
                 f"--input-size must be a positive number of {unit}{limit}, got {args.input_size}"
             )
         shape = (args.input_size,) if tokens else (shape[0], args.input_size, args.input_size)

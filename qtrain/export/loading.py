@@ -54,7 +54,7 @@ def load_any_model(path: str | Path, weights: str = "reported") -> tuple[nn.Modu
     path = Path(path)
     if is_packed_file(path):
         if weights != "reported":
-            raise ValueError(
+            raise UserError(
                 f"{path} is a packed file, which holds only the weights its run reported; "
                 "pass the run folder or its checkpoint.pt for the live weights"
             )

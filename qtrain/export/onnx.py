@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_bytes
 from qtrain.base.names import unknown_name
 from qtrain.base.optional import require
@@ -85,14 +86,14 @@ def export_onnx(
     """
     onnx = require("onnx", "export", "ONNX export")
     if opset < DEFAULT_OPSET:
-        raise ValueError(f"ONNX opset must be >= {DEFAULT_OPSET}, got {opset}; use a newer opset")
+        raise UserError(f"ONNX opset must be >= {DEFAULT_OPSET}, got {opset}; use a newer opset")
     if weights not in WEIGHT_FORMATS:
         raise unknown_name("ONNX weight format", weights, WEIGHT_FORMATS)
     model.eval()
     packed = weights == "packed" and bool(quantized)
     if packed:
         if grid is None:
-            raise ValueError("packed ONNX weights need the grid the quantized weights live on")
+            raise UserError("packed ONNX weights need the grid the quantized weights live on")
         parameters = dict(model.named_parameters())
         model = pack_into_model(
             copy.deepcopy(model), packed_weights({n: parameters[n] for n in quantized}, grid)

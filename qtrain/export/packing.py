@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from qtrain.base.errors import UserError
+
 MAX_CODE_BITS = 16
 _CODE_DTYPE = np.dtype("<u2")  # holds every code of up to MAX_CODE_BITS bits
 
@@ -29,7 +31,7 @@ def packed_nbytes(count: int, bits: int) -> int:
     """Bytes that `count` codes of `bits` bits occupy once packed: ⌈count·bits/8⌉."""
     _check_bits(bits)
     if count < 0:
-        raise ValueError(f"the number of codes must be >= 0, got {count}")
+        raise UserError(f"the number of codes must be >= 0, got {count}")
     return (count * bits + 7) // 8
 
 
@@ -38,7 +40,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     flat = codes.detach().reshape(-1).cpu().to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
-        raise ValueError(
+        raise UserError(
             f"codes must lie in [0, {2**bits - 1}] to be packed with {bits} bits, got values in "
             f"[{int(flat.min())}, {int(flat.max())}]"
         )
@@ -55,14 +57,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """
     expected = packed_nbytes(count, bits)
     if packed.dtype != torch.uint8:
-        raise ValueError(f"a packed buffer must be uint8, got {packed.dtype}")
+        raise UserError(f"a packed buffer must be uint8, got {packed.dtype}")
     if packed.numel() != expected:
-        raise ValueError(
+        raise UserError(
             f"{count} codes of {bits} bits need {expected} bytes, the buffer has {packed.numel()}"
         )
     stream = np.unpackbits(packed.detach().reshape(-1).cpu().numpy(), bitorder="little")
     if stream[count * bits :].any():
-        raise ValueError("the padding bits after the last code are not zero")
+        raise UserError("the padding bits after the last code are not zero")
     planes = np.zeros((count, 8 * _CODE_DTYPE.itemsize), dtype=np.uint8)
     planes[:, :bits] = stream[: count * bits].reshape(count, bits)
     codes = np.packbits(planes, axis=1, bitorder="little").view(_CODE_DTYPE).reshape(-1)
@@ -71,4 +73,4 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 def _check_bits(bits: int) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_CODE_BITS:
-        raise ValueError(f"code width must be an integer in [1, {MAX_CODE_BITS}], got {bits!r}")
+        raise UserError(f"code width must be an integer in [1, {MAX_CODE_BITS}], got {bits!r}")

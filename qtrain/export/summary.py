@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.export.packing import packed_nbytes
 from qtrain.export.scales import scaled_codes
 from qtrain.methods.scales import fixed_scale, measured_scale
@@ -190,7 +191,7 @@ def summarize(
     state = model.state_dict()
     unknown = sorted(set(quantized_names) - set(state))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"quantized parameter {unknown[0]!r} is not in the model; pass names from "
             "model.state_dict(), as in a checkpoint's 'quantized' list"
         )

@@ -71,7 +71,7 @@ def pack_into_model(model: nn.Module, weights: dict[str, PackedWeight]) -> nn.Mo
         owner_name, _, attribute = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         if not isinstance(getattr(owner, attribute, None), nn.Parameter):
-            raise ValueError(f"{name!r} is not a parameter of the model; cannot pack it")
+            raise UserError(f"{name!r} is not a parameter of the model; cannot pack it")
         _install(owner, attribute, packed)
     return model
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.base.errors import UserError
+
 BOP_DEFAULTS = {"gamma": 1e-4, "tau": 1e-8}
 BOP2_DEFAULTS = {"gamma": 1e-7, "tau": 1e-5, "sigma": 1e-3}
 BOP2_EPS = 1e-10
@@ -61,13 +63,13 @@ def flip_group_index(param_groups: list[dict], quantized: list, mode: str) -> in
         if ids <= {id(p) for p in group["params"]}:
             missing = [k for k in needed if k not in group]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"{mode} reads {', '.join(needed)} from the quantized parameter group, "
                     f"which lacks {', '.join(missing)}; build it with qtrain.methods.create "
                     "or add those keys to the group"
                 )
             return i
-    raise ValueError(
+    raise UserError(
         f"{mode} needs all quantized parameters in one parameter group; put them in one group "
         "of the base optimizer"
     )

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtrain.base.errors import UserError
+
 
 def flat_views(params: list[nn.Parameter], flat: torch.Tensor) -> list[torch.Tensor]:
     """Views into `flat` with each parameter's shape and strides (dense, non-overlapping)."""
@@ -34,7 +36,7 @@ def is_dense(p: torch.Tensor) -> bool:
 
 def check_dense(p: torch.Tensor) -> None:
     if not is_dense(p):
-        raise ValueError(
+        raise UserError(
             "a quantized parameter must be a dense tensor (no overlapping or sliced storage); "
             "call .contiguous() on it before building the optimizer"
         )
@@ -54,7 +56,7 @@ def moved(params: list[nn.Parameter], views: list[torch.Tensor]) -> bool:
 def check_widening(old: torch.dtype, new: torch.dtype) -> None:
     """Refuse a cast that cannot hold every `old` value exactly (float32 → float16, ...)."""
     if torch.promote_types(old, new) != new:
-        raise ValueError(
+        raise UserError(
             f"the model's quantized parameters were cast from {old} to {new} after the "
             "optimizer was built, which would round the optimizer's float state; cast the "
             "model before calling methods.create"

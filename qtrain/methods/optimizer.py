@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 from qtrain.base.streams import stream_generator
 from qtrain.methods.bop import bop2_flips_, bop_flips_, flip_group_index
@@ -82,7 +83,7 @@ BUFFERS = {"bc": ("latent",), "bop": ("m",), "bop2": ("m", "v")}  # flat state k
 def check_grid(mode: str, grid: Grid) -> None:
     """Bop and Bop2 flip signs, which only the binary grid can express."""
     if mode in FLIPPING and grid.kind != "binary":
-        raise ValueError(
+        raise UserError(
             f"{mode} flips signs, so it needs the binary grid, not {grid.describe()}; "
             "use grid='binary'"
         )
@@ -164,17 +165,17 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         for p, s in zip(self.quantized, self._scales, strict=True):
             if id(p) not in owned:
-                raise ValueError(
+                raise UserError(
                     "a quantized parameter is not optimized by the base optimizer; "
                     "build the base optimizer over all of the model's trainable parameters"
                 )
             check_dense(p)
             if not p.is_floating_point():
-                raise ValueError("quantized parameters must be floating point tensors")
+                raise UserError("quantized parameters must be floating point tensors")
             if self.mode not in ("bc", "fp") and not on_scaled_grid(
                 p.detach(), broadcastable(s, p), self.grid
             ):
-                raise ValueError(
+                raise UserError(
                     f"{self.mode} keeps no float copy, so its parameters must start on the grid "
                     f"{self.grid.describe()} (scale {self.scale!r}); initialise them with "
                     "qtrain.methods.rademacher_() or round them with round_nearest() first"
@@ -182,7 +183,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         devices = {p.device for p in self.quantized}
         dtypes = {p.dtype for p in self.quantized}
         if len(devices) > 1 or len(dtypes) > 1:
-            raise ValueError(
+            raise UserError(
                 "all quantized parameters must share one device and dtype; move the model "
                 "with model.to(device, dtype) before building the optimizer"
             )
@@ -228,7 +229,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         devices = {p.device for p in self.quantized}
         dtypes = {p.dtype for p in self.quantized}
         if len(devices) > 1 or len(dtypes) > 1:
-            raise ValueError(
+            raise UserError(
                 "the quantized parameters were moved to different devices or dtypes after the "
                 "optimizer was built; move the whole model with model.to(device, dtype)"
             )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 
 POLICIES = ("conv", "conv+linear", "linear", "all")
@@ -48,14 +49,14 @@ def full_precision_parameters(model: nn.Module) -> set[int]:
     """ids of the parameters held by the modules ``model.full_precision_modules`` names."""
     declared = getattr(model, "full_precision_modules", ())
     if not isinstance(declared, (tuple, list)) or not all(isinstance(n, str) for n in declared):
-        raise ValueError(
+        raise UserError(
             f"{type(model).__name__}.full_precision_modules must be a tuple of submodule "
             f"names, got {declared!r}; write it as a tuple such as ('lm_head',)"
         )
     modules = dict(model.named_modules())
     missing = [name for name in declared if name not in modules]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{type(model).__name__}.full_precision_modules names {', '.join(missing)}, which "
             "the model does not have; list names from model.named_modules()"
         )

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 from qtrain.base.streams import stream_generator
 from qtrain.methods.bop import BOP2_DEFAULTS, BOP_DEFAULTS
@@ -117,14 +118,14 @@ def _flip_settings(mode: str, gamma, tau, sigma) -> dict:
     if mode not in FLIPPING:
         extra = [k for k, v in given.items() if v is not None]
         if extra:
-            raise ValueError(
+            raise UserError(
                 f"{', '.join(extra)} only {'applies' if len(extra) == 1 else 'apply'} to "
                 f"bop-adam and bop2-adam; leave {'it' if len(extra) == 1 else 'them'} unset "
                 "for this method"
             )
         return {}
     if mode == "bop" and sigma is not None:
-        raise ValueError("bop_sigma only applies to bop2-adam; leave it unset for bop-adam")
+        raise UserError("bop_sigma only applies to bop2-adam; leave it unset for bop-adam")
     defaults = BOP_DEFAULTS if mode == "bop" else BOP2_DEFAULTS
     settings = {}
     for key, default in defaults.items():
@@ -225,7 +226,7 @@ def create(
     ]
     groups = [g for g in groups if g["params"]]
     if not groups:
-        raise ValueError("the model has no trainable parameters to optimize")
+        raise UserError("the model has no trainable parameters to optimize")
     base = _base_optimizer(spec, groups, lr, weight_decay, momentum, betas, eps)
     return QuantizedOptimizer(
         base,
@@ -280,9 +281,9 @@ def _check_positive(what: str, value: float) -> None:
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+        raise UserError(f"{what} must be a finite number > 0, got {value!r}")
 
 
 def _check_nonnegative(what: str, value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+        raise UserError(f"{what} must be a finite number >= 0, got {value!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.base.errors import UserError
 from qtrain.quant import Grid
 
 
@@ -42,7 +43,7 @@ def split_saved(state_dict) -> tuple[dict, dict]:
     try:
         return state_dict["base"], state_dict["quantization"]
     except (KeyError, TypeError):
-        raise ValueError(
+        raise UserError(
             "this optimizer state was not saved by a qtrain QuantizedOptimizer; "
             "load a checkpoint written by qtrain"
         ) from None
@@ -51,31 +52,31 @@ def split_saved(state_dict) -> tuple[dict, dict]:
 def check_saved_settings(opt, q: dict) -> None:
     """Refuse a saved state `q` whose method, grid, scale, settings or size differ from `opt`'s."""
     if q["mode"] != opt.mode or Grid.from_dict(q["grid"]) != opt.grid:
-        raise ValueError(
+        raise UserError(
             f"the saved optimizer state is for {q['mode']} on "
             f"{Grid.from_dict(q['grid']).describe()}, not {opt.mode} on "
             f"{opt.grid.describe()}; resume with the method and grid it was trained with"
         )
     saved_scale = q.get("scale", "none")
     if saved_scale != opt.scale:
-        raise ValueError(
+        raise UserError(
             f"the saved optimizer state was trained with scale {saved_scale!r}, not "
             f"{opt.scale!r}; resume with the scale it was trained with"
         )
     if bool(q.get("bc_stochastic", False)) != opt.bc_stochastic:
-        raise ValueError(
+        raise UserError(
             f"the saved optimizer state was trained with bc_stochastic="
             f"{bool(q.get('bc_stochastic'))}, not {opt.bc_stochastic}; resume with the "
             "setting it was trained with"
         )
     if q["num_quantized"] != opt.num_quantized:
-        raise ValueError(
+        raise UserError(
             f"the saved optimizer state quantizes {q['num_quantized']} weights but this "
             f"model has {opt.num_quantized}; resume with the same model and policy"
         )
     saved_device = q.get("generator_device")
     if opt.generator is not None and saved_device not in (None, opt.generator.device.type):
-        raise ValueError(
+        raise UserError(
             f"the saved rounding generator ran on a {saved_device} device but this optimizer "
             f"rounds on {opt.generator.device.type}, and their random states do not "
             f"convert; resume with the model on a {saved_device} device"

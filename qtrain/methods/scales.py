@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 from qtrain.quant import Grid, compute_dtype, round_nearest, round_stochastic
 
@@ -51,12 +52,12 @@ def check_scale(scale: str, mode: str) -> str:
     if scale not in SCALES:
         raise unknown_name("scale", scale, SCALES)
     if mode == "fp" and scale != "none":
-        raise ValueError(
+        raise UserError(
             f"full-precision methods do not quantize, so scale {scale!r} has no effect; "
             "use scale='none'"
         )
     if mode not in ("bc", "fp") and scale in MEASURED:
-        raise ValueError(
+        raise UserError(
             f"scale {scale!r} is measured from latent weights, which {mode} does not keep; "
             f"use one of {', '.join(FIXED)} (or a bc-* method)"
         )

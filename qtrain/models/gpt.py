@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 
 from .registry import register_model
@@ -58,20 +59,20 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPT {name} must be a positive integer, got {value!r}")
+                raise UserError(f"GPT {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(
+            raise UserError(
                 f"GPT n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 "choose n_embd as a multiple of n_head"
             )
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise ValueError(f"GPT dropout must be a number in [0, 1), got {dropout!r}")
+            raise UserError(f"GPT dropout must be a number in [0, 1), got {dropout!r}")
         if not 0 <= dropout < 1:
-            raise ValueError(f"GPT dropout must be in [0, 1), got {dropout!r}")
+            raise UserError(f"GPT dropout must be in [0, 1), got {dropout!r}")
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GPT {name} must be true or false, got {getattr(self, name)!r}")
+                raise UserError(f"GPT {name} must be true or false, got {getattr(self, name)!r}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -156,7 +157,7 @@ class GPT(nn.Module):
         _check_token_ids(idx)
         length, block_size = idx.shape[1], self.config.block_size
         if length > block_size:
-            raise ValueError(
+            raise UserError(
                 f"the sequence has {length} tokens but the model's context (block_size) is "
                 f"{block_size}; pass at most {block_size} tokens (crop to the last {block_size})"
             )
@@ -205,34 +206,34 @@ class GPT(nn.Module):
 def _check_token_ids(idx) -> None:
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
         shape = list(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
-        raise ValueError(
+        raise UserError(
             f"GPT input must be an int64 tensor of token ids shaped [batch, time], got {shape} "
             f"({getattr(idx, 'dtype', None)}); pass idx.long() of shape [B, T]"
         )
     if idx.shape[1] == 0:
-        raise ValueError("the sequence has no tokens; pass at least one token per row")
+        raise UserError("the sequence has no tokens; pass at least one token per row")
 
 
 def _check_sampling(idx, max_new_tokens, generator, temperature, top_k) -> None:
     n = max_new_tokens
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
         or not math.isfinite(temperature)
         or temperature <= 0
     ):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise UserError(f"temperature must be a finite number > 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise UserError(f"top_k must be a positive integer or None, got {top_k!r}")
     if not isinstance(generator, torch.Generator):
-        raise ValueError(
+        raise UserError(
             f"generate needs a torch.Generator, got {type(generator).__name__}; pass "
             "generator=torch.Generator(device=idx.device).manual_seed(seed)"
         )
     if generator.device.type != idx.device.type:
-        raise ValueError(
+        raise UserError(
             f"the generator is on {generator.device} but the tokens are on {idx.device}; "
             "create it with torch.Generator(device=idx.device)"
         )

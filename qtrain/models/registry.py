@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 
 from .activations import check_activations
@@ -57,7 +58,7 @@ def register_model(
 
     def decorate(factory: Factory) -> Factory:
         if name in _FACTORIES:
-            raise ValueError(f"model name {name!r} is already registered; pick another name")
+            raise UserError(f"model name {name!r} is already registered; pick another name")
         doc = (factory.__doc__ or name).strip().splitlines()[0]
         _FACTORIES[name] = factory
         _INFOS[name] = ModelInfo(
@@ -87,7 +88,7 @@ def _check_name(name: str) -> None:
 def _check_activations(name: str, activations: str) -> None:
     check_activations(activations)
     if activations == "binary" and not _INFOS[name].binary_activations:
-        raise ValueError(
+        raise UserError(
             f"model {name!r} does not support binary activations; use activations='float' "
             f"or one of {', '.join(list_binary_activation_models())}"
         )
@@ -124,18 +125,18 @@ def create(
     if _INFOS[name].modality == "text":
         return _create_text_model(name, num_classes, width, in_channels, activations, options)
     if options:
-        raise ValueError(
+        raise UserError(
             f"model {name!r} has no option {', '.join(sorted(options))}; those size the text "
             "model gpt only, leave them unset"
         )
     _check_activations(name, activations)
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width):
-        raise ValueError(f"model width must be a finite number > 0, got {width!r}")
+        raise UserError(f"model width must be a finite number > 0, got {width!r}")
     if width <= 0:
-        raise ValueError(f"model width must be > 0 (1.0 is the paper's size), got {width}")
+        raise UserError(f"model width must be > 0 (1.0 is the paper's size), got {width}")
     for label, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+            raise UserError(f"{label} must be a positive integer, got {value!r}")
     if _INFOS[name].binary_activations:
         return _FACTORIES[name](num_classes, float(width), in_channels, activations=activations)
     return _FACTORIES[name](num_classes, float(width), in_channels)
@@ -147,18 +148,18 @@ def _create_text_model(
     """A text model: the image-only settings must keep their neutral values."""
     info = _INFOS[name]
     if width != 1.0:
-        raise ValueError(
+        raise UserError(
             f"model {name!r} reads text and has no width; size it with "
             f"{', '.join(info.options)} and leave width at 1.0"
         )
     if activations != "float":
-        raise ValueError(
+        raise UserError(
             f"model {name!r} does not support activations={activations!r}; binary activations "
             "apply to the image models only, leave activations='float'"
         )
     if in_channels not in (1, 3):  # 1: a stream of ids; 3: the image default of `create`
-        raise ValueError(f"model {name!r} reads token ids and takes no in_channels setting")
+        raise UserError(f"model {name!r} reads token ids and takes no in_channels setting")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"num_classes (the vocabulary size) must be a positive integer, got "
+        raise UserError(f"num_classes (the vocabulary size) must be a positive integer, got "
                          f"{vocab_size!r}")  # fmt: skip
     return _FACTORIES[name](vocab_size, **options)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.base.errors import UserError
+
 EPS = 5e-4  # airbench's ε: bounds the gain of the near-zero-variance directions
 
 
@@ -84,7 +86,7 @@ def whiten_(layer: PatchWhitening, images: torch.Tensor, eps: float = EPS) -> No
     ``images`` float [N, C, H, W] are what the layer will see (normalised training images).
     """
     if images.dim() != 4 or images.shape[1] != layer.in_channels:
-        raise ValueError(
+        raise UserError(
             f"whitening needs images [N, {layer.in_channels}, H, W], got shape "
             f"{tuple(images.shape)}; pass the normalised training images the layer reads"
         )
@@ -106,12 +108,12 @@ def whiten_model_(model: nn.Module, images: torch.Tensor, eps: float = EPS) -> N
     """
     layers = whitening_layers(model)
     if not layers:
-        raise ValueError(
+        raise UserError(
             f"{type(model).__name__} has no patch-whitening layer to initialise; use a model "
             "with one (speednet) or set whiten_init = false"
         )
     if len(layers) > 1:
-        raise ValueError(
+        raise UserError(
             f"{type(model).__name__} has {len(layers)} patch-whitening layers, but only a "
             "first layer reads the images it would be whitened from; keep one"
         )

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qtrain.base.errors import UserError
+
 GRID_KINDS = ("binary", "ternary", "kbit", "lattice")
 
 
@@ -45,7 +47,7 @@ class Grid:
 
     def __post_init__(self) -> None:
         if self.kind not in GRID_KINDS:
-            raise ValueError(
+            raise UserError(
                 f"unknown grid kind {self.kind!r}; choose one of {', '.join(GRID_KINDS)}"
             )
         if (
@@ -54,14 +56,14 @@ class Grid:
             or not math.isfinite(self.delta)
             or self.delta <= 0
         ):
-            raise ValueError(f"grid delta must be a finite number > 0, got {self.delta!r}")
+            raise UserError(f"grid delta must be a finite number > 0, got {self.delta!r}")
         if self.kind == "kbit":
             if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits < 1:
-                raise ValueError(f"a k-bit grid needs bits >= 1 (an integer), got {self.bits!r}")
+                raise UserError(f"a k-bit grid needs bits >= 1 (an integer), got {self.bits!r}")
             if self.bits > 16:
-                raise ValueError(f"a k-bit grid supports at most 16 bits, got {self.bits}")
+                raise UserError(f"a k-bit grid supports at most 16 bits, got {self.bits}")
         elif self.bits is not None:
-            raise ValueError(f"bits only applies to the 'kbit' grid, not to {self.kind!r}")
+            raise UserError(f"bits only applies to the 'kbit' grid, not to {self.kind!r}")
 
     # -- geometry in units of Δ -------------------------------------------------------------
     @property
@@ -107,15 +109,13 @@ class Grid:
     def code_bits(self) -> int:
         """Bits per packed code: ⌈log2 n⌉ (1 binary, 2 ternary, k for k-bit)."""
         if not self.bounded:
-            raise ValueError(
-                "the unbounded lattice Δ·ℤ has no fixed code width; use a bounded grid"
-            )
+            raise UserError("the unbounded lattice Δ·ℤ has no fixed code width; use a bounded grid")
         return max(1, math.ceil(math.log2(self.num_levels)))
 
     def levels(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         """All levels in increasing order (bounded grids only)."""
         if not self.bounded:
-            raise ValueError("the unbounded lattice Δ·ℤ has infinitely many levels")
+            raise UserError("the unbounded lattice Δ·ℤ has infinitely many levels")
         m = torch.arange(-self.max_multiple, self.max_multiple + 1, self.step, device=device)
         return self.from_multiples(m, dtype)
 
@@ -131,13 +131,13 @@ class Grid:
     def to_codes(self, w: torch.Tensor) -> torch.Tensor:
         """Codes i = (m + M)/step ∈ {0 … n−1} (int64) of weights that are on the grid."""
         if not self.bounded:
-            raise ValueError("the unbounded lattice Δ·ℤ has no codes; use a bounded grid")
+            raise UserError("the unbounded lattice Δ·ℤ has no codes; use a bounded grid")
         return (self.to_multiples(w) + self.max_multiple) // self.step
 
     def from_codes(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Level values for codes i: (i·step − M)·Δ."""
         if not self.bounded:
-            raise ValueError("the unbounded lattice Δ·ℤ has no codes; use a bounded grid")
+            raise UserError("the unbounded lattice Δ·ℤ has no codes; use a bounded grid")
         return self.from_multiples(codes.to(torch.int64) * self.step - self.max_multiple, dtype)
 
     def contains(self, w: torch.Tensor) -> bool:
@@ -163,7 +163,7 @@ class Grid:
         try:
             return cls(kind=d["kind"], delta=float(d["delta"]), bits=d.get("bits"))
         except (KeyError, TypeError) as e:
-            raise ValueError(f"invalid grid description {d!r}: {e}") from None
+            raise UserError(f"invalid grid description {d!r}: {e}") from None
 
 
 def default_delta(kind: str, bits: int | None = None) -> float:
@@ -204,7 +204,7 @@ def parse_grid(spec: str | Grid, delta: float | None = None) -> Grid:
     """
     if isinstance(spec, Grid):
         if delta is not None and float(delta) != spec.delta:
-            raise ValueError(
+            raise UserError(
                 f"delta={delta!r} conflicts with the grid {spec.describe()}; give the Δ in one "
                 "place only"
             )
@@ -214,6 +214,6 @@ def parse_grid(spec: str | Grid, delta: float | None = None) -> Grid:
         return Grid(name, default_delta(name) if delta is None else delta)
     if name.endswith("bit") and name[:-3].isdigit():
         return kbit(int(name[:-3]), delta)
-    raise ValueError(
+    raise UserError(
         f"unknown grid {spec!r}; use 'binary', 'ternary', 'lattice' or '<k>bit' such as '2bit'"
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.base.errors import UserError
 from qtrain.quant.grids import Grid, compute_dtype
 
 
@@ -45,7 +46,7 @@ def units(w: torch.Tensor, grid: Grid, out: torch.Tensor | None = None) -> torch
 def check_out(w: torch.Tensor, out: torch.Tensor | None) -> None:
     """`out` must be able to hold the result exactly as a fresh tensor would."""
     if out is not None and (out.shape != w.shape or out.dtype != w.dtype or out.device != w.device):
-        raise ValueError(
+        raise UserError(
             f"out must have the input's shape, dtype and device ({tuple(w.shape)}, {w.dtype}, "
             f"{w.device}), got ({tuple(out.shape)}, {out.dtype}, {out.device}); pass a matching "
             "tensor or none"

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_text
 from qtrain.report.figures import plot_error_curves
 from qtrain.report.style import METHOD_ORDER
@@ -28,7 +29,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
             found.append(path)
         found.extend(p.parent for p in sorted(path.rglob(rundir.METRICS)) if p.parent != path)
     if not found:
-        raise ValueError(
+        raise UserError(
             f"no run folders (with {rundir.METRICS}) under {', '.join(map(str, paths))}; "
             "point qtrain report at the output of qtrain train or reproduce"
         )
@@ -91,7 +92,7 @@ def write_report(loaded: list[dict], out: Path, log=print) -> dict:
     """Write table.md, table.json and curves.png for exactly the runs `loaded` (`load_run`)."""
     runs = [r for r in loaded if r["metrics"]]
     if not runs:
-        raise ValueError("the run folders hold no finished epoch yet; train first")
+        raise UserError("the run folders hold no finished epoch yet; train first")
     results = [
         {
             "row": r["row"],

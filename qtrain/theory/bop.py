@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qtrain.base.errors import UserError
 from qtrain.quant import round_nearest
 from qtrain.theory.markov import (
     ChainProblem,
@@ -72,7 +73,7 @@ def sign_chain(problem: ChainProblem, tau: float = 0.0) -> np.ndarray:
     else stay; g = f'(x_i) + σξ over the noise table.
     """
     if problem.dim != 1:
-        raise ValueError("the exact Bop chain is built for 1-D problems; simulate the 2-D one")
+        raise UserError("the exact Bop chain is built for 1-D problems; simulate the 2-D one")
     x = problem.states()  # (n, 1)
     xi, q = problem.noise_table()
     g = problem.gradient(x)[:, None, 0] + xi[None, :, 0]  # (n, K)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qtrain.base.errors import UserError
 from qtrain.quant import lattice, quantize
 from qtrain.theory import bounds
 from qtrain.theory.bop import bop_step
@@ -48,7 +49,7 @@ def step_rule(schedule: str, mu: float, c: float) -> Callable[[int], float]:
         return lambda t: 1.0 / (mu * (t + 1))
     if schedule == "convex":
         return lambda t: c / math.sqrt(t + 1)
-    raise ValueError(f"unknown step rule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    raise UserError(f"unknown step rule {schedule!r}; use one of {', '.join(SCHEDULES)}")
 
 
 def checkpoints(steps: int, count: int = 24) -> list[int]:
@@ -118,7 +119,7 @@ def run_method(
     Bop's (γ, τ), used by 'bop' only (which ignores α).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     deltas = (0.0,) if method == "fp" else tuple(deltas)
     scale = torch.tensor(deltas, dtype=torch.float64).repeat_interleave(seeds)[:, None]
     batches = torch.Generator().manual_seed(seed)

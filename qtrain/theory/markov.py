@@ -34,6 +34,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from qtrain.base.errors import UserError
 from qtrain.base.optional import require
 from qtrain.quant import Grid, kbit, round_nearest, round_stochastic
 
@@ -51,11 +52,11 @@ class ChainProblem:
 
     def __post_init__(self) -> None:
         if not self.grid.bounded:
-            raise ValueError("the Markov chain needs a bounded grid, not the lattice")
+            raise UserError("the Markov chain needs a bounded grid, not the lattice")
         if self.dim not in (1, 2):
-            raise ValueError(f"the chain supports 1 or 2 coordinates, got {self.dim}")
+            raise UserError(f"the chain supports 1 or 2 coordinates, got {self.dim}")
         if abs(sum(self.probs) - 1) > 1e-12 or abs(np.dot(self.values, self.probs)) > 1e-12:
-            raise ValueError("the noise probabilities must sum to 1 and the noise mean must be 0")
+            raise UserError("the noise probabilities must sum to 1 and the noise mean must be 0")
 
     @property
     def dim(self) -> int:
@@ -176,7 +177,7 @@ def stationary_distribution(P: np.ndarray) -> np.ndarray:
     for k in range(S - 1, 0, -1):
         out = A[k, :k].sum()
         if out <= 0:
-            raise ValueError(
+            raise UserError(
                 "the chain is not irreducible: raise the noise so every level is reachable"
             )
         A[:k, k] /= out
@@ -209,7 +210,7 @@ def mixing_time(P: np.ndarray, pi: np.ndarray, eps: float = 0.25, t_max: int = 2
     powers = [P]
     while _tv_worst(powers[-1], pi) > eps:
         if 2 ** len(powers) > t_max:
-            raise ValueError(f"the chain does not mix within {t_max} steps")
+            raise UserError(f"the chain does not mix within {t_max} steps")
         powers.append(powers[-1] @ powers[-1])
     if len(powers) == 1:
         return 1
@@ -257,7 +258,7 @@ def simulate(
     'bc':  w_r ← clip(w_r − α g(Q_d(w_r))), returns Q_d(w_r) (float copy, deployed grid point)
     """
     if method not in ("sr", "sgd", "bc"):
-        raise ValueError(f"unknown method {method!r}; use 'sr', 'sgd' or 'bc'")
+        raise UserError(f"unknown method {method!r}; use 'sr', 'sgd' or 'bc'")
     grid = problem.grid
     values = torch.as_tensor(problem.values, dtype=torch.float64) * problem.noise
     cdf = torch.cumsum(torch.as_tensor(problem.probs, dtype=torch.float64), 0)[:-1]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qtrain.base.errors import UserError
+
 # max |ℓ'''(z)| for the logistic loss ℓ(z) = log(1 + e^{−z}): ℓ''' = s(1 − s)(1 − 2s) with s the
 # sigmoid, largest at s = (3 ± √3)/6 where it equals 1/(6√3)
 _LOGISTIC_THIRD_DERIVATIVE = 1.0 / (6.0 * math.sqrt(3.0))
@@ -223,4 +225,4 @@ def make_problem(name: str, d: int, seed: int = 0) -> LeastSquares | Logistic:
         return least_squares(d, seed=seed)
     if name == "logistic":
         return logistic(d, seed=seed)
-    raise ValueError(f"unknown problem {name!r}; use 'least_squares' or 'logistic'")
+    raise UserError(f"unknown problem {name!r}; use 'least_squares' or 'logistic'")

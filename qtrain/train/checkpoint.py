@@ -38,13 +38,14 @@ from pathlib import Path
 import torch
 
 import qtrain
+from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_bytes
 
 FORMAT = "qtrain-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that is missing, unreadable, corrupt or of another kind."""
 
 

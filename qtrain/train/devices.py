@@ -25,7 +25,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
 
 
 def autocast_context(device: torch.device, amp: str):

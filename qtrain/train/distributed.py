@@ -27,7 +27,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from qtrain.base.errors import NamesSettings
+from qtrain.base.errors import NamesSettings, UserError
 
 ROLL_CALL_MAX_S = 10.0  # how long survivors of a failed collective wait for each other
 
@@ -86,7 +86,7 @@ class DistributedContext:
         """ValueError unless the world size divides ``global_batch`` (config key ``name``)."""
         if global_batch % self.world_size:
             multiple = -(-global_batch // self.world_size) * self.world_size
-            raise ValueError(
+            raise UserError(
                 f"{name} {global_batch} is the global batch, which {self.world_size} processes "
                 f"cannot share evenly; set {name} to a multiple of {self.world_size} "
                 f"(e.g. {multiple}) or launch a number of processes that divides it"
@@ -193,7 +193,7 @@ def _rank_device(device: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     visible = torch.cuda.device_count()
     if local_rank >= visible:
-        raise ValueError(
+        raise UserError(
             f"local rank {local_rank} needs GPU {local_rank} but {visible} GPUs are visible; "
             f"launch at most {visible} processes per node (--nproc-per-node) or use --set "
             "device=cpu"

@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.train.distributed import DistributedContext
 
 
-class DivergenceError(ValueError):
+class DivergenceError(UserError):
     """The loss or the weights became NaN or infinite."""
 
 

@@ -40,6 +40,7 @@ import contextlib
 import torch
 from torch import nn
 
+from qtrain.base.errors import UserError
 from qtrain.methods.scales import broadcastable, fixed_scale, measured_scale, scaled_round
 from qtrain.train.checks import check_fraction
 
@@ -140,7 +141,7 @@ class WeightEMA:
         saved = state["averages"].keys()
         names = self.model.state_dict(keep_vars=True).keys()
         if state["decay"] != self.decay or not self.averages.keys() <= saved <= names:
-            raise ValueError(
+            raise UserError(
                 "the saved weight average does not match this run (decay or averaged tensors "
                 "differ); resume with the settings the run was created with"
             )

@@ -12,6 +12,7 @@ import torch
 
 from qtrain import data as qdata
 from qtrain import methods, models
+from qtrain.base.errors import UserError
 from qtrain.models.whitening import whitening_layers
 from qtrain.train.config import ConfigError, RunConfig, inapplicable
 from qtrain.train.loggers import check_logger
@@ -37,7 +38,7 @@ def check_modality(config: RunConfig) -> None:
         suited = models.list_models(data)
         sets = qdata.list_datasets(model.modality)
         noun = {"image": "images", "text": "text"}
-        raise ValueError(
+        raise UserError(
             f"model {config.model!r} reads {noun[model.modality]} but data set "
             f"{config.dataset!r} holds {noun[data]}; choose a model for {noun[data]} "
             f"({', '.join(suited)}) or a data set of {noun[model.modality]} ({', '.join(sets)})"
@@ -59,7 +60,7 @@ def check_fit(config: RunConfig) -> None:
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = _probe_model(config, info)
         if config.whiten_init and not whitening_layers(model):
-            raise ValueError(
+            raise UserError(
                 f"whiten_init needs a model with a patch-whitening first layer (speednet), "
                 f"and {config.model!r} has none; set whiten_init = false or choose speednet"
             )
@@ -75,7 +76,7 @@ def check_fit(config: RunConfig) -> None:
                 or models.model_info(name).input_size == side
             ]
             hint = f"a model made for {side}×{side} images ({', '.join(suited)})" if suited else ""
-            raise ValueError(
+            raise UserError(
                 f"model {config.model!r} takes {wanted}×{wanted} images but data set "
                 f"{config.dataset!r} has {side}×{side} images; choose "
                 f"{hint or 'another model'} or a data set of {wanted}×{wanted} images"

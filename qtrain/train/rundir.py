@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import qtrain
+from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_text
 from qtrain.train.config import RunConfig, to_toml
 
@@ -109,7 +110,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise ValueError(
+                raise UserError(
                     f"{path} line {number} is not JSON; the file was edited or damaged"
                 ) from None
     return records

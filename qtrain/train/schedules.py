@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from qtrain.base.errors import UserError
+
 PER_STEP = ("warmup-cosine", "warmup-linear")
 
 
@@ -40,7 +42,7 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     if schedule == "step":
         return 0.1 ** ((epoch >= math.ceil(epochs / 2)) + (epoch >= math.ceil(3 * epochs / 4)))
-    raise ValueError(
+    raise UserError(
         f"unknown schedule {schedule!r}; choose step, cosine, constant, warmup-cosine or "
         "warmup-linear"
     )

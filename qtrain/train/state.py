@@ -180,7 +180,7 @@ def restore_state(
     check_same_identity(record.get("config", {}), config, run_dir)
     training = record.get("training")
     if training is None:
-        raise ValueError(f"{run_dir} holds exported weights, not a resumable checkpoint")
+        raise UserError(f"{run_dir} holds exported weights, not a resumable checkpoint")
     if is_text(config.dataset):
         check_same_text(run_dir, splits, record["model"].get("vocab"), record.get("data", {}))
     # tensors arrive on the CPU and load_state_dict moves them to the device

@@ -112,7 +112,7 @@ class Trainer:
         self.dist.check_divides("eval_batch_size", c.eval_batch_size)
         self.text = is_text(c.dataset)
         if self.text and self.dist.enabled:
-            raise ValueError("text data sets train in one process; run without torchrun")
+            raise UserError("text data sets train in one process; run without torchrun")
         self.splits, self.held_out = load_splits(c)
         self.train_loader, self.test_loader, self.val_loader = make_loaders(
             c, self.splits, self.held_out, self.device, self.dist
