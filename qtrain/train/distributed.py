@@ -195,8 +195,9 @@ def _rank_device(device: str, local_rank: int) -> torch.device:
     if local_rank >= visible:
         raise UserError(
             f"local rank {local_rank} needs GPU {local_rank} but {visible} GPUs are visible; "
-            f"launch at most {visible} processes per node (--nproc-per-node) or use --set "
-            "device=cpu"
+            f"launch at most {visible} processes per node (torchrun's --nproc-per-node) or "
+            "use {device}",
+            device="device=cpu",
         )
     return torch.device("cuda", local_rank)
 
