@@ -204,6 +204,21 @@ def test_metadata_states_the_format(tmp_path):
     assert first == {"shape": [6, 3, 3, 3], "dtype": "float32", "code_bits": 2}
 
 
+def test_exports_of_one_checkpoint_are_byte_identical(tmp_path):
+    # safetensors orders the metadata by a Rust HashMap seeded anew for each save: unsorted,
+    # two keys came out in either order about half of the time (safetensors issue #584).
+    make_checkpoint(tmp_path / "c.pt")
+    record = load_checkpoint(tmp_path / "c.pt")
+    files = []
+    for k in range(8):
+        save_packed(tmp_path / f"m{k}.safetensors", record)
+        files.append((tmp_path / f"m{k}.safetensors").read_bytes())
+    assert all(data == files[0] for data in files)
+    size = int.from_bytes(files[0][:8], "little")
+    header = json.loads(files[0][8 : 8 + size], object_pairs_hook=lambda pairs: pairs)
+    assert [key for key, _ in dict(header)["__metadata__"]] == ["qtrain", "qtrain_crc32"]
+
+
 def test_cli_export_and_load_any_model(tmp_path, capsys):
     model, x = make_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert (

@@ -117,7 +117,8 @@ def save_packed(path: str | Path, record: dict) -> None:
         "bit_order": "little",
         "crc32": {name: tensor_crc32(t) for name, t in tensors.items()},
     }
-    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=packed_metadata(header)))
+    data = safetensors.torch.save(tensors, metadata=packed_metadata(header))
+    atomic_write_bytes(path, sorted_metadata(data))
 
 
 def tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -138,6 +139,33 @@ def packed_metadata(header: dict) -> dict[str, str]:
     """The safetensors metadata of a packed file: the JSON header and its CRC-32 (zlib)."""
     text = json.dumps(header)
     return {METADATA_KEY: text, HEADER_CRC_KEY: str(zlib.crc32(text.encode()))}
+
+
+def sorted_metadata(data: bytes) -> bytes:
+    """The safetensors file `data` with the keys of its __metadata__ in sorted order.
+
+    safetensors writes them in the order of a Rust HashMap, which changes from one save to the
+    next (safetensors issue #584), so two exports of one checkpoint differed in their bytes.
+    serde_json escapes a string as Python's json does (without ensure_ascii), so the entries
+    are found as written and put back sorted, and the header keeps its length. Bytes of any
+    other layout are returned as they are.
+    """
+    (size,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + size]
+    top = json.loads(header, object_pairs_hook=lambda pairs: pairs)
+    entries = dict(top).get("__metadata__") if isinstance(top, list) else None
+    if not entries:
+        return data
+
+    def text(pairs) -> bytes:
+        items = (json.dumps(k, ensure_ascii=False) + ":" + json.dumps(v, ensure_ascii=False)
+                 for k, v in pairs)  # fmt: skip
+        return ('"__metadata__":{' + ",".join(items) + "}").encode()
+
+    written = text(entries)
+    if header.count(written) != 1:
+        return data
+    return data[:8] + header.replace(written, text(sorted(entries))) + data[8 + size :]
 
 
 def deployable_config(config: dict) -> dict:
