@@ -52,6 +52,8 @@ CLI_CONFIG = dict(
     augment=True,
     eval_batch_size=128,
     threads=1,
+    # float32, so that the ranks' gradients match the whole batch's to 1e-5 (bf16 would not)
+    amp="off",
 )
 CLI_ARGS = [
     arg

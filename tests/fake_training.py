@@ -10,6 +10,7 @@ import pytest
 from qtrain.experiments import runner
 from qtrain.train import rundir
 from qtrain.train.config import RunConfig
+from qtrain.train.devices import resolve_amp, resolve_device
 
 
 def fake_metrics(config: RunConfig) -> list[dict]:
@@ -36,8 +37,9 @@ def fake_metrics(config: RunConfig) -> list[dict]:
 
 def write_fake_run(config: RunConfig, run_dir, finished: bool = True) -> None:
     """What the trainer leaves in a run folder: a finished run its summary (and no checkpoint,
-    which reports would read for the model's size), an interrupted one a checkpoint."""
-    rundir.write_run_files(run_dir, config)
+    which reports would read for the model's size), an interrupted one a checkpoint. As the
+    trainer does, the config records the precision "auto" resolves to here."""
+    rundir.write_run_files(run_dir, resolve_amp(config, resolve_device(config.device)))
     rundir.write_metrics(run_dir, fake_metrics(config))
     if finished:
         rundir.write_json(run_dir / rundir.SUMMARY, {})
@@ -52,7 +54,7 @@ def fake_training(monkeypatch) -> list[tuple[RunConfig, bool]]:
     calls: list[tuple[RunConfig, bool]] = []
 
     def train_cell(config, run_dir, resume, log):
-        calls.append((config, resume))
+        calls.append((config, resume))  # as the experiment asked for it
         write_fake_run(config, run_dir)
 
     monkeypatch.setattr(runner, "train_cell", train_cell)

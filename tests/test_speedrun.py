@@ -123,7 +123,9 @@ def test_evaluation_uses_the_weight_average_tta_and_plain_cross_entropy(tmp_path
     trainer = Trainer(config, tmp_path, log=quiet)
     last = trainer.run()[-1]
     with trainer.ema.applied() as model:
-        averaged = evaluate(model, trainer.test_loader, trainer.device, tta="flip")
+        averaged = evaluate(
+            model, trainer.test_loader, trainer.device, trainer.config.amp, tta="flip"
+        )
         plain = evaluate(model, trainer.test_loader, trainer.device)
     live = evaluate(trainer.model, trainer.test_loader, trainer.device, tta="flip")
     assert plain["loss"] != averaged["loss"]
@@ -144,7 +146,7 @@ def test_a_saved_run_evaluates_and_exports_with_its_reported_weights(tmp_path):
     reported = evaluate_file(tmp_path / "run")
     assert (reported["test_loss"], reported["test_error"], reported["tta"]) == (
         last["test_loss"], last["test_error"], "flip")  # fmt: skip
-    live = evaluate(trainer.model, trainer.test_loader, trainer.device)
+    live = evaluate(trainer.model, trainer.test_loader, trainer.device, trainer.config.amp)
     live_file = evaluate_file(tmp_path / "run", tta="none", weights="live")
     assert (live_file["test_loss"], live_file["test_error"]) == (live["loss"], live["error"])
     assert live_file["test_loss"] != reported["test_loss"]

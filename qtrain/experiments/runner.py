@@ -26,6 +26,7 @@ from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 from qtrain.train import rundir
 from qtrain.train.config import ConfigError, RunConfig, load_toml, portable_change
+from qtrain.train.devices import resolve_amp, resolve_device, resolve_saved_amp
 
 LABEL = "label.json"  # {"row": ..., "method": ...}: how tables and legends name the cell
 
@@ -95,7 +96,9 @@ def check_cells(cells: list[Cell], folder: Path) -> None:
         run_dir = folder / cell.path
         if not (run_dir / rundir.CONFIG).is_file():
             continue
-        change = portable_change(load_toml(run_dir / rundir.CONFIG), cell.config)
+        device = resolve_device(cell.config.device)
+        saved = resolve_saved_amp(load_toml(run_dir / rundir.CONFIG), device)
+        change = portable_change(saved, resolve_amp(cell.config, device))
         if change is not None:
             key, before, after = change
             raise ConfigError(

@@ -167,8 +167,8 @@ class RunConfig:
     precision of the arithmetic (``amp``: bf16 activations keep 8 bits of mantissa). A key that
     only changes where or in which order the same arithmetic runs may change on resume; such
     a change can break bit-exactness, which holds only for the same device, threads and
-    memory layout. ``amp = "auto"`` means bf16 on CUDA and fp32 on the CPU, so moving such a
-    run between the two changes its precision with the device; set "off" or "bf16" to pin it.
+    memory layout. ``amp = "auto"`` is resolved when a run is created (bf16 where it is native,
+    float32 elsewhere: `qtrain.train.devices`) and the run records the resolved value.
     """
 
     # -- model
@@ -260,8 +260,9 @@ class RunConfig:
                                        "(a run stopped so is finished)", RUN)  # fmt: skip
     # -- machine
     device: str = _key("auto", "machine", "cpu, cuda, cuda:N or auto", MACHINE)
-    amp: str = _key("auto", "machine", "autocast: auto (bf16 on CUDA, off on the CPU), off, "
-                    "bf16")  # fmt: skip
+    amp: str = _key("auto", "machine", "autocast: bf16, off (float32), or auto: bf16 where "
+                    "it is native (CUDA, AVX-512 BF16, AMX), else off; a run records the "
+                    "resolved value")  # fmt: skip
     channels_last: bool = _key(True, "machine", "channels-last memory layout (images)", MACHINE)
     compile: bool = _key(False, "machine", "run the model through torch.compile", MACHINE)
     eval_batch_size: int = _key(1000, "machine", "evaluation minibatch", MACHINE)

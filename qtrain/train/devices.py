@@ -1,6 +1,14 @@
 """Where a run computes: the device it is given by name, and the precision of activations.
 
 Device and dtype are chosen here, at the edge; the library code below follows its inputs.
+
+``amp = "auto"`` is resolved once, when a run is created, to what this machine computes fast:
+"bf16" on CUDA with bf16 support and on CPUs with native bf16 (AVX-512 BF16 or AMX, as oneDNN
+reports it, which honours ONEDNN_MAX_CPU_ISA), "off" (float32) elsewhere. The resolved value is
+what the run records in config.toml and its checkpoint, compares on resume and exports, so a
+run's precision never changes with the machine it is resumed or evaluated on. Runs made before
+"auto" was resolved recorded the word itself, which then meant bf16 on CUDA and float32 on the
+CPU (`resolve_saved_amp`).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import contextlib
 import torch
 
 from qtrain.base.errors import UserError
+from qtrain.train.config import RunConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,8 +37,33 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 arithmetic is native: CUDA with bf16 support, or a CPU with AVX-512
+    BF16 or AMX (oneDNN's check, limited by ONEDNN_MAX_CPU_ISA like the kernels it picks)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_amp(config: RunConfig, device: torch.device) -> RunConfig:
+    """`config` with ``amp = "auto"`` replaced by "bf16" where `native_bf16(device)`, else
+    "off"; an explicit "off" or "bf16" is kept."""
+    if config.amp != "auto":
+        return config
+    return config.replace(amp="bf16" if native_bf16(device) else "off")
+
+
+def resolve_saved_amp(values: dict, device: torch.device) -> dict:
+    """A saved config dict with the amp it ran with: "auto" recorded by a run made before
+    auto was resolved meant bf16 on CUDA and float32 on the CPU."""
+    if values.get("amp", "auto") != "auto":
+        return values
+    return {**values, "amp": "bf16" if device.type == "cuda" else "off"}
+
+
 def autocast_context(device: torch.device, amp: str):
-    """bf16 autocast on CUDA ('auto' or 'bf16'); explicit 'bf16' also on CPU; else nothing.
+    """bf16 autocast for 'bf16'; for the 'auto' of a run made before it was resolved, on CUDA
+    only (`resolve_saved_amp`); else nothing.
 
     Only activations run in bf16: parameters, BC's latent w_r and optimizer moments stay fp32.
     """

@@ -20,6 +20,7 @@ import torch
 from qtrain import models
 from qtrain.base.errors import UserError
 from qtrain.train.config import RunConfig, check_same_identity
+from qtrain.train.devices import resolve_saved_amp
 from qtrain.train.settings import is_text
 
 
@@ -177,7 +178,8 @@ def restore_state(
     ValueError when `record` is not of this run: another identity (`config`), exported
     weights only, or, for a text run, another text.
     """
-    check_same_identity(record.get("config", {}), config, run_dir)
+    saved = resolve_saved_amp(record.get("config", {}), _device_of(model))
+    check_same_identity(saved, config, run_dir)
     training = record.get("training")
     if training is None:
         raise UserError(f"{run_dir} holds exported weights, not a resumable checkpoint")

@@ -53,7 +53,13 @@ from qtrain.base.errors import UserError
 from qtrain.train import loggers, rundir
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
-from qtrain.train.devices import autocast_context, resolve_device, slow_bf16_note
+from qtrain.train.devices import (
+    autocast_context,
+    resolve_amp,
+    resolve_device,
+    resolve_saved_amp,
+    slow_bf16_note,
+)
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
 from qtrain.train.ema import WeightEMA
@@ -102,6 +108,7 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = self.dist.device or resolve_device(config.device)
+        self.config = config = resolve_amp(config, self.device)  # the precision it records
         self.divergence = DivergenceWatch(self.device)
         self._build()
 
@@ -386,5 +393,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs
     dist = kwargs.get("dist")
     created = Path(run_dir) / rundir.CONFIG
     if resume and (dist is None or not dist.enabled) and created.is_file():
-        check_same_identity(load_toml(created), config.validate(), run_dir)
+        device = resolve_device(config.validate().device)
+        saved = resolve_saved_amp(load_toml(created), device)
+        check_same_identity(saved, resolve_amp(config, device), run_dir)
     return Trainer(config, run_dir, **kwargs).run(resume=resume)

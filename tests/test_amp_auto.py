@@ -1,0 +1,75 @@
+"""amp = "auto" resolves once, at a run's creation, to the precision this machine computes
+fast (bf16 on CUDA and on CPUs with native bf16, float32 elsewhere); the run records the
+resolved value, compares it on resume and exports it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qtrain.train import devices, rundir
+from qtrain.train.checkpoint import load_checkpoint
+from qtrain.train.config import ConfigError, RunConfig, load_toml
+from qtrain.train.trainer import train
+
+TINY = RunConfig(model="tiny_mlp", dataset="synthetic", epochs=1, batch_size=64, device="cpu",
+                 schedule="constant")  # fmt: skip
+
+
+def quiet(*_args, **_kwargs):
+    pass
+
+
+@pytest.fixture(params=[True, False], ids=["native-bf16", "no-native-bf16"])
+def native(request, monkeypatch):
+    """This CPU with native bf16 (AVX-512 BF16 / AMX) or without (AVX2), by oneDNN's check."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: request.param)
+    return request.param
+
+
+def test_auto_resolves_by_the_devices_capability(native, monkeypatch):
+    cpu = devices.resolve_amp(TINY, torch.device("cpu"))
+    assert cpu.amp == ("bf16" if native else "off")
+    for cuda_bf16 in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda v=cuda_bf16: v)
+        cuda = devices.resolve_amp(TINY, torch.device("cuda"))
+        assert cuda.amp == ("bf16" if cuda_bf16 else "off")
+    for explicit in ("off", "bf16"):  # an explicit value is what it says, everywhere
+        assert devices.resolve_amp(TINY.replace(amp=explicit), torch.device("cpu")).amp == explicit
+
+
+def test_a_run_records_compares_and_exports_the_resolved_precision(native, tmp_path):
+    resolved = "bf16" if native else "off"
+    train(TINY, tmp_path / "run", log=quiet)
+    assert load_toml(tmp_path / "run" / rundir.CONFIG)["amp"] == resolved
+    assert load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)["config"]["amp"] == resolved
+    more = TINY.replace(epochs=2)  # a constant schedule may be extended on resume
+    assert len(train(more, tmp_path / "run", resume=True, log=quiet)) == 2
+    other = "off" if native else "bf16"
+    with pytest.raises(ConfigError, match=f"amp='{resolved}', not '{other}'"):
+        train(more.replace(amp=other), tmp_path / "run", resume=True, log=quiet)
+
+
+def test_a_run_made_before_auto_was_resolved_resumes_at_its_precision(tmp_path):
+    """Such a run recorded "auto", which then meant float32 on the CPU."""
+    train(TINY.replace(amp="off"), tmp_path / "run", log=quiet)
+    path = tmp_path / "run" / rundir.CONFIG
+    path.write_text(path.read_text().replace('amp = "off"', 'amp = "auto"'))
+    saved = devices.resolve_saved_amp(load_toml(path), torch.device("cpu"))
+    assert saved["amp"] == "off"
+    assert devices.resolve_saved_amp({"amp": "auto"}, torch.device("cuda"))["amp"] == "bf16"
+
+
+def test_the_capability_check_honours_an_isa_limit():
+    """ONEDNN_MAX_CPU_ISA=AVX2 (how an AVX-512 machine stands in for an AVX2 one) turns native
+    bf16 off, so `auto` picks float32 as it would on an AVX2 CPU."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    code = "import torch; from qtrain.train.devices import native_bf16; " \
+           "print(native_bf16(torch.device('cpu')))"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)  # fmt: skip
+    assert out.stdout.strip() == "False"
