@@ -145,7 +145,9 @@ class TextLoader:
 
     def __init__(self, ids: torch.Tensor, batch_size: int, block_size: int, device,
                  *, seed: int, length: int, fixed: bool) -> None:  # fmt: skip
-        self.ids, self.batch_size, self.block_size = ids, batch_size, block_size
+        # the whole split lives on the device, stored once (as the image loaders keep theirs),
+        # so a batch is a gather there and no host-to-device copy of windows
+        self.ids, self.batch_size, self.block_size = ids.to(device), batch_size, block_size
         self.device, self.seed, self.length, self.fixed = device, seed, length, fixed
         self._fixed_offsets = None
         if fixed:
@@ -160,8 +162,9 @@ class TextLoader:
 
     def batch(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x = ids[o : o+T], y = ids[o+1 : o+T+1] for every offset o → two [B, T] tensors."""
-        span = offsets[:, None] + torch.arange(self.block_size + 1)  # [B, T+1]
-        windows = self.ids[span].to(self.device)
+        positions = torch.arange(self.block_size + 1, device=self.device)
+        span = offsets.to(self.device)[:, None] + positions  # [B, T+1]
+        windows = self.ids[span]
         return windows[:, :-1], windows[:, 1:]
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
