@@ -1,4 +1,5 @@
-"""The base layer: errors, atomic file I/O, name lookup, optional dependencies, random streams.
+"""The base layer: errors, atomic file I/O, folder locks, name lookup, optional dependencies,
+random streams.
 
 Every other layer may import from here; nothing here imports another qtrain package.
 """

@@ -10,7 +10,8 @@ registered model name (then the policy's parameters are counted as quantized on 
 This module holds the argument wiring only; loading and summarising live in
 `qtrain.export.loading`. User errors are raised as ValueError / FileNotFoundError (or
 `MissingDependencyError`, an ImportError, for an extra that is not installed) with one
-sentence; the main CLI prints it.
+sentence; the main CLI prints it. `export` holds the lock of the folder it writes into
+(`qtrain.base.folder_lock`), so it never writes into a run folder that is training.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 from pathlib import Path
 
 from qtrain.base.errors import UserError
+from qtrain.base.folder_lock import FolderLock
 from qtrain.export.loading import MODEL_OPTIONS, load_any_model, summary_of, summary_of_target
 from qtrain.export.onnx import (
     DEFAULT_OPSET,
@@ -89,6 +91,12 @@ def run_export(args: argparse.Namespace) -> int:
     written = source / "checkpoint.pt" if source.is_dir() else source
     if out.exists() and written.exists() and out.resolve() == written.resolve():
         raise UserError(f"--out {out} is the source file itself; choose another output path")
+    with FolderLock(out.parent):
+        return _export(args, source, out)
+
+
+def _export(args: argparse.Namespace, source: Path, out: Path) -> int:
+    """Write `source` as `args.format` to `out`, then print one line on what was written."""
     model, record = load_any_model(source)
     if args.format == "packed":
         save_packed(out, record)

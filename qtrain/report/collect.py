@@ -1,7 +1,8 @@
 """`qtrain report`: find run folders, then redraw the table and figures from their files.
 
 A run folder is any folder holding `metrics.jsonl` and `config.toml`; nothing but those files
-is read, so a report can be redrawn long after training, on another machine.
+is read, so a report can be redrawn long after training, on another machine. `report_runs`
+holds the lock of its output folder (`qtrain.base.folder_lock`) while it reads and writes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from qtrain.base.errors import UserError
+from qtrain.base.folder_lock import FolderLock
 from qtrain.base.io import atomic_write_text
 from qtrain.report.figures import plot_error_curves
 from qtrain.report.style import METHOD_ORDER
@@ -85,7 +87,8 @@ def sizes_table(sizes: dict[str, dict]) -> str:
 
 def report_runs(paths: list[Path], out: Path, log=print) -> dict:
     """Write table.md, table.json and curves.png for the runs under `paths` into `out`."""
-    return write_report([load_run(p) for p in find_runs(paths)], out, log)
+    with FolderLock(out, out="report"):
+        return write_report([load_run(p) for p in find_runs(paths)], out, log)
 
 
 def write_report(loaded: list[dict], out: Path, log=print) -> dict:

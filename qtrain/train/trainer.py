@@ -37,6 +37,10 @@ Divergence (divergence.py): the loss is checked for finiteness every `_check_eve
 (every step on the CPU, every 25 on CUDA) without a host sync in between, and always, together
 with the weights, before any checkpoint is written (epoch end, periodic, signal); every rank
 raises when any rank diverged, and the last good checkpoint stays on disk.
+
+One writer per run folder: rank 0 locks the run folder (`qtrain.base.folder_lock`) before any
+data is read and holds it until `run()` ends; while another process holds it, every rank
+raises a UserError naming the holder's pid, before reading data.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import torch
 
 from qtrain import methods
 from qtrain.base.errors import UserError
+from qtrain.base.folder_lock import FolderLock
 from qtrain.train import loggers, rundir
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
@@ -110,7 +115,12 @@ class Trainer:
         self.device = self.dist.device or resolve_device(config.device)
         self.config = config = resolve_amp(config, self.device)  # the precision it records
         self.divergence = DivergenceWatch(self.device)
-        self._build()
+        self._lock: FolderLock | None = None  # rank 0's, on run_dir (`_lock_run_dir`)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
 
     # -- construction ----------------------------------------------------------------------
     def _build(self) -> None:
@@ -120,6 +130,7 @@ class Trainer:
         self.text = is_text(c.dataset)
         if self.text and self.dist.enabled:
             raise UserError("text data sets train in one process; run without torchrun")
+        self._lock = self._lock_run_dir()  # before any data is read
         self.splits, self.held_out = load_splits(c)
         self.train_loader, self.test_loader, self.val_loader = make_loaders(
             c, self.splits, self.held_out, self.device, self.dist
@@ -141,6 +152,23 @@ class Trainer:
         self.quantized_names = methods.quantized_parameter_names(self.model, c.policy)
         if self.optimizer.mode == "fp":
             self.quantized_names = []
+
+    def _lock_run_dir(self) -> FolderLock | None:
+        """Rank 0's `FolderLock` on the run folder, held until `run()` ends (or `close()`).
+
+        When another process holds it, every rank raises rank 0's refusal, so that no rank
+        reads data and none waits for rank 0 at a collective.
+        """
+        lock, refused = None, None
+        if self.dist.is_main:
+            try:
+                lock = FolderLock(self.run_dir, out="run")
+            except UserError as error:
+                refused = error
+        shared = self.dist.broadcast_object(refused and (refused.template, refused.settings))
+        if shared is not None:
+            raise refused or UserError(shared[0], **shared[1])
+        return lock
 
     def _cycle_momentum(self) -> None:
         """Set momentum (β₁) from the current learning rate when `momentum_min` is set."""
@@ -172,6 +200,19 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[dict]:
+        """Train (from the run folder's checkpoint when `resume`) and return the per-epoch
+        records; the run folder's lock is released however the run ends."""
+        try:
+            return self._run(resume)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run folder's lock (`run()` does; for a Trainer that is never run)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _run(self, resume: bool) -> list[dict]:
         c = self.config
         # Rank 0's view decides, so that every rank resumes or none does.
         checkpoint_exists = self.dist.broadcast_object(
