@@ -372,6 +372,9 @@ def _user_error_types() -> tuple[type, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # One line at a time to a file or a pipe too (a log read while the run goes on).
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     parser = build_parser()
     args = parser.parse_args(argv)
     from qtrain.train.trainer import TrainingInterrupted

@@ -80,6 +80,7 @@ from qtrain.train.parts import (
     whiten,
 )
 from qtrain.train.preflight import check_config
+from qtrain.train.progress import ProgressLines
 from qtrain.train.records import epoch_record, format_record, run_summary
 from qtrain.train.schedules import PER_STEP, cycled_momentum, set_momentum, starting_momentum
 from qtrain.train.settings import is_text
@@ -236,6 +237,12 @@ class Trainer:
         note = slow_bf16_note(self.device, c.amp)
         if note and self.dist.is_main:
             self.log(note)
+        # without a terminal (a log file, a pipe): a progress line every 30 s instead of a bar
+        self._progress_lines = None
+        if not self.progress and self.dist.is_main:
+            unit = "tokens" if self.text else "images"
+            self._progress_lines = ProgressLines(self.log, self.total_steps, unit,
+                                                 budget_s=c.time_budget_s)  # fmt: skip
         if self.dist.is_main:
             if resume and checkpoint_exists:
                 rundir.record_resume(self.run_dir)
@@ -295,6 +302,8 @@ class Trainer:
         batches = self.train_loader.epoch(state.epoch, start_batch=sums.batch)
         length = self._epoch_length(state.epoch)
         bar = self._progress_bar(length, sums.batch, state.epoch)
+        lines = self._progress_lines if bar is None else None
+        steps_before = state.epoch * len(self.train_loader)
         for x, y in batches:
             if sums.batch >= length:
                 break
@@ -319,6 +328,9 @@ class Trainer:
                 self._check_diverged(state, before_save=False)
             if bar is not None:
                 bar.update(1)
+            if lines is not None:
+                lines.step(steps_before + sums.batch, y.numel(),
+                           spent_before + time.perf_counter() - started)  # fmt: skip
             if self._budget_spent(sums.batch, spent_before + time.perf_counter() - started):
                 state.stopped = "time budget"
                 break
