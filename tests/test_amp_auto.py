@@ -73,3 +73,17 @@ def test_the_capability_check_honours_an_isa_limit():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=120)  # fmt: skip
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("amp, tf32", [("off", False), ("bf16", True)])
+def test_tf32_on_cuda_follows_amp_and_the_cpu_is_left_alone(amp, tf32):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+        devices.set_tf32(torch.device("cpu"), amp)
+        assert torch.backends.cuda.matmul.allow_tf32 is (not tf32)
+        devices.set_tf32(torch.device("cuda"), amp)
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32
+        assert torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -61,6 +61,17 @@ def resolve_saved_amp(values: dict, device: torch.device) -> dict:
     return {**values, "amp": "bf16" if device.type == "cuda" else "off"}
 
 
+def set_tf32(device: torch.device, amp: str) -> None:
+    """On CUDA, TF32 matmuls and convolutions (10-bit mantissa inputs) exactly when the run
+    asked for reduced precision: amp "off" means float32 arithmetic, so TF32 off; "bf16" means
+    bf16 activations, so TF32 for what runs in float32 anyway. PyTorch's own defaults differ
+    between matmul (off) and cuDNN (on), so both are set explicitly. Nothing on the CPU."""
+    if device.type == "cuda":
+        reduced = amp != "off"
+        torch.backends.cuda.matmul.allow_tf32 = reduced
+        torch.backends.cudnn.allow_tf32 = reduced
+
+
 def autocast_context(device: torch.device, amp: str):
     """bf16 autocast for 'bf16'; for the 'auto' of a run made before it was resolved, on CUDA
     only (`resolve_saved_amp`); else nothing.

@@ -63,6 +63,7 @@ from qtrain.train.devices import (
     resolve_amp,
     resolve_device,
     resolve_saved_amp,
+    set_tf32,
     slow_bf16_note,
 )
 from qtrain.train.distributed import DistributedContext
@@ -115,6 +116,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.device = self.dist.device or resolve_device(config.device)
         self.config = config = resolve_amp(config, self.device)  # the precision it records
+        set_tf32(self.device, config.amp)
         self.divergence = DivergenceWatch(self.device)
         self._lock: FolderLock | None = None  # rank 0's, on run_dir (`_lock_run_dir`)
         try:
