@@ -22,9 +22,11 @@ for export the packed file's bytes; for report its table.json. Wall-clock fields
 measured memory peaks differ between any two runs and are left out. No `.*.tmp` may be left.
 
 Random choices come from `numpy.random.default_rng(--seed)`: the job, whether an attempt is
-signalled, which signal, and when (uniform up to --max-delay seconds, by default up to the
+signalled, which signal, and when: uniform up to --max-delay seconds, by default up to the
 job's measured reference time, so start-up, training, evaluation and the final writes are
-all in reach). Every child runs with one intra-op thread on the CPU, so results are
+all in reach; for half of the signals (--aimed-share) uniform between the reference's first
+write into its folder and its end, since starting Python and importing torch takes most of
+a short job's time. Every child runs with one intra-op thread on the CPU, so results are
 deterministic. Expected exit codes of a signalled attempt: 0 (it finished first), -9 for
 SIGKILL, 143 for SIGTERM inside a training loop (a checkpoint saved) and -15 for SIGTERM
 outside one (start-up, between the cells of an experiment, export, report, after the last
@@ -66,6 +68,7 @@ MACHINE = ["--set", "device=cpu", "--set", "threads=1"]
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
 EXPECTED = {signal.SIGKILL: {0, -signal.SIGKILL}, signal.SIGTERM: {0, 143, -signal.SIGTERM}}
 TIMING_KEYS = {"seconds", "minutes"}
+WATCH_POLL_S = 0.05
 TERM_GRACE_S = 120.0  # a SIGTERMed run finishes its step and saves; never near this long
 MAX_LISTED = 5  # differences shown per round
 
@@ -271,15 +274,21 @@ class Attempt:
     seconds: float
     signal: int | None = None
     mid_run: bool = False  # the job had written into its folder when the signal was sent
+    first_write: float | None = None  # seconds to its first write (when watched)
     hung: bool = False  # did not exit within the grace after SIGTERM (then SIGKILLed)
     leftovers: bool = False  # processes of its group outlived it
 
 
 def run_attempt(
-    argv: list[str], log: Path, limit: float, kill: tuple[int, float] | None = None
+    argv: list[str],
+    log: Path,
+    limit: float,
+    kill: tuple[int, float] | None = None,
+    watch: bool = False,
 ) -> Attempt:
     """`python -m qtrain argv` in a new process group, signalled after `kill` = (signal,
-    seconds) if given; output appended to `log`."""
+    seconds) if given; output appended to `log`. With `watch`, notes when it first wrote a
+    file into the log's folder."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
     started, begun = time.perf_counter(), time.time()
@@ -305,6 +314,11 @@ def run_attempt(
                 os.killpg(process.pid, kill[0])
                 attempt.signal = kill[0]
                 limit = TERM_GRACE_S
+        while watch and process.poll() is None and time.perf_counter() - started < limit:
+            if wrote_since(log.parent, begun, log):
+                attempt.first_write = time.perf_counter() - started
+                break
+            time.sleep(WATCH_POLL_S)
         try:
             process.wait(timeout=max(limit - (time.perf_counter() - started), 1.0))
         except subprocess.TimeoutExpired:
@@ -354,21 +368,38 @@ class Settings:
     sigkill_share: float
     max_delay: float | None
     max_kills: int
+    aimed_share: float
 
 
-def soak_round(job: Job, work: Path, refs: dict, ref_seconds: float, rng, s: Settings):
+@dataclass(frozen=True)
+class Reference:
+    """An uninterrupted run of a job: its folder, wall time and time to its first write."""
+
+    folder: Path
+    seconds: float
+    first_write: float
+
+    def draw_delay(self, rng, s: Settings) -> float:
+        """When to signal: any time up to the end (or --max-delay), or for `aimed_share` of
+        the signals a time after start-up, between the first write and the end."""
+        aimed, end = rng.random() < s.aimed_share, s.max_delay or self.seconds
+        return float(rng.uniform(min(self.first_write, end) if aimed else 0.0, end))
+
+
+def soak_round(job: Job, work: Path, refs: dict[str, Reference], rng, s: Settings):
     """Run `job` in `work` under signals until an attempt finishes; (tally, events, found)."""
     tally, events, log = Tally(rounds=1), [], work / "qtrain.log"
     work.mkdir(parents=True)
-    limit = 60.0 + 10.0 * ref_seconds
+    folders, reference = {n: r.folder for n, r in refs.items()}, refs[job.name]
+    limit = 60.0 + 10.0 * reference.seconds
     kills = 0
     while True:
         resume = tally.attempts > 0
-        draw, pick, delay = rng.random(), rng.random(), rng.uniform(0.0, s.max_delay or ref_seconds)
+        draw, pick, delay = rng.random(), rng.random(), reference.draw_delay(rng, s)
         p = s.resume_kill_prob if resume else s.kill_prob
         sig = signal.SIGKILL if pick < s.sigkill_share else signal.SIGTERM
         kill = (sig, delay) if kills < s.max_kills and draw < p else None
-        attempt = run_attempt(job.argv(work, resume, refs), log, limit, kill)
+        attempt = run_attempt(job.argv(work, resume, folders), log, limit, kill)
         tally.attempts += 1
         tally.resumes += resume
         tally.leftovers += attempt.leftovers
@@ -391,28 +422,30 @@ def soak_round(job: Job, work: Path, refs: dict, ref_seconds: float, rng, s: Set
             tally.unfinished += 1
             return tally, events, [f"an attempt left alone exited {attempt.code}; see {log}"]
         break
-    found = job.compare(work, refs[job.name])
+    found = job.compare(work, reference.folder)
     found += [f"temporary left behind: {t}" for t in temporaries(work)]
     tally.mismatches += bool(found)
     return tally, events, found
 
 
-def make_references(names: list[str], out: Path) -> tuple[dict, dict]:
-    """Run each job (and what it needs) once, uninterrupted: {name: folder}, {name: seconds}."""
+def make_references(names: list[str], out: Path) -> dict[str, Reference]:
+    """Run each job (and the jobs it needs) once, uninterrupted."""
     order = []
     for name in names:
         order += [n for n in (*JOBS[name].needs, name) if n not in order]
-    refs, seconds = {}, {}
+    refs = {}
     for name in order:
         work = out / "reference" / name.replace(":", "-")
-        shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        attempt = run_attempt(JOBS[name].argv(work, False, refs), work / "qtrain.log", 1800.0)
+        folders = {n: r.folder for n, r in refs.items()}
+        attempt = run_attempt(JOBS[name].argv(work, False, folders), work / "qtrain.log", 1800.0,
+                              watch=True)  # fmt: skip
         if attempt.code != 0 or attempt.leftovers:
             raise SystemExit(f"soak: the reference run of {name} failed; see {work}/qtrain.log")
-        refs[name], seconds[name] = work, attempt.seconds
-        print(f"reference {name}: {attempt.seconds:.1f} s", flush=True)
-    return refs, seconds
+        refs[name] = Reference(work, attempt.seconds, attempt.first_write or 0.0)
+        print(f"reference {name}: {attempt.seconds:.1f} s, first write after "
+              f"{refs[name].first_write:.1f} s", flush=True)  # fmt: skip
+    return refs
 
 
 def table(per_job: dict[str, Tally]) -> str:
@@ -449,6 +482,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-delay", type=float, default=None,
                    help="latest signal, seconds after the start (default: the job's "
                    "reference time)")  # fmt: skip
+    p.add_argument("--aimed-share", type=float, default=0.5,
+                   help="share of signals sent after start-up: between the reference's first "
+                   "write and its end (0.5)")  # fmt: skip
     p.add_argument("--max-kills", type=int, default=4, help="signals per round at most (4)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no round after this many minutes")  # fmt: skip
@@ -466,10 +502,10 @@ def soak(args: argparse.Namespace) -> int:
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     print(f"qtrain {qtrain.__version__} from {Path(qtrain.__file__).parent}", flush=True)
-    refs, ref_seconds = make_references(args.jobs, args.out)
+    refs = make_references(args.jobs, args.out)
     rng = np.random.default_rng(args.seed)
     settings = Settings(args.kill_prob, args.resume_kill_prob, args.sigkill_share,
-                        args.max_delay, args.max_kills)  # fmt: skip
+                        args.max_delay, args.max_kills, args.aimed_share)  # fmt: skip
     per_job = {name: Tally() for name in args.jobs}
     failures = []
     for number in range(1, args.rounds + 1):
@@ -479,7 +515,7 @@ def soak(args: argparse.Namespace) -> int:
         name = args.jobs[int(rng.integers(len(args.jobs)))]
         work = args.out / "rounds" / f"{number:03d}-{name.replace(':', '-')}"
         began = time.perf_counter()
-        tally, events, found = soak_round(JOBS[name], work, refs, ref_seconds[name], rng, settings)
+        tally, events, found = soak_round(JOBS[name], work, refs, rng, settings)
         tally.seconds = time.perf_counter() - began
         per_job[name].add(tally)
         verdict = "identical" if not found else "MISMATCH"
@@ -504,7 +540,8 @@ def soak(args: argparse.Namespace) -> int:
           f"unexpected exit codes, {total.unfinished} unfinished rounds, {total.leftovers} "
           f"process groups left behind; {time.perf_counter() - started:.0f} s")  # fmt: skip
     summary = {"args": {k: str(v) for k, v in vars(args).items()},
-               "reference_seconds": ref_seconds,
+               "references": {n: {"seconds": r.seconds, "first_write": r.first_write}
+                              for n, r in refs.items()},
                "jobs": {n: {**vars(t), "codes": {f"{s} {c}": k for (s, c), k in t.codes.items()}}
                         for n, t in per_job.items()},
                "failures": [{"round": r, "job": n, "differences": f, "folder": str(w)}
