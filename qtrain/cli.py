@@ -23,8 +23,14 @@ from qtrain.base.names import did_you_mean
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 SPEEDRUN_PRESET = "speedrun-binary"  # `qtrain speedrun` without --config
-# A full disk and an exhausted quota (common on shared machines) mean the same to the user.
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# What to do about a write the machine refused (`qtrain.base.io.MACHINE_ERRNOS`).
+MACHINE_FIXES = {
+    errno.ENOSPC: "free space",
+    errno.EDQUOT: "free space within your quota",
+    errno.EIO: "check the disk (the kernel log names the fault)",
+    errno.EROFS: "make the file system writable or choose another --out",
+}
+TRAINING_COMMANDS = ("train", "speedrun", "reproduce", "demo")  # they keep a last checkpoint
 
 
 class _Parser(argparse.ArgumentParser):
@@ -394,16 +400,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qtrain: error: {_one_line(e, args.command)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as e:
-        if e.errno in DISK_FULL_ERRNOS:
-            print(
-                f"qtrain: error: the disk is full ({e.filename or 'output folder'}); free "
-                "space or choose another --out; the last checkpoint is intact",
-                file=sys.stderr,
-            )
+        if _is_machine_fault(e):  # the machine's condition, not a bug: one line
+            print(f"qtrain: error: {_machine_fault(e, args.command)}", file=sys.stderr)
             return EXIT_USER_ERROR
         return _internal_error(args)
     except Exception:
         return _internal_error(args)
+
+
+def _is_machine_fault(e: OSError) -> bool:
+    """A write that the machine refused: any of `MACHINE_FIXES` raised by qtrain's writers (a
+    `WriteError`, which names its file), or a full disk or read-only file system anywhere. An
+    EIO from elsewhere (a read, say) keeps its traceback: it says where it happened."""
+    from qtrain.base.io import WriteError
+
+    return isinstance(e, WriteError) or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _machine_fault(e: OSError, command: str) -> str:
+    """The file, the OS's reason, and how to continue. Files are written atomically
+    (`qtrain.base.io`), so whatever was there before is intact."""
+    path = os.fsdecode(e.filename) if e.filename is not None else "a file"
+    again = "with --resume" if command == "train" else "again"
+    kept = "the last checkpoint is intact" if command in TRAINING_COMMANDS else "nothing is torn"
+    reason = e.strerror or os.strerror(e.errno)
+    fix = MACHINE_FIXES[e.errno]
+    return f"could not write {path}: {reason}; {fix}, then run the same command {again}; {kept}"
 
 
 def _internal_error(args) -> int:

@@ -561,8 +561,8 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path, 
         code, _, err = run([*longer, "--resume"], capsys)
     assert code == 2
     assert err.strip().splitlines() == [
-        "qtrain: error: the disk is full (output folder); free space or choose another --out; "
-        "the last checkpoint is intact"
+        f"qtrain: error: could not write {run_dir / rundir.CHECKPOINT}: No space left on device; "
+        "free space, then run the same command with --resume; the last checkpoint is intact"
     ]
     # The half-written temporary is gone; checkpoint and metrics are as epoch 1 left them.
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
@@ -578,7 +578,8 @@ def test_a_full_disk_at_the_start_leaves_no_files(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(atomic_io, "os", _FullDiskOs(0))
         code, _, err = run(synthetic("--out", tmp_path / "run"), capsys)
-    assert code == 2 and "the disk is full" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "run/config.toml: No space left on device" in err
+    assert len(err.strip().splitlines()) == 1
     assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
 
 

@@ -2,7 +2,9 @@
 
 Every step writes only temporaries inside ``root`` (``.<archive>.*.part`` and
 ``.<folder>.extract-*``); the final folder appears by one ``os.rename``, so a reader never
-sees a half-extracted data set, and on any failure the temporaries are removed.
+sees a half-extracted data set, and on any failure the temporaries are removed. A write the
+machine refuses (a full disk: `qtrain.base.io.MACHINE_ERRNOS`) raises a `WriteError` naming the
+file or folder being written, not a download error.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
+
+from qtrain.base.io import MACHINE_ERRNOS, WriteError, write_error
 
 from .errors import ChecksumError, CorruptDataError, DownloadError
 
@@ -39,9 +43,15 @@ def fetch(url: str, destination: Path, timeout: float = 60.0) -> str:
             expected = response.headers.get("Content-Length")
             received = 0
             while chunk := response.read(CHUNK_BYTES):
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                    out.flush()  # so that closing the file has nothing left to fail on
+                except OSError as error:
+                    raise write_error(error, destination) from error
                 digest.update(chunk)
                 received += len(chunk)
+    except WriteError:
+        raise
     except urllib.error.HTTPError as error:
         raise DownloadError(f"{url} answered HTTP {error.code} ({error.reason}); {fix}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
@@ -96,6 +106,10 @@ def extract_archive(archive: Path, root: Path, folder: str) -> Path:
             # Another process finished the same extraction first: keep its folder.
             if not target.is_dir():
                 raise
+    except OSError as error:
+        if error.errno in MACHINE_ERRNOS:
+            raise write_error(error, target) from error
+        raise
     except (tarfile.TarError, EOFError, zlib.error) as error:
         raise CorruptDataError(
             f"{archive} is truncated or corrupt ({error}); delete it and download it again"

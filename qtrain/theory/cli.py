@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 import qtrain
+from qtrain.base.io import atomic_write_bytes, atomic_write_text
 from qtrain.theory import bop, convex, markov, plots
 
 # --quick: a small run that shows the same effects in seconds
@@ -132,16 +134,11 @@ def _check_output(out: Path, modules: tuple[str, ...]) -> str | None:
 
 
 def _write(out: Path, name: str, result: dict, draw) -> None:
-    """JSON and PNG, each written under a temporary name and renamed into place."""
-    json_tmp, png_tmp = out / f".{name}.json.tmp", out / f".{name}.png.tmp"
-    try:
-        json_tmp.write_text(json.dumps(result, indent=1))
-        draw(result, png_tmp)
-        json_tmp.replace(out / f"{name}.json")
-        png_tmp.replace(out / f"{name}.png")
-    finally:
-        json_tmp.unlink(missing_ok=True)
-        png_tmp.unlink(missing_ok=True)
+    """JSON and PNG, each written atomically (the figure is drawn before either is written)."""
+    png = io.BytesIO()
+    draw(result, png)
+    atomic_write_text(out / f"{name}.json", json.dumps(result, indent=1))
+    atomic_write_bytes(out / f"{name}.png", png.getvalue())
 
 
 def _fail(message: str) -> int:

@@ -7,6 +7,7 @@ needs neither matplotlib nor a display.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -74,7 +75,9 @@ def _key(ax, dims: list[int], styles: dict[str, str]) -> None:
     ax.legend(handles=handles, fontsize=7, loc="upper left", ncol=2)
 
 
-def convex_figure(result: dict, path: Path, d: int | None = None, delta: float | None = None):
+def convex_figure(
+    result: dict, path: Path | BinaryIO, d: int | None = None, delta: float | None = None
+):
     """Rows: problems. Columns: the two step rules at one (d, Δ) with their bounds; the floor
     of w̄_T against Δ for every d; SR's last iterate against Δ under both step rules, with
     Bop's (its first (γ, τ)) when the run has Bop."""
@@ -136,8 +139,9 @@ def convex_figure(result: dict, path: Path, d: int | None = None, delta: float |
     plt.close(fig)
 
 
-def _save(fig, path: Path) -> None:
-    """PNG with a 256-colour palette: a third of the size, no visible loss for line plots."""
+def _save(fig, path: Path | BinaryIO) -> None:
+    """PNG with a 256-colour palette: a third of the size, no visible loss for line plots
+    (`path`: a file name or a binary file object)."""
     from io import BytesIO
 
     from PIL import Image
@@ -148,7 +152,7 @@ def _save(fig, path: Path) -> None:
     Image.open(buffer).convert("RGB").quantize(colors=256).save(path, format="PNG", optimize=True)
 
 
-def markov_figure(result: dict, path: Path) -> None:
+def markov_figure(result: dict, path: Path | BinaryIO) -> None:
     """(a) SR's stationary law for several α and its α → 0 limit, with f; (b) SGD and BC at
     small α; (c) distance to the nearest minimizer against α; (d) mixing and relaxation times;
     (e) TV distance to the limit; (f) the 2-D limit law over the contours of f."""

@@ -13,16 +13,23 @@ a text run.
 On resume a logger is opened with `first_step` = the next step to be logged: the TensorBoard
 logger discards events written at or after it by the interrupted attempt (they are logged
 again), so a resumed run's curves have no duplicated points.
+
+Event files are appended to, not written atomically: a write that fails (a full disk) raises
+an OSError naming the event folder, and may leave a torn record at the end of its file, which
+TensorBoard's reader skips; the resumed run writes a new event file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from numbers import Real
 from pathlib import Path
 
 import torch
 
+from qtrain.base.io import write_error
 from qtrain.base.names import unknown_name
 from qtrain.base.optional import require
 
@@ -48,26 +55,55 @@ class TensorBoardLogger:
 
     def __init__(self, run_dir: str | Path, first_step: int = 0) -> None:
         tensorboard = require("torch.utils.tensorboard", "tensorboard", "log=tensorboard")
-        # purge_step drops what an interrupted attempt logged after its last checkpoint.
-        self.writer = tensorboard.SummaryWriter(
-            str(Path(run_dir) / TENSORBOARD_DIR), purge_step=first_step or None
-        )
+        self.folder = Path(run_dir) / TENSORBOARD_DIR
+        _quiet_writer_thread_errors()
+        with self._writing():
+            # purge_step drops what an interrupted attempt logged after its last checkpoint.
+            self.writer = tensorboard.SummaryWriter(str(self.folder), purge_step=first_step or None)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """An OSError of the event writer (raised on its thread, re-raised here at the next
+        write or flush) named after the event folder."""
+        try:
+            yield
+        except OSError as error:
+            raise write_error(error, self.folder) from error
 
     def log_metrics(self, step: int, record: dict) -> None:
-        for key, value in record.items():
-            if isinstance(value, bool) or not isinstance(value, Real):
-                continue  # None (a metric this method lacks) and non-numbers are not scalars
-            if key in ("epoch", "step") or not math.isfinite(value):
-                continue
-            self.writer.add_scalar(key, float(value), step)
-        self.writer.flush()
+        with self._writing():
+            for key, value in record.items():
+                if isinstance(value, bool) or not isinstance(value, Real):
+                    continue  # None (a metric this method lacks) and non-numbers: no scalars
+                if key in ("epoch", "step") or not math.isfinite(value):
+                    continue
+                self.writer.add_scalar(key, float(value), step)
+            self.writer.flush()
 
     def log_histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
-        self.writer.add_histogram(tag, values.detach().float().cpu(), step)
-        self.writer.flush()
+        with self._writing():
+            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+            self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        with self._writing():
+            self.writer.close()
+
+
+def _quiet_writer_thread_errors() -> None:
+    """Keep TensorBoard's writer thread from printing a traceback when a write fails: the same
+    error reaches the training thread at its next write or flush, which reports it once."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        thread = type(args.thread).__name__ if args.thread is not None else ""
+        if not (thread == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def check_logger(name: str) -> str:
