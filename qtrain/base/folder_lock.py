@@ -29,6 +29,7 @@ import weakref
 from pathlib import Path
 
 from qtrain.base.errors import UserError
+from qtrain.base.io import write_error
 
 try:
     import fcntl
@@ -86,8 +87,12 @@ class FolderLock:
             if _names_file(self.path, fd):
                 break
             os.close(fd)  # locked a file its holder deleted on release: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n{_command_line()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n{_command_line()}\n".encode())
+        except OSError as error:  # a full disk: name the lock file, as every writer does
+            os.close(fd)
+            raise write_error(error, self.path) from None
         return fd
 
     def release(self) -> None:
