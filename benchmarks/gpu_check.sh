@@ -19,6 +19,9 @@ echo "== CUDA tests"
 timeout 180 python -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py \
   tests/test_data_loader.py tests/test_resume_generators.py tests/test_methods_invariants.py
 
+echo "== memory: the estimate of a step against torch.cuda.max_memory_allocated"
+timeout 120 python -m pytest -q -p no:cacheprovider tests/test_memory_estimate.py -k cuda
+
 echo "== VGG-9 BC-ADAM, bf16 autocast, channels_last, torch.compile"
 timeout 300 python benchmarks/gpu_check.py "$@"
 

@@ -24,6 +24,7 @@ from crash_harness import CrashServer
 
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
+from qtrain.train.records import MEASURED_KEYS
 
 SEED = 2017
 # BC keeps latent float weights in the optimizer; SR draws its rounding from a generator.
@@ -34,7 +35,7 @@ MAX_CHAINS = 16  # bounds the test if kills keep missing writes
 MAX_ATTEMPTS_PER_CHAIN = 60
 MAX_WRITES_PER_ATTEMPT = 6  # an aimed kill lands in one of an attempt's first 6 writes
 LIMIT_S = 60.0  # a single attempt never legitimately takes this long
-TIMING_KEYS = {"seconds", "images_per_second"}
+TIMING_KEYS = MEASURED_KEYS  # what two runs of one config may differ in
 
 
 def train_argv(method: str, out: Path) -> list[str]:

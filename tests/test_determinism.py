@@ -21,9 +21,10 @@ from qtrain.data.loader import generator_for
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig, tomllib  # tomli on Python 3.10
+from qtrain.train.records import MEASURED_KEYS
 from qtrain.train.trainer import Trainer
 
-TIMING_KEYS = {"seconds", "images_per_second"}
+TIMING_KEYS = MEASURED_KEYS  # what two runs of one config may differ in
 # SR draws its rounding from a generator; augmentation adds crop and flip draws.
 ARGV = [
     *("train", "--model", "tiny_mlp", "--dataset", "synthetic", "--method", "sr-adam"),

@@ -11,12 +11,13 @@ from qtrain.data import ImageNetLoader
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig, load_toml
+from qtrain.train.records import MEASURED_KEYS
 from qtrain.train.trainer import Trainer
 
 Image = pytest.importorskip("PIL.Image")
 
 CLASSES = ("n01440764", "n01443537")
-TIMING_KEYS = {"seconds", "images_per_second"}
+TIMING_KEYS = MEASURED_KEYS  # what two runs of one config may differ in
 
 
 def write_split(folder: Path, per_class: int, seed: int) -> None:

@@ -18,6 +18,7 @@ from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
 from qtrain.train.rebuild import build_model
+from qtrain.train.records import MEASURED_KEYS
 from qtrain.train.schedules import warmup_cosine_factor
 from qtrain.train.trainer import Trainer
 
@@ -116,8 +117,7 @@ def test_resume_after_a_crash_mid_run_is_bit_identical(text_file, tmp_path):
     resumed = Trainer(config, tmp_path / "crash", log=quiet).run(resume=True)
 
     def drop_timing(ms):
-        return [{k: v for k, v in m.items() if k not in ("seconds", "tokens_per_second")}
-                for m in ms]  # fmt: skip
+        return [{k: v for k, v in m.items() if k not in MEASURED_KEYS} for m in ms]
 
     assert drop_timing(resumed) == drop_timing(reference)
     a = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)

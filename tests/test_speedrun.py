@@ -26,10 +26,11 @@ from qtrain.train.config import RunConfig
 from qtrain.train.ema import WeightEMA
 from qtrain.train.evaluation import evaluate
 from qtrain.train.parts import WHITEN_IMAGES
+from qtrain.train.records import MEASURED_KEYS
 from qtrain.train.schedules import cycled_momentum, warmup_linear_factor
 from qtrain.train.trainer import Trainer
 
-TIMING_KEYS = {"seconds", "images_per_second"}
+TIMING_KEYS = MEASURED_KEYS  # what two runs of one config may differ in
 ALL_OPTIONS = dict(
     whiten_init=True,
     label_smoothing=0.2,

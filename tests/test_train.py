@@ -13,10 +13,11 @@ from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
 from qtrain.train.divergence import DivergenceError
+from qtrain.train.records import MEASURED_KEYS
 from qtrain.train.schedules import lr_factor
 from qtrain.train.trainer import Trainer, TrainingInterrupted
 
-TIMING_KEYS = {"seconds", "images_per_second"}
+TIMING_KEYS = MEASURED_KEYS  # what two runs of one config may differ in
 
 
 def tiny_config(**changes) -> RunConfig:

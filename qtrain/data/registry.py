@@ -65,6 +65,8 @@ class DatasetInfo:
     subfolder of `default_root` that holds the set when no root is given.
     ``build(root, download, **options)`` returns its `Splits`. ``modality`` is "image" (x
     float [B, C, H, W], y [B]) or "text" (x, y int64 token ids [B, T], `qtrain.data.text`).
+    ``examples`` is (train, test): what the built splits hold in memory, images or the tokens
+    of a text set's own text; None when they are read from disk a batch at a time (ImageNet).
     """
 
     name: str
@@ -76,6 +78,7 @@ class DatasetInfo:
     options: tuple[str, ...] = ()
     folder: str = ""
     modality: str = "image"
+    examples: tuple[int, int] | None = None
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
@@ -140,22 +143,25 @@ def _cifar(name: str) -> Callable[..., Splits]:
     return lambda root, download, **options: load_cifar(name, root, download, **options)
 
 
+_SYNTHETIC = inspect.signature(make_synthetic).parameters
+
 for _info in (
     DatasetInfo("cifar10", "CIFAR-10: 50,000 + 10,000 colour images, 32×32, 10 classes",
-                3, 32, 10, _cifar("cifar10"), ("url", "md5")),
+                3, 32, 10, _cifar("cifar10"), ("url", "md5"), examples=(50_000, 10_000)),
     DatasetInfo("cifar100", "CIFAR-100: 50,000 + 10,000 colour images, 32×32, 100 classes",
-                3, 32, 100, _cifar("cifar100"), ("url", "md5")),
+                3, 32, 100, _cifar("cifar100"), ("url", "md5"), examples=(50_000, 10_000)),
     DatasetInfo("digits", "handwritten digits (scikit-learn): 1,497 + 300 images, 8×8, gray",
-                1, 8, 10, lambda root, download: load_digits()),
+                1, 8, 10, lambda root, download: load_digits(), examples=(1_497, 300)),
     DatasetInfo("synthetic", "random class prototypes plus noise, made at the model's size",
                 3, None, 4, lambda root, download, **options: make_synthetic(**options),
-                tuple(inspect.signature(make_synthetic).parameters)),
+                tuple(_SYNTHETIC), examples=(_SYNTHETIC["num_train"].default,
+                                             _SYNTHETIC["num_test"].default)),
     DatasetInfo("imagenet", "ImageNet folders root/train and root/val, cropped to the model",
                 3, None, None, lambda root, download, **options: load_imagenet(root, **options),
                 ("image_size",), folder="imagenet"),
     DatasetInfo("shakespeare-char", "tiny Shakespeare by character: 1,003,854 + 111,540 "
                 "tokens, 65 symbols (or any UTF-8 text_file)", 1, None, 65, load_shakespeare,
                 ("block_size", "text_file", "url", "sha256"), folder="tinyshakespeare",
-                modality="text"),
+                modality="text", examples=(1_003_854, 111_540)),
 ):  # fmt: skip
     register_dataset(_info)

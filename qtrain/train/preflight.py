@@ -3,7 +3,8 @@
 Every name (model, method, grid, policy, data set) is looked up in its own registry, and the
 model is tried on the data set's image shape (a text model on a window of token ids), so a
 typo or a model that cannot take the data ends in one sentence instead of a download, a data
-scan or a traceback mid-training.
+scan or a traceback mid-training. Last, the memory of a training step is estimated from the
+model, batch and precision and compared with what the device has (`qtrain.train.memory`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from qtrain.base.errors import UserError
 from qtrain.models.whitening import whitening_layers
 from qtrain.train.config import ConfigError, RunConfig, inapplicable
 from qtrain.train.loggers import check_logger
+from qtrain.train.memory import check_fits
 from qtrain.train.settings import context_length, image_size, method_settings, model_options
 
 # The classes of the probe model: the fit of the input does not depend on the output width.
@@ -110,11 +112,21 @@ def check_applicable(config: RunConfig) -> None:
         raise ConfigError(problem)
 
 
+def check_memory(config: RunConfig) -> None:
+    """Refuse a run whose training step cannot fit in the memory its device has available,
+    with the estimate and the batch sizes that fit (`qtrain.train.memory.check_fits`)."""
+    info = qdata.dataset_info(config.dataset)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = _probe_model(config, info)
+    check_fits(config, model)
+
+
 def check_config(config: RunConfig) -> None:
-    """Every check that needs neither data nor files: values, names, keys that apply, and the
-    model/data fit."""
+    """Every check that needs neither data nor files: values, names, keys that apply, the
+    model/data fit and the memory of a step."""
     config.validate()
     check_modality(config)
     check_applicable(config)
     check_names(config)
     check_fit(config)
+    check_memory(config)

@@ -7,6 +7,13 @@ val_bpc = val_loss / ln 2 and tokens_per_second; val_loss and val_error with a v
 split, and `stopped` when the run ended early. lr is the optimizer's `learning_rate`: for Bop
 and Bop2 that of the full-precision parameters (γ and τ move the binary ones), None when a
 Bop run has no full-precision parameter; the log line then leaves it out.
+
+peak_memory_bytes is the most memory held since the previous record (so the epoch's training
+and evaluation, and the previous epoch's checkpoint; a process's first record counts from its
+start), on the device of the model's parameters (`qtrain.train.meminfo.peak_memory`): on CUDA
+the tensors PyTorch allocated, on the CPU the peak resident set size of the whole process
+(interpreter, libraries and data set included); None where it cannot be read. It and the
+timing keys (`MEASURED_KEYS`) measure the machine: two runs of one config differ only in them.
 """
 
 from __future__ import annotations
@@ -14,8 +21,13 @@ from __future__ import annotations
 import math
 
 from qtrain.train.config import RunConfig
+from qtrain.train.meminfo import peak_memory
 from qtrain.train.settings import is_text
 from qtrain.train.state import TrainState
+
+MEASURED_KEYS = frozenset(
+    {"seconds", "images_per_second", "tokens_per_second", "peak_memory_bytes"}
+)
 
 
 def epoch_record(
@@ -51,6 +63,7 @@ def epoch_record(
         record["images_per_second"] = sums.seen / max(sums.seconds, 1e-9)
     if val is not None:
         record["val_loss"], record["val_error"] = val["loss"], val["error"]
+    record["peak_memory_bytes"] = peak_memory(optimizer.param_groups[0]["params"][0].device)
     if state.stopped is not None:
         record["stopped"] = state.stopped
     return record
