@@ -64,10 +64,14 @@ import qtrain
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 
+try:  # what two runs of one config may differ in (seconds, rates, memory peaks)
+    from qtrain.train.records import MEASURED_KEYS
+except ImportError:  # a qtrain from before the list
+    MEASURED_KEYS = frozenset({"seconds", "images_per_second", "tokens_per_second"})
+
 MACHINE = ["--set", "device=cpu", "--set", "threads=1"]
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
 EXPECTED = {signal.SIGKILL: {0, -signal.SIGKILL}, signal.SIGTERM: {0, 143, -signal.SIGTERM}}
-TIMING_KEYS = {"seconds", "minutes"}
 WATCH_POLL_S = 0.05
 TERM_GRACE_S = 120.0  # a SIGTERMed run finishes its step and saves; never near this long
 MAX_LISTED = 5  # differences shown per round
@@ -115,13 +119,11 @@ class Job:
 
 
 # -- comparison ---------------------------------------------------------------------------------
-def is_timing(key: str) -> bool:
-    """Keys measured by the clock (or the memory meter): they differ between any two runs."""
+def is_timing(key) -> bool:
+    """Keys measured by the machine (clock, memory): they differ between any two runs. A
+    record's are qtrain's own list; the experiments' tables add minutes."""
     return isinstance(key, str) and (
-        key in TIMING_KEYS
-        or key.endswith(("_per_second", "_seconds"))
-        or key.startswith("minutes_to_")
-        or any(word in key for word in ("peak", "memory", "rss"))
+        key in MEASURED_KEYS or key == "minutes" or key.startswith("minutes_to_")
     )
 
 
@@ -275,6 +277,7 @@ class Attempt:
     signal: int | None = None
     mid_run: bool = False  # the job had written into its folder when the signal was sent
     first_write: float | None = None  # seconds to its first write (when watched)
+    after_signal: float = 0.0  # seconds from the signal to the exit
     hung: bool = False  # did not exit within the grace after SIGTERM (then SIGKILLed)
     leftovers: bool = False  # processes of its group outlived it
 
@@ -313,7 +316,8 @@ def run_attempt(
                 attempt.mid_run = wrote_since(log.parent, begun, log)
                 os.killpg(process.pid, kill[0])
                 attempt.signal = kill[0]
-                limit = TERM_GRACE_S
+                attempt.after_signal = time.perf_counter()
+                limit = time.perf_counter() - started + TERM_GRACE_S
         while watch and process.poll() is None and time.perf_counter() - started < limit:
             if wrote_since(log.parent, begun, log):
                 attempt.first_write = time.perf_counter() - started
@@ -331,6 +335,8 @@ def run_attempt(
             process.wait()
         LIVE.pop(process.pid, None)
     attempt.code, attempt.seconds = process.returncode, time.perf_counter() - started
+    if attempt.signal is not None:
+        attempt.after_signal = time.perf_counter() - attempt.after_signal
     if group_alive(process.pid):
         attempt.leftovers = True
         os.killpg(process.pid, signal.SIGKILL)
@@ -409,7 +415,8 @@ def soak_round(job: Job, work: Path, refs: dict[str, Reference], rng, s: Setting
             tally.codes[(name, attempt.code)] += 1
             tally.mid_run += attempt.mid_run
             where = "mid-run" if attempt.mid_run else "before any write"
-            events.append(f"{name} at {delay:.2f}s, {where} ({attempt.code})")
+            events.append(f"{name} at {delay:.2f}s, {where} ({attempt.code} "
+                          f"{attempt.after_signal:.2f}s later)")  # fmt: skip
             if attempt.code not in EXPECTED[attempt.signal] or attempt.hung:
                 tally.unexpected += 1
                 events[-1] += " UNEXPECTED"

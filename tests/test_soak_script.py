@@ -28,9 +28,10 @@ def soak():
 
 def test_comparison_ignores_timing_only(soak):
     record = {"epoch": 1, "test_error": 12.5, "seconds": 3.0, "images_per_second": 9.0,
-              "curve": [[0.1, 50.0]], "minutes_to_85": 0.2, "state": {0: {"step": 4}}}  # fmt: skip
-    other = {**record, "seconds": 4.0, "images_per_second": 7.0, "curve": [[0.3, 50.0]],
-             "minutes_to_85": 0.5}  # fmt: skip
+              "peak_memory_bytes": 10, "curve": [[0.1, 50.0]], "minutes_to_85": 0.2,
+              "state": {0: {"step": 4}}}  # fmt: skip
+    other = {**record, "seconds": 4.0, "images_per_second": 7.0, "peak_memory_bytes": 12,
+             "curve": [[0.3, 50.0]], "minutes_to_85": 0.5}  # fmt: skip
     assert soak.differences(soak.untimed(record), soak.untimed(other)) == []
     assert soak.differences(soak.untimed(record), soak.untimed({**other, "test_error": 12.0}))
     assert soak.differences({"w": torch.zeros(3)}, {"w": torch.zeros(3)}) == []
