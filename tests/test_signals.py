@@ -115,3 +115,29 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_with_one_line(tmp_path, c
         want = load_checkpoint(tmp_path / f"{name}-reference")["model_state"]
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_a_stop_asked_for_after_the_last_step_still_stops_an_experiment(tmp_path, monkeypatch):
+    """SIGTERM during a cell's final evaluation: that cell ends finished, and the experiment
+    stops instead of training its next cell (found by benchmarks/soak.py)."""
+    import signal
+
+    from qtrain.experiments.runner import Cell, run_cells
+    from qtrain.train import rundir
+    from qtrain.train.config import RunConfig
+    from qtrain.train.trainer import Trainer, TrainingInterrupted
+
+    finish = Trainer._finish_epoch
+
+    def finish_then_sigterm(self, state):
+        record = finish(self, state)
+        self._request_stop(signal.SIGTERM)  # as the handler does when the signal arrives
+        return record
+
+    monkeypatch.setattr(Trainer, "_finish_epoch", finish_then_sigterm)
+    config = RunConfig(model="tiny_mlp", dataset="synthetic", epochs=1, batch_size=64,
+                       device="cpu")  # fmt: skip
+    cells = [Cell("a", config, "r", "m"), Cell("b", config.replace(seed=1), "r", "m")]
+    with pytest.raises(TrainingInterrupted):
+        run_cells(cells, tmp_path, log=lambda *a, **k: None)
+    assert rundir.is_finished(tmp_path / "a") and not (tmp_path / "b" / rundir.CONFIG).exists()

@@ -276,6 +276,11 @@ class Trainer:
         if self.dist.is_main:
             summary = run_summary(self.config, state.metrics, self.optimizer.num_quantized)
             rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
+        # A stop asked for after the last step (during the final evaluation or save) finds the
+        # run finished; the process still stops, so that an experiment starts no next cell.
+        stop = self.dist.all_max(self._stop_signal or 0)
+        if stop:
+            raise TrainingInterrupted(stop)
         return state.metrics
 
     def _track(self, tracker, record: dict) -> None:
