@@ -189,6 +189,9 @@ def read_batch(path: Path, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
         labels_ok = labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer)
     except (TypeError, ValueError):
         labels_ok = False
+    # numpy reads True among ints as 1; no official file holds a bool
+    if isinstance(raw_labels, list) and any(isinstance(v, (bool, np.bool_)) for v in raw_labels):
+        labels_ok = False
     if not labels_ok or labels.shape[0] != data.shape[0]:
         raise CorruptDataError(
             f"{path} has {spec.label_key} that are not {data.shape[0]} integers (one per "

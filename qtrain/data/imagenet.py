@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -224,9 +225,13 @@ def open_rgb(path: Path):
     try:
         with image_module.open(path) as image:
             return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
+    # Pillow reports a damaged file with OSError mostly, but its decoders raise these too, and
+    # a header that claims more pixels than Image.MAX_IMAGE_PIXELS allows is refused unread.
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error,
+            image_module.DecompressionBombError) as error:  # fmt: skip
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
         raise CorruptDataError(
-            f"{path} cannot be decoded as an image ({error}); replace or delete the file"
+            f"{path} cannot be decoded as an image ({reason}); replace or delete the file"
         ) from None
 
 
@@ -325,6 +330,19 @@ class ImageNetLoader(Batching):
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        for pixels, labels in loader:
-            x = self.normalise(pixels.to(self.device, non_blocking=True))
-            yield x, labels.to(self.device, non_blocking=True)
+        try:
+            for pixels, labels in loader:
+                x = self.normalise(pixels.to(self.device, non_blocking=True))
+                yield x, labels.to(self.device, non_blocking=True)
+        except CorruptDataError as error:
+            raise CorruptDataError(worker_message(error)) from None
+
+
+def worker_message(error: CorruptDataError) -> str:
+    """The message of an error raised in a DataLoader worker, without the worker's traceback
+    that the DataLoader puts before it when it raises the error again in this process."""
+    text = str(error)
+    marker = f"{type(error).__name__}: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text

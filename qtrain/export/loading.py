@@ -59,13 +59,21 @@ def load_any_model(path: str | Path, weights: str = "reported") -> tuple[nn.Modu
                 "pass the run folder or its checkpoint.pt for the live weights"
             )
         return read_packed(path)
-    if path.is_file() and not zipfile.is_zipfile(path):
+    if path.is_file() and not _is_zip(path):
         raise CheckpointError(
             f"{path} is neither a qtrain checkpoint nor a packed model file (or is truncated); "
             "pass a checkpoint.pt written by `qtrain train` or a file from `qtrain export`"
         )
     record = load_checkpoint(path)
     return build_model(record, weights), record
+
+
+def _is_zip(path: Path) -> bool:
+    """zipfile.is_zipfile, which lets some damaged end records raise BadZipFile."""
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:
+        return False
 
 
 def summary_of(model: nn.Module, record: dict) -> Summary:

@@ -59,6 +59,7 @@ from qtrain.base.optional import require
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
 from qtrain.export.scales import scaled_codes, weight_from_codes
 from qtrain.quant import Grid
+from qtrain.train.checkpoint import config_problem
 from qtrain.train.config import portable
 from qtrain.train.rebuild import build_model
 
@@ -328,6 +329,14 @@ def _parse_header(path: Path, metadata: dict | None) -> dict:
             raise PackedFormatError(
                 f"{path} has metadata without a valid {key!r} entry; {REEXPORT}"
             )
+    for key in ("model", "method"):
+        if not isinstance(header[key].get("name"), str):
+            raise PackedFormatError(
+                f"{path} has metadata whose {key!r} entry has no name; {REEXPORT}"
+            )
+    problem = config_problem(header["config"])
+    if problem:
+        raise PackedFormatError(f"{path} has a damaged config in its header: {problem}; {REEXPORT}")
     if header.get("bit_order") != "little":
         raise PackedFormatError(
             f"{path} declares bit order {header.get('bit_order')!r}, only 'little' exists; "
@@ -364,9 +373,18 @@ def _create_model(path: Path, spec: dict) -> nn.Module:
             activations=spec.get("activations", "float"),
             options=spec.get("options") or {},
         )
-    except (KeyError, TypeError, ValueError) as e:
+    # RuntimeError, MemoryError: the sizes it gives ask for more memory than there is
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError,
+            MemoryError) as e:  # fmt: skip
+        reason = (
+            f"no {e}"
+            if isinstance(e, KeyError)
+            else "its sizes need more memory than there is"
+            if isinstance(e, MemoryError) or "allocate" in str(e)
+            else " ".join(str(e).split())[:160]
+        )
         raise PackedFormatError(
-            f"{path} describes a model that cannot be built ({e}); {REEXPORT}"
+            f"{path} describes a model that cannot be built ({reason}); {REEXPORT}"
         ) from None
 
 

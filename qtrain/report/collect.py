@@ -42,14 +42,65 @@ def run_label(run: Path, config: dict) -> tuple[str, str]:
     """(row, method label) of a run: from its `label.json` if present, else its config."""
     label_file = run / "label.json"
     if label_file.exists():
-        label = json.loads(label_file.read_text())
+        try:
+            label = json.loads(label_file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            label = None
+        if not (isinstance(label, dict) and all(isinstance(label.get(k), str) for k in LABEL)):
+            raise UserError(
+                f"{label_file} is not a JSON object with the texts {' and '.join(LABEL)}; "
+                "restore it, or delete it to label the run from its config.toml"
+            )
         return label["row"], label["method"]
+    missing = [key for key in ("model", "dataset", "method") if key not in config]
+    if missing:
+        raise UserError(
+            f"{run / rundir.CONFIG} lacks the key {missing[0]!r}; restore the file (qtrain "
+            "writes every key into it)"
+        )
     return f"{config['model']} {config['dataset']}", config["method"].upper()
+
+
+LABEL = ("row", "method")  # the entries of label.json
+# What the report reads of every metrics record: an integer epoch, numbers for the errors and
+# seconds; test_error is null in the records of a run with a validation split before its end.
+RECORD_KEYS = {"epoch": "an integer", "train_error": "a number", "test_error": "a number or "
+               "null", "seconds": "a number"}  # fmt: skip
+
+
+def check_records(path: Path, records: list[dict]) -> None:
+    """UserError naming the first record of `path` (metrics.jsonl) that lacks a key the report
+    reads or holds a value of another type there (`RECORD_KEYS`)."""
+    for number, record in enumerate(records, 1):
+        for key, kind in RECORD_KEYS.items():
+            value = record.get(key)
+            if key not in record:
+                problem = f"lacks {key!r}"
+            elif (key == "test_error" and value is None) or _is_number(value, key == "epoch"):
+                continue
+            else:
+                problem = f"has {key} = {repr(value)[:40]}, not {kind}"
+            raise UserError(
+                f"{path} record {number} {problem}; the file was edited or damaged, restore "
+                "it or remove that record"
+            )
+
+
+def _is_number(value, integer: bool) -> bool:
+    """An int (or, unless `integer`, a float) that float() can hold; never a bool."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def load_run(run: Path) -> dict:
     config = load_toml(run / rundir.CONFIG)
     metrics = rundir.read_metrics(run)
+    check_records(run / rundir.METRICS, metrics)
     row, method = run_label(run, config)
     return {
         "row": row,
@@ -93,9 +144,10 @@ def report_runs(paths: list[Path], out: Path, log=print) -> dict:
 
 def write_report(loaded: list[dict], out: Path, log=print) -> dict:
     """Write table.md, table.json and curves.png for exactly the runs `loaded` (`load_run`)."""
-    runs = [r for r in loaded if r["metrics"]]
+    # until a run with a validation split ends, its last record has no test error: left out
+    runs = [r for r in loaded if r["metrics"] and r["metrics"][-1]["test_error"] is not None]
     if not runs:
-        raise UserError("the run folders hold no finished epoch yet; train first")
+        raise UserError("the run folders hold no tested epoch yet; train first")
     results = [
         {
             "row": r["row"],

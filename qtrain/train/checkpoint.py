@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -81,7 +82,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "damaged after it was written; use another copy or train again"
         )
     try:
-        record = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a damaged pickle's odd protocol is refused below
+            warnings.simplefilter("ignore")
+            record = torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError as e:
         raise CheckpointError(
             f"{path} cannot be read ({e.strerror}); check its permissions"
@@ -98,8 +101,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"{path} refers to {refused[1]}, which a checkpoint never contains; it was "
                 "refused without running any code, do not use this file"
             ) from None
-        reason = (
-            message.splitlines()[0]
+        reason = (  # its first sentence: miniz's message goes on about reporting a bug
+            message.splitlines()[0].split(". ")[0]
             if isinstance(e, RuntimeError) and message
             else ("not a PyTorch checkpoint file")
         )
@@ -121,7 +124,43 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("model", "method", "quantized", "model_state"):
         if key not in record:
             raise CheckpointError(f"{path} lacks the {key!r} entry; the file is damaged")
+    _check_entries(path, record)
     return record
+
+
+def _check_entries(path: Path, record: dict) -> None:
+    """CheckpointError for an entry of the wrong type (a file edited and saved again)."""
+    kinds = {"model": dict, "method": dict, "quantized": list, "model_state": dict,
+             "config": dict, "training": dict, "data": dict}  # fmt: skip
+    for key, kind in kinds.items():
+        if key in record and not isinstance(record[key], kind):
+            problem = f"its {key!r} entry is not a {kind.__name__}"
+            break
+    else:
+        if not all(isinstance(record[key].get("name"), str) for key in ("model", "method")):
+            problem = "its model or method has no name"
+        elif not all(isinstance(name, str) for name in record["quantized"]):
+            problem = "its list of quantized parameters holds more than names"
+        elif not all(isinstance(t, torch.Tensor) for t in record["model_state"].values()):
+            problem = "its model_state holds more than tensors"
+        else:
+            problem = config_problem(record.get("config") or {})
+            if problem is None:
+                return
+    raise CheckpointError(f"{path} is damaged or was edited: {problem}; use another copy")
+
+
+def config_problem(config: dict) -> str | None:
+    """What is wrong with a saved config dict (a known key with a value of another type), or
+    None. Keys this version does not know are left alone: a later version may write them."""
+    from qtrain.train.config import ConfigError, coerce, keys
+
+    for key in set(config) & set(keys()):
+        try:
+            coerce(key, config[key])
+        except ConfigError as e:
+            return str(e)
+    return None
 
 
 def _first_damaged_member(path: Path) -> str | None:
@@ -131,6 +170,9 @@ def _first_damaged_member(path: Path) -> str | None:
     """
     try:
         with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.flag_bits & 0x1:  # "encrypted": torch never writes that, testzip raises
+                    return member.filename
             return archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error):
         return None

@@ -529,14 +529,22 @@ def load_toml(path: str | Path) -> dict:
         )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not valid TOML (byte {e.start} is not UTF-8); save it as "
+            "UTF-8 text"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the syntax") from None
     for key, value in data.items():
         if isinstance(value, dict):
             raise ConfigError(
                 f"config file {path} has a table [{key}]; qtrain configs are flat key = value"
             )
-        coerce(key, value)
+        try:
+            coerce(key, value)
+        except ConfigError as e:  # the same sentence, naming the file it comes from
+            raise ConfigError(f"config file {path}: {e.template}", **e.settings) from None
     return data
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qtrain import models
+from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 from qtrain.quant import Grid
 from qtrain.train.checkpoint import CheckpointError
@@ -33,18 +34,35 @@ def build_model(record: dict, weights: str = "reported") -> nn.Module:
     """The model `record` describes, in eval mode, holding its `weights` ("reported" or
     "live", see the module docstring)."""
     spec = record["model"]
-    model = models.create(
-        spec["name"],
-        num_classes=int(spec["num_classes"]),
-        width=float(spec["width"]),
-        in_channels=int(spec["in_channels"]),
-        activations=spec.get("activations", "float"),
-        options=spec.get("options") or {},
-    )
+    try:
+        model = models.create(
+            spec["name"],
+            num_classes=int(spec["num_classes"]),
+            width=float(spec["width"]),
+            in_channels=int(spec["in_channels"]),
+            activations=spec.get("activations", "float"),
+            options=spec.get("options") or {},
+        )
+    except UserError:  # an unknown name, an impossible width: its own sentence says it
+        raise
+    # RuntimeError, MemoryError: the sizes it gives ask for more memory than there is
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError,
+            MemoryError) as e:  # fmt: skip
+        reason = (
+            f"no {e}"
+            if isinstance(e, KeyError)
+            else "its sizes need more memory than there is"
+            if isinstance(e, MemoryError) or "allocate" in str(e)
+            else " ".join(str(e).split())[:160]
+        )
+        raise CheckpointError(
+            f"the checkpoint describes a model that cannot be built ({reason}); the file is "
+            "damaged or was edited"
+        ) from None
     try:
         model.load_state_dict(record["model_state"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+    except RuntimeError as e:  # its first line only says "Error(s) in loading state_dict"
+        first = " ".join(str(e).split()[:24])
         raise CheckpointError(
             f"the checkpoint's weights do not fit model {spec['name']!r} ({first[:160]}); "
             "the file is damaged or was edited"
@@ -61,8 +79,12 @@ def build_model(record: dict, weights: str = "reported") -> nn.Module:
 def _load_average(model: nn.Module, record: dict, average: dict) -> None:
     """Overwrite `model`'s averaged tensors with the evaluated weights of `average`."""
     state = model.state_dict()
-    averages = average.get("averages") or {}
-    if not set(averages) <= set(state) or not set(record["quantized"]) <= set(averages):
+    averages = (average.get("averages") or {}) if isinstance(average, dict) else None
+    if (
+        not isinstance(averages, dict)
+        or not set(averages) <= set(state)
+        or not set(record["quantized"]) <= set(averages)
+    ):
         raise CheckpointError(
             "the checkpoint's weight average does not fit its model; the file is damaged or "
             "was edited"

@@ -104,15 +104,22 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
+    fix = "the file was edited or damaged; restore it, or remove that line"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); {fix}") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    # JSON Lines end at "\n" only: splitlines() would also cut a record at a U+2028 in a string
+    for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                raise UserError(
-                    f"{path} line {number} is not JSON; the file was edited or damaged"
-                ) from None
+                raise UserError(f"{path} line {number} is not JSON; {fix}") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {number} is not a JSON object; {fix}")
+            records.append(record)
     return records
 
 
