@@ -61,7 +61,7 @@ from qtrain.export.scales import scaled_codes, weight_from_codes
 from qtrain.quant import Grid
 from qtrain.train.checkpoint import config_problem
 from qtrain.train.config import portable
-from qtrain.train.rebuild import build_model
+from qtrain.train.rebuild import BUILD_ERRORS, build_failure, build_model
 
 FORMAT = "qtrain-packed"
 FORMAT_VERSION = 3
@@ -373,16 +373,8 @@ def _create_model(path: Path, spec: dict) -> nn.Module:
             activations=spec.get("activations", "float"),
             options=spec.get("options") or {},
         )
-    # RuntimeError, MemoryError: the sizes it gives ask for more memory than there is
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError,
-            MemoryError) as e:  # fmt: skip
-        reason = (
-            f"no {e}"
-            if isinstance(e, KeyError)
-            else "its sizes need more memory than there is"
-            if isinstance(e, MemoryError) or "allocate" in str(e)
-            else " ".join(str(e).split())[:160]
-        )
+    except BUILD_ERRORS as e:
+        reason = build_failure(e)
         raise PackedFormatError(
             f"{path} describes a model that cannot be built ({reason}); {REEXPORT}"
         ) from None

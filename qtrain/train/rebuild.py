@@ -30,6 +30,21 @@ from qtrain.train.ema import evaluated_weights
 WEIGHT_CHOICES = ("reported", "live")
 
 
+# What building a model from a damaged description raises (RuntimeError and MemoryError: its
+# sizes ask for more memory than there is).
+BUILD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError,
+                MemoryError)  # fmt: skip
+
+
+def build_failure(error: BaseException) -> str:
+    """Why a model could not be built from a stored description, in a few words."""
+    if isinstance(error, KeyError):
+        return f"no {error}"
+    if isinstance(error, MemoryError) or "allocate" in str(error):
+        return "its sizes need more memory than there is"
+    return " ".join(str(error).split())[:160]
+
+
 def build_model(record: dict, weights: str = "reported") -> nn.Module:
     """The model `record` describes, in eval mode, holding its `weights` ("reported" or
     "live", see the module docstring)."""
@@ -45,16 +60,8 @@ def build_model(record: dict, weights: str = "reported") -> nn.Module:
         )
     except UserError:  # an unknown name, an impossible width: its own sentence says it
         raise
-    # RuntimeError, MemoryError: the sizes it gives ask for more memory than there is
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError,
-            MemoryError) as e:  # fmt: skip
-        reason = (
-            f"no {e}"
-            if isinstance(e, KeyError)
-            else "its sizes need more memory than there is"
-            if isinstance(e, MemoryError) or "allocate" in str(e)
-            else " ".join(str(e).split())[:160]
-        )
+    except BUILD_ERRORS as e:
+        reason = build_failure(e)
         raise CheckpointError(
             f"the checkpoint describes a model that cannot be built ({reason}); the file is "
             "damaged or was edited"
