@@ -112,6 +112,7 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.progress = sys.stderr.isatty() if progress is None else progress
         self._stop_signal: int | None = None
+        self._progress_lines: ProgressLines | None = None  # set by run() without a terminal
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = self.dist.device or resolve_device(config.device)
