@@ -396,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qtrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`qtrain list keys | head`): not a bug
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 128 + 13  # as a process killed by SIGPIPE
     except _user_error_types() as e:
         print(f"qtrain: error: {_one_line(e, args.command)}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -56,3 +56,15 @@ def test_a_user_error_is_one_line_without_a_traceback(tmp_path, monkeypatch, cap
     assert cli.main([*TINY, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err == "qtrain: error: lower --lr\n"
+
+
+def test_a_reader_that_goes_away_is_not_an_internal_error():
+    """`qtrain list keys | head -3`: the pipe closes early; qtrain stops quietly."""
+    import subprocess
+    import sys
+
+    shell = f"{sys.executable} -m qtrain list keys | head -1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.stdout.startswith("[model]") and "Traceback" not in done.stderr
+    assert "internal error" not in done.stderr and done.returncode in (0, 141)
