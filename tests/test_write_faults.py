@@ -88,6 +88,7 @@ DIRECT_WRITES = {
     # no result, and is written before anything else, so nothing can be lost there.
     ("qtrain/base/folder_lock.py", "os.open creating"): "the folder lock: no record",
     ("qtrain/base/folder_lock.py", "os.write"): "the folder lock: no record",
+    ("qtrain/cli.py", "os.open creating"): "stdout pointed at /dev/null after a closed pipe",
     ("qtrain/train/meminfo.py", "write_text/write_bytes"): "/proc/self/clear_refs: no disk",
 }
 
