@@ -215,6 +215,7 @@ def cmd_demo(args) -> int:
 
 # `qtrain reproduce EXPERIMENT`: the module that runs it and its default budget.
 EXPERIMENTS = {"table1": "short", "fig7": "short", "methods": "cpu", "lm": "cpu"}
+PARALLEL_EXPERIMENTS = ("methods", "lm")  # cells on one thread each: --jobs N uses N cores
 
 
 def cmd_reproduce(args) -> int:
@@ -224,6 +225,11 @@ def cmd_reproduce(args) -> int:
         raise UserError("--rows applies to `reproduce table1` only; leave it out")
     if args.seeds is not None and args.experiment == "fig7":
         raise UserError("`reproduce fig7` runs one seed; leave --seeds out")
+    if args.jobs != 1 and args.experiment not in PARALLEL_EXPERIMENTS:
+        raise UserError(
+            f"--jobs applies to `reproduce {'|'.join(PARALLEL_EXPERIMENTS)}`, whose cells train "
+            "on one thread each; leave it out"
+        )
     common = dict(budget=args.budget or EXPERIMENTS[args.experiment], data_dir=args.data_dir,
                   download=args.download)  # fmt: skip
     out = Path(args.out)
@@ -233,7 +239,7 @@ def cmd_reproduce(args) -> int:
         fig7.run(out, **common)
     else:
         module = comparison if args.experiment == "methods" else lm
-        module.run(out, seeds=args.seeds, **common)
+        module.run(out, seeds=args.seeds, jobs=args.jobs, **common)
     return 0
 
 
@@ -333,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds", type=int, help="seeds per cell (table1: 1; methods, lm: the budget's)"
     )
+    p.add_argument(
+        "--jobs", type=int, default=1,
+        help="methods, lm: cells trained at once, one process each (default 1; the number of "
+        "cores keeps them all busy)",
+    )  # fmt: skip
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
@@ -361,20 +372,10 @@ def _register_optional(module_name: str, sub) -> None:
 
 
 def _user_error_types() -> tuple[type, ...]:
-    """Errors an input can cause (a value, a name, a path, a file): one line and exit 2. Every
-    other exception is a bug in qtrain."""
-    from qtrain.base.errors import MissingDependencyError, UserError
+    """Errors an input can cause: one line and exit 2 (`qtrain.base.errors.USER_ERROR_TYPES`)."""
+    from qtrain.base.errors import USER_ERROR_TYPES
 
-    return (
-        UserError,
-        NamesSettings,
-        MissingDependencyError,
-        FileNotFoundError,
-        NotADirectoryError,
-        IsADirectoryError,
-        FileExistsError,
-        PermissionError,
-    )
+    return USER_ERROR_TYPES
 
 
 def main(argv: list[str] | None = None) -> int:

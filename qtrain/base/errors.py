@@ -29,6 +29,15 @@ class NamesSettings(Exception):
             text = text.replace("{" + name + "}", spell(name, spelling))
         return text
 
+    def __reduce__(self):
+        # pickled with its template and settings, so that it crosses a process boundary (a
+        # worker training an experiment's cell) and still renders in the reader's spelling
+        return (_rebuild, (type(self), self.template, self.settings))
+
+
+def _rebuild(cls: type, template: str, settings: dict) -> NamesSettings:
+    return cls(template, **settings)
+
 
 class UserError(NamesSettings, ValueError):
     """A value, name or file that the user gave and can fix."""
@@ -36,3 +45,17 @@ class UserError(NamesSettings, ValueError):
 
 class MissingDependencyError(ImportError):
     """An optional dependency (an extra of the qtrain package) is not installed."""
+
+
+# Errors an input can cause (a value, a name, a path, a file): the command line prints them as
+# one line and exits with 2. Every other exception is a bug in qtrain.
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (
+    UserError,
+    NamesSettings,
+    MissingDependencyError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+    PermissionError,
+)

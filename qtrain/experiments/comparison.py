@@ -220,13 +220,14 @@ def run(
     data_dir=None,
     download: bool = True,
     log=print,
+    jobs: int = 1,
 ) -> list[dict]:
-    """Train every (column, seed) cell, then write table.md, table.json and curves.png into
-    OUT/methods-<budget>."""
+    """Train every (column, seed) cell, `jobs` at a time, then write table.md, table.json
+    and curves.png into OUT/methods-<budget>."""
     chosen = pick_budget(BUDGETS, budget, "methods")
     seeds = check_seeds(seeds, chosen)
     folder = experiment_folder(out, "methods", budget)
-    finished = run_cells(cells(budget, seeds, data_dir, download), folder, log)
+    finished = run_cells(cells(budget, seeds, data_dir, download), folder, log, jobs)
     results = [result(f) for f in finished]
     rows = summarize(results)
     config = finished[0].cell.config

@@ -227,12 +227,13 @@ def run(
     data_dir=None,
     download: bool = True,
     log=print,
+    jobs: int = 1,
 ) -> list[dict]:
-    """Train every (row, seed) cell, then write table.md, table.json, curves.png and
-    samples.md into OUT/lm-<budget>."""
+    """Train every (row, seed) cell, `jobs` at a time, then write table.md, table.json,
+    curves.png and samples.md into OUT/lm-<budget>."""
     seeds = check_seeds(seeds, pick_budget(BUDGETS, budget, "lm"))
     folder = experiment_folder(out, "lm", budget)
-    finished = runner.run_cells(cells(budget, seeds, data_dir, download), folder, log)
+    finished = runner.run_cells(cells(budget, seeds, data_dir, download), folder, log, jobs)
     results = [result(f) for f in finished]
     curves: dict[str, list[list[dict]]] = {}
     for f in finished:

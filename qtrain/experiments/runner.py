@@ -15,6 +15,10 @@ what else a finished run's numbers depend on, such as its time budget). Then eac
 skipped when finished, resumed when it has a checkpoint, trained otherwise. The results are
 the cells of this invocation and no others: a folder left by a run with more seeds, another
 budget or another experiment is never averaged in.
+
+A cell may need others (`Cell.needs`: the float run it starts from, its teacher); those come
+earlier in the list. With `jobs` N > 1 the cells train in N worker processes at once, each
+starting once the cells it needs have finished (`qtrain.experiments.parallel`).
 """
 
 from __future__ import annotations
@@ -63,13 +67,15 @@ def experiment_folder(out: str | Path, experiment: str, budget: str) -> Path:
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of an experiment: its config, its folder below the experiment folder, and
-    the row and method names its table prints."""
+    """One run of an experiment: its config, its folder below the experiment folder, the
+    row and method names its table prints, and the paths of the cells that must finish
+    before it starts (`needs`)."""
 
     path: str
     config: RunConfig
     row: str
     method: str
+    needs: tuple[str, ...] = ()
 
     @property
     def label(self) -> dict[str, str]:
@@ -86,12 +92,15 @@ class Finished:
 
 
 def check_cells(cells: list[Cell], folder: Path) -> None:
-    """ConfigError for the first cell whose folder holds another run (module docstring), or
-    for two cells given one folder."""
+    """ConfigError for the first cell whose folder holds another run (module docstring);
+    ValueError for two cells given one folder, or a cell needing one that is not before it."""
     seen: dict[str, Cell] = {}
     for cell in cells:
         if cell.path in seen:
             raise ValueError(f"two cells of the experiment share the folder {cell.path!r}")
+        missing = [need for need in cell.needs if need not in seen]
+        if missing:
+            raise ValueError(f"cell {cell.path!r} needs {missing}, which do not come before it")
         seen[cell.path] = cell
         run_dir = folder / cell.path
         if not (run_dir / rundir.CONFIG).is_file():
@@ -115,10 +124,19 @@ def train_cell(config: RunConfig, run_dir: Path, resume: bool, log) -> None:
     train(config, run_dir, resume=resume, log=log)
 
 
-def run_cells(cells: list[Cell], folder: Path, log=print) -> list[Finished]:
-    """Check every cell, then skip, resume or train each in turn; the finished cells of this
-    invocation with their records, in the order of `cells`."""
+def check_jobs(jobs) -> int:
+    """`jobs` itself, or a UserError unless a whole number >= 1."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"{{jobs}} must be a whole number >= 1, got {jobs!r}", jobs="jobs")
+    return jobs
+
+
+def run_cells(cells: list[Cell], folder: Path, log=print, jobs: int = 1) -> list[Finished]:
+    """Check every cell, then skip, resume or train each, in turn or with `jobs` workers at
+    once; the finished cells of this invocation with their records, in the order of `cells`."""
+    check_jobs(jobs)
     check_cells(cells, folder)
+    to_train = []
     for cell in cells:
         run_dir = folder / cell.path
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,9 +145,16 @@ def run_cells(cells: list[Cell], folder: Path, log=print) -> list[Finished]:
         if rundir.is_finished(run_dir):
             log(f"skip {run_dir} (finished)")
             continue
-        resume = (run_dir / rundir.CHECKPOINT).exists()
-        log(f"{'resume' if resume else 'train'} {run_dir}")
-        train_cell(cell.config, run_dir, resume, log)
+        to_train.append((cell, (run_dir / rundir.CHECKPOINT).exists()))
+    if jobs > 1 and len(to_train) > 1:
+        from qtrain.experiments.parallel import train_in_parallel
+
+        train_in_parallel(to_train, folder, jobs, log)
+    else:
+        for cell, resume in to_train:
+            run_dir = folder / cell.path
+            log(f"{'resume' if resume else 'train'} {run_dir}")
+            train_cell(cell.config, run_dir, resume, log)
     return [
         Finished(cell, folder / cell.path, rundir.read_metrics(folder / cell.path))
         for cell in cells
