@@ -14,8 +14,12 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
       every other entry of model.state_dict()  as it is (BN weights and running statistics,
                                             num_batches_tracked, linear layers, biases)
     __metadata__ = {"qtrain": one JSON string, "qtrain_crc32": CRC-32 of that string} holding
-      format "qtrain-packed", format_version 3, qtrain_version
+      format "qtrain-packed", format_version 3 (4 with "act_quant"), qtrain_version
       model      {"name", "num_classes", "width", "in_channels", "activations"}: the network
+                 (with "options" for a text model's size, "vocab" for its characters, and
+                 "act_quant", {"bits", "norm", "modules"}, for a run with act_bits:
+                 `qtrain.models.act_quant`; the norms' weights `….rms_norm.weight` are float
+                 tensors among the other entries)
       method     {"name", "grid": Grid.to_dict(), "policy", "scale"}
       quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order,
                  plus, for a weight stored with scales, "scale": "tensor" (one, [1]) or
@@ -31,14 +35,16 @@ with scales (weights trained with a scaled grid: he, absmean, absmean-tensor), a
 c as m·Δ_c (`qtrain.export.scales`). That is the exact value it had, because export refuses
 weights that are neither exactly on the grid nor exactly on it with one scale or one scale per
 output channel; so a model loaded from a packed file computes bit-identical outputs to the
-checkpoint's model.
+checkpoint's model (activation quantization included: it is part of the model).
 Everything is validated on load, the checksums first (safetensors has none, and a flipped
 bit in a float tensor would otherwise pass unnoticed); a problem raises `PackedFormatError`
 naming it and the fix. The header's own CRC-32 covers every byte of the JSON string, so an
 edited value (a grid's Δ, a model's width) is refused like a damaged tensor. Older files are
 still read: format version 2 stored every scale per channel, also C equal ones ("scale" is
 never "tensor" there), and version 1 (qtrain 0.1) has no header checksum either; their
-tensors are checked as always.
+tensors are checked as always. Version 4 is written only for a model with "act_quant", so that
+a reader of version 3, which would build the model without its activation quantizers, refuses
+the file instead of computing other numbers; every other file is still written as version 3.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from qtrain.base.io import atomic_write_bytes
 from qtrain.base.optional import require
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
 from qtrain.export.scales import scaled_codes, weight_from_codes
+from qtrain.models.act_quant import apply_act_quant
 from qtrain.quant import Grid
 from qtrain.train.checkpoint import config_problem
 from qtrain.train.config import portable
@@ -65,8 +72,9 @@ from qtrain.train.rebuild import BUILD_ERRORS, build_failure, build_model
 
 FORMAT = "qtrain-packed"
 FORMAT_VERSION = 3
+ACT_QUANT_VERSION = 4  # a model with activation quantization ("act_quant")
 # version 2: scales per channel only; version 1: no header checksum either (qtrain 0.1)
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 SCALE_KINDS = ("channel", "tensor")  # one scale per output channel, one for the whole tensor
 METADATA_KEY = "qtrain"
 HEADER_CRC_KEY = "qtrain_crc32"
@@ -109,7 +117,7 @@ def save_packed(path: str | Path, record: dict) -> None:
         tensors.update(packed)
     header = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": ACT_QUANT_VERSION if "act_quant" in record["model"] else FORMAT_VERSION,
         "qtrain_version": qtrain.__version__,
         "model": record["model"],
         "method": record["method"],
@@ -334,6 +342,11 @@ def _parse_header(path: Path, metadata: dict | None) -> dict:
             raise PackedFormatError(
                 f"{path} has metadata whose {key!r} entry has no name; {REEXPORT}"
             )
+    if "act_quant" in header["model"] and version < ACT_QUANT_VERSION:
+        raise PackedFormatError(
+            f"{path} has format version {version} but declares activation quantization, "
+            f"which version {ACT_QUANT_VERSION} introduced; {REEXPORT}"
+        )
     problem = config_problem(header["config"])
     if problem:
         raise PackedFormatError(f"{path} has a damaged config in its header: {problem}; {REEXPORT}")
@@ -365,7 +378,7 @@ def _create_model(path: Path, spec: dict) -> nn.Module:
     from qtrain import models
 
     try:
-        return models.create(
+        model = models.create(
             spec["name"],
             num_classes=spec["num_classes"],
             width=spec["width"],
@@ -377,6 +390,13 @@ def _create_model(path: Path, spec: dict) -> nn.Module:
         reason = build_failure(e)
         raise PackedFormatError(
             f"{path} describes a model that cannot be built ({reason}); {REEXPORT}"
+        ) from None
+    try:
+        return apply_act_quant(model, spec.get("act_quant"))
+    except UserError as e:
+        raise PackedFormatError(
+            f"{path} describes activation quantization that does not fit its model "
+            f"({str(e)[:160]}); {REEXPORT}"
         ) from None
 
 

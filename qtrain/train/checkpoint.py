@@ -9,7 +9,9 @@ dicts, lists, strings and numbers only, so loading never runs code):
     config          the resolved run configuration (a flat dict of primitives)
     model           {"name", "num_classes", "width", "in_channels", "activations", "options"}:
                     enough to rebuild it (options: a text model's size, e.g. the GPT's
-                    n_layer; a text model also has "vocab", the character of each token id)
+                    n_layer; a text model also has "vocab", the character of each token id;
+                    a run with act_bits has "act_quant", `qtrain.models.act_quant`'s
+                    description {"bits", "norm", "modules"})
     data            text runs only: {"sha256"} of the training text (checked on resume)
     method          {"name", "grid": Grid.to_dict(), "policy"}
     quantized       names of the parameters that live on the grid

@@ -28,7 +28,8 @@ qtrain needs to know about it; nothing elsewhere keeps a list of keys:
 
 Quantization keys (grid, delta, scale, policy) are accepted by a float (fp-*) run, so that a
 preset can switch its method from the command line, but they are not part of its identity: a
-float run computes the same numbers whatever they say.
+float run computes the same numbers whatever they say. The exception is the policy of a float
+run with `act_bits`: it picks the linear layers whose inputs are quantized, so it is identity.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from qtrain.base.errors import UserError
-from qtrain.base.names import did_you_mean
+from qtrain.base.names import did_you_mean, unknown_name
+from qtrain.models.act_quant import ACT_NORMS
+from qtrain.quant.activations import ACT_BITS
 from qtrain.train.ema import check_ema_decay
 from qtrain.train.losses import check_label_smoothing
 from qtrain.train.tta import check_tta
@@ -56,6 +59,8 @@ else:  # pragma: no cover
 SCHEDULES = ("step", "cosine", "constant", "warmup-cosine", "warmup-linear")
 PER_STEP_SCHEDULES = ("warmup-cosine", "warmup-linear")
 AMP_MODES = ("auto", "off", "bf16")
+# act_bits: the widths the activation quantizer supports (qtrain.quant.activations)
+ACT_BITS_VALUES = f"an integer from {ACT_BITS[0]} to {ACT_BITS[-1]} (8 is BitNet's A8) or none"
 # No method learns with steps this large, and near 1e38 Adam's step size overflows float32.
 MAX_LR = 1e6
 
@@ -132,6 +137,16 @@ def _quantized(config: RunConfig) -> bool:
     return _method(config).mode != "fp"
 
 
+def _picks_layers(config: RunConfig) -> bool:
+    """The policy changes a run that quantizes weights, or one whose act_bits quantize the
+    inputs of the linear layers the policy picks (a float-weight run too)."""
+    return _quantized(config) or config.act_bits is not None
+
+
+ACT_QUANT = Scope("runs that set act_bits", lambda c: c.act_bits is not None,
+                  lambda c: "a run without act_bits")  # fmt: skip
+
+
 def _not_constant(config: RunConfig) -> bool:
     return config.schedule != "constant"
 
@@ -146,6 +161,7 @@ class Key:
     doc: str
     when: Callable[[RunConfig], bool] | None = None
     applies: Scope | None = None
+    values: str | None = None  # the values it takes, in words, when its type alone does not say
 
     def is_identity(self, config: RunConfig | None = None) -> bool:
         """True when the key is identity for `config` (for some run, without a config)."""
@@ -154,9 +170,10 @@ class Key:
         return config is None or self.when is None or self.when(config)
 
 
-def _key(default, section: str, doc: str, kind: str = IDENTITY, *, when=None, applies=None):
+def _key(default, section: str, doc: str, kind: str = IDENTITY, *, when=None, applies=None,
+         values=None):  # fmt: skip
     assert section in SECTIONS and kind in (IDENTITY, RUN, MACHINE)
-    return field(default=default, metadata={"key": Key(section, kind, doc, when, applies)})
+    return field(default=default, metadata={"key": Key(section, kind, doc, when, applies, values)})
 
 
 @dataclass
@@ -211,7 +228,12 @@ class RunConfig:
     scale: str = _key("none", "method", "weight scale: none, he, absmean, absmean-tensor",
                       when=_quantized)  # fmt: skip
     policy: str = _key("conv", "method", "which parameters are quantized: conv, linear, "
-                       "conv+linear, all", when=_quantized)  # fmt: skip
+                       "conv+linear, all", when=_picks_layers)  # fmt: skip
+    act_bits: int | None = _key(None, "method", "quantize the inputs of the policy's linear "
+                                "layers to this many bits per token, 2..8 (8: BitNet's A8; "
+                                "None: float inputs)", values=ACT_BITS_VALUES)  # fmt: skip
+    act_norm: str = _key("rms", "method", "before act_bits' quantizer: rms (an RMSNorm with a "
+                         "learnable gain) or none", applies=ACT_QUANT)  # fmt: skip
     bc_stochastic: bool = _key(False, "method", "BC's forward weights by stochastic rounding",
                                applies=BC)  # fmt: skip
     bop_gamma: float | None = _key(None, "method", "Bop's γ (None: the method's default)",
@@ -315,6 +337,7 @@ class RunConfig:
                 f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}"
             )
         self._validate_fast_training()
+        self._validate_act_quant()
         if not 0 <= self.beta2 < 1:
             raise ConfigError(f"beta2 must be in [0, 1), got {self.beta2}")
         if self.checkpoint_every_steps < 0 or self.threads < 0:
@@ -334,6 +357,13 @@ class RunConfig:
             raise ConfigError(f"val_images must be a whole number >= 0, got {self.val_images}")
         if self.time_budget_s is not None:
             _positive_number("time_budget_s", self.time_budget_s)
+
+    def _validate_act_quant(self) -> None:
+        bits = self.act_bits
+        if bits is not None and (isinstance(bits, bool) or bits not in ACT_BITS):
+            raise ConfigError(f"act_bits must be {ACT_BITS_VALUES}, got {bits!r}")
+        if self.act_norm not in ACT_NORMS:
+            raise ConfigError(str(unknown_name("act_norm", self.act_norm, ACT_NORMS)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -483,6 +513,9 @@ def coerce(key: str, value):
         return float(value)
     elif isinstance(value, str) and str in allowed:
         return value
+    values = _FIELDS[key].metadata["key"].values
+    if values:
+        raise ConfigError(f"config key {key!r} needs {values}, got {value!r}")
     names = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
     raise ConfigError(f"config key {key!r} needs a value of type {names}, got {value!r}")
 

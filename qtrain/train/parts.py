@@ -20,6 +20,7 @@ from qtrain import methods, models
 from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_seed
 from qtrain.data.holdout import hold_out, sample_images, validation_loader
+from qtrain.models.act_quant import act_quant_plan, apply_act_quant
 from qtrain.models.whitening import whiten_model_
 from qtrain.train.config import RunConfig
 from qtrain.train.distributed import DistributedContext
@@ -97,7 +98,8 @@ def run_length(config: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def make_model(config: RunConfig, splits, device: torch.device):
-    """The config's model for `splits`, initialised from the "init" stream, on `device`."""
+    """The config's model for `splits`, initialised from the "init" stream, on `device`, with
+    its activation quantization when `act_bits` is set (`with_act_quant`)."""
     c = config
     torch.manual_seed(stream_seed(c.seed, "init"))  # model initialisation
     model = models.create(
@@ -107,10 +109,23 @@ def make_model(config: RunConfig, splits, device: torch.device):
         in_channels=splits.in_channels,
         activations=c.activations,
         options=model_options(c),
-    ).to(device)
+    )
+    model = with_act_quant(config, model).to(device)
     if c.channels_last and not is_text(c.dataset):
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def with_act_quant(config: RunConfig, model):
+    """`model` with the inputs of the linear layers `config.policy` quantizes quantized to
+    `act_bits` bits after `act_norm` (`qtrain.models.act_quant`); unchanged without act_bits.
+    The norms start at 1 and draw no random numbers, so the rest of the model is initialised
+    as without them."""
+    c = config
+    if c.act_bits is None:
+        return model
+    plan = act_quant_plan(model, c.policy, c.act_bits, c.act_norm, name=c.model)
+    return apply_act_quant(model, plan)
 
 
 def whiten(model, splits, seed: int, device: torch.device) -> float:

@@ -1,10 +1,12 @@
 """Checks of a run's settings that need no data and no files, run before either is touched.
 
 Every name (model, method, grid, policy, data set) is looked up in its own registry, and the
-model is tried on the data set's image shape (a text model on a window of token ids), so a
-typo or a model that cannot take the data ends in one sentence instead of a download, a data
-scan or a traceback mid-training. Last, the memory of a training step is estimated from the
-model, batch and precision and compared with what the device has (`qtrain.train.memory`).
+model is tried on the data set's image shape (a text model on a window of token ids), with its
+activation quantization when `act_bits` is set, so a typo, a model that cannot take the data
+or a policy that quantizes no linear layer for act_bits ends in one sentence instead of a
+download, a data scan or a traceback mid-training. Last, the memory of a training step is
+estimated from the model, batch and precision and compared with what the device has
+(`qtrain.train.memory`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from qtrain.models.whitening import whitening_layers
 from qtrain.train.config import ConfigError, RunConfig, inapplicable
 from qtrain.train.loggers import check_logger
 from qtrain.train.memory import check_fits
+from qtrain.train.parts import with_act_quant
 from qtrain.train.settings import context_length, image_size, method_settings, model_options
 
 # The classes of the probe model: the fit of the input does not depend on the output width.
@@ -94,8 +97,10 @@ def _check_text_fit(config: RunConfig, info) -> None:
 
 
 def _probe_model(config: RunConfig, info):
-    """The config's model for data set `info`, built on the current (meta) device."""
-    return models.create(
+    """The config's model for data set `info`, built on the current (meta) device, with its
+    activation quantization (so a policy that picks no linear layer for act_bits is refused
+    here, and the fit and memory checks see the norms and quantizers)."""
+    model = models.create(
         config.model,
         num_classes=info.num_classes or _PROBE_CLASSES,
         width=config.width,
@@ -103,6 +108,7 @@ def _probe_model(config: RunConfig, info):
         activations=config.activations,
         options=model_options(config),
     )
+    return with_act_quant(config, model)
 
 
 def check_applicable(config: RunConfig) -> None:

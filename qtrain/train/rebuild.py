@@ -2,8 +2,9 @@
 
 `build_model(record)` creates the registered model named in `record["model"]`
 (`qtrain.models.create` with the saved name, classes, width, input channels, activations and
-options), loads `record["model_state"]` into it and returns it in eval mode. Which weights it
-holds is chosen by `weights`:
+options, then the activation quantization `act_quant` when the run had one:
+`qtrain.models.act_quant.apply_act_quant`), loads `record["model_state"]` into it and returns
+it in eval mode. Which weights it holds is chosen by `weights`:
 
     "reported"  the weights the run's numbers were measured with: for a run that kept a weight
                 average (`ema_decay`), the average's evaluated weights, s·Q_d(e/s) on the grid
@@ -23,6 +24,7 @@ from torch import nn
 from qtrain import models
 from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
+from qtrain.models.act_quant import apply_act_quant
 from qtrain.quant import Grid
 from qtrain.train.checkpoint import CheckpointError
 from qtrain.train.ema import evaluated_weights
@@ -65,6 +67,13 @@ def build_model(record: dict, weights: str = "reported") -> nn.Module:
         raise CheckpointError(
             f"the checkpoint describes a model that cannot be built ({reason}); the file is "
             "damaged or was edited"
+        ) from None
+    try:
+        apply_act_quant(model, spec.get("act_quant"))
+    except UserError as e:
+        raise CheckpointError(
+            f"the checkpoint's activation quantization does not fit model {spec['name']!r} "
+            f"({str(e)[:160]}); the file is damaged or was edited"
         ) from None
     try:
         model.load_state_dict(record["model_state"])

@@ -19,6 +19,7 @@ import torch
 
 from qtrain import models
 from qtrain.base.errors import UserError
+from qtrain.models.act_quant import act_quant_of
 from qtrain.train.config import RunConfig, check_same_identity
 from qtrain.train.devices import resolve_saved_amp
 from qtrain.train.settings import is_text
@@ -88,6 +89,7 @@ def checkpoint_payload(
 ) -> dict:
     """The checkpoint record (`qtrain.train.checkpoint`) of a run at `state`."""
     text = is_text(config.dataset)
+    act_quant = act_quant_of(model)
     return {
         "config": config.to_dict(),
         "model": {
@@ -99,6 +101,8 @@ def checkpoint_payload(
             "options": _resolved_model_options(config.model, model),
             # a text model's token ids mean these characters (sampling needs them)
             **({"vocab": splits.vocab} if text else {}),
+            # which linear layers quantize their inputs, and how (`qtrain.models.act_quant`)
+            **({"act_quant": act_quant} if act_quant else {}),
         },
         **({"data": {"sha256": splits.sha256}} if text else {}),
         "method": {
