@@ -12,7 +12,12 @@ weights (`weights=`):
             small as the packed safetensors file plus the float layers
     float   every weight as a float constant, for runtimes that prefer plain initializers
 
-Either way the weights the runtime computes with are exactly the trained ones. BatchNorm is
+Either way the weights the runtime computes with are exactly the trained ones. A model with
+activation quantization (`qtrain.models.act_quant`) carries its quantizer in the graph as Abs,
+ReduceMax, Clip, Reciprocal, Mul, Round (half to even, as torch.round), Clip and Div, each a
+correctly rounded float32 operation, so it rounds as PyTorch does given the same input; its
+RMSNorm's mean and the matrix products sum in the runtime's own order, so an input within an
+ulp of a rounding boundary can land one level away (docs/lm.md). BatchNorm is
 kept as its own node rather than folded into the convolution before it (and constant folding
 is off for packed weights, or the exporter would fold the unpacking back into floats). The
 classic TorchScript-based exporter (`dynamo=False`) is used: it needs no extra packages; the
