@@ -327,7 +327,7 @@ CORRUPTIONS = {
     "no qtrain metadata": (dict(metadata={"other": "1"}), "without qtrain metadata"),
     "metadata not JSON": (dict(metadata={"qtrain": "{not json"}), "not valid JSON"),
     "another format": (dict(header=lambda h: _set(h, "format", "x")), "another format"),
-    "newer version": (dict(header=lambda h: _set(h, "format_version", 4)), "version 4"),
+    "newer version": (dict(header=lambda h: _set(h, "format_version", 5)), "version 5"),
     "unknown grid": (
         dict(header=lambda h: _set(h["method"], "grid", {"kind": "quinary"}) and h),
         "invalid grid",
