@@ -102,6 +102,7 @@ def _resolve_config(args, defaults: dict | None = None):
 
 
 def cmd_train(args) -> int:
+    import qtrain.export  # noqa: F401  (init_from and distill_from may name packed files)
     from qtrain.train.distributed import DistributedContext
     from qtrain.train.trainer import train
 

@@ -175,6 +175,17 @@ def with_gpt_run(folder, trained, monkeypatch):
         assert main([str(a) for a in argv]) == 0
 
 
+def with_distilled_run(folder, trained, monkeypatch):
+    """gpt/ as `with_gpt_run`, another teacher gpt2/ (seed 1), and kd/, a finished run that
+    distilled from gpt/."""
+    with_gpt_run(folder, trained, monkeypatch)
+    text = ["--set", f"text_file={folder / 'a.txt'}"]
+    for out, extra in (("gpt2", ["--set", "seed=1"]), ("kd", ["--set", "distill_from=gpt"])):
+        argv = [*shlex.split(GPT), *text, *extra, "--out", folder / out]
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main([str(a) for a in argv]) == 0
+
+
 def with_other_run_in_an_experiment(folder, trained, monkeypatch):
     """rep/fig7-smoke/wd0 holds the tiny run, not the cell `reproduce fig7` trains there."""
     shutil.copytree(trained, folder / "rep" / "fig7-smoke" / "wd0")
@@ -485,6 +496,35 @@ CASES = [
          "--seeds must be a whole number >= 1, got 0"),
     Case("cli", "unknown demo budget", "demo --budget smok --out d",
          "unknown demo budget 'smok' (did you mean 'smoke'?)"),
+    Case("config", "init_from that does not exist",
+         "{gpt} --set text_file=a.txt --set init_from=nowhere --out o",
+         "init_from nowhere does not exist; check the path", with_text),
+    Case("config", "distill_from that does not exist",
+         "{gpt} --set text_file=a.txt --set distill_from=nowhere --out o",
+         "distill_from nowhere does not exist; check the path", with_text),
+    Case("config", "init_from that names no model", "{gpt} --set text_file=a.txt "
+         "--set init_from=notes.txt --out o", "init_from notes.txt is not a qtrain run folder",
+         then(with_text, write("notes.txt", b"not a model\n"))),
+    Case("config", "init_from of another architecture",
+         "{gpt} --set text_file=a.txt --set n_embd=32 --set init_from=gpt --out o",
+         "init_from gpt holds a model with n_embd=16, not this run's n_embd=32", with_gpt_run),
+    Case("config", "teacher of another vocabulary",
+         "{gpt} --set text_file=c.txt --set distill_from=gpt --out o",
+         "the teacher at gpt has 26 tokens but this run's vocabulary has 20",
+         then(with_gpt_run, write("c.txt", "".join(chr(97 + (i * 7) % 20)
+                                                   for i in range(400)).encode()))),
+    Case("config", "distill_weight outside [0, 1]",
+         "{gpt} --set distill_from=gpt --set distill_weight=1.5 --out o",
+         "distill_weight must be in [0, 1] (0: cross-entropy only, 1: the teacher only)"),
+    Case("config", "distillation temperature of 0",
+         "{gpt} --set distill_from=gpt --set distill_temperature=0 --out o",
+         "distill_temperature must be a finite number > 0"),
+    Case("config", "distillation key without a teacher", "{syn} --set distill_weight=0.3 --out o",
+         "distill_weight applies to runs that distill (distill_from set), not to a run without "
+         "distill_from; leave it at 0.5"),
+    Case("checkpoint", "resume with another teacher",
+         "{gpt} --set text_file=a.txt --set distill_from=gpt2 --out kd --resume",
+         "the teacher at gpt2 is not the one the run in kd started with", with_distilled_run),
 ]  # fmt: skip
 
 

@@ -70,11 +70,14 @@ def test_every_field_is_classified_and_the_identity_holds_what_changes_the_numbe
         *("beta2", "max_steps", "warmup_steps", "min_lr", "grad_clip", "eval_every"),
         *("momentum_min", "label_smoothing", "ema_decay", "whiten_init", "tta", "val_images"),
         *("act_bits", "act_norm"),
+        # a start and a teacher: whether they are set; what they hold by their SHA-256
+        *("init", "init_from", "distill_from", "distill_temperature", "distill_weight"),
     }
     changeable = {
         *("device", "threads", "eval_batch_size", "data_dir", "download", "compile"),
         *("channels_last", "checkpoint_every_steps", "log"),
         *("text_file", "eval_batches"),  # the text itself is checked on resume
+        "hf_path",  # the folder may move; the config and tokenizer it holds are checked
         "time_budget_s",  # a run stopped by its budget is finished; a crashed one may get more
     }
     assert keys == defining

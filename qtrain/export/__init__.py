@@ -23,6 +23,10 @@ from qtrain.export.packed import (
 )
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
 from qtrain.export.summary import LayerRow, Summary, summarize
+from qtrain.train.sources import PACKED, register_file_reader
+
+# init_from and distill_from name packed files too; training sits below export (a layer lower)
+register_file_reader(PACKED, is_packed_file, read_packed)
 
 __all__ = [
     "LayerRow",

@@ -25,6 +25,10 @@ qtrain needs to know about it; nothing elsewhere keeps a list of keys:
               constant schedule can be extended), the quantization keys of a float run
     applies   the runs the key means something for (`Scope`); a key set away from its default
               on a run it does not apply to is refused with one line rather than ignored
+    same      how a saved value and a new one are compared (default: equal). A key naming a
+              trained model by its path (init_from, distill_from) compares only whether it is
+              set: the path may move, and what it names is checked by the SHA-256 the run
+              records (`qtrain.train.start`, `qtrain.train.distill`)
 
 Quantization keys (grid, delta, scale, policy) are accepted by a float (fp-*) run, so that a
 preset can switch its method from the command line, but they are not part of its identity: a
@@ -71,6 +75,7 @@ SECTIONS = (
     "method",
     "optimizer and schedule",
     "fast training",
+    "distillation",
     "evaluation",
     "run",
     "machine",
@@ -147,6 +152,10 @@ ACT_QUANT = Scope("runs that set act_bits", lambda c: c.act_bits is not None,
                   lambda c: "a run without act_bits")  # fmt: skip
 
 
+DISTILL = Scope("runs that distill (distill_from set)", lambda c: c.distill_from is not None,
+                lambda c: "a run without distill_from")  # fmt: skip
+
+
 def _not_constant(config: RunConfig) -> bool:
     return config.schedule != "constant"
 
@@ -162,6 +171,7 @@ class Key:
     when: Callable[[RunConfig], bool] | None = None
     applies: Scope | None = None
     values: str | None = None  # the values it takes, in words, when its type alone does not say
+    same: Callable[[object, object], bool] | None = None  # None: saved == new
 
     def is_identity(self, config: RunConfig | None = None) -> bool:
         """True when the key is identity for `config` (for some run, without a config)."""
@@ -171,9 +181,15 @@ class Key:
 
 
 def _key(default, section: str, doc: str, kind: str = IDENTITY, *, when=None, applies=None,
-         values=None):  # fmt: skip
+         values=None, same=None):  # fmt: skip
     assert section in SECTIONS and kind in (IDENTITY, RUN, MACHINE)
-    return field(default=default, metadata={"key": Key(section, kind, doc, when, applies, values)})
+    spec = Key(section, kind, doc, when, applies, values, same)
+    return field(default=default, metadata={"key": spec})
+
+
+def _both_set_or_neither(before, after) -> bool:
+    """The comparison of a path to a trained model: whether it is set (module docstring)."""
+    return (before is None) == (after is None)
 
 
 @dataclass
@@ -192,6 +208,10 @@ class RunConfig:
     model: str = _key("vgg9", "model", "network name (qtrain list models)")
     width: float = _key(1.0, "model", "channel width multiplier")
     activations: str = _key("float", "model", "float, or binary activations (sign)")
+    init_from: str | None = _key(None, "model", "start from the weights of a trained model of "
+                                 "this architecture: a run folder, checkpoint, packed file or "
+                                 "Hugging Face folder (checked by SHA-256 on resume)",
+                                 same=_both_set_or_neither)  # fmt: skip
     # -- text model: None takes the model's default (qtrain.models.gpt.GPTConfig)
     n_layer: int | None = _key(None, "text model", "transformer blocks",
                                applies=_text_model_option("n_layer"))  # fmt: skip
@@ -234,6 +254,9 @@ class RunConfig:
                                 "None: float inputs)", values=ACT_BITS_VALUES)  # fmt: skip
     act_norm: str = _key("rms", "method", "before act_bits' quantizer: rms (an RMSNorm with a "
                          "learnable gain) or none", applies=ACT_QUANT)  # fmt: skip
+    init: str = _key("auto", "method", "where quantized weights start: auto (the method's "
+                     "default; with init_from, SR, R and Bop round it), rademacher, round, keep",
+                     when=_quantized)  # fmt: skip
     bc_stochastic: bool = _key(False, "method", "BC's forward weights by stochastic rounding",
                                applies=BC)  # fmt: skip
     bop_gamma: float | None = _key(None, "method", "Bop's γ (None: the method's default)",
@@ -271,6 +294,15 @@ class RunConfig:
                              applies=IMAGES)  # fmt: skip
     tta: str = _key("none", "fast training", "test-time augmentation: none, flip, "
                     "flip-translate", applies=IMAGES)  # fmt: skip
+    # -- distillation (qtrain.train.distill)
+    distill_from: str | None = _key(None, "distillation", "train against the logits of this "
+                                    "teacher: a run folder, checkpoint, packed file or Hugging "
+                                    "Face folder (checked by SHA-256 on resume)",
+                                    same=_both_set_or_neither)  # fmt: skip
+    distill_temperature: float = _key(1.0, "distillation", "τ: both softmaxes at z/τ, the "
+                                      "soft term times τ²", applies=DISTILL)  # fmt: skip
+    distill_weight: float = _key(0.5, "distillation", "λ: loss = (1−λ)·CE + λ·τ²·KL(teacher ‖ "
+                                 "student)", applies=DISTILL)  # fmt: skip
     # -- evaluation
     eval_every: int | None = _key(None, "evaluation", "evaluate every N steps (text runs; "
                                   "image runs evaluate once an epoch)", applies=TEXT)  # fmt: skip
@@ -337,6 +369,7 @@ class RunConfig:
                 f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}"
             )
         self._validate_fast_training()
+        self._validate_start_and_teacher()
         self._validate_act_quant()
         if not 0 <= self.beta2 < 1:
             raise ConfigError(f"beta2 must be in [0, 1), got {self.beta2}")
@@ -364,6 +397,20 @@ class RunConfig:
             raise ConfigError(f"act_bits must be {ACT_BITS_VALUES}, got {bits!r}")
         if self.act_norm not in ACT_NORMS:
             raise ConfigError(str(unknown_name("act_norm", self.act_norm, ACT_NORMS)))
+
+    def _validate_start_and_teacher(self) -> None:
+        from qtrain.methods.presets import INITS
+        from qtrain.train.distill import check_distill_temperature, check_distill_weight
+
+        if self.init not in INITS:
+            raise ConfigError(str(unknown_name("init", self.init, INITS)))
+        check_distill_temperature(self.distill_temperature)
+        check_distill_weight(self.distill_weight)
+        if self.init_from is not None and self.whiten_init:
+            raise ConfigError(
+                "whiten_init sets the first layer from the data and init_from sets every "
+                "weight; leave whiten_init = false to start from init_from"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -440,7 +487,8 @@ def _first_change(saved: dict, config: RunConfig, names) -> tuple[str, object, o
     for key in names:
         before = saved.get(key, _FIELDS[key].default)
         after = getattr(config, key)
-        if before != after:
+        same = key_spec(key).same
+        if not (same(before, after) if same else before == after):
             return key, before, after
     return None
 

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 from qtrain import data as qdata
 from qtrain.train.config import RunConfig
 from qtrain.train.devices import autocast_context
+from qtrain.train.distill import distillation_loss
 from qtrain.train.losses import training_loss
 from qtrain.train.settings import context_length, image_size
 from qtrain.train.tta import tta_logits
@@ -46,21 +47,32 @@ NOT_FAKEABLE = (
 
 
 class FakeStep:
-    """A run's model on fake tensors of `device`, to measure A(b), W(b) and V(e) of
-    `qtrain.train.memory`.
+    """A run's model on fake tensors of `device`, to measure A(b), W(b), V(e) and, when it
+    distills, T(b) of `qtrain.train.memory`.
 
-    `model` is the config's model built on the meta device; it is moved onto fake tensors in
-    place. Raises one of `NOT_FAKEABLE` when the model does something fake tensors cannot
-    (an operator without a fake kernel, an output whose shape depends on values).
+    `model` is the config's model built on the meta device, `teacher` its teacher's (or None);
+    they are moved onto fake tensors in place. Raises one of `NOT_FAKEABLE` when a model does
+    something fake tensors cannot (an operator without a fake kernel, an output whose shape
+    depends on values).
     """
 
-    def __init__(self, config: RunConfig, model: nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        model: nn.Module,
+        device: torch.device,
+        teacher: nn.Module | None = None,
+    ) -> None:
         self.config, self.device = config, device
         self.text = qdata.dataset_info(config.dataset).modality == "text"
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         with self.mode:
             self.model = model.to_empty(device=device)
-        self.own = {_storage(t) for t in (*model.parameters(), *model.buffers())}
+            self.teacher = None if teacher is None else teacher.to_empty(device=device).eval()
+        own = [*model.parameters(), *model.buffers()]
+        if teacher is not None:
+            own += [*teacher.parameters(), *teacher.buffers()]
+        self.own = {_storage(t) for t in own}
 
     def _batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y as the loaders give them: images float32 [n, C, S, S] and labels int64 [n],
@@ -77,10 +89,11 @@ class FakeStep:
     def training(self, batch: int) -> tuple[int, int]:
         """(A(b), W(b)) of a training step on `batch` examples (`qtrain.train.memory`).
 
-        A: the bytes saved for backward by the forward pass and loss, with the batch itself,
-        each storage once, the model's own tensors left out. W: the most bytes alive at once
-        during backward, from the tensors alive when it starts (the saved ones, the batch,
-        logits and loss) through the gradients it writes.
+        A: the bytes saved for backward by the forward pass and loss, with the batch itself
+        (and the teacher's logits when the run distills), each storage once, the model's own
+        tensors left out. W: the most bytes alive at once during backward, from the tensors
+        alive when it starts (the saved ones, the batch, logits and loss) through the gradients
+        it writes.
         """
         saved: dict[int, int] = {}
 
@@ -96,8 +109,15 @@ class FakeStep:
                     pack(t)
                 self.model.train()
                 with autocast_context(self.device, c.amp):
+                    taught = self._teacher_logits(x)
                     logits = self.model(x).flatten(0, -2)
-                    loss = training_loss(logits, y.flatten(), c.label_smoothing)
+                    if taught is None:
+                        loss = training_loss(logits, y.flatten(), c.label_smoothing)
+                    else:
+                        pack(taught)
+                        loss = distillation_loss(logits, taught, y.flatten(),
+                                                 c.distill_temperature, c.distill_weight,
+                                                 c.label_smoothing)  # fmt: skip
             live.peak = live.now
             loss.backward()
             self.model.zero_grad(set_to_none=True)
@@ -113,6 +133,23 @@ class FakeStep:
                 logits = tta_logits(self.model, x, self.config.tta).flatten(0, -2)
             torch.nn.functional.cross_entropy(logits.float(), y.flatten(), reduction="sum")
         return live.peak
+
+    def teacher_forward(self, batch: int) -> int:
+        """T(b): the most bytes alive at once while the teacher computes its logits for
+        `batch` examples under no_grad (0 without a teacher)."""
+        if self.teacher is None:
+            return 0
+        with self._faked(), LiveBytes() as live:
+            x, _ = self._batch(batch)
+            with autocast_context(self.device, self.config.amp):
+                self._teacher_logits(x)
+        return live.peak
+
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(x).flatten(0, -2)
 
     @contextlib.contextmanager
     def _faked(self):

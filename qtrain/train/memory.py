@@ -3,7 +3,7 @@
 For one process (one rank) on its device, in bytes, with P the bytes of the parameters (each
 tensor once, float32), Q those of the quantized ones and F = P − Q:
 
-    peak = M + O + X + D + max(G + A(b), W(b), G + V(e))
+    peak = M + O + X + D + max(G + A(b), W(b), G + T(b), G + V(e))
 
     M     the model: P plus its buffers (BatchNorm's running statistics)
     G     = P, the gradients: a step's backward writes them and the next step's zero_grad
@@ -20,7 +20,9 @@ tensor once, float32), Q those of the quantized ones and F = P − Q:
                  scale 2 more, the grid levels before and after), 1 for Bop and Bop2 (the
                  gradient), 0 for FP
     X     extras: the EMA's average of the model's floating state (float32) when ema_decay > 0;
-          DistributedDataParallel's gradient buckets (P) under torchrun
+          DistributedDataParallel's gradient buckets (P) under torchrun; the teacher's weights
+          and buffers (floating ones in float32, as `qtrain.train.distill` keeps them) when
+          the run distills
     D     the data set held on the device: N·(C·S² + 8) for an in-memory image set of N
           images (uint8 pixels, int64 labels), 8·n for a text of n tokens (int64), 0 for
           ImageNet (read a batch at a time); N (train, at most train_subset, plus test) and n
@@ -29,8 +31,11 @@ tensor once, float32), Q those of the quantized ones and F = P − Q:
     A(b)  activations at the per-rank batch b: the tensors autograd saves in the forward pass
           and training loss for backward, with the batch (x, y) itself, each storage once,
           parameters and buffers left out (they are in M); under autocast that includes the
-          bf16 copies of the weights. A is affine in b: a saved tensor either has the batch as
-          a dimension or does not depend on it.
+          bf16 copies of the weights; with a teacher its logits, alive through the step, and
+          what the distillation loss saves. A is affine in b: a saved tensor either has the
+          batch as a dimension or does not depend on it.
+    T(b)  the teacher's forward pass (distill_from): the most bytes alive at once while it
+          computes its logits under no_grad, before the model's forward (0 without a teacher)
     W(b)  backward: the most bytes alive at once while it runs, from what the forward left
           (A, logits, loss) through the gradients of activations and the parameters'
           gradients written so far (G is not added: zero_grad freed the last step's)
@@ -38,7 +43,7 @@ tensor once, float32), Q those of the quantized ones and F = P − Q:
           evaluation forward (test-time augmentation and loss included) without gradients;
           with an EMA plus the copy of the live weights and the rounded averages it swaps in
 
-A, W and V are measured, not modelled: the model runs its forward pass, loss, backward and
+A, W, T and V are measured, not modelled: the model runs its forward pass, loss, backward and
 evaluation on fake tensors of the run's device (`qtrain.train.fake_step`), which carry shapes
 and dtypes but no memory, so the estimate needs neither memory nor data; `check_fits` runs them
 at the precision the trainer will compute in (`devices.resolve_amp`).
@@ -102,6 +107,7 @@ class StepMemory:
     activations: int
     backward: int
     evaluation: int
+    teacher: int = 0  # T(b)
 
     @property
     def fixed(self) -> int:
@@ -110,8 +116,9 @@ class StepMemory:
 
     @property
     def training(self) -> int:
-        """max(G + A, W): the most a training step adds to `fixed`."""
-        return max(self.gradients + self.activations, self.backward)
+        """max(G + A, W, G + T): the most a training step adds to `fixed`."""
+        return max(self.gradients + self.activations, self.backward,
+                   self.gradients + self.teacher)  # fmt: skip
 
     @property
     def evaluating(self) -> int:
@@ -128,8 +135,11 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
-def state_terms(config: RunConfig, model: nn.Module, ranks: int = 1) -> dict[str, int]:
-    """M, G, O and X of the module doc for `model` (on any device, the meta device too)."""
+def state_terms(
+    config: RunConfig, model: nn.Module, ranks: int = 1, teacher: nn.Module | None = None
+) -> dict[str, int]:
+    """M, G, O and X of the module doc for `model` and the run's `teacher` (None when it
+    does not distill), on any device, the meta device too."""
     spec = methods.parse_method(config.method)
     quantized, full = methods.split_parameters(model, config.policy)
     if spec.mode == "fp":
@@ -142,13 +152,22 @@ def state_terms(config: RunConfig, model: nn.Module, ranks: int = 1) -> dict[str
         scratch += MEASURED_SCALE_SCRATCH
     floating = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
     average = sum(t.numel() * 4 for t in {id(t): t for t in floating}.values())  # float32
+    extras = (average if config.ema_decay else 0) + (p if ranks > 1 else 0)
     return {
         "model": p + tensor_bytes(model.buffers()),
         "gradients": p,
         "optimizer": moments * stepped + (len(BUFFERS.get(spec.mode, ())) + scratch) * q,
-        "extras": (average if config.ema_decay else 0) + (p if ranks > 1 else 0),
+        "extras": extras + teacher_bytes(teacher),
         "quantized": q,
     }
+
+
+def teacher_bytes(teacher: nn.Module | None) -> int:
+    """The bytes of a teacher's weights and buffers, floating ones in float32 (0 for None)."""
+    if teacher is None:
+        return 0
+    tensors = {id(t): t for t in (*teacher.parameters(), *teacher.buffers())}.values()
+    return sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors)
 
 
 def data_bytes(config: RunConfig) -> int:
@@ -209,6 +228,7 @@ def step_memory(
         activations=activations,
         backward=backward,
         evaluation=probe.evaluation(eval_batch) + ema_swap(config, state),
+        teacher=probe.teacher_forward(batch),
     )
 
 
@@ -237,10 +257,11 @@ def run_device(config: RunConfig) -> torch.device:
     return device
 
 
-def check_fits(config: RunConfig, model: nn.Module) -> None:
+def check_fits(config: RunConfig, model: nn.Module, teacher: nn.Module | None = None) -> None:
     """Refuse a run whose estimated step (module doc) exceeds (1 − MARGIN) of the memory its
     device has available, with the estimate, what is available and the batch sizes that fit;
-    `model` is the config's model built on the meta device (moved onto fake tensors here).
+    `model` is the config's model built on the meta device (moved onto fake tensors here), and
+    `teacher` its teacher's, when it distills.
 
     Skipped where the available memory cannot be read (`meminfo.available_memory`) or the
     model cannot run on fake tensors (`NOT_FAKEABLE`).
@@ -252,9 +273,9 @@ def check_fits(config: RunConfig, model: nn.Module) -> None:
     config = resolve_amp(config, device)  # the precision the trainer will compute in
     ranks, sharing = process_layout()
     budget = int((1 - MARGIN) * available / sharing)
-    state = state_terms(config, model, ranks)
+    state = state_terms(config, model, ranks, teacher)
     try:
-        probe = FakeStep(config, model, device)
+        probe = FakeStep(config, model, device, teacher)
         batch, eval_batch = batches(config, ranks)
         need = step_memory(config, probe, state, batch, eval_batch)
         if need.total <= budget:
@@ -281,7 +302,7 @@ def _fix(config: RunConfig, probe: FakeStep, state: dict[str, int], room: int, r
             activations, backward = probe.training(n)
         except ValueError:  # BatchNorm after pooling cannot train on one example
             return math.inf
-        return max(gradients + activations, backward)
+        return max(gradients + activations, backward, gradients + probe.teacher_forward(n))
 
     def evaluating(n: int) -> int:
         return gradients + probe.evaluation(n) + ema_swap(config, state)
@@ -311,14 +332,15 @@ def _terms(need: StepMemory, batch: int, eval_batch: int) -> str:
         ("model", need.model),
         ("gradients", need.gradients),
         ("optimizer state", need.optimizer),
-        ("weight average and gradient buckets", need.extras),
+        ("weight average, gradient buckets and teacher", need.extras),
         ("data", need.data),
     )
     return ", ".join(
         [f"{name} {_size(n)}" for name, n in fixed if n]
         + [
-            f"activations {_size(need.activations)} (backward at most {_size(need.backward)})"
-            f" at batch size {batch}",
+            f"activations {_size(need.activations)} (backward at most {_size(need.backward)}"
+            + (f", teacher's forward {_size(need.teacher)}" if need.teacher else "")
+            + f") at batch size {batch}",
             f"evaluation {_size(need.evaluation)} at batch size {eval_batch}",
         ]
     )

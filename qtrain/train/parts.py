@@ -26,6 +26,7 @@ from qtrain.train.config import RunConfig
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.schedules import make_scheduler
 from qtrain.train.settings import data_options, is_text, method_settings, model_options
+from qtrain.train.start import resolved_init
 
 # Steps between evaluations of a text run when eval_every is unset (nanoGPT's eval_interval).
 DEFAULT_EVAL_EVERY = 250
@@ -141,7 +142,8 @@ def whiten(model, splits, seed: int, device: torch.device) -> float:
 
 def make_optimizer(config: RunConfig, model):
     """The config's method over `model` (`qtrain.methods.create`): `momentum` is SGD's
-    momentum and Adam's β₁ (the one knob that averages gradients in either), `beta2` Adam's β₂."""
+    momentum and Adam's β₁ (the one knob that averages gradients in either), `beta2` Adam's β₂,
+    `init` where the quantized weights start (`qtrain.train.start.resolved_init`)."""
     c = config
     return methods.create(
         c.method,
@@ -150,6 +152,7 @@ def make_optimizer(config: RunConfig, model):
         momentum=c.momentum,
         bc_stochastic=c.bc_stochastic,
         betas=(c.momentum, c.beta2),
+        init=resolved_init(c),
         **method_settings(c),
     )
 

@@ -11,6 +11,8 @@ estimated from the model, batch and precision and compared with what the device 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qtrain import data as qdata
@@ -118,13 +120,18 @@ def check_applicable(config: RunConfig) -> None:
         raise ConfigError(problem)
 
 
-def check_memory(config: RunConfig) -> None:
+def check_memory(config: RunConfig, teacher=None, classes: int | None = None) -> None:
     """Refuse a run whose training step cannot fit in the memory its device has available,
-    with the estimate and the batch sizes that fit (`qtrain.train.memory.check_fits`)."""
+    with the estimate and the batch sizes that fit (`qtrain.train.memory.check_fits`).
+
+    When the run distills, the trainer checks again once it has read the teacher: `teacher`
+    is the teacher's model on the meta device and `classes` the number it predicts."""
     info = qdata.dataset_info(config.dataset)
+    if classes is not None:  # the teacher's: the run's too, or it is refused once data is read
+        info = dataclasses.replace(info, num_classes=classes)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = _probe_model(config, info)
-    check_fits(config, model)
+    check_fits(config, model, teacher)
 
 
 def check_config(config: RunConfig) -> None:

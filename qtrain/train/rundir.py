@@ -2,7 +2,9 @@
 
     RUN/config.toml      the resolved RunConfig
     RUN/meta.json        qtrain/torch/python versions, git revision, command line, host;
-                         "resumes" lists every resume (time, command line, git revision)
+                         "resumes" lists every resume (time, command line, git revision);
+                         "init_from" and "distill_from": the path, kind and SHA-256 of the
+                         model the run started from and of its teacher (as the checkpoint)
     RUN/metrics.jsonl    one JSON record per finished epoch
     RUN/checkpoint.pt    the latest checkpoint (atomic; see checkpoint.py)
     RUN/summary.json     written once the run has finished all its epochs
@@ -69,10 +71,12 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def write_run_files(run_dir: Path, config: RunConfig) -> None:
+def write_run_files(run_dir: Path, config: RunConfig, sources: dict | None = None) -> None:
+    """config.toml and meta.json of a new run; `sources` (the records of its init_from and
+    distill_from) go into meta.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG, to_toml(config))
-    write_json(run_dir / META, provenance())
+    write_json(run_dir / META, {**provenance(), **(sources or {})})
 
 
 def record_resume(run_dir: Path) -> None:

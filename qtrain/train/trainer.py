@@ -15,6 +15,11 @@ over S, the epoch schedules once per epoch. With `grad_clip` c > 0 the gradient 
 parameters is scaled to g·min(1, c/‖g‖₂) before the step; for BC that is the gradient at the
 quantized weights w_b, applied to the latent w_r.
 
+From float (docs/lm.md, "Quantization-aware training from float"): `init_from` loads a
+trained model's weights before the method's optimizer is built (`start`), and `distill_from`
+adds a teacher's logits to the training loss (`distill`); both are recorded in every
+checkpoint by their SHA-256.
+
 Fast-training options (docs/speedrun.md): `label_smoothing` in the training loss
 (`losses`), an average of the weights evaluated in place of the live ones (`ema_decay`,
 `ema`), test-time augmentation at every evaluation (`tta`), a patch-whitening first layer
@@ -66,6 +71,7 @@ from qtrain.train.devices import (
     set_tf32,
     slow_bf16_note,
 )
+from qtrain.train.distill import Teacher, probe_input
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
 from qtrain.train.ema import WeightEMA
@@ -80,12 +86,13 @@ from qtrain.train.parts import (
     run_length,
     whiten,
 )
-from qtrain.train.preflight import check_config
+from qtrain.train.preflight import check_config, check_memory
 from qtrain.train.progress import ProgressLines
 from qtrain.train.records import epoch_record, format_record, run_summary
 from qtrain.train.schedules import PER_STEP, cycled_momentum, set_momentum, starting_momentum
-from qtrain.train.settings import is_text
+from qtrain.train.settings import context_length, is_text
 from qtrain.train.signals import stop_requests
+from qtrain.train.start import check_same_start, start_from
 from qtrain.train.state import EpochSums, RankSums, TrainState, checkpoint_payload, restore_state
 
 
@@ -135,6 +142,7 @@ class Trainer:
         if self.text and self.dist.enabled:
             raise UserError("text data sets train in one process; run without torchrun")
         self._lock = self._lock_run_dir()  # before any data is read
+        self.teacher = self._load_teacher()
         self.splits, self.held_out = load_splits(c)
         self.train_loader, self.test_loader, self.val_loader = make_loaders(
             c, self.splits, self.held_out, self.device, self.dist
@@ -144,6 +152,9 @@ class Trainer:
         self.setup_seconds = (
             whiten(self.model, self.splits, c.seed, self.device) if c.whiten_init else 0.0
         )
+        if self.teacher is not None:
+            self.teacher.check_classes(self.model, self.splits, probe_input(c), self.text)
+        self.sources = self._start()
         self.optimizer = make_optimizer(c, self.model)
         self.per_step = c.schedule in PER_STEP
         self.scheduler = make_run_scheduler(c, self.optimizer, self.epochs, self.total_steps)
@@ -156,6 +167,34 @@ class Trainer:
         self.quantized_names = methods.quantized_parameter_names(self.model, c.policy)
         if self.optimizer.mode == "fp":
             self.quantized_names = []
+
+    def _load_teacher(self) -> Teacher | None:
+        """The teacher distill_from names, on the device, after checking that its context
+        takes the run's windows and that the step fits in memory with it (before any data is
+        read); None when the run does not distill."""
+        c = self.config
+        if c.distill_from is None:
+            return None
+        teacher = Teacher.load(c)
+        if self.text:
+            teacher.check_context(context_length(c))
+        check_memory(c, teacher.skeleton(), teacher.classes(probe_input(c)))
+        return teacher.to(self.device)
+
+    def _start(self) -> dict:
+        """The records of the run's start and teacher (`start`, `distill`) kept in its
+        checkpoints. A new run loads the weights init_from names into the model here; a folder
+        that holds a checkpoint resumes from it (or is refused), so they are not read."""
+        c, sources = self.config, {}
+        if self.teacher is not None:
+            sources["distill_from"] = self.teacher.record()
+        if c.init_from is not None:
+            resuming = self.dist.broadcast_object(
+                self.dist.is_main and (self.run_dir / rundir.CHECKPOINT).exists()
+            )
+            if not resuming:
+                sources["init_from"] = start_from(c, self.model, self.splits)
+        return sources
 
     def _lock_run_dir(self) -> FolderLock | None:
         """Rank 0's `FolderLock` on the run folder, held until `run()` ends (or `close()`).
@@ -189,6 +228,7 @@ class Trainer:
             payload = checkpoint_payload(self.config, self.splits, self.model, self.optimizer,
                                          self.scheduler, self.ema, self.quantized_names, state,
                                          finished)  # fmt: skip
+            payload.update(self.sources)  # "init_from", "distill_from": what it started from
             save_checkpoint(self.run_dir / rundir.CHECKPOINT, payload)
             rundir.write_metrics(self.run_dir, state.metrics)
         self.dist.barrier()
@@ -199,6 +239,11 @@ class Trainer:
         record = self.dist.broadcast_object(load_checkpoint(path) if self.dist.is_main else None)
         state = restore_state(record, self.config, self.run_dir, self.splits, self.model,
                               self.optimizer, self.scheduler, self.ema)  # fmt: skip
+        start = check_same_start(record, self.config, self.run_dir)
+        if start is not None:
+            self.sources["init_from"] = start
+        if self.teacher is not None:
+            self.teacher.check_same(record.get("distill_from"), self.run_dir)
         self._cycle_momentum()
         return state
 
@@ -250,7 +295,7 @@ class Trainer:
             if resume and checkpoint_exists:
                 rundir.record_resume(self.run_dir)
             else:
-                rundir.write_run_files(self.run_dir, c)
+                rundir.write_run_files(self.run_dir, c, sources=self.sources)
             if state.metrics:
                 # A kill between the checkpoint's write and metrics.jsonl's leaves the file one
                 # epoch behind; when that checkpoint was the last, no later save would fix it.
@@ -317,8 +362,12 @@ class Trainer:
                 break
             y = y.flatten()  # one target per image, or per token of a text window
             with autocast_context(self.device, c.amp):
+                taught = self.teacher.logits(x) if self.teacher is not None else None
                 logits = self.forward_model(x).flatten(0, -2)
-                loss = training_loss(logits, y, c.label_smoothing)
+                if taught is None:
+                    loss = training_loss(logits, y, c.label_smoothing)
+                else:
+                    loss = self.teacher.loss(logits, taught, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if c.grad_clip:
