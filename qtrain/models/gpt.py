@@ -154,7 +154,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids [B, T] (int64, T ≤ block_size) → next-token logits [B, T, vocab_size]."""
-        _check_token_ids(idx)
+        check_token_ids(idx)
         length, block_size = idx.shape[1], self.config.block_size
         if length > block_size:
             raise UserError(
@@ -167,7 +167,6 @@ class GPT(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))  # [B, T, V]
 
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -177,37 +176,59 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
     ) -> torch.Tensor:
-        """Extend idx [B, T] by `max_new_tokens` sampled tokens → [B, T + max_new_tokens].
-
-        Each new token is drawn from softmax(logits/temperature) at the last position, the
-        logits restricted to the `top_k` largest when given; the model reads only the last
-        block_size tokens. Sampling runs in eval mode (no dropout; the mode is restored) and
-        draws only from `generator` (on idx's device), so a seeded generator repeats the text.
-        """
-        _check_token_ids(idx)
-        _check_sampling(idx, max_new_tokens, generator, temperature, top_k)
-        was_training = self.training
-        self.eval()
-        try:
-            for _ in range(max_new_tokens):
-                context = idx[:, -self.config.block_size :]  # [B, ≤ block_size]
-                logits = self(context)[:, -1, :] / temperature  # [B, V]
-                if top_k is not None and top_k < logits.shape[-1]:
-                    kth = torch.topk(logits, top_k).values[:, -1:]  # [B, 1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
-                idx = torch.cat((idx, nxt), dim=1)
-        finally:
-            self.train(was_training)
-        return idx
+        """Extend idx [B, T] by `max_new_tokens` sampled tokens → [B, T + max_new_tokens]
+        (`generate_tokens` with the model's block_size as its context)."""
+        return generate_tokens(self, idx, max_new_tokens, context=self.config.block_size,
+                               generator=generator, temperature=temperature,
+                               top_k=top_k)  # fmt: skip
 
 
-def _check_token_ids(idx) -> None:
+@torch.no_grad()
+def generate_tokens(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    context: int | None,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    num_tokens: int | None = None,
+) -> torch.Tensor:
+    """Extend idx [B, T] by `max_new_tokens` tokens sampled from `model` (token ids [B, t] →
+    logits [B, t, V]) → [B, T + max_new_tokens].
+
+    Each new token is drawn from softmax(logits/temperature) at the last position, the logits
+    restricted to the first `num_tokens` ids (all when None: a model whose output is wider
+    than its text's vocabulary never draws an id the text does not have) and then to the
+    `top_k` largest when given; the model reads only the last `context` tokens (all when
+    None). Sampling runs in eval mode (no dropout; the mode is restored) and draws only from
+    `generator` (on idx's device), so a seeded generator repeats the text.
+    """
+    check_token_ids(idx)
+    _check_sampling(idx, max_new_tokens, generator, temperature, top_k)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            window = idx if context is None else idx[:, -context:]  # [B, ≤ context]
+            logits = model(window)[:, -1, :num_tokens] / temperature  # [B, V]
+            if top_k is not None and top_k < logits.shape[-1]:
+                kth = torch.topk(logits, top_k).values[:, -1:]  # [B, 1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+            idx = torch.cat((idx, nxt), dim=1)
+    finally:
+        model.train(was_training)
+    return idx
+
+
+def check_token_ids(idx, model: str = "GPT") -> None:
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64:
         shape = list(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
         raise UserError(
-            f"GPT input must be an int64 tensor of token ids shaped [batch, time], got {shape} "
+            f"{model} input must be an int64 tensor of token ids shaped [batch, time], got {shape} "
             f"({getattr(idx, 'dtype', None)}); pass idx.long() of shape [B, T]"
         )
     if idx.shape[1] == 0:

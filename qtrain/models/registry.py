@@ -9,7 +9,10 @@ keyword (`qtrain.models.activations`); `create` refuses "binary" for every other
 A text model (``modality="text"``, the GPT) reads token ids instead of images: its factory is
 ``factory(vocab_size, **options)`` with the size options it declares (``options``), its
 ``input_size`` is its default context length in tokens, and the image-only settings (width,
-in_channels, binary activations) are refused for it with a sentence.
+in_channels, binary activations) are refused for it with a sentence. Its checkpoint record
+stores the attributes of its ``config`` named by ``record_options`` (its ``options`` unless
+it declares others), and a rebuild passes them back to the factory. A text model whose
+default context depends on its options declares ``context(options) -> tokens``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,18 @@ class ModelInfo:
     binary_activations: bool = False  # accepts activations="binary"
     modality: str = "image"  # "image" or "text" (token ids in, next-token logits out)
     options: tuple[str, ...] = ()  # size options the factory takes (text models)
+    # what a checkpoint records of a text model (attributes of its `config`), when not `options`
+    record_options: tuple[str, ...] | None = None
+    context: Callable[[dict], int] | None = None  # default context from the options
+
+    @property
+    def stored_options(self) -> tuple[str, ...]:
+        """The options a checkpoint's model record holds (`record_options`, else `options`)."""
+        return self.options if self.record_options is None else self.record_options
+
+    def default_context(self, options: dict) -> int:
+        """Tokens a text model reads by default: `context(options)`, else `input_size`."""
+        return self.input_size if self.context is None else self.context(options)
 
 
 _FACTORIES: dict[str, Factory] = {}
@@ -53,6 +68,8 @@ def register_model(
     binary_activations: bool = False,
     modality: str = "image",
     options: tuple[str, ...] = (),
+    record_options: tuple[str, ...] | None = None,
+    context: Callable[[dict], int] | None = None,
 ):
     """Decorator registering ``factory`` under ``name``; a duplicate name is a programming error."""
 
@@ -62,8 +79,9 @@ def register_model(
         doc = (factory.__doc__ or name).strip().splitlines()[0]
         _FACTORIES[name] = factory
         _INFOS[name] = ModelInfo(
-            name, doc, input_size, dataset, binary_activations, modality, tuple(options)
-        )
+            name, doc, input_size, dataset, binary_activations, modality, tuple(options),
+            None if record_options is None else tuple(record_options), context,
+        )  # fmt: skip
         return factory
 
     return decorate
