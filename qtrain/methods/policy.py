@@ -19,6 +19,14 @@ a declared module (or of its children) is quantized, so a CNN that declares noth
 classifier's linear layers quantized and its convolutions kept in full precision. Only
 `linear` reads the declaration: `conv+linear` and `all` keep their meaning for every model.
 
+A Hugging Face transformers model passed as it is (a PreTrainedModel, which declares
+nothing) has its output head found by its own ``get_output_embeddings()``: under `linear` the
+head (and the token embedding tied to it) stays in full precision, so a Llama or Qwen2 has
+exactly its block projections quantized. `linear` and `conv+linear` refuse a model built
+from transformers' Conv1D (GPT-2: y = x·W + b with W stored [in, out], not an nn.Linear, so
+its per-row scales would run along the wrong axis): wrap it in
+`qtrain.models.hf.HFCausalLM`, which converts each Conv1D to the equivalent nn.Linear.
+
 A frozen parameter (``requires_grad`` False) is never quantized, under any policy: no
 optimizer step moves it, so it would never be put on a grid, and whoever froze it asked for
 it to stay as it is (a pretrained stem, a fixed projection). It stays in full precision, and
@@ -46,7 +54,8 @@ def check_policy(policy: str) -> str:
 
 
 def full_precision_parameters(model: nn.Module) -> set[int]:
-    """ids of the parameters held by the modules ``model.full_precision_modules`` names."""
+    """ids of the parameters held by the modules ``model.full_precision_modules`` names, and
+    by the output head a transformers model gives as ``get_output_embeddings()``."""
     declared = getattr(model, "full_precision_modules", ())
     if not isinstance(declared, (tuple, list)) or not all(isinstance(n, str) for n in declared):
         raise UserError(
@@ -60,7 +69,29 @@ def full_precision_parameters(model: nn.Module) -> set[int]:
             f"{type(model).__name__}.full_precision_modules names {', '.join(missing)}, which "
             "the model does not have; list names from model.named_modules()"
         )
-    return {id(p) for name in declared for p in modules[name].parameters()}
+    held = {id(p) for name in declared for p in modules[name].parameters()}
+    return held | {id(p) for p in _output_embeddings(model).parameters()}
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module:
+    """The head a transformers PreTrainedModel names with ``get_output_embeddings()`` (an
+    empty module for every other model)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else nn.Module()
+
+
+def _check_no_conv1d(model: nn.Module, policy: str) -> None:
+    """Refuse transformers' Conv1D under a policy that picks linear layers (module doc)."""
+    for name, module in model.named_modules():
+        kind = type(module)
+        if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers"):
+            raise UserError(
+                f"{type(model).__name__} computes {name} with transformers' Conv1D (weight "
+                f"stored [in, out]), which policy {policy!r} does not treat as a linear layer; "
+                "wrap the model in qtrain.models.hf.HFCausalLM(model), which converts every "
+                "Conv1D to an equivalent nn.Linear"
+            )
 
 
 def _weights_of(model: nn.Module, layer_types: tuple[type, ...]) -> set[int]:
@@ -79,10 +110,12 @@ def quantized_parameter_names(model: nn.Module, policy: str = "conv") -> list[st
     if policy == "all":
         chosen = {id(p) for p in model.parameters()}
     elif policy == "linear":
+        _check_no_conv1d(model, policy)
         chosen = _weights_of(model, (nn.Linear,)) - full_precision_parameters(model)
     else:
         layer_types: tuple[type, ...] = (nn.modules.conv._ConvNd,)
         if policy == "conv+linear":
+            _check_no_conv1d(model, policy)
             layer_types += (nn.Linear,)
         chosen = _weights_of(model, layer_types)
     return [name for name, p in model.named_parameters() if id(p) in chosen and p.requires_grad]
