@@ -160,8 +160,10 @@ for _info in (
                 3, None, None, lambda root, download, **options: load_imagenet(root, **options),
                 ("image_size",), folder="imagenet"),
     DatasetInfo("shakespeare-char", "tiny Shakespeare by character: 1,003,854 + 111,540 "
-                "tokens, 65 symbols (or any UTF-8 text_file)", 1, None, 65, load_shakespeare,
-                ("block_size", "text_file", "url", "sha256"), folder="tinyshakespeare",
+                "tokens, 65 symbols (or any UTF-8 text_file; model hf may read it with its "
+                "tokenizer)", 1, None, 65, load_shakespeare,
+                ("block_size", "text_file", "tokenizer", "max_vocab", "url", "sha256"),
+                folder="tinyshakespeare",
                 modality="text", examples=(1_003_854, 111_540)),
 ):  # fmt: skip
     register_dataset(_info)

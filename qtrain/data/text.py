@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from qtrain.base.streams import stream_seed
 
 from .download import fetch
 from .errors import ChecksumError, DataError, DatasetNotFoundError
+
+if TYPE_CHECKING:
+    from .tokens import TokenizerSpec
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -111,6 +115,8 @@ class TextSplits:
 
     ``num_classes`` = |V| (the model's output width), ``in_channels`` 1 (a stream of ids);
     ``block_size`` T is the window length the loaders cut; ``sha256`` identifies the text.
+    A text read through a tokenizer (`qtrain.data.tokens`) has ``tokenizer`` set, an empty
+    ``vocab``, and ``num_classes`` the tokenizer's number of ids.
     """
 
     train: torch.Tensor  # int64 [n_train]
@@ -122,10 +128,18 @@ class TextSplits:
     name: str = "text"
     in_channels: int = 1
     image_size: int | None = None
+    tokenizer: TokenizerSpec | None = None
 
     @property
     def num_classes(self) -> int:
-        return len(self.vocab)
+        return len(self.vocab) if self.tokenizer is None else self.tokenizer.vocab_size
+
+    def token_record(self) -> dict:
+        """What a checkpoint's model record stores to map ids back to text: {"vocab": the
+        characters}, or {"tokenizer": the tokenizer's record (`TokenizerSpec.to_record`)}."""
+        if self.tokenizer is None:
+            return {"vocab": self.vocab}
+        return {"tokenizer": self.tokenizer.to_record()}
 
     def loader(self, split: str, batch_size: int, *, seed: int = 0, device="cpu",
                steps: int = 1, batches: int = 1, **_image_options) -> TextLoader:  # fmt: skip
@@ -211,12 +225,23 @@ def load_text(text: str, *, block_size: int, source: str, name: str = "text") ->
 
 
 def load_shakespeare(root: Path, download: bool = False, *, block_size: int = 64,
-                     text_file: str | None = None, url: str = SHAKESPEARE_URL,
+                     text_file: str | None = None, tokenizer: TokenizerSpec | None = None,
+                     max_vocab: int | None = None, url: str = SHAKESPEARE_URL,
                      sha256: str = SHAKESPEARE_SHA256) -> TextSplits:  # fmt: skip
     """Tiny Shakespeare from `root` (a folder with input.txt, or the file), else downloaded;
-    or, with `text_file`, that UTF-8 file instead."""
+    or, with `text_file`, that UTF-8 file instead. By character, or through `tokenizer`
+    (`qtrain.data.tokens`); with `max_vocab` every id must be below it (a model's vocab_size)."""
+    from .tokens import check_vocab_limit, load_tokens
+
     path = (
         Path(text_file).expanduser() if text_file else shakespeare_path(root, download, url, sha256)
     )
-    return load_text(read_text(path), block_size=block_size, source=str(path),
-                     name="shakespeare-char")  # fmt: skip
+    options = dict(block_size=block_size, source=str(path), name="shakespeare-char")
+    text = read_text(path)
+    if tokenizer is None:
+        splits = load_text(text, **options)
+    else:
+        splits = load_tokens(text, tokenizer, **options)
+    if max_vocab is not None:
+        check_vocab_limit(splits, max_vocab)
+    return splits
