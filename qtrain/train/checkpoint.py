@@ -13,6 +13,10 @@ dicts, lists, strings and numbers only, so loading never runs code):
                     a run with act_bits has "act_quant", `qtrain.models.act_quant`'s
                     description {"bits", "norm", "modules"})
     data            text runs only: {"sha256"} of the training text (checked on resume)
+    init_from       runs with init_from only: {"path", "kind", "model", "sha256"} of the model
+                    it started from (`qtrain.train.start`; checked on resume)
+    distill_from    runs with distill_from only: the same of its teacher
+                    (`qtrain.train.distill`; checked on resume)
     method          {"name", "grid": Grid.to_dict(), "policy"}
     quantized       names of the parameters that live on the grid
     model_state     model.state_dict()
@@ -133,7 +137,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def _check_entries(path: Path, record: dict) -> None:
     """CheckpointError for an entry of the wrong type (a file edited and saved again)."""
     kinds = {"model": dict, "method": dict, "quantized": list, "model_state": dict,
-             "config": dict, "training": dict, "data": dict}  # fmt: skip
+             "config": dict, "training": dict, "data": dict, "init_from": dict,
+             "distill_from": dict}  # fmt: skip
     for key, kind in kinds.items():
         if key in record and not isinstance(record[key], kind):
             problem = f"its {key!r} entry is not a {kind.__name__}"
