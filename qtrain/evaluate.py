@@ -2,7 +2,9 @@
 
 A language model is evaluated as in training: on its text's fixed validation windows
 (`eval_batches` × `batch_size` of the run's config), reporting the loss in nats per token and
-bits per character (loss / ln 2) besides the next-character error.
+bits per character (loss / ln 2) besides the next-character error. A run of the hf model that
+read its text through its folder's tokenizer is evaluated through the tokenizer its record
+stores (the loss is then per token), never through the folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from qtrain import data as qdata
 from qtrain.base.errors import UserError
+from qtrain.data.tokens import TokenizerSpec
 from qtrain.export.loading import load_any_model
 from qtrain.train.evaluation import evaluate
 from qtrain.train.settings import data_options, is_text
@@ -32,6 +35,8 @@ def test_loader(record: dict, data_dir: str | None = None, batch_size: int = 100
     if text:  # the model's own context, whatever the config's defaults are now
         config = {**config, "block_size": record["model"]["options"]["block_size"]}
     options = data_options(dataset, name, config)
+    if record["model"].get("tokenizer"):  # the text is read as the run read it, by its tokenizer
+        options["tokenizer"] = TokenizerSpec.from_record(record["model"]["tokenizer"])
     splits = qdata.load(dataset, data_dir or config.get("data_dir"), download=False, **options)
     if text:
         loader = splits.loader("test", config["batch_size"], seed=0, device=device,

@@ -5,16 +5,21 @@ encoded with it, `GPT.generate` extends it by `chars` tokens drawn from
 softmax(logits / temperature) restricted to the `top_k` most likely, and the result is decoded.
 The draws come only from the run-independent "sample" stream of `seed`, so one seed always
 prints the same text for one model (on one device). Quantized models (binary, ternary) hold
-their grid values in the saved weights, so they sample exactly as they were evaluated.
+their grid values in the saved weights, so they sample exactly as they were evaluated. A model
+that read a tokenizer's tokens (the hf model with its folder's tokenizer) samples through the
+tokenizer its record stores: `chars` tokens, decoded by it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_generator
 from qtrain.data.text import encode
+from qtrain.data.tokens import TokenizerSpec
 from qtrain.export.loading import load_any_model
 
 # nanoGPT's sample.py defaults.
@@ -44,9 +49,40 @@ def sample_model(
     return "".join(vocab[i] for i in out[0].tolist())
 
 
+def sample_tokens(
+    model,
+    tokenizer: TokenizerSpec,
+    *,
+    chars: int = 500,
+    seed: int = 0,
+    prompt: str | None = None,
+    temperature: float = TEMPERATURE,
+    top_k: int | None = TOP_K,
+) -> str:
+    """The prompt followed by `chars` generated tokens of a model that reads `tokenizer`'s
+    tokens, decoded. The default prompt is a newline; when the tokenizer has no token for it,
+    generation starts from token id 0."""
+    if prompt == "":
+        raise UserError("the prompt is empty; give at least one character or leave it out")
+    ids = tokenizer.encode(DEFAULT_PROMPT if prompt is None else prompt)
+    if len(ids) == 0 and prompt is not None:
+        raise UserError(
+            f"the prompt {prompt!r} is no token of {tokenizer.describe()}; give another prompt"
+        )
+    device = next(model.parameters()).device
+    idx = (ids if len(ids) else torch.zeros(1, dtype=torch.int64)).to(device)[None]  # [1, T]
+    generator = stream_generator(seed, "sample", device=device)
+    out = model.generate(idx, chars, generator=generator, temperature=temperature, top_k=top_k)
+    return tokenizer.decode(out[0].tolist())
+
+
 def sample_file(path: str | Path, **options) -> str:
-    """`sample_model` of the language model saved at `path` (checkpoint, run folder, packed)."""
+    """`sample_model` (or `sample_tokens`, for a model that reads a tokenizer's tokens) of the
+    language model saved at `path` (checkpoint, run folder, packed)."""
     model, record = load_any_model(path)
+    if record["model"].get("tokenizer"):
+        return sample_tokens(model, TokenizerSpec.from_record(record["model"]["tokenizer"]),
+                             **options)  # fmt: skip
     vocab = record["model"].get("vocab")
     if not vocab:
         raise UserError(

@@ -130,9 +130,11 @@ PER_STEP = Scope(
 )
 
 
-def _text_model_option(key: str) -> Scope:
+def _text_model_option(key: str, takers: str = "gpt") -> Scope:
+    """The scope of a text model's option `key`; `takers` names the models whose `options`
+    hold it (a test compares it with the registry)."""
     return Scope(
-        "text models that take it (gpt)",
+        f"text models that take it ({takers})",
         lambda c: key in _model_options(c),
         lambda c: f"model {c.model!r}",
     )
@@ -219,14 +221,19 @@ class RunConfig:
                               applies=_text_model_option("n_head"))  # fmt: skip
     n_embd: int | None = _key(None, "text model", "width of the residual stream",
                               applies=_text_model_option("n_embd"))  # fmt: skip
-    block_size: int | None = _key(None, "text model", "the context, in tokens",
-                                  applies=_text_model_option("block_size"))  # fmt: skip
+    block_size: int | None = _key(None, "text model", "the context, in tokens (hf: the training "
+                                  "window, default min(256, the model's context))",
+                                  applies=_text_model_option("block_size", "gpt, hf"))  # fmt: skip
     dropout: float | None = _key(None, "text model", "dropout probability",
                                  applies=_text_model_option("dropout"))  # fmt: skip
     bias: bool | None = _key(None, "text model", "biases in linear layers and norms",
                              applies=_text_model_option("bias"))  # fmt: skip
     tie_weights: bool | None = _key(None, "text model", "the head shares the token embedding",
                                     applies=_text_model_option("tie_weights"))  # fmt: skip
+    hf_path: str | None = _key(None, "text model", "folder of a Hugging Face causal LM for model "
+                               "hf (config.json, weights, tokenizer): it may move, its config "
+                               "is checked on resume", RUN,
+                               applies=_text_model_option("hf_path", "hf"))  # fmt: skip
     # -- data
     dataset: str = _key("cifar10", "data", "data set name (qtrain list datasets)")
     data_dir: str | None = _key(None, "data", "folder holding the data set", MACHINE)

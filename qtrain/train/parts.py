@@ -25,7 +25,13 @@ from qtrain.models.whitening import whiten_model_
 from qtrain.train.config import RunConfig
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.schedules import make_scheduler
-from qtrain.train.settings import data_options, is_text, method_settings, model_options
+from qtrain.train.settings import (
+    data_options,
+    is_text,
+    method_settings,
+    model_options,
+    tokens_options,
+)
 from qtrain.train.start import resolved_init
 
 # Steps between evaluations of a text run when eval_every is unset (nanoGPT's eval_interval).
@@ -39,9 +45,8 @@ def load_splits(config: RunConfig):
     `val_images` are held out first, then `train_subset` is drawn from what remains.
     """
     c = config
-    splits = qdata.load(
-        c.dataset, c.data_dir, download=c.download, **data_options(c.dataset, c.model, c)
-    )
+    options = {**data_options(c.dataset, c.model, c), **tokens_options(c)}
+    splits = qdata.load(c.dataset, c.data_dir, download=c.download, **options)
     held_out = None
     if c.val_images:
         splits, held_out = hold_out(splits, c.val_images, c.seed)
@@ -98,18 +103,23 @@ def run_length(config: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
     return total_steps, math.ceil(total_steps / steps_per_epoch)
 
 
-def make_model(config: RunConfig, splits, device: torch.device):
+def make_model(config: RunConfig, splits, device: torch.device, *, fresh: bool = False):
     """The config's model for `splits`, initialised from the "init" stream, on `device`, with
-    its activation quantization when `act_bits` is set (`with_act_quant`)."""
+    its activation quantization when `act_bits` is set (`with_act_quant`). A `fresh` run (not
+    a resume, whose checkpoint holds the weights) of the hf model starts from the weights its
+    folder holds, when it holds any."""
     c = config
     torch.manual_seed(stream_seed(c.seed, "init"))  # model initialisation
+    options = model_options(c)
+    if fresh and "hf_path" in options:
+        options["pretrained"] = True
     model = models.create(
         c.model,
         num_classes=splits.num_classes,
         width=c.width,
         in_channels=splits.in_channels,
         activations=c.activations,
-        options=model_options(c),
+        options=options,
     )
     model = with_act_quant(config, model).to(device)
     if c.channels_last and not is_text(c.dataset):

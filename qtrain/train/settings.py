@@ -12,6 +12,8 @@ import inspect
 
 from qtrain import data as qdata
 from qtrain import methods, models
+from qtrain.data.tokens import TokenizerSpec
+from qtrain.models.hf import read_hf_folder, vocab_size_of
 from qtrain.train.config import RunConfig
 
 # The keyword settings `methods.check_settings` checks and `methods.create` takes alike.
@@ -47,9 +49,11 @@ def model_options(config: RunConfig | dict) -> dict:
 
 
 def context_length(config: RunConfig | dict) -> int:
-    """Tokens per window of a text model: block_size, else the model's default context."""
+    """Tokens per window of a text model: block_size, else the model's default context (for
+    the hf model: min(256, its config's), `ModelInfo.default_context`)."""
     values = config if isinstance(config, dict) else config.to_dict()
-    return values.get("block_size") or models.model_info(values["model"]).input_size
+    info = models.model_info(values["model"])
+    return values.get("block_size") or info.default_context(model_options(values))
 
 
 def data_options(dataset: str, model: str, config: RunConfig | dict | None = None) -> dict:
@@ -65,3 +69,16 @@ def data_options(dataset: str, model: str, config: RunConfig | dict | None = Non
     if qdata.dataset_info(dataset).image_size is None:
         return {"image_size": models.model_info(model).input_size}
     return {}
+
+
+def tokens_options(config: RunConfig) -> dict:
+    """How the hf model's text becomes token ids, as data options: through its folder's
+    tokenizer (``tokenizer``, `qtrain.data.tokens.TokenizerSpec`) or by character, every id
+    below the model's vocab_size (``max_vocab``); {} for a model without `hf_path`."""
+    if config.hf_path is None:
+        return {}
+    folder = read_hf_folder(config.hf_path)
+    options = {"max_vocab": vocab_size_of(folder.config)}
+    if folder.tokenizer is not None:
+        options["tokenizer"] = TokenizerSpec.from_transformers(folder.tokenizer)
+    return options

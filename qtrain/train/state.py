@@ -19,6 +19,7 @@ import torch
 
 from qtrain import models
 from qtrain.base.errors import UserError
+from qtrain.data.tokens import TokenizerSpec
 from qtrain.models.act_quant import act_quant_of
 from qtrain.train.config import RunConfig, check_same_identity
 from qtrain.train.devices import resolve_saved_amp
@@ -99,8 +100,9 @@ def checkpoint_payload(
             "in_channels": splits.in_channels,
             "activations": config.activations,
             "options": _resolved_model_options(config.model, model),
-            # a text model's token ids mean these characters (sampling needs them)
-            **({"vocab": splits.vocab} if text else {}),
+            # a text model's token ids mean these characters, or this tokenizer's tokens
+            # (sampling and evaluation need them)
+            **(splits.token_record() if text else {}),
             # which linear layers quantize their inputs, and how (`qtrain.models.act_quant`)
             **({"act_quant": act_quant} if act_quant else {}),
         },
@@ -169,8 +171,10 @@ def _device_of(model) -> torch.device:
 
 def _resolved_model_options(name: str, model) -> dict:
     """Every size option of a text model, defaults included, so a rebuild needs no
-    defaults of the version that reads the checkpoint; {} for an image model."""
-    return {option: getattr(model.config, option) for option in models.model_info(name).options}
+    defaults of the version that reads the checkpoint (the hf model: the config dict its
+    folder held and the window); {} for an image model."""
+    stored = models.model_info(name).stored_options
+    return {option: getattr(model.config, option) for option in stored}
 
 
 def restore_state(
@@ -188,7 +192,8 @@ def restore_state(
     if training is None:
         raise UserError(f"{run_dir} holds exported weights, not a resumable checkpoint")
     if is_text(config.dataset):
-        check_same_text(run_dir, splits, record["model"].get("vocab"), record.get("data", {}))
+        check_same_model(run_dir, record["model"], config.model, model)
+        check_same_text(run_dir, splits, record["model"], record.get("data", {}))
     # tensors arrive on the CPU and load_state_dict moves them to the device
     model.load_state_dict(record["model_state"])
     optimizer.load_state_dict(training["optimizer"])
@@ -204,10 +209,36 @@ def restore_state(
     )
 
 
-def check_same_text(run_dir, splits, vocab: str | None, data: dict) -> None:
-    """A resumed text run must read the same text (the path may change, the text not)."""
+def check_same_model(run_dir, saved: dict, name: str, model) -> None:
+    """A resumed text model must be the one the run built: its recorded options (for the hf
+    model the config its folder held; the folder may move, its config may not)."""
+    before, now = saved.get("options") or {}, _resolved_model_options(name, model)
+    for key in sorted(set(before) & set(now)):
+        if before[key] == now[key]:
+            continue
+        what = f"{key}={before[key]!r}, not {now[key]!r}"
+        if isinstance(before[key], dict) and isinstance(now[key], dict):
+            inner = sorted(k for k in set(before[key]) | set(now[key])
+                           if before[key].get(k) != now[key].get(k))  # fmt: skip
+            what = (f"a config.json whose {inner[0]} is {before[key].get(inner[0])!r}, not "
+                    f"{now[key].get(inner[0])!r}")  # fmt: skip
+        raise UserError(
+            f"cannot resume: the run in {run_dir} was trained with {what}; resume with the "
+            "original model (hf_path naming a folder with the same config.json) or start a new "
+            "{out} folder",
+            out="run",
+        )
+
+
+def check_same_text(run_dir, splits, saved_model: dict, data: dict) -> None:
+    """A resumed text run must read the same text (the path may change, the text not), by the
+    same tokenization: the same characters, or a tokenizer of the same class and vocabulary."""
+    vocab = saved_model.get("vocab")
+    saved_tokenizer = saved_model.get("tokenizer")
+    if saved_tokenizer is not None or splits.tokenizer is not None:
+        _check_same_tokenizer(run_dir, splits, saved_tokenizer, vocab)
     now = splits.vocab
-    if vocab != now:
+    if splits.tokenizer is None and vocab != now:
         raise UserError(
             f"cannot resume: the run in {run_dir} was trained on a text with the "
             f"{len(vocab or '')} characters {vocab!r}, but {splits.source} has the "
@@ -222,3 +253,24 @@ def check_same_text(run_dir, splits, vocab: str | None, data: dict) -> None:
             "text_file or start a new {out} folder",
             out="run",
         )
+
+
+def _check_same_tokenizer(run_dir, splits, saved: dict | None, vocab: str | None) -> None:
+    """The tokenizer part of `check_same_text` (either side may be by character)."""
+    before = TokenizerSpec.from_record(saved) if saved is not None else None
+    now = splits.tokenizer
+    if before is not None and before.same_as(now):
+        return
+
+    def describe(spec, characters) -> str:
+        if spec is not None:
+            return spec.describe()
+        return f"the {len(characters or '')} characters {characters!r}"
+
+    raise UserError(
+        f"cannot resume: the run in {run_dir} was trained on tokens of "
+        f"{describe(before, vocab)}, but {splits.source} would now be read as tokens of "
+        f"{describe(now, splits.vocab)}; resume with the original hf_path (the same "
+        "tokenizer) or start a new {out} folder",
+        out="run",
+    )

@@ -148,7 +148,7 @@ class Trainer:
             c, self.splits, self.held_out, self.device, self.dist
         )
         self.total_steps, self.epochs = run_length(c, len(self.train_loader))
-        self.model = make_model(c, self.splits, self.device)
+        self.model = make_model(c, self.splits, self.device, fresh=not self._holds_checkpoint())
         self.setup_seconds = (
             whiten(self.model, self.splits, c.seed, self.device) if c.whiten_init else 0.0
         )
@@ -195,6 +195,12 @@ class Trainer:
             if not resuming:
                 sources["init_from"] = start_from(c, self.model, self.splits)
         return sources
+
+    def _holds_checkpoint(self) -> bool:
+        """Whether the run folder holds a checkpoint (rank 0's view, on every rank): the run
+        then resumes from it or is refused, so no starting weights are read."""
+        exists = self.dist.is_main and (self.run_dir / rundir.CHECKPOINT).exists()
+        return self.dist.broadcast_object(exists)
 
     def _lock_run_dir(self) -> FolderLock | None:
         """Rank 0's `FolderLock` on the run folder, held until `run()` ends (or `close()`).
