@@ -46,7 +46,13 @@ from qtrain.base.errors import UserError
 from qtrain.train.config import RunConfig
 from qtrain.train.losses import training_loss
 from qtrain.train.settings import context_length, image_size
-from qtrain.train.sources import Source, meta_copy, output_width, read_source
+from qtrain.train.sources import (
+    Source,
+    meta_copy,
+    output_width,
+    read_source,
+    tokens_difference,
+)
 
 KEY = "distill_from"
 
@@ -133,12 +139,11 @@ class Teacher:
                 f"has {ours}; distill from a model trained on the same "
                 f"{'vocabulary' if text else 'classes'}"
             )
-        vocab = getattr(splits, "vocab", None)
-        if vocab is not None and spec.get("vocab", vocab) != vocab:
+        tokens = tokens_difference(spec, splits) if text else None
+        if tokens is not None:
             raise UserError(
-                f"the teacher at {self.source.given} has the {len(spec['vocab'])} characters "
-                f"{spec['vocab']!r} but this run's text has the {len(vocab)} characters "
-                f"{vocab!r}; distill from a model trained on the same vocabulary"
+                f"the teacher at {self.source.given} has the {tokens[0]} but this run's text "
+                f"has the {tokens[1]}; distill from a model trained on the same vocabulary"
             )
 
     def check_context(self, context: int) -> None:

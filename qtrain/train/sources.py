@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from qtrain.base.errors import UserError
+from qtrain.data.tokens import TokenizerSpec
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.rebuild import build_model
 
@@ -145,6 +146,28 @@ def _is_safetensors(path: Path) -> bool:
     except OSError:
         return False
     return len(start) == 9 and start[8:9] == b"{"
+
+
+def tokens_difference(spec: dict, splits) -> tuple[str, str] | None:
+    """(what the token ids of the model `spec` describes mean, what the run's text `splits`
+    makes them mean), in words, when those differ: other characters, another tokenizer, or
+    characters against a tokenizer; None when they agree or the model does not say (a Hugging
+    Face folder, an image model)."""
+    ours = _tokens_of(getattr(splits, "tokenizer", None), getattr(splits, "vocab", None))
+    if "tokenizer" in spec:
+        theirs = TokenizerSpec.from_record(spec["tokenizer"])
+        if theirs.same_as(getattr(splits, "tokenizer", None)):
+            return None
+        return theirs.describe(), ours
+    if "vocab" not in spec or (splits.tokenizer is None and spec["vocab"] == splits.vocab):
+        return None
+    return _tokens_of(None, spec["vocab"]), ours
+
+
+def _tokens_of(tokenizer: TokenizerSpec | None, vocab: str | None) -> str:
+    if tokenizer is not None:
+        return tokenizer.describe()
+    return f"{len(vocab or '')} characters {vocab!r}"
 
 
 def load_weights(model: nn.Module, source: Source, key: str) -> None:

@@ -41,7 +41,7 @@ from torch import nn
 from qtrain import methods
 from qtrain.base.errors import UserError
 from qtrain.train.config import RunConfig
-from qtrain.train.sources import Source, load_weights, read_source
+from qtrain.train.sources import Source, load_weights, read_source, tokens_difference
 
 KEY = "init_from"
 # options that change no weight, so a start may differ in them: dropout, the hf model's
@@ -63,7 +63,7 @@ def start_from(config: RunConfig, model: nn.Module, splits) -> dict:
     """Load the weights `config.init_from` names into `model` (the run's freshly built model
     for `splits`) after checking the architecture; returns the record the run keeps."""
     source = read_source(config.init_from, KEY)
-    difference = architecture_difference(source.spec, run_spec(config, model, splits))
+    difference = architecture_difference(source.spec, run_spec(config, model, splits), splits)
     if difference is not None:
         raise UserError(
             f"{KEY} {source.given} holds {difference}; start from a model of this run's "
@@ -84,14 +84,13 @@ def run_spec(config: RunConfig, model: nn.Module, splits) -> dict:
         "in_channels": splits.in_channels,
         "options": dataclasses.asdict(sizes) if dataclasses.is_dataclass(sizes) else {},
     }
-    if getattr(splits, "vocab", None) is not None:
-        spec["vocab"] = splits.vocab
     return spec
 
 
-def architecture_difference(start: dict, run: dict) -> str | None:
+def architecture_difference(start: dict, run: dict, splits=None) -> str | None:
     """What the starting model `start` has that the run's `run` has not, in words (None when
-    they are the same architecture, module docstring)."""
+    they are the same architecture, module docstring); with the run's text `splits`, also
+    what its token ids mean (`sources.tokens_difference`)."""
     if start.get("name") != run["name"]:
         return f"model {start.get('name')!r}, not this run's {run['name']!r}"
     for key in ("width", "in_channels"):
@@ -102,13 +101,13 @@ def architecture_difference(start: dict, run: dict) -> str | None:
     for key, value in sorted((start.get("options") or {}).items()):
         if key in ours and key not in free and value != ours[key]:
             return _option_difference(key, value, ours[key])
+    text = hasattr(splits, "vocab")
     if "num_classes" in start and start["num_classes"] != run["num_classes"]:
-        what = "tokens" if "vocab" in run else "classes"
+        what = "tokens" if text else "classes"
         return f"a model of {start.get('num_classes')} {what}, not this run's {run['num_classes']}"
-    if "vocab" in run and start.get("vocab", run["vocab"]) != run["vocab"]:
-        return (
-            f"a model of the characters {start['vocab']!r}, not this run's text's {run['vocab']!r}"
-        )
+    tokens = tokens_difference(start, splits) if text else None
+    if tokens is not None:
+        return f"a model of the {tokens[0]}, not this run's {tokens[1]}"
     return None
 
 
