@@ -147,8 +147,11 @@ class Teacher:
             )
 
     def check_context(self, context: int) -> None:
-        """Refuse a text teacher whose context is shorter than the run's windows."""
-        window = (self.source.spec.get("options") or {}).get("block_size")
+        """Refuse a text teacher whose context is shorter than the run's windows (the hf
+        model's: its config's positions; a GPT's: its block_size)."""
+        window = getattr(self.model, "context", None)
+        if self.source.spec.get("name") != "hf":
+            window = (self.source.spec.get("options") or {}).get("block_size")
         if window is not None and window < context:
             raise UserError(
                 f"the teacher at {self.source.given} reads at most {window} tokens but this "

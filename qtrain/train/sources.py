@@ -124,12 +124,17 @@ def _from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
 
 def _from_hf_folder(path: Path) -> tuple[nn.Module, dict]:
     """The model `hf` of a Hugging Face folder, with its weights; its description has no
-    number of classes (which the text it is trained on decides)."""
-    from qtrain.models.hf import hf_model_from_folder
+    number of classes (which the text it is trained on decides) and, when the folder has a
+    tokenizer, that tokenizer's record."""
+    from qtrain.models.hf import hf_model_from_folder, read_hf_folder
 
+    folder = read_hf_folder(path)
     model = hf_model_from_folder(path)
     options = {"hf_config": model.config.hf_config, "block_size": model.config.block_size}
-    return model, {"name": "hf", "width": 1.0, "in_channels": 1, "options": options}
+    spec = {"name": "hf", "width": 1.0, "in_channels": 1, "options": options}
+    if folder.tokenizer is not None:
+        spec["tokenizer"] = TokenizerSpec.from_transformers(folder.tokenizer).to_record()
+    return model, spec
 
 
 def _is_zip(path: Path) -> bool:

@@ -188,12 +188,8 @@ class Trainer:
         c, sources = self.config, {}
         if self.teacher is not None:
             sources["distill_from"] = self.teacher.record()
-        if c.init_from is not None:
-            resuming = self.dist.broadcast_object(
-                self.dist.is_main and (self.run_dir / rundir.CHECKPOINT).exists()
-            )
-            if not resuming:
-                sources["init_from"] = start_from(c, self.model, self.splits)
+        if c.init_from is not None and not self._holds_checkpoint():
+            sources["init_from"] = start_from(c, self.model, self.splits)
         return sources
 
     def _holds_checkpoint(self) -> bool:
