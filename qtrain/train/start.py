@@ -8,8 +8,8 @@ built, so the method then starts from them as it starts from an initialisation:
 | method            | init = "auto" with init_from                                       |
 |-------------------|--------------------------------------------------------------------|
 | fp-*              | w = the float weights; training continues from them                |
-| bc-*              | w_r = the float weights, w_b = Q(w_r) (the run's scale: fixed, or  |
-|                   | measured from w_r)                                                 |
+| bc-*              | w_r = the float weights (in BC's clip box, as after every step),   |
+|                   | w_b = Q(w_r) with the run's scale (fixed, or measured from w_r)    |
 | sr-*, r-*, bop-*, | w_b = s·Q_d(w/s): the float weights rounded to the nearest level of |
 | bop2-*            | the scaled grid (s fixed: none or he), not Rademacher signs        |
 
