@@ -9,7 +9,9 @@ dicts, lists, strings and numbers only, so loading never runs code):
     config          the resolved run configuration (a flat dict of primitives)
     model           {"name", "num_classes", "width", "in_channels", "activations", "options"}:
                     enough to rebuild it (options: a text model's size, e.g. the GPT's
-                    n_layer; a text model also has "vocab", the character of each token id;
+                    n_layer, or the hf model's {"hf_config", "block_size"}; a text model also
+                    has "vocab", the character of each token id, or "tokenizer" (a text read
+                    through one: {"class", "vocab_size", "vocab_sha256", "json"});
                     a run with act_bits has "act_quant", `qtrain.models.act_quant`'s
                     description {"bits", "norm", "modules"})
     data            text runs only: {"sha256"} of the training text (checked on resume)
