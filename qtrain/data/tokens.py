@@ -68,9 +68,16 @@ class TokenizerSpec:
 
     @classmethod
     def from_record(cls, record: dict) -> TokenizerSpec:
-        """The spec a checkpoint's model record stored (`to_record`)."""
-        return cls(str(record["class"]), str(record["json"]), int(record["vocab_size"]),
-                   str(record["vocab_sha256"]))  # fmt: skip
+        """The spec a checkpoint's model record stored (`to_record`); a record that is not
+        one (a damaged or edited file) is one sentence."""
+        try:
+            return cls(str(record["class"]), str(record["json"]), int(record["vocab_size"]),
+                       str(record["vocab_sha256"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(
+                f"the tokenizer the file records is damaged or was edited ({type(e).__name__}: "
+                f"{e}); use another copy"
+            ) from None
 
     def to_record(self) -> dict:
         return {"class": self.name, "vocab_size": self.vocab_size,
@@ -91,7 +98,14 @@ class TokenizerSpec:
     @cached_property
     def backend(self):
         """The `tokenizers.Tokenizer`, truncation and padding off."""
-        backend = _tokenizers().Tokenizer.from_str(self.json)
+        try:
+            backend = _tokenizers().Tokenizer.from_str(self.json)
+        except Exception as e:  # the tokenizers library raises plain Exceptions
+            reason = " ".join(str(e).split())[:160]
+            raise UserError(
+                f"the tokenizer.json of {self.name} cannot be read ({reason}); save the "
+                "tokenizer again, or use another copy of the file that recorded it"
+            ) from None
         backend.no_truncation()
         backend.no_padding()
         return backend
