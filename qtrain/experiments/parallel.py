@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import pickle
 import signal
 import sys
 import traceback
@@ -71,20 +70,21 @@ def _worker(config, run_dir: str, resume: bool, label: str, conn) -> None:
         outcome = ("interrupted", int(stop.args[0]) if stop.args else int(signal.SIGINT))
     except BaseException as error:  # sent to the caller, which decides how to report it
         outcome = ("error", _portable(error))
-    conn.send(outcome)
+    try:
+        conn.send(outcome)
+    except Exception:  # an error whose state does not pickle: send its traceback instead
+        conn.send(("error", CellFailed("".join(traceback.format_exception(outcome[1])))))
     conn.close()
 
 
 def _portable(error: BaseException):
-    """A user error (`USER_ERROR_TYPES`) or a refused write (an OSError) as itself, so the
-    caller reports it in one line; anything else as a `CellFailed` holding its traceback."""
+    """A user error (`USER_ERROR_TYPES`: those that name settings pickle with their
+    template) or a refused write (an OSError) as itself, so the caller reports it in one
+    line; anything else as a `CellFailed` holding its traceback."""
     from qtrain.base.errors import USER_ERROR_TYPES
 
     if isinstance(error, (*USER_ERROR_TYPES, OSError)):
-        try:
-            return pickle.loads(pickle.dumps(error))
-        except Exception:  # state that does not pickle: keep the traceback instead
-            pass
+        return error
     return CellFailed("".join(traceback.format_exception(error)).rstrip())
 
 
@@ -137,6 +137,14 @@ def train_in_parallel(jobs: list, folder: Path, workers: int, log=print) -> None
                     kind, detail = receive.recv()
                 except EOFError:  # it ended without a word: killed, or crashed in start-up
                     kind, detail = "lost", process.exitcode
+                except Exception as unreadable:  # a report that does not unpickle here
+                    kind, detail = (
+                        "error",
+                        CellFailed(
+                            f"the worker training {cell.path} failed with an error that could "
+                            f"not be passed back ({unreadable!r}); run the cell alone to see it"
+                        ),
+                    )
                 receive.close()
                 if kind == "error":
                     failures.append(detail)
