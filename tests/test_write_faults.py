@@ -90,6 +90,11 @@ DIRECT_WRITES = {
     ("qtrain/base/folder_lock.py", "os.write"): "the folder lock: no record",
     ("qtrain/cli.py", "os.open creating"): "stdout pointed at /dev/null after a closed pipe",
     ("qtrain/train/meminfo.py", "write_text/write_bytes"): "/proc/self/clear_refs: no disk",
+    # `export --format hf` builds a folder in a temporary beside --out and renames it into
+    # place; a failed write removes it (tests/test_export_hf.py faults it with ENOSPC and EIO)
+    ("qtrain/export/hf.py", "temporary file"): "the hf folder: test_export_hf.py",
+    ("qtrain/export/hf.py", "write_text/write_bytes"): "the hf folder: test_export_hf.py",
+    ("qtrain/export/hf.py", "rename"): "the hf folder: test_export_hf.py",
 }
 
 

@@ -2,6 +2,7 @@
 
     qtrain export SOURCE --format packed --out model.safetensors
     qtrain export SOURCE --format onnx --out model.onnx [--input-size 32] [--opset 17]
+    qtrain export SOURCE --format hf --out FOLDER [--bitnet]     (a run of model hf)
     qtrain summary TARGET [--json] [--grid binary --policy conv --scale none --width 1.0
                           --activations float ...]
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from qtrain.base.errors import UserError
 from qtrain.base.folder_lock import FolderLock
+from qtrain.export.hf import WEIGHTS_FILE, export_hf
 from qtrain.export.loading import MODEL_OPTIONS, load_any_model, summary_of, summary_of_target
 from qtrain.export.onnx import (
     DEFAULT_OPSET,
@@ -34,20 +36,24 @@ from qtrain.export.packed import save_packed
 from qtrain.export.summary import human_bytes
 from qtrain.quant import Grid
 
-FORMATS = ("packed", "onnx")
+FORMATS = ("packed", "onnx", "hf")
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register `export` and `summary` on the main CLI's subparsers."""
     export = subparsers.add_parser(
         "export",
-        help="write a checkpoint as a bit-packed safetensors file or as ONNX",
+        help="write a checkpoint as a bit-packed safetensors file, as ONNX or as a Hugging "
+        "Face folder",
         description="Write a checkpoint (or packed file) as a bit-packed safetensors file "
-        "(1 bit per binary weight) or as an ONNX model that onnxruntime runs.",
+        "(1 bit per binary weight), as an ONNX model that onnxruntime runs, or (a run of "
+        "model hf) as a folder that transformers' from_pretrained loads.",
     )
     export.add_argument("source", help="checkpoint file, run folder or packed file")
     export.add_argument("--format", required=True, choices=FORMATS, help="output format")
-    export.add_argument("--out", required=True, type=Path, help="file to write")
+    export.add_argument(
+        "--out", required=True, type=Path, help="file to write (hf: a folder, new or empty)"
+    )
     export.add_argument(
         "--input-size",
         type=int,
@@ -61,6 +67,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         default="packed",
         help="ONNX: quantized weights as packed codes unpacked in the graph (default), "
         "or as float constants",
+    )
+    export.add_argument(
+        "--bitnet",
+        action="store_true",
+        help="hf: write transformers' bitnet format also for a run whose activations are not "
+        "8-bit (its BitLinear quantizes them to 8 bits, so the logits differ)",
     )
     export.set_defaults(func=run_export)
 
@@ -97,6 +109,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace, source: Path, out: Path) -> int:
     """Write `source` as `args.format` to `out`, then print one line on what was written."""
+    if args.format == "hf":
+        return _export_hf(source, out, args.bitnet)
+    if args.bitnet:
+        raise UserError("--bitnet applies to --format hf only; leave it out")
     model, record = load_any_model(source)
     if args.format == "packed":
         save_packed(out, record)
@@ -131,6 +147,19 @@ def _export(args: argparse.Namespace, source: Path, out: Path) -> int:
         f"wrote {out}: {human_bytes(out.stat().st_size)}, input {kind} [batch, "
         f"{', '.join(map(str, shape))}], output logits, opset {args.opset}, "
         f"{args.onnx_weights} weights"
+    )
+    return 0
+
+
+def _export_hf(source: Path, out: Path, bitnet: bool) -> int:
+    """`qtrain.export.hf.export_hf`, then its notes and one line on what was written."""
+    written = export_hf(source, out, bitnet=bitnet)
+    for note in written.notes:
+        print(note)
+    size = (out / WEIGHTS_FILE).stat().st_size
+    print(
+        f"wrote {out}: transformers folder, {written.layout} weights ({WEIGHTS_FILE} "
+        f"{human_bytes(size)}), tokenizer {written.tokenizer}"
     )
     return 0
 
