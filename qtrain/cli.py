@@ -215,12 +215,14 @@ def cmd_demo(args) -> int:
 
 
 # `qtrain reproduce EXPERIMENT`: the module that runs it and its default budget.
-EXPERIMENTS = {"table1": "short", "fig7": "short", "methods": "cpu", "lm": "cpu"}
-PARALLEL_EXPERIMENTS = ("methods", "lm")  # cells on one thread each: --jobs N uses N cores
+EXPERIMENTS = {"table1": "short", "fig7": "short", "methods": "cpu", "lm": "cpu",
+               "lm-recipes": "cpu"}  # fmt: skip
+# their cells train on one thread each: --jobs N uses N cores
+PARALLEL_EXPERIMENTS = ("methods", "lm", "lm-recipes")
 
 
 def cmd_reproduce(args) -> int:
-    from qtrain.experiments import comparison, fig7, lm, table1
+    from qtrain.experiments import comparison, fig7, lm, lm_recipes, table1
 
     if args.rows is not None and args.experiment != "table1":
         raise UserError("--rows applies to `reproduce table1` only; leave it out")
@@ -239,7 +241,7 @@ def cmd_reproduce(args) -> int:
     elif args.experiment == "fig7":
         fig7.run(out, **common)
     else:
-        module = comparison if args.experiment == "methods" else lm
+        module = {"methods": comparison, "lm": lm, "lm-recipes": lm_recipes}[args.experiment]
         module.run(out, seeds=args.seeds, jobs=args.jobs, **common)
     return 0
 
@@ -329,21 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["models", "methods", "datasets", "keys"])
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("reproduce", help="the paper's experiments: table1, fig7, methods or lm")
-    p.add_argument("experiment", choices=["table1", "fig7", "methods", "lm"])
+    p = sub.add_parser("reproduce", help="the experiments: table1, fig7, methods, lm or lm-recipes")
+    p.add_argument("experiment", choices=list(EXPERIMENTS))
     p.add_argument("--rows", nargs="+", default=None, help="Table 1 rows (default: all)")
     p.add_argument(
         "--budget",
         help="table1, fig7: short (default), paper or smoke; methods, lm: cpu (default), paper "
-        "or smoke (seconds, to try the machinery)",
+        "or smoke (seconds, to try the machinery); lm-recipes: cpu (default) or smoke",
     )
-    p.add_argument(
-        "--seeds", type=int, help="seeds per cell (table1: 1; methods, lm: the budget's)"
-    )
+    p.add_argument("--seeds", type=int, help="seeds per cell (table1: 1; the others: the budget's)")
     p.add_argument(
         "--jobs", type=int, default=1,
-        help="methods, lm: cells trained at once, one process each (default 1; the number of "
-        "cores keeps them all busy)",
+        help="methods, lm, lm-recipes: cells trained at once, one process each (default 1; "
+        "the number of cores keeps them all busy)",
     )  # fmt: skip
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--data-dir", dest="data_dir")
