@@ -262,9 +262,9 @@ def test_an_a8_run_the_format_cannot_hold_is_float_with_a_note(name, why, runs, 
     run, out = runs[name], tmp_path / "hf"
     lines = export(run, out, capsys)
     assert lines[0] == why
-    assert lines[1].startswith("activation quantization (act_bits ") and lines[1].endswith(
-        "so its logits differ from qtrain's by the activation rounding"
-    )
+    rounding = "so its logits differ from qtrain's by the activation rounding"
+    assert lines[1].startswith("activation quantization (act_bits ")
+    assert lines[1].endswith(f"{rounding} and the RMSNorms it leaves out")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     qtrain_model = load(run)
     tensors = stored(out)

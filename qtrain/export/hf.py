@@ -379,11 +379,12 @@ def export_hf(source: str | Path, out: str | Path, *, bitnet: bool = False) -> H
         )
     act_quant = record["model"].get("act_quant")
     if layers is None and act_quant is not None:
-        norm = " and its act_norm RMSNorms" if act_quant["norm"] == "rms" else ""
+        left_out = " and the RMSNorms it leaves out" if act_quant["norm"] == "rms" else ""
         notes.append(
-            f"activation quantization (act_bits {act_quant['bits']}) cannot be expressed in a "
-            f"plain transformers model: the folder computes with float inputs{norm}, so its "
-            "logits differ from qtrain's by the activation rounding"
+            f"activation quantization (act_bits {act_quant['bits']}, act_norm "
+            f"{act_quant['norm']}) cannot be expressed in a plain transformers model: the "
+            "folder computes with float inputs, so its logits differ from qtrain's by the "
+            f"activation rounding{left_out}"
         )
     quantization = bitnet_config(model, layers, record) if layers is not None else None
     files, tokenizer = tokenizer_files(record)
