@@ -77,6 +77,7 @@ RUNS = {
     "llama-a8-rms": ("llama", *TERNARY, "--set", "act_bits=8"),
     "llama-a8-none": ("llama", *TERNARY, "--set", "act_bits=8", "--set", "act_norm=none"),
     "qwen2-a8-rms": ("qwen2", *TERNARY, "--set", "act_bits=8"),
+    "llama-binary-a8": ("llama", "--method", "bc-adamw", "--grid", "binary", "--set", "act_bits=8"),
     "llama-weights": ("llama", *TERNARY),
     "llama-fp": ("llama", "--method", "fp-adamw"),
     "llama-rows-a8": ("llama", "--method", "bc-adamw", "--grid", "ternary", "--set",
@@ -178,12 +179,14 @@ def test_packing_is_transformers_pack_weights_layout(shape):
     assert int(packed[0, 0]) == expected
 
 
-@pytest.mark.parametrize("name", ["llama-a8-rms", "llama-a8-none", "qwen2-a8-rms"])
+@pytest.mark.parametrize(
+    "name", ["llama-a8-rms", "llama-a8-none", "qwen2-a8-rms", "llama-binary-a8"]
+)
 def test_an_a8_ternary_run_is_bitnet_with_qtrains_logits(name, runs, tmp_path, capsys):
     run, out = runs[name], tmp_path / "hf"
     lines = export(run, out, capsys)
     assert len(lines) == 1 and "bitnet weights" in lines[0], lines
-    rms = name.endswith("rms")
+    rms = not name.endswith("none")
     quantization = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quantization == {
         "quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",

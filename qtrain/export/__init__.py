@@ -8,10 +8,13 @@
     load(path) -> nn.Module           a checkpoint, run folder or packed file → eval-mode model
     load_any_model(path)              a checkpoint, run folder or packed file → (model, record)
     summary_of_target(target)         summary of a file or of a registered model name
+    export_hf(source, out)            a run of model hf → a folder transformers loads
+                                      (its bitnet format, or float weights)
 
 safetensors and onnx (the `export` extra) are imported only when a file is written or read.
 """
 
+from qtrain.export.hf import HFExport, export_hf
 from qtrain.export.loading import load, load_any_model, summary_of, summary_of_target
 from qtrain.export.onnx import export_onnx, input_shape
 from qtrain.export.packed import (
@@ -29,9 +32,11 @@ from qtrain.train.sources import PACKED, register_file_reader
 register_file_reader(PACKED, is_packed_file, read_packed)
 
 __all__ = [
+    "HFExport",
     "LayerRow",
     "PackedFormatError",
     "Summary",
+    "export_hf",
     "export_onnx",
     "input_shape",
     "is_packed_file",
