@@ -157,9 +157,11 @@ def _bit_layer(name, module, model, quantized, grid, record) -> tuple[BitLayer |
     if inner in model.conv1d:
         return None, (f"{inner} is a Conv1D layer in transformers' model, which its bitnet "
                       "format does not convert")  # fmt: skip
-    if f"{name}.weight" not in quantized or grid.max_multiple != 1:
-        return None, (f"{inner}'s weight is not on a grid of levels {{-s, 0, s}} (grid "
-                      f"{grid.describe()})")  # fmt: skip
+    if f"{name}.weight" not in quantized:
+        return None, f"{inner} quantizes its input but keeps its weight in float"
+    if grid.max_multiple != 1:
+        return None, (f"the weights are on grid {grid.describe()}, and transformers' bitnet "
+                      "format holds the levels {-s, 0, s} only")  # fmt: skip
     if module.out_features % VALUES_PER_BYTE:
         return None, (f"{inner} has {module.out_features} outputs, and BitLinear stores them "
                       f"{VALUES_PER_BYTE} to a byte row")  # fmt: skip
