@@ -98,7 +98,19 @@ def _resolve_config(args, defaults: dict | None = None):
     for item in args.set:
         key, value = parse_override(item)
         values[key] = value
-    return from_dict(values)
+    return from_dict({**_text_model_defaults(values), **values})
+
+
+def _text_model_defaults(values: dict) -> dict:
+    """For a text model (gpt, hf) named without a data set or policy: its own data set
+    (tiny Shakespeare) and the policy `linear` (BitNet's: the block projections), where the
+    image defaults (cifar10, `conv`) would be refused or quantize nothing."""
+    from qtrain import models
+
+    name = values.get("model")
+    if not isinstance(name, str) or name not in models.list_models(modality="text"):
+        return {}
+    return {"dataset": models.model_info(name).dataset, "policy": "linear"}
 
 
 def cmd_train(args) -> int:

@@ -478,6 +478,10 @@ CASES = [
          "{syn} --set act_bits=8 --out o",
          "policy 'conv' quantizes no nn.Linear of model 'tiny_mlp'; quantize linear layers with "
          "--set policy=linear"),
+    Case("config", "a quantizing method whose policy quantizes nothing",
+         "{gpt} --method bc-adam --set policy=conv --out o",
+         "policy 'conv' quantizes no parameter of model 'gpt', so bc-adam would train it in "
+         "full precision; use --set policy=linear"),
     Case("config", "unknown activation norm",
          "{syn} --set act_bits=8 --set policy=linear --set act_norm=layer --out o",
          "unknown act_norm 'layer'; choose one of rms, none"),

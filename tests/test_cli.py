@@ -105,3 +105,17 @@ def test_a_bad_config_file_is_refused(tmp_path, capsys):
     preset.write_text("model = [unclosed\n")
     code, _, err = run_cli(["train", "--config", preset, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "not valid TOML" in err
+
+
+def test_a_text_model_named_alone_gets_its_data_set_and_the_linear_policy():
+    """`--model gpt` (or hf) without --dataset or policy: tiny Shakespeare and BitNet's policy,
+    where the image defaults would be refused (cifar10) or quantize nothing (conv)."""
+    from qtrain.cli import _resolve_config, build_parser
+
+    parser = build_parser()
+    config = _resolve_config(parser.parse_args(["train", "--model", "gpt", "--method", "bc-adamw"]))
+    assert (config.dataset, config.policy) == ("shakespeare-char", "linear")
+    chosen = ["train", "--model", "gpt", "--dataset", "shakespeare-char", "--set", "policy=all"]
+    assert _resolve_config(parser.parse_args(chosen)).policy == "all"
+    image = _resolve_config(parser.parse_args(["train", "--model", "vgg9"]))
+    assert (image.dataset, image.policy) == ("cifar10", "conv")

@@ -77,3 +77,14 @@ def test_the_fit_check_draws_nothing_from_the_global_generator():
     with pytest.raises(ValueError, match="takes 32×32 images"):
         preflight.check_config(RunConfig(model="vgg_bc", dataset="digits"))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_quantizing_method_whose_policy_picks_nothing_is_refused():
+    from qtrain.train.config import ConfigError, RunConfig
+    from qtrain.train.preflight import check_config
+
+    gpt = dict(model="gpt", dataset="shakespeare-char", n_layer=1, n_head=2, n_embd=16)
+    with pytest.raises(ConfigError, match="policy 'conv' quantizes no parameter of model 'gpt'"):
+        check_config(RunConfig(method="bc-adamw", policy="conv", **gpt))
+    check_config(RunConfig(method="fp-adamw", policy="conv", **gpt))  # nothing to quantize
+    check_config(RunConfig(method="bc-adamw", policy="linear", **gpt))

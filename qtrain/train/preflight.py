@@ -4,7 +4,8 @@ Every name (model, method, grid, policy, data set) is looked up in its own regis
 model is tried on the data set's image shape (a text model on a window of token ids), with its
 activation quantization when `act_bits` is set, so a typo, a model that cannot take the data
 or a policy that quantizes no linear layer for act_bits ends in one sentence instead of a
-download, a data scan or a traceback mid-training. Last, the memory of a training step is
+download, a data scan or a traceback mid-training; so does a quantizing method whose policy
+picks no parameter of the model (it would train in float). Last, the memory of a training step is
 estimated from the model, batch and precision and compared with what the device has
 (`qtrain.train.memory`).
 """
@@ -113,6 +114,25 @@ def _probe_model(config: RunConfig, info):
     return with_act_quant(config, model)
 
 
+def check_quantizes(config: RunConfig) -> None:
+    """Refuse a quantizing method whose policy picks no parameter of the model (the policy
+    `conv` on a transformer, say): the run would train in float while saying it does not."""
+    if methods.parse_method(config.method).mode == "fp":
+        return
+    info = qdata.dataset_info(config.dataset)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = _probe_model(config, info)
+    if methods.quantized_parameter_names(model, config.policy):
+        return
+    picks = [p for p in methods.POLICIES if methods.quantized_parameter_names(model, p)]
+    best = "linear" if "linear" in picks else (picks or ["conv"])[0]
+    raise ConfigError(
+        f"policy {config.policy!r} quantizes no parameter of model {config.model!r}, so "
+        f"{config.method} would train it in full precision; use {{policy}}",
+        policy=f"policy={best}",
+    )
+
+
 def check_applicable(config: RunConfig) -> None:
     """Refuse a key set on a run it does not apply to (each key's `Scope`, in config.py)."""
     problem = inapplicable(config)
@@ -142,4 +162,5 @@ def check_config(config: RunConfig) -> None:
     check_applicable(config)
     check_names(config)
     check_fit(config)
+    check_quantizes(config)
     check_memory(config)
