@@ -63,6 +63,7 @@ from qtrain.cli import MACHINE_FIXES, TRAINING_COMMANDS, main
 from qtrain.data import cifar as cifar_module
 from qtrain.experiments import demo as demo_module
 from qtrain.experiments import lm as lm_module
+from qtrain.experiments import lm_recipes as lm_recipes_module
 from qtrain.experiments import runner
 from qtrain.theory import plots as theory_plots
 from qtrain.train import rundir
@@ -117,6 +118,7 @@ DEMO = ["demo", "--budget", "smoke", "--out", "out"]
 LM_SMOKE = [
     "reproduce", "lm", "--budget", "smoke", "--data-dir", "text", "--no-download", "--out", "out"
 ]  # fmt: skip
+LM_RECIPES = ["reproduce", "lm-recipes", "--budget", "smoke", "--out", "out", "--no-download"]
 THEORY = [
     "theory", "convex", "--quick", "--steps", "64", "--seeds", "8", "--dims", "3",
     "--out", "theory",
@@ -145,6 +147,12 @@ def fake_cells(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(runner, "train_cell", lambda c, run_dir, resume, log: write_fake_run(c, run_dir))
     sizes = {"float_bytes": 4096, "packed_bytes": 128}
     patch.setattr(demo_module, "_model_bytes", lambda run_dir: sizes)
+
+
+def fake_recipes(patch: pytest.MonkeyPatch) -> None:
+    """lm-recipes over `fake_cells`, with a model size that needs no checkpoint."""
+    fake_cells(patch)
+    patch.setattr(lm_recipes_module, "model_size", lambda run_dir: 2048)
 
 
 def short_samples(patch: pytest.MonkeyPatch) -> None:
@@ -194,6 +202,7 @@ SCENARIOS = {
     "demo": Scenario(DEMO, (DEMO,), fake_cells),
     "speedrun": Scenario(SPEEDRUN, (SPEEDRUN,), fake_cells),
     "lm": Scenario(LM_SMOKE, (write_text_data, LM_SMOKE), short_samples),
+    "lm-recipes": Scenario(LM_RECIPES, (LM_RECIPES,), fake_recipes),
     "theory": Scenario(THEORY, (THEORY,), quick_figure),
     "download": Scenario(CIFAR_TRAIN),
 }
@@ -219,6 +228,7 @@ TRAINER = "qtrain/train/trainer.py"
 COLLECT = "qtrain/report/collect.py"
 COMPARISON = "qtrain/experiments/comparison.py"
 LM = "qtrain/experiments/lm.py"
+RECIPES = "qtrain/experiments/lm_recipes.py"
 POINTS = [
     Point("config.toml", "train", "config.toml", "run/config.toml", f"{RUNDIR}:run_dir / CONFIG"),
     Point("meta.json of a new run", "train", "meta.json", "run/meta.json",
@@ -269,6 +279,10 @@ POINTS = [
           f"{LM}:folder / 'samples.md'"),
     Point("lm curves.png", "lm", "curves.png", "out/lm-smoke/curves.png",
           f"{LM}:folder / 'curves.png'"),
+    Point("lm-recipes table.md", "lm-recipes", "table.md", "out/lm-recipes-smoke/table.md",
+          f"{RECIPES}:folder / 'table.md'"),
+    Point("lm-recipes table.json", "lm-recipes", "table.json",
+          "out/lm-recipes-smoke/table.json", f"{RECIPES}:folder / 'table.json'"),
     Point("theory json", "theory", "convex.json", "theory/convex.json",
           "qtrain/theory/cli.py:out / f'{name}.json'"),
     Point("theory png", "theory", "convex.png", "theory/convex.png",
@@ -356,7 +370,7 @@ def test_every_write_point_has_a_case():
     listed = {p.site for p in POINTS if p.site is not None}
     assert sorted(set(found) - listed) == [], "write points without a fault case"
     assert sorted(listed - set(found)) == [], "cases for write points that no longer exist"
-    assert len(found) == 25
+    assert len(found) == 27
 
 
 def test_every_direct_write_is_listed():
