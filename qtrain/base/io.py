@@ -49,7 +49,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from others
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide results from others
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -60,22 +60,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if isinstance(error, OSError):
             raise write_error(error, path) from error
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     # Writes killed before their rename (SIGKILL, power loss) leave temporaries behind.
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where folders cannot be opened."""
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder by its path: for a folder, that persists a rename into it
+    (POSIX); a no-op where it cannot be opened."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

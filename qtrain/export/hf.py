@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from qtrain.base.errors import UserError
-from qtrain.base.io import write_error
+from qtrain.base.io import current_umask, fsync_path, write_error
 from qtrain.base.optional import require
 from qtrain.data.tokens import TokenizerSpec
 from qtrain.export.loading import load_any_model
@@ -321,14 +321,14 @@ def write_folder(out: Path, files: dict[str, bytes], tensors: dict[str, torch.Te
     temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     name = WEIGHTS_FILE
     try:
-        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp's 0700 would hide it from others
+        os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide it from others
         safetensors.save_file(tensors, str(temporary / name), metadata={"format": "pt"})
         for name, data in files.items():
             (temporary / name).write_bytes(data)
         for path in temporary.iterdir():
-            path.chmod(0o666 & ~_umask())  # safetensors writes 0600
-            _fsync(path, os.O_RDONLY)
-        _fsync(temporary, os.O_RDONLY)
+            path.chmod(0o666 & ~current_umask())  # safetensors writes 0600
+            fsync_path(path)
+        fsync_path(temporary)
         name = ""
         check_out_folder(out)  # another process may have filled it meanwhile
         os.replace(temporary, out)
@@ -337,26 +337,7 @@ def write_folder(out: Path, files: dict[str, bytes], tensors: dict[str, torch.Te
         if isinstance(error, OSError):
             raise write_error(error, out / name) from error
         raise
-    _fsync(out.parent, os.O_RDONLY)
-
-
-def _fsync(path: Path, flags: int) -> None:
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    fsync_path(out.parent)
 
 
 # -- the whole export -----------------------------------------------------------------------
