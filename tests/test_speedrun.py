@@ -138,6 +138,30 @@ def test_evaluation_uses_the_weight_average_tta_and_plain_cross_entropy(tmp_path
     assert again.updates == 2 * len(trainer.train_loader)
 
 
+def test_only_the_last_evaluation_is_augmented_without_tta_each_epoch(tmp_path, monkeypatch):
+    """Per-epoch evaluations are progress (one view); the last record, the one reported,
+    keeps the run's test-time augmentation."""
+    from qtrain.train import trainer as trainer_module
+
+    views = []
+    real = trainer_module.evaluate
+
+    def counting(model, loader, device, amp="off", *, dist=None, tta="none"):
+        views.append(tta)
+        return real(model, loader, device, amp, dist=dist, tta=tta)
+
+    monkeypatch.setattr(trainer_module, "evaluate", counting)
+    config = speed_config(val_images=64, tta="flip", tta_each_epoch=False, epochs=3)
+    metrics = Trainer(config, tmp_path / "once", log=quiet).run()
+    assert views == ["none", "none", "flip", "flip"]  # val, val, then val and test at the end
+    views.clear()
+    every = speed_config(val_images=64, tta="flip", epochs=3)
+    reference = Trainer(every, tmp_path / "every", log=quiet).run()
+    assert views == ["flip", "flip", "flip", "flip"]
+    assert metrics[-1]["val_error"] == reference[-1]["val_error"]
+    assert metrics[-1]["test_loss"] == reference[-1]["test_loss"]
+
+
 def test_a_saved_run_evaluates_and_exports_with_its_reported_weights(tmp_path):
     """`qtrain eval` and `qtrain export` use the weights the run's numbers were measured with:
     Q(EMA(w_r)) and the run's TTA, not the live weights."""

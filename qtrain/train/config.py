@@ -154,6 +154,10 @@ ACT_QUANT = Scope("runs that set act_bits", lambda c: c.act_bits is not None,
                   lambda c: "a run without act_bits")  # fmt: skip
 
 
+WITH_TTA = Scope("runs that set tta", lambda c: c.tta != "none",
+                 lambda c: "a run without tta")  # fmt: skip
+
+
 DISTILL = Scope("runs that distill (distill_from set)", lambda c: c.distill_from is not None,
                 lambda c: "a run without distill_from")  # fmt: skip
 
@@ -301,6 +305,9 @@ class RunConfig:
                              applies=IMAGES)  # fmt: skip
     tta: str = _key("none", "fast training", "test-time augmentation: none, flip, "
                     "flip-translate", applies=IMAGES)  # fmt: skip
+    tta_each_epoch: bool = _key(True, "fast training", "augment every evaluation (false: only "
+                                "the run's last; the others see one view)",
+                                applies=WITH_TTA)  # fmt: skip
     # -- distillation (qtrain.train.distill)
     distill_from: str | None = _key(None, "distillation", "train against the logits of this "
                                     "teacher: a run folder, checkpoint, packed file or Hugging "

@@ -22,7 +22,8 @@ checkpoint by their SHA-256.
 
 Fast-training options (docs/speedrun.md): `label_smoothing` in the training loss
 (`losses`), an average of the weights evaluated in place of the live ones (`ema_decay`,
-`ema`), test-time augmentation at every evaluation (`tta`), a patch-whitening first layer
+`ema`), test-time augmentation at every evaluation (`tta`; only at the last with
+`tta_each_epoch` off), a patch-whitening first layer
 initialised from 5,000 training images drawn by the "whitening" stream (`whiten_init`,
 `qtrain.models.whitening`), momentum cycled against the learning rate (`momentum_min`,
 `schedules`). With `val_images` N > 0, N training images drawn by the "validation" stream
@@ -448,12 +449,15 @@ class Trainer:
         """(validation, test) results of the evaluated weights (the EMA's when it is on).
 
         With a validation split the test set is evaluated only in the run's last record, and
-        its loss and error are None before.
+        its loss and error are None before. With `tta_each_epoch` off, only the last record is
+        test-time augmented: the others are progress, seen through one view at a fraction of
+        the cost (six views for flip-translate).
         """
         c = self.config
         average = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        tta = c.tta if final or c.tta_each_epoch else "none"
         run = lambda loader: evaluate(  # noqa: E731
-            self.forward_model, loader, self.device, c.amp, dist=self.dist, tta=c.tta
+            self.forward_model, loader, self.device, c.amp, dist=self.dist, tta=tta
         )
         with average:
             val = run(self.val_loader) if self.val_loader is not None else None
