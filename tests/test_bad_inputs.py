@@ -191,6 +191,13 @@ def with_other_run_in_an_experiment(folder, trained, monkeypatch):
     shutil.copytree(trained, folder / "rep" / "fig7-smoke" / "wd0")
 
 
+def with_damaged_fit(folder, trained, monkeypatch):
+    """s/speedrun-smoke/binary/fit.json cut short, as a full disk might have left it."""
+    path = folder / "s" / "speedrun-smoke" / "binary" / "fit.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"budget_s": 1200.0, "time_b')
+
+
 def empty_data_dir(folder, trained, monkeypatch):
     (folder / "data").mkdir()
 
@@ -500,6 +507,12 @@ CASES = [
          "--seeds must be a whole number >= 1, got 0"),
     Case("cli", "unknown demo budget", "demo --budget smok --out d",
          "unknown demo budget 'smok' (did you mean 'smoke'?)"),
+    Case("cli", "--fit-budget without a time budget",
+         "speedrun --fit-budget --set time_budget_s=none --budget smoke --out s",
+         "--fit-budget fits the schedule into the time budget, but the recipe has none; set "
+         "--time-budget"),
+    Case("cli", "damaged fit.json", "speedrun --fit-budget --budget smoke --out s",
+         "s/speedrun-smoke/binary/fit.json is not a fit record (not JSON)", with_damaged_fit),
     Case("config", "init_from that does not exist",
          "{gpt} --set text_file=a.txt --set init_from=nowhere --out o",
          "init_from nowhere does not exist; check the path", with_text),

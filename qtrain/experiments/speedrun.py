@@ -24,6 +24,11 @@ OUT/speedrun-<budget> (`runner`), table.md holds the tables (markdown), table.js
 per run, and <variant>/seed<k>/ the run folders; a finished run is read back, an interrupted
 one resumed, and a folder holding a run of other settings refused, so an interrupted
 measurement continues where it stopped.
+
+Fitting (`fit_budget`, opt-in): before its cells are made, each variant's step is measured on
+this machine and its epochs chosen so that the schedule ends inside the budget
+(`qtrain.experiments.fit_budget`); <variant>/fit.json records the fit and is read back by
+later invocations, so they measure nothing and find the same cells.
 """
 
 from __future__ import annotations
@@ -35,10 +40,19 @@ from pathlib import Path
 from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_text
 from qtrain.base.names import unknown_name
+from qtrain.experiments.fit_budget import (
+    FIT_FILE,
+    check_fittable,
+    describe,
+    fit_schedule,
+    fitted_config,
+    write_fit,
+)
 from qtrain.experiments.runner import (
     Budget,
     Cell,
     Finished,
+    check_cells,
     check_seeds,
     experiment_folder,
     pick_budget,
@@ -109,6 +123,24 @@ def variant_config(config: RunConfig, variant: str, paper_epochs: int) -> RunCon
     return config
 
 
+def fit_variants(configs: dict[str, RunConfig], folder: Path) -> dict[str, tuple]:
+    """{variant: (its fit, whether it was measured now)}: read from <variant>/fit.json when
+    there, else measured (`fit_budget.fit_schedule`; written by `keep_fits`)."""
+    return {v: fit_schedule(c, folder / v / FIT_FILE) for v, c in configs.items()}
+
+
+def keep_fits(fits: dict[str, tuple], cells: list[Cell], folder: Path, log) -> None:
+    """Write the fits measured now, once the cells that use them are checked against their
+    folders (so that a refused invocation writes nothing); one line per variant."""
+    check_cells(cells, folder)
+    for variant, (fit, measured) in fits.items():
+        path = folder / variant / FIT_FILE
+        if measured:
+            write_fit(path, fit)
+        log(f"{variant} fitted to this machine: {describe(fit)} "
+            f"({'measured, wrote' if measured else 'read from'} {path})")  # fmt: skip
+
+
 def result(finished: Finished, targets) -> dict:
     """One row of table.json: the run's final accuracy, minutes and curve."""
     config, records = finished.cell.config, finished.metrics
@@ -135,10 +167,12 @@ def run_speedrun(
     variants: tuple[str, ...] = ("binary",),
     paper_epochs: int = 12,
     targets: tuple[float, ...] = TARGETS,
+    fit_budget: bool = False,
     log=print,
 ) -> list[dict]:
     """Run every variant over `seeds` seeds (from config.seed on) under `budget`; write
-    table.md and table.json into OUT/speedrun-<budget>."""
+    table.md and table.json into OUT/speedrun-<budget>. With `fit_budget`, each variant's
+    epochs and time budget are fitted to this machine first (`qtrain.experiments.fit_budget`)."""
     chosen = pick_budget(BUDGETS, budget, "speedrun")
     seeds = check_seeds(seeds, chosen)
     for variant in variants:
@@ -149,7 +183,12 @@ def run_speedrun(
             f"{{targets}} must be accuracies in (0, 100], got {targets}", targets="targets"
         )
     config = config.replace(**chosen.settings)
+    if fit_budget:
+        check_fittable(config)
     configs = {v: variant_config(config, v, paper_epochs) for v in variants}  # fail fast
+    folder = experiment_folder(out, "speedrun", budget)
+    fits = fit_variants(configs, folder) if fit_budget else {}
+    configs = {v: fitted_config(c, fits[v][0]) if v in fits else c for v, c in configs.items()}
     cells = [
         Cell(
             f"{variant}/seed{config.seed + k}",
@@ -160,7 +199,8 @@ def run_speedrun(
         for variant, variant_cfg in configs.items()
         for k in range(seeds)
     ]
-    folder = experiment_folder(out, "speedrun", budget)
+    if fits:
+        keep_fits(fits, cells, folder, log)
     results = []
     for finished in run_cells(cells, folder, log):
         results.append(result(finished, targets))
