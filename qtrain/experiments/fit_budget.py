@@ -60,9 +60,10 @@ WARMUP_STEPS = 3
 # thirteen steps are about 5 s of the preset at the 730 images/s of docs/speedrun.md, under
 # 1% of its 20-minute budget.
 TIMED_STEPS = 10
-# benchmarks/bench_step_overhead.py measured the trainer's step at 1.10-1.14x a bare loop of
-# forward, loss, backward and optimizer step over ready-made batches (tiny_cnn and a small
-# GPT, one thread); 1.15 covers that.
+# benchmarks/bench_step_overhead.py (docs/speed.md, section 8) measured the trainer's step at
+# 1.10-1.14x a bare loop of forward, loss, backward and optimizer step over ready-made batches
+# for tiny_cnn (1.04-1.09x for a small GPT; one earlier run 1.18x); 1.15 covers that. For
+# speednet the loader and the EMA are 2% of a step (docs/speedrun.md, "Where the time goes").
 OVERHEAD = 1.15
 MARGIN = 0.05  # of the budget, for a machine that runs slower than during the probe
 # Not compared between a fit and the recipe it is used for: the fit holds for every seed.
