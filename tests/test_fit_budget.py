@@ -266,6 +266,17 @@ def test_a_fit_of_another_recipe_is_refused_and_another_seed_reuses_it(
     assert [(c.seed, c.epochs, c.time_budget_s) for c, _ in fake_training] == [(5, 1, 1193.5)]
 
 
+def test_a_fitted_folder_is_not_continued_without_fit_budget(tmp_path, monkeypatch, capsys):
+    no_probe(monkeypatch)
+    path = tmp_path / "speedrun-smoke" / "binary" / FIT_FILE
+    write_fit(path, fit_from(smoke_recipe(), Probe(0.5, 0.0, 7, 6.5, MACHINE)))
+    assert main([a for a in fit_args(tmp_path) if a != "--fit-budget"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"qtrain: error: {path} holds the fit of the runs beside it; add --fit-budget "
+                   "to continue them, or choose another --out folder"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["binary", FIT_FILE, "speedrun-smoke"]
+
+
 def test_fit_budget_needs_a_time_budget_and_epochs(tmp_path, monkeypatch, capsys):
     no_probe(monkeypatch)
     assert main(fit_args(tmp_path, "--set", "time_budget_s=none")) == 2

@@ -141,6 +141,18 @@ def check_fittable(config: RunConfig) -> None:
         )
 
 
+def check_unfitted(path: Path) -> None:
+    """A UserError when `path` holds a fit: its variant's runs were fitted, so a run of the
+    recipe as given would be another run in the same folder."""
+    if path.exists():
+        raise UserError(
+            f"{path} holds the fit of the runs beside it; add {{fit_budget}} to continue them, "
+            "or choose another {out} folder",
+            fit_budget="fit_budget",
+            out="output",
+        )
+
+
 def fit_schedule(config: RunConfig, path: Path) -> tuple[Fit, bool]:
     """(the fit of `config`, whether it was measured now): read from `path` when that file
     exists (refused when damaged or fitted for another recipe), else measured by `measure`
@@ -201,7 +213,7 @@ def describe(fit: Fit) -> str:
         f"of {fit.budget_s:g} s ({fit.step_seconds:.3f} s a step × {fit.overhead:g} × "
         f"{fit.steps_per_epoch} steps an epoch, probe {fit.probe_seconds:.1f} s, set-up "
         f"{fit.setup_seconds:.1f} s; {m.get('cpu')}, {m.get('isa')}, {precision}, "
-        f"{m.get('threads')} threads, {m.get('device')})"
+        f"threads {m.get('threads')}, {m.get('device')})"
     )
     epoch = fit.steps_per_epoch * fit.step_seconds * fit.overhead
     spare = fit.budget_s * (1 - fit.margin) - fit.probe_seconds - fit.setup_seconds

@@ -43,6 +43,7 @@ from qtrain.base.names import unknown_name
 from qtrain.experiments.fit_budget import (
     FIT_FILE,
     check_fittable,
+    check_unfitted,
     describe,
     fit_schedule,
     fitted_config,
@@ -188,6 +189,8 @@ def run_speedrun(
     configs = {v: variant_config(config, v, paper_epochs) for v in variants}  # fail fast
     folder = experiment_folder(out, "speedrun", budget)
     fits = fit_variants(configs, folder) if fit_budget else {}
+    for variant in () if fit_budget else configs:
+        check_unfitted(folder / variant / FIT_FILE)
     configs = {v: fitted_config(c, fits[v][0]) if v in fits else c for v, c in configs.items()}
     cells = [
         Cell(
