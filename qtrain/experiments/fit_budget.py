@@ -22,7 +22,7 @@ bare step does not do: the loader, augmentation, the schedule, the EMA, the runn
 checks. With epochs < E the schedule is drawn over the fitted epochs: the run ends at min_lr.
 One epoch that still does not fit is kept: the budget then cuts it.
 
-The width is not fitted: choosing it needs validation runs on each kind of CPU.
+The width is not fitted: choosing it needs validation runs on each kind of CPU (future work).
 
 The fit is measured once per variant of an experiment and written to `fit.json` in the
 variant's folder (`Fit`, with the machine it was measured on); the fitted epochs and budget go
