@@ -222,7 +222,7 @@ def cmd_demo(args) -> int:
     from qtrain.experiments.demo import run_demo
 
     run_demo(Path(args.out), epochs=args.epochs, seed=args.seed, seeds=args.seeds,
-             budget=args.budget)  # fmt: skip
+             budget=args.budget, jobs=args.jobs)  # fmt: skip
     return 0
 
 
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
     p.add_argument("--budget", default="full", help="full (default) or smoke (1 epoch, 1 seed)")
+    p.add_argument(
+        "--jobs", type=int, default=None, help="runs trained at once (default: one per core)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train one network with one method")

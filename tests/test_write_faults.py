@@ -116,7 +116,7 @@ SPEEDRUN = [
 SPEEDRUN_FIT = [*SPEEDRUN, "--fit-budget", "--time-budget", "600"]
 METHODS = ["reproduce", "methods", "--budget", "smoke", "--out", "out", "--no-download"]
 FIG7 = ["reproduce", "fig7", "--budget", "smoke", "--out", "out"]
-DEMO = ["demo", "--budget", "smoke", "--out", "out"]
+DEMO = ["demo", "--budget", "smoke", "--jobs", "1", "--out", "out"]  # fake cells train in-process
 LM_SMOKE = [
     "reproduce", "lm", "--budget", "smoke", "--data-dir", "text", "--no-download", "--out", "out"
 ]  # fmt: skip

@@ -28,6 +28,7 @@ from qtrain.experiments.methods import PAPER_METHODS
 from qtrain.experiments.runner import (
     Budget,
     Cell,
+    available_cores,
     check_seeds,
     experiment_folder,
     pick_budget,
@@ -96,9 +97,10 @@ def run_demo(
     seeds: int | None = None,
     budget: str = "full",
     log=print,
+    jobs: int | None = None,
 ) -> list[dict]:
-    """Train the five methods over `seeds` seeds; write table.json and curves.png into
-    OUT/demo-<budget>."""
+    """Train the five methods over `seeds` seeds, `jobs` runs at a time (default: one per
+    core, each on one thread); write table.json and curves.png into OUT/demo-<budget>."""
     chosen = pick_budget(BUDGETS, budget, "demo")
     seeds = check_seeds(seeds, chosen)
     epochs = chosen.settings["epochs"] if epochs is None else epochs
@@ -106,7 +108,9 @@ def run_demo(
         raise UserError(f"{{epochs}} must be a whole number >= 1, got {epochs!r}", epochs="epochs")
     folder = experiment_folder(out, "demo", budget)
     started = time.perf_counter()
-    finished = run_cells(cells(epochs, seed, seeds), folder, log=lambda *a, **k: None)
+    todo = cells(epochs, seed, seeds)
+    jobs = min(available_cores(), len(todo)) if jobs is None else jobs
+    finished = run_cells(todo, folder, log=None, jobs=jobs)
     results, curves = [], {}
     for row in PAPER_METHODS:
         runs = [f for f in finished if f.cell.method == row.label]

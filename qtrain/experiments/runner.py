@@ -124,6 +124,20 @@ def train_cell(config: RunConfig, run_dir: Path, resume: bool, log) -> None:
     train(config, run_dir, resume=resume, log=log)
 
 
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the OS tells it)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def check_jobs(jobs) -> int:
     """`jobs` itself, or a UserError unless a whole number >= 1."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
@@ -133,8 +147,11 @@ def check_jobs(jobs) -> int:
 
 def run_cells(cells: list[Cell], folder: Path, log=print, jobs: int = 1) -> list[Finished]:
     """Check every cell, then skip, resume or train each, in turn or with `jobs` workers at
-    once; the finished cells of this invocation with their records, in the order of `cells`."""
+    once; the finished cells of this invocation with their records, in the order of `cells`.
+    `log` None trains silently."""
     check_jobs(jobs)
+    echo = log is not None
+    log = log or _silent
     check_cells(cells, folder)
     to_train = []
     for cell in cells:
@@ -149,7 +166,7 @@ def run_cells(cells: list[Cell], folder: Path, log=print, jobs: int = 1) -> list
     if jobs > 1 and len(to_train) > 1:
         from qtrain.experiments.parallel import train_in_parallel
 
-        train_in_parallel(to_train, folder, jobs, log)
+        train_in_parallel(to_train, folder, jobs, log, echo)
     else:
         for cell, resume in to_train:
             run_dir = folder / cell.path
