@@ -70,7 +70,7 @@ def test_a_folder_of_another_config_or_model_is_refused(folders, tmp_path):
         Trainer(hf_run(folders, init_from=str(deeper)), tmp_path / "a", log=quiet)
     gpt = RunConfig(model="gpt", dataset="shakespeare-char", text_file=str(folders["text"]),
                     n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=2,
-                    eval_every=2, eval_batches=1, device="cpu",
+                    eval_every=2, eval_batches=1, device="cpu", policy="linear",
                     init_from=str(folders["start"]))  # fmt: skip
     with pytest.raises(UserError, match="holds model 'hf', not this run's 'gpt'"):
         Trainer(gpt, tmp_path / "b", log=quiet)

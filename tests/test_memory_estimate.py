@@ -26,8 +26,8 @@ from qtrain.train.trainer import Trainer
 from qtrain.train.tta import tta_logits
 
 CPU = torch.device("cpu")
-TEXT = dict(dataset="shakespeare-char", model="gpt", width=1.0, n_layer=1, n_head=2, n_embd=32,
-            block_size=16)  # fmt: skip
+TEXT = dict(dataset="shakespeare-char", model="gpt", policy="linear", width=1.0, n_layer=1,
+            n_head=2, n_embd=32, block_size=16)  # fmt: skip
 
 
 def config(**changes) -> RunConfig:
