@@ -78,8 +78,17 @@ def quiet(*args, **kwargs):
         dict(TEXT, policy="linear", act_bits=8),
         dict(TEXT, policy="linear", act_bits=8, amp="bf16"),
     ],
-    ids=["tiny_cnn", "vgg9", "vgg9-bf16", "vgg9-binary", "resnet56", "gpt", "gpt-bf16", "gpt-a8",
-         "gpt-a8-bf16"],  # fmt: skip
+    ids=[
+        "tiny_cnn",
+        "vgg9",
+        "vgg9-bf16",
+        "vgg9-binary",
+        "resnet56",
+        "gpt",
+        "gpt-bf16",
+        "gpt-a8",
+        "gpt-a8-bf16",
+    ],  # fmt: skip
 )
 def test_activations_on_fake_tensors_are_exactly_what_a_real_step_saves(changes):
     """A(b) from fake tensors equals the bytes a real CPU forward saves for backward (with the
