@@ -48,8 +48,7 @@ import torch
 from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_text
 from qtrain.train.config import RunConfig, portable, portable_change
-from qtrain.train.devices import autocast_context, native_bf16, resolve_amp, resolve_device
-from qtrain.train.losses import training_loss
+from qtrain.train.devices import native_bf16, resolve_amp, resolve_device
 
 FIT_FILE = "fit.json"
 # The first steps pay once for what later steps reuse: oneDNN's kernel choice and primitive
@@ -252,21 +251,9 @@ def measure(config: RunConfig, warmup: int = WARMUP_STEPS, timed: int = TIMED_ST
 
 
 def _step(trainer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One bare training step of `trainer`'s run, finished on its device when it returns."""
-    c, optimizer = trainer.config, trainer.optimizer
-    y = y.flatten()
-    with autocast_context(trainer.device, c.amp):
-        taught = trainer.teacher.logits(x) if trainer.teacher is not None else None
-        logits = trainer.forward_model(x).flatten(0, -2)
-        if taught is None:
-            loss = training_loss(logits, y, c.label_smoothing)
-        else:
-            loss = trainer.teacher.loss(logits, taught, y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if c.grad_clip:
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), c.grad_clip)
-    optimizer.step()
+    """One bare training step of `trainer`'s run (`Trainer.optimizer_step`: no schedule,
+    weight average or records), finished on its device when it returns."""
+    trainer.optimizer_step(x, y)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize(trainer.device)
 

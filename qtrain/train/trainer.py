@@ -363,19 +363,7 @@ class Trainer:
         for x, y in batches:
             if sums.batch >= length:
                 break
-            y = y.flatten()  # one target per image, or per token of a text window
-            with autocast_context(self.device, c.amp):
-                taught = self.teacher.logits(x) if self.teacher is not None else None
-                logits = self.forward_model(x).flatten(0, -2)
-                if taught is None:
-                    loss = training_loss(logits, y, c.label_smoothing)
-                else:
-                    loss = self.teacher.loss(logits, taught, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if c.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            opt.step()
+            loss, logits, y = self.optimizer_step(x, y)
             if self.per_step:
                 self.scheduler.step()
                 self._cycle_momentum()
@@ -407,6 +395,26 @@ class Trainer:
         # The end-of-epoch checkpoint follows; evaluation does not change the weights.
         self._check_diverged(state, before_save=True)
         running.total_into(sums, self.dist, started)
+
+    def optimizer_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """One step of the method on the batch (x, y): the training loss (with the teacher's
+        term when the run distills) at the run's precision, backward, gradient clipping and
+        the optimizer's step. Returns (loss, logits [N, K], targets [N])."""
+        c = self.config
+        y = y.flatten()  # one target per image, or per token of a text window
+        with autocast_context(self.device, c.amp):
+            taught = self.teacher.logits(x) if self.teacher is not None else None
+            logits = self.forward_model(x).flatten(0, -2)
+            if taught is None:
+                loss = training_loss(logits, y, c.label_smoothing)
+            else:
+                loss = self.teacher.loss(logits, taught, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        return loss, logits, y
 
     def _budget_spent(self, batch: int, elapsed: float) -> bool:
         """True once `elapsed` seconds exceed `time_budget_s` (agreed by every rank at the
