@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from tiny_gpt import gpt, write_text
 
 from qtrain import data as qdata
 from qtrain.base.errors import UserError
@@ -28,28 +29,11 @@ from qtrain.train.trainer import Trainer
 # The tests crash the optimizer's step on purpose, which LambdaLR notices and warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been")
 
-ALPHABET = "abcdefgh ,.\n"
-SMOKE = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=4,
-             eval_every=2, eval_batches=2)  # fmt: skip
 CPU = torch.device("cpu")
 
 
 def quiet(*_args, **_kwargs):
     pass
-
-
-def write_text(path, alphabet: str = ALPHABET):
-    generator = torch.Generator().manual_seed(0)
-    picks = torch.randint(len(alphabet), (3000,), generator=generator).tolist()
-    path.write_text("".join(alphabet[i] for i in picks), encoding="utf-8")
-    return path
-
-
-def gpt(text_file, **changes) -> RunConfig:
-    values = dict(model="gpt", dataset="shakespeare-char", text_file=str(text_file),
-                  policy="linear", lr=0.01, schedule="warmup-cosine", warmup_steps=1,
-                  method="fp-adamw", device="cpu", threads=1, amp="off", **SMOKE)  # fmt: skip
-    return RunConfig(**{**values, **changes}).validate()
 
 
 @pytest.fixture(scope="module")
