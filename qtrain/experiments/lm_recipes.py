@@ -29,9 +29,9 @@ Distillation (`distill_from`): the loss is (1 − λ)·CE + λ·τ²·KL(teacher
 library's defaults τ = 1, λ = 0.5, the teacher being the FP row's model of the same seed. The
 teacher costs nothing extra here (it is the FP row), which the minutes column says.
 
-Budgets: cpu (default) as above, 2 seeds: the cells sum to 7.2·S steps per seed (about 25
-minutes on one core of the machines we measured on; `--jobs 2` halves the wall time on two
-cores); smoke: a one-block GPT for 10 steps (tests the machinery only; its numbers mean
+Budgets: cpu (default) as above, 2 seeds: the cells sum to 7.2·S steps per seed (20 minutes
+of training a seed on a 2-core AVX-512 EPYC, two cells at a time; `--jobs 2` halves the wall
+time on two cores); smoke: a one-block GPT for 10 steps (tests the machinery only; its numbers mean
 nothing). Runs live in OUT/lm-recipes-<budget>/<cell>/seed<k> and are skipped when finished,
 resumed when interrupted (`runner`).
 
@@ -104,8 +104,8 @@ RECIPES = (
 )
 
 BUDGETS = {
-    "cpu": Budget("nanoGPT's CPU baby GPT, 2,000 steps a row: about 25 minutes a seed on one "
-                  "core", seeds=2),
+    "cpu": Budget("nanoGPT's CPU baby GPT, 2,000 steps a row: 20 minutes of training a seed "
+                  "on a 2-core AVX-512 EPYC", seeds=2),
     "smoke": Budget("a one-block GPT for 10 steps a row: tests the machinery only", seeds=1,
                     settings={"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16,
                               "batch_size": 4, "max_steps": 10, "warmup_steps": 1,
