@@ -150,7 +150,7 @@ def cmd_speedrun(args) -> int:
     variants = ("binary",) + ("float",) * args.float + ("paper",) * args.paper_recipe
     run_speedrun(config, Path(args.out), budget=args.budget, seeds=args.seeds,
                  variants=variants, paper_epochs=args.paper_epochs,
-                 targets=args.targets, fit_budget=args.fit_budget)  # fmt: skip
+                 targets=args.targets)  # fmt: skip
     return 0
 
 
@@ -318,9 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of training per run (the time_budget_s key)")  # fmt: skip
     p.add_argument("--targets", type=_targets, default=(85.0, 90.0),
                    help="accuracies to time, in percent (default 85,90)")  # fmt: skip
-    p.add_argument("--fit-budget", action="store_true", dest="fit_budget",
-                   help="measure the step on this machine and fit the epochs into the time "
-                   "budget (kept in <variant>/fit.json)")  # fmt: skip
     p.add_argument("--out", default="runs/speedrun", help="output folder (default runs/speedrun)")
     p.set_defaults(func=cmd_speedrun)
 

@@ -191,13 +191,6 @@ def with_other_run_in_an_experiment(folder, trained, monkeypatch):
     shutil.copytree(trained, folder / "rep" / "fig7-smoke" / "wd0")
 
 
-def with_damaged_fit(folder, trained, monkeypatch):
-    """s/speedrun-smoke/binary/fit.json cut short, as a full disk might have left it."""
-    path = folder / "s" / "speedrun-smoke" / "binary" / "fit.json"
-    path.parent.mkdir(parents=True)
-    path.write_text('{"budget_s": 1200.0, "time_b')
-
-
 def empty_data_dir(folder, trained, monkeypatch):
     (folder / "data").mkdir()
 
@@ -507,15 +500,16 @@ CASES = [
          "--seeds must be a whole number >= 1, got 0"),
     Case("cli", "unknown demo budget", "demo --budget smok --out d",
          "unknown demo budget 'smok' (did you mean 'smoke'?)"),
-    Case("cli", "--fit-budget without a time budget",
-         "speedrun --fit-budget --set time_budget_s=none --budget smoke --out s",
-         "--fit-budget fits the schedule into the time budget, but the recipe has none; set "
-         "--time-budget"),
-    Case("cli", "damaged fit.json", "speedrun --fit-budget --budget smoke --out s",
-         "s/speedrun-smoke/binary/fit.json is not a fit record (not JSON)", with_damaged_fit),
-    Case("cli", "fitted runs continued without --fit-budget", "speedrun --budget smoke --out s",
-         "s/speedrun-smoke/binary/fit.json holds the fit of the runs beside it; add --fit-budget",
-         with_damaged_fit),
+    Case("cli", "a speedrun without a time budget",
+         "speedrun --set time_budget_s=none --budget smoke --out s",
+         "fit_to_budget applies to runs with a time_budget_s, not to a run without "
+         "time_budget_s; leave it at False"),
+    Case("config", "a fitted run whose warm-up ends inside the first epoch",
+         "train --model speednet --dataset synthetic --set time_budget_s=60 --set "
+         "fit_to_budget=true --set schedule=warmup-linear --set warmup_steps=2 --out o",
+         "fit_to_budget chooses the epochs at the end of the first, whose learning rate must "
+         "not depend on them, but the warm-up ends at step 2 of its 4; set warmup_steps to at "
+         "least 4, or turn fit_to_budget off"),
     Case("config", "init_from that does not exist",
          "{gpt} --set text_file=a.txt --set init_from=nowhere --out o",
          "init_from nowhere does not exist; check the path", with_text),

@@ -62,7 +62,6 @@ from qtrain.base import io as atomic_io
 from qtrain.cli import MACHINE_FIXES, TRAINING_COMMANDS, main
 from qtrain.data import cifar as cifar_module
 from qtrain.experiments import demo as demo_module
-from qtrain.experiments import fit_budget as fit_budget_module
 from qtrain.experiments import lm as lm_module
 from qtrain.experiments import lm_recipes as lm_recipes_module
 from qtrain.experiments import runner
@@ -113,7 +112,6 @@ SPEEDRUN = [
     "--set", "val_images=0", "--set", "threads=1", "--targets", "50", "--budget", "smoke",
     "--out", "out",
 ]  # fmt: skip
-SPEEDRUN_FIT = [*SPEEDRUN, "--fit-budget", "--time-budget", "600"]
 METHODS = ["reproduce", "methods", "--budget", "smoke", "--out", "out", "--no-download"]
 FIG7 = ["reproduce", "fig7", "--budget", "smoke", "--out", "out"]
 DEMO = ["demo", "--budget", "smoke", "--jobs", "1", "--out", "out"]  # fake cells train in-process
@@ -149,15 +147,6 @@ def fake_cells(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(runner, "train_cell", lambda c, run_dir, resume, log: write_fake_run(c, run_dir))
     sizes = {"float_bytes": 4096, "packed_bytes": 128}
     patch.setattr(demo_module, "_model_bytes", lambda run_dir: sizes)
-
-
-def fitted_cells(patch: pytest.MonkeyPatch) -> None:
-    """`fake_cells`, fitted from a probe that measures nothing (its numbers are fixed)."""
-    fake_cells(patch)
-    machine = {"cpu": "a CPU", "isa": "AVX2", "native_bf16": False, "threads": 1,
-               "device": "cpu", "torch": "2"}  # fmt: skip
-    probe = fit_budget_module.Probe(0.5, 0.0, 8, 6.5, machine)
-    patch.setattr(fit_budget_module, "measure", lambda config: probe)
 
 
 def fake_recipes(patch: pytest.MonkeyPatch) -> None:
@@ -212,7 +201,6 @@ SCENARIOS = {
     "fig7": Scenario(FIG7, (FIG7,), fake_cells),
     "demo": Scenario(DEMO, (DEMO,), fake_cells),
     "speedrun": Scenario(SPEEDRUN, (SPEEDRUN,), fake_cells),
-    "speedrun fit": Scenario(SPEEDRUN_FIT, (), fitted_cells),
     "lm": Scenario(LM_SMOKE, (write_text_data, LM_SMOKE), short_samples),
     "lm-recipes": Scenario(LM_RECIPES, (LM_RECIPES,), fake_recipes),
     "theory": Scenario(THEORY, (THEORY,), quick_figure),
@@ -282,8 +270,6 @@ POINTS = [
           "qtrain/experiments/speedrun.py:folder / 'table.json'"),
     Point("speedrun table.md", "speedrun", "table.md", "out/speedrun-smoke/table.md",
           "qtrain/experiments/speedrun.py:folder / 'table.md'"),
-    Point("speedrun fit.json", "speedrun fit", "fit.json", "out/speedrun-smoke/binary/fit.json",
-          "qtrain/experiments/speedrun.py:path"),
     Point("label.json of a cell", "lm", "label.json", r"out/lm-smoke/[\w./+-]+/label.json",
           "qtrain/experiments/runner.py:run_dir / LABEL"),
     Point("lm table.md", "lm", "table.md", "out/lm-smoke/table.md", f"{LM}:folder / 'table.md'"),
@@ -384,7 +370,7 @@ def test_every_write_point_has_a_case():
     listed = {p.site for p in POINTS if p.site is not None}
     assert sorted(set(found) - listed) == [], "write points without a fault case"
     assert sorted(listed - set(found)) == [], "cases for write points that no longer exist"
-    assert len(found) == 28
+    assert len(found) == 27
 
 
 def test_every_direct_write_is_listed():

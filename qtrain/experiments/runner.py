@@ -92,8 +92,13 @@ class Finished:
 
 
 def check_cells(cells: list[Cell], folder: Path) -> None:
-    """ConfigError for the first cell whose folder holds another run (module docstring);
+    """The refusal of the first cell whose settings cannot train (`check_config`, before any
+    folder is made) or whose folder holds another run (a ConfigError, module docstring);
     ValueError for two cells given one folder, or a cell needing one that is not before it."""
+    from qtrain.train.preflight import check_config
+
+    for cell in cells:
+        check_config(cell.config)
     seen: dict[str, Cell] = {}
     for cell in cells:
         if cell.path in seen:

@@ -25,10 +25,9 @@ per run, and <variant>/seed<k>/ the run folders; a finished run is read back, an
 one resumed, and a folder holding a run of other settings refused, so an interrupted
 measurement continues where it stopped.
 
-Fitting (`fit_budget`, opt-in): before its cells are made, each variant's step is measured on
-this machine and its epochs chosen so that the schedule ends inside the budget
-(`qtrain.experiments.fit_budget`); <variant>/fit.json records the fit and is read back by
-later invocations, so they measure nothing and find the same cells.
+Fitting: a recipe with `fit_to_budget` (the preset's) chooses each run's epochs at the end of
+its first, from that epoch's time on this machine, so that the schedule ends inside the
+budget (`qtrain.train.budget_fit`); table.json holds each run's fit and the machine.
 """
 
 from __future__ import annotations
@@ -40,26 +39,17 @@ from pathlib import Path
 from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_text
 from qtrain.base.names import unknown_name
-from qtrain.experiments.fit_budget import (
-    FIT_FILE,
-    check_fittable,
-    check_unfitted,
-    describe,
-    fit_schedule,
-    fitted_config,
-    write_fit,
-)
 from qtrain.experiments.runner import (
     Budget,
     Cell,
     Finished,
-    check_cells,
     check_seeds,
     experiment_folder,
     pick_budget,
     run_cells,
 )
 from qtrain.report.tables import format_cell
+from qtrain.train import rundir
 from qtrain.train.config import RunConfig, from_dict, keys, load_toml
 
 TARGETS = (85.0, 90.0)
@@ -69,11 +59,13 @@ PAPER_WIDTH = 0.25
 # The paper variant takes the recipe's data, seed, time budget and machine settings, so both
 # rows see the same data, budget, split and machine.
 SHARED_SECTIONS = ("data", "run", "machine")
+# smoke: synthetic 512 training images less 64 held out, 7 batches of 64 an epoch, all in the
+# warm-up as the preset's fit_to_budget requires (`qtrain.train.budget_fit.check_fittable`).
 BUDGETS = {
     "full": Budget("the recipe as given", seeds=1),
     "smoke": Budget("one short epoch on synthetic images: tests the machinery only", seeds=1,
                     settings={"dataset": "synthetic", "width": 0.25, "epochs": 1,
-                              "batch_size": 64, "val_images": 64, "warmup_steps": 2}),
+                              "batch_size": 64, "val_images": 64, "warmup_steps": 7}),
 }  # fmt: skip
 
 
@@ -124,24 +116,6 @@ def variant_config(config: RunConfig, variant: str, paper_epochs: int) -> RunCon
     return config
 
 
-def fit_variants(configs: dict[str, RunConfig], folder: Path) -> dict[str, tuple]:
-    """{variant: (its fit, whether it was measured now)}: read from <variant>/fit.json when
-    there, else measured (`fit_budget.fit_schedule`; written by `keep_fits`)."""
-    return {v: fit_schedule(c, folder / v / FIT_FILE) for v, c in configs.items()}
-
-
-def keep_fits(fits: dict[str, tuple], cells: list[Cell], folder: Path, log) -> None:
-    """Write the fits measured now, once the cells that use them are checked against their
-    folders (so that a refused invocation writes nothing); one line per variant."""
-    check_cells(cells, folder)
-    for variant, (fit, measured) in fits.items():
-        path = folder / variant / FIT_FILE
-        if measured:
-            write_fit(path, fit)
-        log(f"{variant} fitted to this machine: {describe(fit)} "
-            f"({'measured, wrote' if measured else 'read from'} {path})")  # fmt: skip
-
-
 def result(finished: Finished, targets) -> dict:
     """One row of table.json: the run's final accuracy, minutes and curve."""
     config, records = finished.cell.config, finished.metrics
@@ -154,6 +128,7 @@ def result(finished: Finished, targets) -> dict:
         "final_test_accuracy": final_test_accuracy(records),
         "minutes": sum(r["seconds"] for r in records) / 60.0,
         "epochs": len(records),
+        "fit": _fit_of(finished.run_dir),
         "curve": accuracy_curve(records),
         **{f"minutes_to_{t:g}": minutes_to(records, t) for t in targets},
     }
@@ -168,12 +143,10 @@ def run_speedrun(
     variants: tuple[str, ...] = ("binary",),
     paper_epochs: int = 12,
     targets: tuple[float, ...] = TARGETS,
-    fit_budget: bool = False,
     log=print,
 ) -> list[dict]:
     """Run every variant over `seeds` seeds (from config.seed on) under `budget`; write
-    table.md and table.json into OUT/speedrun-<budget>. With `fit_budget`, each variant's
-    epochs and time budget are fitted to this machine first (`qtrain.experiments.fit_budget`)."""
+    table.md and table.json into OUT/speedrun-<budget>."""
     chosen = pick_budget(BUDGETS, budget, "speedrun")
     seeds = check_seeds(seeds, chosen)
     for variant in variants:
@@ -184,14 +157,8 @@ def run_speedrun(
             f"{{targets}} must be accuracies in (0, 100], got {targets}", targets="targets"
         )
     config = config.replace(**chosen.settings)
-    if fit_budget:
-        check_fittable(config)
     configs = {v: variant_config(config, v, paper_epochs) for v in variants}  # fail fast
     folder = experiment_folder(out, "speedrun", budget)
-    fits = fit_variants(configs, folder) if fit_budget else {}
-    for variant in () if fit_budget else configs:
-        check_unfitted(folder / variant / FIT_FILE)
-    configs = {v: fitted_config(c, fits[v][0]) if v in fits else c for v, c in configs.items()}
     cells = [
         Cell(
             f"{variant}/seed{config.seed + k}",
@@ -202,8 +169,6 @@ def run_speedrun(
         for variant, variant_cfg in configs.items()
         for k in range(seeds)
     ]
-    if fits:
-        keep_fits(fits, cells, folder, log)
     results = []
     for finished in run_cells(cells, folder, log):
         results.append(result(finished, targets))
@@ -257,6 +222,12 @@ def curve_markdown(by_variant: dict[str, list[dict]]) -> str:
             accuracy = format_cell([p[1] for p in points])
             lines.append(f"| {variant} | {epoch + 1} | {minutes:.2f} | {accuracy} |")
     return "\n".join(lines)
+
+
+def _fit_of(run_dir: Path) -> dict | None:
+    """The fit of a run's epochs to its budget, from its summary.json (None: not fitted)."""
+    path = run_dir / rundir.SUMMARY
+    return json.loads(path.read_text()).get("fit") if path.is_file() else None
 
 
 def _minutes(value: float | None) -> str:

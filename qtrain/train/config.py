@@ -158,6 +158,10 @@ WITH_TTA = Scope("runs that set tta", lambda c: c.tta != "none",
                  lambda c: "a run without tta")  # fmt: skip
 
 
+BUDGETED = Scope("runs with a time_budget_s", lambda c: c.time_budget_s is not None,
+                  lambda c: "a run without time_budget_s")  # fmt: skip
+
+
 DISTILL = Scope("runs that distill (distill_from set)", lambda c: c.distill_from is not None,
                 lambda c: "a run without distill_from")  # fmt: skip
 
@@ -326,6 +330,9 @@ class RunConfig:
     seed: int = _key(0, "run", "the seed of every random stream")
     time_budget_s: float | None = _key(None, "run", "stop training after this many seconds "
                                        "(a run stopped so is finished)", RUN)  # fmt: skip
+    fit_to_budget: bool = _key(False, "run", "choose the epochs (at most `epochs`) at the end "
+                               "of the first, from its time, so that the schedule ends inside "
+                               "time_budget_s", applies=BUDGETED)  # fmt: skip
     # -- machine
     device: str = _key("auto", "machine", "cpu, cuda, cuda:N or auto", MACHINE)
     amp: str = _key("auto", "machine", "autocast: bf16, off (float32), or auto: bf16 where "
@@ -404,6 +411,11 @@ class RunConfig:
             raise ConfigError(f"val_images must be a whole number >= 0, got {self.val_images}")
         if self.time_budget_s is not None:
             _positive_number("time_budget_s", self.time_budget_s)
+        if self.fit_to_budget and self.max_steps is not None:
+            raise ConfigError(
+                "fit_to_budget chooses the number of epochs, but max_steps sets the run's "
+                "length; leave max_steps unset or turn fit_to_budget off"
+            )
 
     def _validate_act_quant(self) -> None:
         bits = self.act_bits

@@ -24,7 +24,7 @@ from qtrain.models.act_quant import act_quant_plan, apply_act_quant
 from qtrain.models.whitening import whiten_model_
 from qtrain.train.config import RunConfig
 from qtrain.train.distributed import DistributedContext
-from qtrain.train.schedules import make_scheduler
+from qtrain.train.schedules import make_scheduler, redraw_schedule
 from qtrain.train.settings import (
     data_options,
     is_text,
@@ -163,6 +163,7 @@ def make_optimizer(config: RunConfig, model):
         bc_stochastic=c.bc_stochastic,
         betas=(c.momentum, c.beta2),
         init=resolved_init(c),
+        fused_quant=c.fused_quant,
         **method_settings(c),
     )
 
@@ -170,12 +171,15 @@ def make_optimizer(config: RunConfig, model):
 def make_run_scheduler(config: RunConfig, optimizer, epochs: int, total_steps: int):
     """The config's learning-rate schedule (`qtrain.train.schedules`): over `total_steps`
     optimizer steps for a per-step schedule, else over `epochs` epochs; it ends at min_lr."""
-    c = config
-    return make_scheduler(
-        optimizer,
-        c.schedule,
-        epochs,
-        total_steps=total_steps,
-        warmup_steps=c.warmup_steps,
-        min_ratio=c.min_lr / c.lr,
-    )
+    return make_scheduler(optimizer, config.schedule, epochs,
+                          **_schedule_length(config, total_steps))  # fmt: skip
+
+
+def redraw_run_schedule(config: RunConfig, scheduler, epochs: int, total_steps: int) -> None:
+    """The config's schedule in `scheduler` drawn over `epochs` (`total_steps`) from now on."""
+    redraw_schedule(scheduler, config.schedule, epochs, **_schedule_length(config, total_steps))
+
+
+def _schedule_length(config: RunConfig, total_steps: int) -> dict:
+    return dict(total_steps=total_steps, warmup_steps=config.warmup_steps,
+                min_ratio=config.min_lr / config.lr)  # fmt: skip

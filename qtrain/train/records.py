@@ -89,9 +89,12 @@ def format_record(r: dict, epochs: int) -> str:
     )
 
 
-def run_summary(config: RunConfig, metrics: list[dict], num_quantized: int) -> dict:
+def run_summary(
+    config: RunConfig, metrics: list[dict], num_quantized: int, fit: dict | None = None
+) -> dict:
     """summary.json of a run: its config, final and best errors (a text run's bits per
-    character), total seconds and the number of quantized parameters."""
+    character), total seconds, the number of quantized parameters, and with fit_to_budget the
+    fit of its epochs (`qtrain.train.budget_fit.Fit`)."""
     last = metrics[-1] if metrics else {}
     return {
         "config": config.to_dict(),
@@ -104,6 +107,7 @@ def run_summary(config: RunConfig, metrics: list[dict], num_quantized: int) -> d
         "final_val_error": last.get("val_error"),
         "seconds": sum(m["seconds"] for m in metrics),
         "num_quantized": num_quantized,
+        **({"fit": fit} if fit is not None else {}),
         **(
             {
                 "steps": last.get("step"),

@@ -98,23 +98,28 @@ def starting_momentum(optimizer: torch.optim.Optimizer) -> float:
     return group["betas"][0] if "betas" in group else group.get("momentum", 0.0)
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer,
-    schedule: str,
-    epochs: int,
-    *,
-    total_steps: int = 0,
-    warmup_steps: int = 0,
+def lr_lambda(
+    schedule: str, epochs: int, *, total_steps: int = 0, warmup_steps: int = 0,
     min_ratio: float = 0.0,
-):
-    """A LambdaLR (its state_dict goes into checkpoints): stepped once per epoch for the epoch
-    schedules, once per optimizer step for those in `PER_STEP` (over `total_steps`)."""
+):  # fmt: skip
+    """The multiplier α/α₀ as a function of the scheduler's count: the step for the schedules
+    in `PER_STEP` (over `total_steps`), else the epoch (over `epochs`)."""
     if schedule in PER_STEP:
         factor = warmup_cosine_factor if schedule == "warmup-cosine" else warmup_linear_factor
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: factor(step, total_steps, warmup_steps, min_ratio)
-        )
+        return lambda step: factor(step, total_steps, warmup_steps, min_ratio)
     lr_factor(schedule, 0, epochs)  # fail fast on an unknown name
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda epoch: lr_factor(schedule, epoch, epochs)
-    )
+    return lambda epoch: lr_factor(schedule, epoch, epochs)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, **length):
+    """A LambdaLR (its state_dict goes into checkpoints) of `lr_lambda(schedule, epochs,
+    **length)`: stepped once per epoch for the epoch schedules, once per optimizer step for
+    those in `PER_STEP`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, epochs, **length))
+
+
+def redraw_schedule(scheduler, schedule: str, epochs: int, **length) -> None:
+    """Draw `scheduler`'s schedule over a new length from its current count on, keeping its
+    count and the optimizer's current rate (a fitted run's: `qtrain.train.budget_fit` chooses
+    the length where the old and new schedules agree)."""
+    scheduler.lr_lambdas = [lr_lambda(schedule, epochs, **length)] * len(scheduler.lr_lambdas)

@@ -46,6 +46,7 @@ class TrainState:
     sums: EpochSums = field(default_factory=EpochSums)
     metrics: list = field(default_factory=list)
     stopped: str | None = None  # why the run ended before its last epoch ("time budget")
+    fit: dict | None = None  # with fit_to_budget, once chosen: `budget_fit.Fit.to_dict()`
 
 
 class RankSums:
@@ -125,6 +126,7 @@ def checkpoint_payload(
             "finished": finished,
             "ema": ema.state_dict() if ema else None,
             "stopped": state.stopped,
+            "fit": state.fit,
         },
     }
 
@@ -206,6 +208,7 @@ def restore_state(
         sums=EpochSums(**training["sums"]),
         metrics=list(training["metrics"]),
         stopped=training.get("stopped"),
+        fit=training.get("fit"),
     )
 
 

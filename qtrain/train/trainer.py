@@ -33,6 +33,8 @@ stops training after the first step at which the elapsed time (the sum of the re
 `seconds`: training steps, and in the first epoch the whitening set-up; evaluations are not
 counted) exceeds it (under torchrun, the first such step at which the ranks agree: every
 `_check_every` steps, 25 on CUDA); that record is marked `stopped` and the run is finished.
+With `fit_to_budget` the run's epochs are chosen at the end of the first from its seconds, so
+that the schedule ends inside the budget (`budget_fit`).
 
 Exact resume (`state`): the data order and augmentation of batch b in epoch e are a pure
 function of (seed, e, b), and everything else that changes the numbers is in the checkpoint,
@@ -61,7 +63,7 @@ import torch
 from qtrain import methods
 from qtrain.base.errors import UserError
 from qtrain.base.folder_lock import FolderLock
-from qtrain.train import loggers, rundir
+from qtrain.train import budget_fit, loggers, rundir
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
 from qtrain.train.devices import (
@@ -84,6 +86,7 @@ from qtrain.train.parts import (
     make_model,
     make_optimizer,
     make_run_scheduler,
+    redraw_run_schedule,
     run_length,
     whiten,
 )
@@ -149,6 +152,8 @@ class Trainer:
             c, self.splits, self.held_out, self.device, self.dist
         )
         self.total_steps, self.epochs = run_length(c, len(self.train_loader))
+        if c.fit_to_budget:
+            budget_fit.check_fittable(c, len(self.train_loader))
         self.model = make_model(c, self.splits, self.device, fresh=not self._holds_checkpoint())
         self.setup_seconds = (
             whiten(self.model, self.splits, c.seed, self.device) if c.whiten_init else 0.0
@@ -247,6 +252,8 @@ class Trainer:
             self.sources["init_from"] = start
         if self.teacher is not None:
             self.teacher.check_same(record.get("distill_from"), self.run_dir)
+        if state.fit is not None:
+            self._apply_fit(state.fit["epochs"])
         self._cycle_momentum()
         return state
 
@@ -312,6 +319,8 @@ class Trainer:
             with stop_requests(self._request_stop):
                 while state.epoch < self.epochs and not state.stopped:
                     self._train_epoch(state)
+                    if self._fits_now(state):
+                        self._fit_to_budget(state)
                     record = self._finish_epoch(state)
                     self.log(format_record(record, self.epochs))
                     self._track(tracker, record)
@@ -323,7 +332,8 @@ class Trainer:
         finally:
             tracker.close()
         if self.dist.is_main:
-            summary = run_summary(self.config, state.metrics, self.optimizer.num_quantized)
+            summary = run_summary(self.config, state.metrics, self.optimizer.num_quantized,
+                                  state.fit)  # fmt: skip
             rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
         # A stop asked for after the last step (during the final evaluation or save) finds the
         # run finished; the process still stops, so that an experiment starts no next cell.
@@ -395,6 +405,31 @@ class Trainer:
         # The end-of-epoch checkpoint follows; evaluation does not change the weights.
         self._check_diverged(state, before_save=True)
         running.total_into(sums, self.dist, started)
+
+    def _fits_now(self, state: TrainState) -> bool:
+        """Whether the first epoch just ended whole in a run whose epochs are to be fitted to
+        its time budget (`budget_fit`) and have not been yet."""
+        return (self.config.fit_to_budget and state.fit is None and state.epoch == 0
+                and state.stopped is None)  # fmt: skip
+
+    def _fit_to_budget(self, state: TrainState) -> None:
+        """Choose the run's epochs from the first epoch's seconds (rank 0's, for every rank),
+        keep the choice in `state` (so in every checkpoint) and draw the schedule over it."""
+        fit = None
+        if self.dist.is_main:
+            fit = budget_fit.fit(self.config, state.sums.seconds, self.setup_seconds,
+                                 self.device).to_dict()  # fmt: skip
+        state.fit = self.dist.broadcast_object(fit)
+        self._apply_fit(state.fit["epochs"])
+        self.log(budget_fit.Fit.from_dict(state.fit).describe())
+
+    def _apply_fit(self, epochs: int) -> None:
+        """Make the run `epochs` epochs long: its length, and its schedule from now on."""
+        self.total_steps, self.epochs = run_length(self.config.replace(epochs=epochs),
+                                                   len(self.train_loader))  # fmt: skip
+        redraw_run_schedule(self.config, self.scheduler, self.epochs, self.total_steps)
+        if self._progress_lines is not None:
+            self._progress_lines.total_steps = self.total_steps
 
     def optimizer_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """One step of the method on the batch (x, y): the training loss (with the teacher's

@@ -1,0 +1,145 @@
+"""Fitting a run's schedule to its time budget, from the time of the run's own first epoch.
+
+A run whose schedule outlasts its budget (`time_budget_s`) is cut with its learning rate still
+high. With `fit_to_budget`, the number of epochs is chosen at the end of the first epoch, from
+that epoch's measured seconds, so that the whole schedule ends inside the budget:
+
+    t₁       = the first epoch's seconds: its steps, and the set-up the trainer counts in it
+               (t_setup, the whitening initialisation with `whiten_init`)
+    t_epoch  = t₁ − t_setup
+    epochs   = min(E, 1 + ⌊(B·(1 − MARGIN) − t₁) / t_epoch⌋), at least 1
+
+with E the config's `epochs` (the most the run may train) and B its `time_budget_s`. The
+schedule is then drawn over the fitted epochs (for a per-step schedule, over their steps), so
+the run ends with its learning rate decayed to `min_lr`.
+
+Why the first epoch rather than a probe before training: it times the run's own step with
+everything the loop does (loader, augmentation, schedule, weight average, checks) on this
+machine, over a whole epoch; and it costs nothing, its steps being training steps. A probe of
+a dozen steps before training cost its own time and, on a shared machine, measured a slow
+spell 1.2-1.4x slower than the run then trained (docs/speedrun.md). The first epoch's own first
+steps pay once for oneDNN's kernel choice and the allocator's caches, so t_epoch errs slow,
+on the safe side.
+
+The first epoch must train the same whatever the choice: an epoch schedule's factor at epoch 0
+is 1 for every E; a per-step schedule's first epoch must lie inside its warm-up (W ≥ the steps
+of an epoch), where the factor (s+1)/(W+1) does not depend on the run's length
+(`check_fittable`). The choice is kept in the checkpoint (`Fit`, with the machine it was
+measured on), so a resumed run keeps it bit for bit; summary.json and the log name it.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from qtrain.base.errors import UserError
+from qtrain.train.config import RunConfig
+from qtrain.train.devices import native_bf16
+from qtrain.train.schedules import PER_STEP
+
+# Of the budget: for later epochs that run slower than the first (another process on a shared
+# machine; the speed of one 2-core VM drifted by up to 20% from hour to hour).
+MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A fitted schedule: the choice, what it was computed from, and the machine."""
+
+    epochs: int
+    recipe_epochs: int
+    budget_s: float
+    first_epoch_seconds: float
+    setup_seconds: float
+    margin: float
+    machine: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Fit:
+        return cls(**values)
+
+    def describe(self) -> str:
+        """One line: the choice and what it came from."""
+        m = self.machine
+        line = (
+            f"fitted to the time budget: {self.epochs} of {self.recipe_epochs} epochs (the "
+            f"first took {self.first_epoch_seconds:.1f} s of {self.budget_s:g} s, set-up "
+            f"{self.setup_seconds:.1f} s included; {m['cpu']}, {m['isa']}, "
+            f"threads {m['threads']}, {m['device']})"
+        )
+        if self.epochs == 1 and self.recipe_epochs > 1:
+            line += "; no second epoch fits"
+        return line
+
+
+def fitted_epochs(
+    budget_s: float,
+    recipe_epochs: int,
+    first_epoch_seconds: float,
+    setup_seconds: float,
+    margin: float = MARGIN,
+) -> int:
+    """min(E, 1 + ⌊(B·(1 − margin) − t₁) / (t₁ − t_setup)⌋), at least 1 (module docstring)."""
+    epoch = first_epoch_seconds - setup_seconds
+    room = budget_s * (1.0 - margin) - first_epoch_seconds
+    more = math.floor(room / epoch) if epoch > 0 else recipe_epochs
+    return max(1, min(recipe_epochs, 1 + more))
+
+
+def fit(config: RunConfig, first_epoch_seconds: float, setup_seconds: float,
+        device: torch.device) -> Fit:  # fmt: skip
+    """The fit of the run `config` whose first epoch took `first_epoch_seconds`."""
+    budget = config.time_budget_s
+    epochs = fitted_epochs(budget, config.epochs, first_epoch_seconds, setup_seconds)
+    return Fit(epochs, config.epochs, budget, first_epoch_seconds, setup_seconds, MARGIN,
+               machine(device))  # fmt: skip
+
+
+def check_fittable(config: RunConfig, steps_per_epoch: int) -> None:
+    """A UserError, before training, when the first epoch of `config` would depend on the
+    fit: a per-step schedule whose warm-up ends inside it. (A run without a time budget is
+    refused by the config's scopes, one with max_steps by its validation.)"""
+    if config.schedule in PER_STEP and config.warmup_steps < steps_per_epoch:
+        raise UserError(
+            f"fit_to_budget chooses the epochs at the end of the first, whose learning rate "
+            f"must not depend on them, but the warm-up ends at step {config.warmup_steps} of "
+            f"its {steps_per_epoch}; set warmup_steps to at least {steps_per_epoch}, or turn "
+            "fit_to_budget off"
+        )
+
+
+def machine(device: torch.device) -> dict:
+    """Where the run was timed: the CPU's model name, the instruction set torch's CPU kernels
+    use (which honours ATEN_CPU_CAPABILITY), native bf16 on `device`, threads, the device (a
+    GPU by its name) and torch's version."""
+    name = str(device)
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    return {
+        "cpu": cpu_name(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16(device),
+        "threads": torch.get_num_threads(),
+        "device": name,
+        "torch": str(torch.__version__),  # a str: TorchVersion is no type a checkpoint holds
+    }
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
