@@ -17,9 +17,11 @@ from qtrain.experiments.speedrun import (
     minutes_to,
     paper_variant,
     run_speedrun,
+    steps_to,
 )
 from qtrain.export import load, save_packed
 from qtrain.models.whitening import image_patches, whitening_filters
+from qtrain.report.flops import training_flop_per_image
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
@@ -269,6 +271,19 @@ def test_minutes_to_a_target_reads_validation_accuracy_when_held_out():
     assert minutes_to(records, 85) == 1.0 and minutes_to(records, 95) is None
     tests_only = [{"seconds": 60.0, "test_error": 14.0}]
     assert minutes_to(tests_only, 85) == 1.0
+    steps = [{**r, "step": 10 * (i + 1)} for i, r in enumerate(records)]
+    assert steps_to(steps, 85) == 20 and steps_to(steps, 95) is None
+
+
+def test_training_flops_count_forward_and_the_gradients_autograd_computes():
+    # tiny_mlp on 8×8 digits: a 4×4 convolution 1 → 64 channels on the pooled 4×4 image, then
+    # a linear 64 → 10. Forward 2·16·64 + 2·64·10; the backward pass computes both weight
+    # gradients and the linear layer's input gradient, but not the first layer's.
+    assert training_flop_per_image(RunConfig(model="tiny_mlp", dataset="digits")) == (
+        2 * (2 * 16 * 64) + 3 * (2 * 64 * 10)
+    )
+    wide = RunConfig(model="tiny_mlp", dataset="digits", width=2.0)
+    assert training_flop_per_image(wide) == 2 * (2 * 16 * 128) + 3 * (2 * 128 * 10)
 
 
 def test_variants_keep_the_recipe_and_change_only_what_they_name():
@@ -294,6 +309,12 @@ def test_run_speedrun_writes_a_markdown_table_over_seeds(tmp_path):
     assert "| binary | speednet ×0.125 | bc-adam | 2 |" in table
     assert "| float | speednet ×0.125 | fp-adam | 2 |" in table
     assert json.loads((folder / "table.json").read_text()) == json.loads(json.dumps(results))
+    per_image = training_flop_per_image(config)
+    for r in results:  # 448 training images, 7 steps of 64, all trained in the one epoch
+        assert r["gflop_per_image"] == per_image / 1e9
+        assert r["pflop"] == 7 * 64 * per_image / 1e15
+        assert r["pflop_to_50"] in (None, r["pflop"])
+    assert "PFLOP to 50% |" in table
     # a second call reads the finished runs back instead of training them again
     again = run_speedrun(config, tmp_path, seeds=2, variants=("binary", "float"),
                          targets=(50.0,), log=quiet)  # fmt: skip

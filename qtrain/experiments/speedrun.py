@@ -7,6 +7,8 @@ its wall-clock budget (`time_budget_s`) or its last epoch, and reports per varia
                      accuracy is 100 − val_error when the run holds out a validation split
                      (`val_images`), else 100 − test_error
     time to X%       elapsed minutes at the first epoch whose accuracy is ≥ X (X in targets)
+    PFLOP to X%      the training FLOPs up to that epoch: its step × batch size × the FLOPs of
+                     one image's forward and backward pass (`qtrain.report.flops`)
     final test acc.  100 − the test error of the run's last record (evaluated once at the end
                      when a validation split is held out)
 
@@ -48,6 +50,7 @@ from qtrain.experiments.runner import (
     pick_budget,
     run_cells,
 )
+from qtrain.report.flops import training_flop_per_image
 from qtrain.report.tables import format_cell
 from qtrain.train import rundir
 from qtrain.train.config import RunConfig, from_dict, keys, load_toml
@@ -87,6 +90,19 @@ def minutes_to(records: list[dict], target: float) -> float | None:
     return next((m for m, acc in accuracy_curve(records) if acc >= target), None)
 
 
+def steps_to(records: list[dict], target: float) -> int | None:
+    """The optimizer steps up to the first epoch with accuracy ≥ target; None if never."""
+    reached = (r["step"] for r, (_, acc) in zip(_evaluated(records), accuracy_curve(records))
+               if acc >= target)  # fmt: skip
+    return next(reached, None)
+
+
+def _evaluated(records: list[dict]) -> list[dict]:
+    """The records that `accuracy_curve` has a point for, in its order."""
+    return [r for r in records if (r.get("val_error") if r.get("val_error") is not None
+                                   else r.get("test_error")) is not None]  # fmt: skip
+
+
 def final_test_accuracy(records: list[dict]) -> float | None:
     """100 − the last record's test error (None when the run never evaluated the test set)."""
     error = records[-1].get("test_error") if records else None
@@ -116,9 +132,13 @@ def variant_config(config: RunConfig, variant: str, paper_epochs: int) -> RunCon
     return config
 
 
-def result(finished: Finished, targets) -> dict:
-    """One row of table.json: the run's final accuracy, minutes and curve."""
+def result(finished: Finished, targets, flop_per_image: int) -> dict:
+    """One row of table.json: the run's final accuracy, minutes, FLOPs and curve."""
     config, records = finished.cell.config, finished.metrics
+
+    def pflop(steps: int | None) -> float | None:
+        return None if steps is None else steps * config.batch_size * flop_per_image / 1e15
+
     return {
         "variant": finished.cell.row,
         "model": f"{config.model} ×{config.width:g}",
@@ -131,6 +151,9 @@ def result(finished: Finished, targets) -> dict:
         "fit": _fit_of(finished.run_dir),
         "curve": accuracy_curve(records),
         **{f"minutes_to_{t:g}": minutes_to(records, t) for t in targets},
+        "gflop_per_image": flop_per_image / 1e9,
+        "pflop": pflop(records[-1]["step"] if records else None),
+        **{f"pflop_to_{t:g}": pflop(steps_to(records, t)) for t in targets},
     }
 
 
@@ -169,9 +192,12 @@ def run_speedrun(
         for variant, variant_cfg in configs.items()
         for k in range(seeds)
     ]
-    results = []
+    results, flops = [], {}
     for finished in run_cells(cells, folder, log):
-        results.append(result(finished, targets))
+        variant = finished.cell.row
+        if variant not in flops:
+            flops[variant] = training_flop_per_image(configs[variant])
+        results.append(result(finished, targets, flops[variant]))
         r = results[-1]
         reached = "  ".join(f"{t:g}%: " + _minutes(r[f"minutes_to_{t:g}"]) for t in targets)
         log(f"{r['variant']} seed {r['seed']}: final test accuracy "
@@ -191,25 +217,30 @@ def results_markdown(results: list[dict], targets) -> str:
         by_variant.setdefault(r["variant"], []).append(r)
     accuracy_on = results[0]["accuracy_on"] if results else "test"
     head = ["variant", "model", "method", "seeds", "final test acc. %"]
-    head += [f"min to {t:g}% ({accuracy_on})" for t in targets] + ["min trained"]
+    head += [f"min to {t:g}% ({accuracy_on})" for t in targets]
+    head += [f"PFLOP to {t:g}%" for t in targets] + ["min trained", "epochs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, runs in by_variant.items():
         accuracies = [r["final_test_accuracy"] for r in runs]
         accuracies = [a for a in accuracies if a is not None]
         cells = [variant, runs[0]["model"], runs[0]["method"], str(len(runs)),
                  format_cell(accuracies)]  # fmt: skip
-        for t in targets:
-            reached = [r[f"minutes_to_{t:g}"] for r in runs if r[f"minutes_to_{t:g}"] is not None]
-            if not reached:
-                cells.append("not reached")
-                continue
-            partial = len(reached) < len(runs)
-            note = f" ({len(reached)}/{len(runs)} reached)" if partial else ""
-            cells.append(format_cell(reached) + note)
+        cells += [_reached([r[f"minutes_to_{t:g}"] for r in runs]) for t in targets]
+        cells += [_reached([r[f"pflop_to_{t:g}"] for r in runs]) for t in targets]
         cells.append(format_cell([r["minutes"] for r in runs]))
+        cells.append(format_cell([r["epochs"] for r in runs]))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", curve_markdown(by_variant)]
     return "\n".join(lines) + "\n"
+
+
+def _reached(values: list[float | None]) -> str:
+    """Mean ± std of the runs that reached a target (None: not reached), saying how many."""
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "not reached"
+    partial = len(reached) < len(values)
+    return format_cell(reached) + (f" ({len(reached)}/{len(values)} reached)" if partial else "")
 
 
 def curve_markdown(by_variant: dict[str, list[dict]]) -> str:
