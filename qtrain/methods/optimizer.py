@@ -61,6 +61,18 @@ from qtrain.methods.flat import (
     moved,
 )
 from qtrain.methods.flips import FlipCounter, count_changed
+from qtrain.methods.fused import (
+    FusedSteps,
+    applies,
+    bc_measured_prepare,
+    bc_measured_step,
+    bc_step,
+    check_fused_quant,
+    compiler_found,
+    pays,
+    rounding_step,
+    segments,
+)
 from qtrain.methods.saved import check_saved_settings, quantization_state, split_saved
 from qtrain.methods.scales import (
     FIXED,
@@ -104,6 +116,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         bc_stochastic: BC writes Q_s(w_r) instead of Q_d(w_r) into the model
             (the stochastic BinaryConnect variant).
         track_flips: count how many quantized weights change per step (one comparison).
+        fused_quant: "off" (eager), "on" or "auto": the rounding step after the base step as
+            one compiled loop (`qtrain.methods.fused`; the same numbers); "auto" from the step
+            on which `fused.pays` says the compile time is earned back, if a compiler is found.
 
     The param groups and state are the base optimizer's own objects, so LR schedulers, param
     group edits and `zero_grad` act on both. `step(closure)` works as in `torch.optim.Adam`
@@ -122,6 +137,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         bc_stochastic: bool = False,
         track_flips: bool = True,
+        fused_quant: str = "off",
     ) -> None:
         if mode not in MODES:
             raise unknown_name("training mode", mode, MODES)
@@ -140,6 +156,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.seed = int(seed)
         self.bc_stochastic = bool(bc_stochastic)
         self.track_flips = bool(track_flips)
+        self.fused_quant = check_fused_quant(fused_quant)
         self.quantized = [] if mode == "fp" else list(quantized)
         self._scales = [fixed_scale(scale, p) for p in self.quantized]
         self._check_quantized_params()
@@ -156,6 +173,10 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._work = FlatWork(self.quantized)
         self.generator = None
         self.flips = FlipCounter()
+        self._fused: FusedSteps | None = None
+        self._fused_key: tuple | None = None
+        self._segments = None
+        self._steps = 0
         if self.quantized:
             self._rehome_parameters()
         self.reset_flip_stats()
@@ -251,6 +272,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                     new.copy_(old)
         self.generator = generator_on(self.generator, device)
         self.flips.to(device)
+        self._fused_key = None  # segments and compiled steps again for the new layout
         # torch's own load rule casts each floating state tensor to its parameter's device and
         # dtype (keeping Adam's step counter as it is), for every parameter the model moved
         self.base.load_state_dict(self.base.state_dict())
@@ -350,6 +372,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         """
         if self.mode == "fp" or not self.quantized:
             return self.base.step(closure)
+        self._steps += 1  # this process's steps, which `fused_quant = "auto"` weighs
         self._follow_model()
         loss = None
         if closure is not None:
@@ -373,16 +396,99 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         finally:
             for p, wb in zip(self.quantized, self._wb_views, strict=True):
                 p.data = wb
-        self._update_latent_scales_and_weights()
+        if not self._fused_bc():
+            self._update_latent_scales_and_weights()
 
     def _rounding_step(self, stochastic: bool) -> None:
+        old = None
         if self.track_flips:
             old = self._work.get("result", self._flat_wb)
             old.copy_(self._flat_wb)
         self.base.step()
+        if self._fused_rounding(stochastic, old):
+            return
         self._round(self._flat_wb, stochastic, out=self._flat_wb)
         if self.track_flips:
             self._count_flips(old, self._flat_wb)
+
+    # -- the fused step (qtrain.methods.fused) ---------------------------------------------
+    def _fused_steps(self) -> FusedSteps | None:
+        """The compiled steps for the buffers' device and dtype (rebuilt after a model move),
+        or None where the eager step is taken."""
+        if self.fused_quant == "off":
+            return None
+        if self.fused_quant == "auto" and not pays(self.mode, self.num_quantized, self._steps):
+            return None
+        key = (self._flat_wb.device, self._flat_wb.dtype)
+        if self._fused_key != key:
+            self._fused_key = key
+            self._fused = self._build_fused(*key)
+        return None if self._fused is None or self._fused.failed else self._fused
+
+    def _build_fused(self, device: torch.device, dtype: torch.dtype) -> FusedSteps | None:
+        if not applies(self.mode, self.scale, dtype, self.bc_stochastic):
+            return None
+        self._segments = segments(self.quantized, per_row=self.scale == "absmean")
+        if self._segments is None:
+            return None
+        steps = FusedSteps(announce=self.fused_quant == "on")
+        if not compiler_found(device):
+            steps.failed = True
+            steps.warn(f"inductor finds no compiler for {device.type}")
+        return steps
+
+    def _fused_bc(self) -> bool:
+        """BC's clip, scales, rounding and flip count as compiled passes; False: not taken."""
+        fused = self._fused_steps()
+        if fused is None:
+            return False
+        latent, wb, count = self._buffers["latent"], self._flat_wb, self.track_flips
+        grid, segs = self.grid, self._segments
+        if self.scale in FIXED:
+            build = lambda: bc_step(grid, self.scale, segs, count)  # noqa: E731
+            done, flips = fused.run(f"bc-{count}", build, latent, wb, self._scales)
+        else:
+            a = self._work.get("result", latent)
+            done, _ = fused.run("bc-prepare", lambda: bc_measured_prepare(grid), latent, a)
+            if not done:
+                return False
+            old_scales = self._scales
+            self._scales = [absmean(self.scale, v) for v in self._parts(a)]
+            build = lambda: bc_measured_step(grid, segs, count)  # noqa: E731
+            done, flips = fused.run(f"bc-measured-{count}", build, latent, wb, self._scales,
+                                    old_scales)  # fmt: skip
+            if not done:  # the eager step clips again (no change) and measures again
+                self._scales = old_scales
+        if done and count:
+            self.flips.record(flips)
+        return done
+
+    def _fused_rounding(self, stochastic: bool, old: torch.Tensor | None) -> bool:
+        """SR's or R's rounding and flip count as one compiled pass; False: not taken.
+
+        SR's uniforms are drawn here by the eager path's `torch.rand` call (one draw of the
+        flat buffer's shape from the same generator); if the first compilation fails, the
+        generator is put back so that the eager step draws the very same numbers.
+        """
+        fused = self._fused_steps()
+        if fused is None:
+            return False
+        wb, count = self._flat_wb, old is not None
+        name = f"round-{stochastic}-{count}"
+        r, saved = None, None
+        if stochastic:
+            saved = None if fused.ready(name) else self.generator.get_state()
+            r = self._work.get("uniforms", wb)
+            torch.rand(wb.shape, generator=self.generator, out=r)
+        build = lambda: rounding_step(self.grid, self.scale, self._segments, stochastic, count)  # noqa: E731
+        done, flips = fused.run(name, build, wb, old, r, self._scales)
+        if not done:
+            if saved is not None:
+                self.generator.set_state(saved)
+            return False
+        if count:
+            self.flips.record(flips)
+        return True
 
     def _flip_step(self) -> None:
         group = self.param_groups[self._group_index]

@@ -184,6 +184,7 @@ def create(
     eps: float = 1e-8,
     init: str = "auto",
     track_flips: bool = True,
+    fused_quant: str = "off",
 ) -> QuantizedOptimizer:
     """Build the named method's optimizer over `model` and put the model's weights on the grid.
 
@@ -200,6 +201,8 @@ def create(
     1/(2^k − 1) for k bits; see `qtrain.quant.grids`). `scale` is one of
     `qtrain.methods.SCALES`. Randomness comes from the run seed's streams
     (`qtrain.base.streams`): "grid-init" for the Rademacher draw, "rounding" for Q_s.
+    `fused_quant` ("off", "on", "auto") rounds after the base step in one compiled loop
+    (`qtrain.methods.fused`), with the same numbers.
     """
     spec, grid, flip_settings = check_settings(
         name,
@@ -237,6 +240,7 @@ def create(
         seed=seed,
         bc_stochastic=bc_stochastic,
         track_flips=track_flips,
+        fused_quant=fused_quant,
     )
 
 

@@ -53,6 +53,15 @@ def check_out(w: torch.Tensor, out: torch.Tensor | None) -> None:
         )
 
 
+def level_units(u: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """u (in units of Δ) turned in place into the position t between levels (level units)."""
+    if grid.step != 1:
+        # offset 1 on odd-multiple grids: lo = step·⌊(u − 1)/step⌋ + 1, t the position in
+        # level units (on step-1 grids t = u, and u − 0 and u/1 change no bit)
+        u.sub_(1.0).div_(float(grid.step))
+    return u
+
+
 def levels(
     m: torch.Tensor, grid: Grid, dtype: torch.dtype, out: torch.Tensor | None
 ) -> torch.Tensor:
@@ -128,19 +137,27 @@ def round_stochastic(
     `out` when given (w's shape and dtype; it may be w).
     """
     check_out(w, out)
-    t = units(w, grid, out)
-    if grid.step != 1:
-        # offset 1 on odd-multiple grids: lo = step·⌊(u − 1)/step⌋ + 1, t the position in
-        # level units (on step-1 grids t = u, and u − 0 and u/1 change no bit)
-        t.sub_(1.0).div_(float(grid.step))
+    t = level_units(units(w, grid, out), grid)
+    r = torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device)
+    return levels(stochastic_multiples_(t, r, grid, work), grid, w.dtype, out)
+
+
+def stochastic_multiples_(
+    t: torch.Tensor, r: torch.Tensor, grid: Grid, work: torch.Tensor | None = None
+) -> torch.Tensor:
+    """t (u clipped, in level units) replaced by the multiple m that `round_stochastic` picks
+    with the uniforms r ∈ [0, 1): m = lo + [r < t − lo] in level units, lo = ⌊t⌋.
+
+    Split from the draw so that a fused step (`qtrain.methods.fused`) computes the same m from
+    uniforms drawn by the same `torch.rand` call.
+    """
     lo = torch.floor(t, out=work)
     p = t.sub_(lo)
-    r = torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device)
     # r < p rounds up (a value clipped to the top level has p = 0 and stays); m lands in t
     m = torch.lt(r, p, out=p).add_(lo)
     if grid.step != 1:
         m.mul_(float(grid.step)).add_(1.0)
-    return levels(m, grid, w.dtype, out)
+    return m
 
 
 def quantize(

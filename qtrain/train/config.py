@@ -340,6 +340,11 @@ class RunConfig:
                     "resolved value")  # fmt: skip
     channels_last: bool = _key(True, "machine", "channels-last memory layout (images)", MACHINE)
     compile: bool = _key(False, "machine", "run the model through torch.compile", MACHINE)
+    fused_quant: str = _key("auto", "machine", "round quantized weights after each step in one "
+                            "compiled loop (the same numbers): on, off, or auto: compile once "
+                            "the eager steps have lost the compile time, if a compiler is "
+                            "found (qtrain.methods.fused)", MACHINE,
+                            values="auto, on or off")  # fmt: skip
     eval_batch_size: int = _key(1000, "machine", "evaluation minibatch", MACHINE)
     checkpoint_every_steps: int = _key(0, "machine", "also checkpoint every N steps (0: at "
                                        "epoch ends only)", MACHINE)  # fmt: skip

@@ -1,0 +1,268 @@
+"""A fused rounding step: BC's, SR's and R's passes over the flat buffer as one compiled loop.
+
+After the base step, the eager `QuantizedOptimizer` makes about a dozen elementwise passes over
+the flat buffer of quantized weights (docs/speed.md §7): for BC w_r ← clip(w_r),
+w_b ← s·Q_d(w_r/s) and the flip count Σ[w_b ≠ w_b_old]; for SR and R w_b ← s·Q(w_b/s) and the
+count. Each pass reads and writes the whole buffer. Here the same formulas, the very functions
+of `qtrain.quant.rounding`, are traced by `torch.compile`, whose inductor backend fuses them
+into one loop (C++ on the CPU, Triton on CUDA): one read of w_r (or w_b), one of the old w_b,
+one write of each, and the count summed in the same loop.
+
+What stays outside the compiled region, so that a run computes the same floats either way:
+
+- SR's uniforms r: drawn by the same `torch.rand` call with the same generator as the eager
+  path (one draw of the flat buffer's shape), then passed in, so every run keeps its stream;
+- the absmean scales s = mean|w_r| (a reduction whose summation order the compiler may change):
+  w_r is clipped and |w_r| taken in one compiled pass, the means stay eager.
+
+The flip count is Σ[old ≠ new] in integers (exact at any size, as `flips.count_changed`); with
+a measured scale it compares grid levels m = round(w/(s·Δ)) under the old and the new scales,
+as `QuantizedOptimizer._levels` does. Scales broadcast per tensor (0-dim s) or per output row
+((C,) s over a parameter whose rows are contiguous runs of the flat buffer: dim 0 outermost, as
+in contiguous and channels-last tensors); `segments` returns None for any other layout and the
+optimizer stays eager. Stochastic BC and dtypes narrower than their compute precision (float16,
+bfloat16) also stay eager. tests/test_fused_quant.py checks every routed combination bit for
+bit against the eager step.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from qtrain.base.errors import UserError
+from qtrain.methods.scales import FIXED, safe_divisor
+from qtrain.quant import Grid, compute_dtype, round_nearest
+from qtrain.quant.rounding import level_units, levels, stochastic_multiples_, units
+
+FUSED_QUANT = ("auto", "on", "off")
+Segments = tuple[tuple[int, int], ...]  # (numel, rows) per quantized parameter
+
+
+def check_fused_quant(value: str) -> str:
+    """`value` when it is one of FUSED_QUANT; one sentence naming them otherwise."""
+    if value not in FUSED_QUANT:
+        raise UserError(f"fused_quant must be one of {', '.join(FUSED_QUANT)}, got {value!r}")
+    return value
+
+
+def segments(params: list[torch.Tensor], per_row: bool) -> Segments | None:
+    """(numel, rows) of each parameter in the flat buffer: rows = C, its dim 0, for a per-row
+    scale (`absmean` on a tensor with ≥ 2 dims), else 1; None when such a tensor's rows are not
+    contiguous runs of the buffer (dim 0 not outermost)."""
+    out = []
+    for p in params:
+        rows = p.shape[0] if per_row and p.dim() >= 2 else 1
+        if rows > 1 and p.stride(0) != p.numel() // rows:
+            return None
+        out.append((p.numel(), rows))
+    return tuple(out)
+
+
+def compiler_found(device: torch.device) -> bool:
+    """Whether inductor has what it compiles with on `device`: a C++ compiler on the CPU
+    (inductor's configured one), Triton on CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    if device.type != "cpu":
+        return False
+    from torch._inductor import config
+
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, tuple) else (config.cpp.cxx,)
+    return any(name is not None and shutil.which(name) for name in names)
+
+
+def _per_segment(
+    x: torch.Tensor,
+    scales: list[torch.Tensor],
+    segs: Segments,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """fn(segment as (rows, numel/rows), its scale as (rows, 1)) for each parameter, joined
+    back into one flat tensor (inductor writes each part into its slice of one buffer)."""
+    parts, offset = [], 0
+    for (n, rows), s in zip(segs, scales, strict=True):
+        part = x[offset : offset + n].view(rows, n // rows)
+        parts.append(fn(part, s.reshape(rows, 1)).reshape(n))
+        offset += n
+    return torch.cat(parts)
+
+
+def _nearest_scaled(grid: Grid) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """s·Q_d(x/s) on one segment, as `QuantizedOptimizer._round` computes it."""
+
+    def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        u = x / safe_divisor(s)
+        return round_nearest(u, grid, out=u) * s
+
+    return fn
+
+
+def _stochastic(t: torch.Tensor, r: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Q_s(t) (t in units of Δ before clipping) with the uniforms r, as `round_stochastic`."""
+    u = level_units(units(t, grid, out=t), grid)
+    return levels(stochastic_multiples_(u, r, grid), grid, t.dtype, None)
+
+
+def _levels(w: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The grid multiple m of w = s·m·Δ (`QuantizedOptimizer._levels`), one segment."""
+    return (w / (safe_divisor(s) * grid.delta)).round()
+
+
+def bc_step(grid: Grid, scale: str, segs: Segments, count: bool) -> Callable:
+    """BC after the base step with a fixed scale: f(w_r, w_b, scales) clips w_r to the scaled
+    grid's range, writes w_b = s·Q_d(w_r/s) and returns Σ[w_b changed] (0 unless `count`)."""
+    nearest = _nearest_scaled(grid)
+
+    def clip(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return x.clamp(-(s * grid.hi), s * grid.hi)
+
+    def step(latent: torch.Tensor, wb: torch.Tensor, scales: list[torch.Tensor]):
+        if scale == "none":
+            clipped = latent.clamp(grid.lo, grid.hi)
+            new = round_nearest(clipped, grid)
+        else:
+            clipped = _per_segment(latent, scales, segs, clip)
+            new = _per_segment(clipped, scales, segs, nearest)
+        flips = (new != wb).sum() if count else None
+        latent.copy_(clipped)
+        wb.copy_(new)
+        return flips
+
+    return step
+
+
+def bc_measured_prepare(grid: Grid) -> Callable:
+    """BC with a measured scale, first pass: f(w_r, a) clips w_r to the unscaled range
+    [−MΔ, MΔ] in place and writes a = |w_r| (the absmean scales are its eager means)."""
+
+    def prepare(latent: torch.Tensor, a: torch.Tensor) -> None:
+        clipped = latent.clamp(grid.lo, grid.hi)
+        latent.copy_(clipped)
+        a.copy_(clipped.abs())
+
+    return prepare
+
+
+def bc_measured_step(grid: Grid, segs: Segments, count: bool) -> Callable:
+    """BC with a measured scale, second pass: f(w_r, w_b, scales, old_scales) writes
+    w_b = s·Q_d(w_r/s) and returns Σ[level changed] under the old and new scales."""
+    nearest = _nearest_scaled(grid)
+
+    def step(latent, wb, scales, old_scales):
+        new = _per_segment(latent, scales, segs, nearest)
+        flips = None
+        if count:
+            old_m = _per_segment(wb, old_scales, segs, lambda x, s: _levels(x, s, grid))
+            new_m = _per_segment(new, scales, segs, lambda x, s: _levels(x, s, grid))
+            flips = (old_m != new_m).sum()
+        wb.copy_(new)
+        return flips
+
+    return step
+
+
+def rounding_step(grid: Grid, scale: str, segs: Segments, stochastic: bool, count: bool):
+    """SR and R after the base step: f(w_b, old, r, scales) writes w_b = s·Q(w_b/s) (Q_s with
+    the uniforms r, else Q_d) and returns Σ[w_b ≠ old] (0 unless `count`)."""
+
+    def one(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        if stochastic:
+            return _stochastic(x.clone(), r, grid)
+        return round_nearest(x, grid)
+
+    def step(wb, old, r, scales):
+        if scale == "none":
+            new = one(wb, r)
+        else:
+            parts, offset = [], 0
+            for (n, rows), s in zip(segs, scales, strict=True):
+                x = wb[offset : offset + n].view(rows, n // rows)
+                rs = r[offset : offset + n].view(rows, n // rows) if stochastic else None
+                s = s.reshape(rows, 1)
+                parts.append((one(x / safe_divisor(s), rs) * s).reshape(n))
+                offset += n
+            new = torch.cat(parts)
+        flips = (new != old).sum() if count else None
+        wb.copy_(new)
+        return flips
+
+    return step
+
+
+def applies(mode: str, scale: str, dtype: torch.dtype, bc_stochastic: bool) -> bool:
+    """Whether a fused step exists for this optimizer (module doc): BC (deterministic), SR, R
+    on any grid and scale, in a dtype that is its own compute precision."""
+    if mode not in ("bc", "sr", "r") or (mode == "bc" and bc_stochastic):
+        return False
+    if mode != "bc" and scale not in FIXED:
+        return False
+    return dtype == compute_dtype(dtype)
+
+
+# What `fused_quant = "auto"` weighs (docs/speed.md §7; one thread of a 2-core AVX-512 EPYC,
+# torch 2.13.0+cpu, the 786,432 quantized weights of the 4x128 GPT): inductor's first
+# compilation of a step takes up to ~8 s (less when its on-disk cache holds the kernels), and
+# the fused step saves these nanoseconds per quantized weight and step against the eager one.
+# SR saves least: its uniforms are drawn by the eager `torch.rand` call either way.
+COMPILE_SECONDS = 8.0
+SAVED_NS_PER_WEIGHT = {"bc": 4.5, "sr": 0.5, "r": 1.3}
+
+
+def pays(mode: str, numel: int, steps: int) -> bool:
+    """Whether `fused_quant = "auto"` compiles now, after `steps` eager steps over `numel`
+    quantized weights: once the time the eager steps have lost against the fused ones reaches
+    what compiling costs. A run never knows how long it will last, and so (as when renting
+    until the rent paid equals the price of buying) it spends at most about twice the better
+    of compiling at the start and never compiling; a short run (a demo) never compiles."""
+    return steps * numel * SAVED_NS_PER_WEIGHT[mode] * 1e-9 >= COMPILE_SECONDS
+
+
+class FusedSteps:
+    """The compiled steps of one optimizer on one device and dtype, built on first use.
+
+    A step that cannot be compiled is not tried again: the optimizer takes its eager step from
+    then on (the same numbers), silently under `fused_quant = "auto"` and with one warning
+    under "on".
+    """
+
+    def __init__(self, announce: bool) -> None:
+        self.announce = announce
+        self.failed = False
+        self._compiled: dict[str, Callable] = {}
+
+    def ready(self, name: str) -> bool:
+        """Whether `name` has been compiled already (a call then cannot fail to compile)."""
+        return name in self._compiled
+
+    def run(self, name: str, build: Callable[[], Callable], *args) -> tuple[bool, object]:
+        """(True, the compiled `name`'s result on args), or (False, None) with nothing written
+        when it cannot be compiled."""
+        from torch._dynamo.exc import TorchDynamoException
+
+        if self.failed:
+            return False, None
+        fn = self._compiled.get(name)
+        if fn is None:
+            fn = torch.compile(build(), fullgraph=True, dynamic=False)
+        try:
+            result = fn(*args)
+        except TorchDynamoException as error:  # the compiler's failure: stay eager
+            self.failed = True
+            self.warn(str(error).strip().splitlines()[0] if str(error).strip() else "")
+            return False, None
+        self._compiled[name] = fn
+        return True, result
+
+    def warn(self, reason: str) -> None:
+        if self.announce:
+            warnings.warn(
+                f"fused_quant = 'on' cannot compile the rounding step ({reason[:160]}); "
+                "training continues with the eager step, which computes the same numbers",
+                stacklevel=4,
+            )
