@@ -2,7 +2,7 @@
 plain float loop written the way nanoGPT's train.py writes it.
 
     python benchmarks/bench_lm.py [--data-dir ../shared/data/tinyshakespeare] [--rounds 9]
-        [--steps 20] [--threads 1] [--grid ternary]
+        [--steps 20] [--threads 1] [--grid ternary] [--fused] [--device cpu]
 
 Model and batch: nanoGPT's CPU baby GPT (4 layers, 4 heads, width 128, context 64, batch 12,
 dropout 0; the preset gpt-shakespeare). Variants:
@@ -12,7 +12,11 @@ dropout 0; the preset gpt-shakespeare). Variants:
   backward, clip_grad_norm_(1.0), torch.optim.AdamW(β = (0.9, 0.99), weight decay 0.1 on the
   matrices only), the learning rate set by hand each step. No qtrain code runs in the step.
 - FP-ADAMW, BC-ADAMW, SR-ADAMW: qtrain's own trainer loop (`Trainer._train_epoch`, `steps`
-  steps per round; the block projections quantized for BC/SR, absmean-tensor / he scales).
+  steps per round; the block projections quantized for BC/SR, absmean-tensor / he scales),
+  with the eager rounding step (fused_quant = "off").
+- with --fused also BC-ADAMW fused, SR-ADAMW fused: the same with fused_quant = "on" (the
+  rounding step as one compiled loop, `qtrain.methods.fused`); the time their untimed warm-up
+  round took beyond a timed round is printed as the compile time paid once.
 
 Rounds are interleaved (nanoGPT, FP, BC, SR, nanoGPT, …) so that drift in the machine's speed
 hits every variant alike; medians and their ratios are printed. The target is that
@@ -25,6 +29,7 @@ import argparse
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +55,7 @@ DEFAULT_DATA_DIR = next(
 )
 CELLS = {"FP-ADAMW": ("fp-adamw", "none"), "BC-ADAMW": ("bc-adamw", "absmean-tensor"),
          "SR-ADAMW": ("sr-adamw", "he")}  # fmt: skip
+FUSED = ("BC-ADAMW", "SR-ADAMW")  # the cells --fused adds a compiled-rounding variant of
 
 
 def text_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
@@ -64,13 +70,32 @@ def text_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
 
 
 def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path, steps: int,
-                 run_dir: Path):  # fmt: skip
+                 run_dir: Path, device: str, fused: str):  # fmt: skip
     config = RunConfig(**{**preset, "method": method, "scale": scale,
                           "grid": "binary" if method.startswith("fp") else grid,
                           "data_dir": str(folder), "eval_every": steps, "max_steps": 10**9,
-                          "device": "cpu"})  # fmt: skip
+                          "device": device, "fused_quant": fused})  # fmt: skip
     trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
-    return lambda r: trainer._train_epoch(TrainState(epoch=r))
+
+    def run(r: int) -> None:
+        trainer._train_epoch(TrainState(epoch=r))
+        if trainer.device.type == "cuda":  # the round's kernels are done when it is timed
+            torch.cuda.synchronize()
+
+    return run
+
+
+def timed_first(run):
+    """`run` and a list that receives the seconds of its first call (the warm-up round)."""
+    first: list[float] = []
+
+    def wrapped(r: int) -> None:
+        start = time.perf_counter()
+        run(r)
+        if not first:
+            first.append(time.perf_counter() - start)
+
+    return wrapped, first
 
 
 def nanogpt_round(preset: dict, folder: Path, steps: int):
@@ -126,19 +151,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", default="ternary", help="grid of BC and SR (binary, ternary)")
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="also BC and SR with the compiled rounding step (fused_quant = on)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the nanoGPT loop: cpu)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = load_toml("gpt-shakespeare")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         folder, source = text_folder(args.data_dir, scratch)
-        variants = {"nanoGPT loop": nanogpt_round(preset, folder, args.steps)}
+        variants = {}
+        if args.device == "cpu":
+            variants["nanoGPT loop"] = nanogpt_round(preset, folder, args.steps)
+        firsts = {}
         for label, (method, scale) in CELLS.items():
             variants[label] = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
-                                           scratch / label)  # fmt: skip
+                                           scratch / label, args.device, "off")  # fmt: skip
+        for label in FUSED if args.fused else ():
+            method, scale = CELLS[label]
+            run = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
+                               scratch / f"{label}-fused", args.device, "on")  # fmt: skip
+            variants[f"{label} fused"], firsts[f"{label} fused"] = timed_first(run)
         times = interleave(variants, args.rounds)
     tokens = args.steps * preset["batch_size"] * preset["block_size"]
-    fp, plain = median(times["FP-ADAMW"]), median(times["nanoGPT loop"])
+    fp = median(times["FP-ADAMW"])
+    plain = median(times["nanoGPT loop"]) if "nanoGPT loop" in times else math.nan
     print(f"GPT {preset['n_layer']}x{preset['n_embd']}, batch {preset['batch_size']} x "
           f"{preset['block_size']}, {args.steps} steps a round, {args.rounds} rounds, "
           f"grid {args.grid}; {source}")  # fmt: skip
@@ -149,6 +189,9 @@ def main() -> None:
         m = median(seconds)
         print(f"{name:14s} {m:15.3f} {tokens / m:10.0f} {100 * (m / fp - 1):+11.1f}% "
               f"{100 * (m / plain - 1):+10.1f}%")  # fmt: skip
+    for name, first in firsts.items():
+        print(f"{name}: compile time paid once (warm-up round minus the median round) "
+              f"{first[0] - median(times[name]):.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

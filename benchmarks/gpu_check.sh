@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU check, under 12 minutes on one H100/H200-class GPU: the CUDA tests, then VGG-9 BC-ADAM on
-# CIFAR-10 with bf16 autocast, channels_last and torch.compile (benchmarks/gpu_check.py), then
+# GPU check, under 15 minutes on one H100/H200-class GPU: the CUDA tests, the compiled run and
+# the fused rounding step (fused_quant) against eager on CUDA, then VGG-9 BC-ADAM on CIFAR-10
+# with bf16 autocast, channels_last and torch.compile (benchmarks/gpu_check.py), the GPT's
+# quantization overhead eager and fused (benchmarks/bench_lm.py --device cuda --fused), then
 # qtrain against Brevitas on the GPU (skipped with a message when brevitas is not installed),
 # then `qtrain speedrun` on CUDA: speednet with binary conv weights, seconds to 90% and 94%
 # test accuracy (docs/speedrun.md).
@@ -19,11 +21,19 @@ echo "== CUDA tests"
 timeout 180 python -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py \
   tests/test_data_loader.py tests/test_resume_generators.py tests/test_methods_invariants.py
 
+echo "== torch.compile on CUDA: a compiled run against the eager run, and the fused rounding"
+echo "   step (fused_quant, Triton) against the eager step bit for bit"
+timeout 240 python -m pytest -q -p no:cacheprovider tests/test_compiled_step.py \
+  tests/test_fused_quant.py -k "cuda"
+
 echo "== memory: the estimate of a step against torch.cuda.max_memory_allocated"
 timeout 120 python -m pytest -q -p no:cacheprovider tests/test_memory_estimate.py -k cuda
 
 echo "== VGG-9 BC-ADAM, bf16 autocast, channels_last, torch.compile"
 timeout 300 python benchmarks/gpu_check.py "$@"
+
+echo "== GPT 4x128 on CUDA: BC-ADAMW and SR-ADAMW eager and fused against FP-ADAMW"
+timeout 240 python benchmarks/bench_lm.py --device cuda --fused --rounds 5
 
 echo "== qtrain vs Brevitas on the GPU, VGG-9 width 1"
 timeout 120 python benchmarks/bench_brevitas.py --device cuda --width 1.0 --chunk 20 "$@"

@@ -23,6 +23,7 @@ from qtrain.train.trainer import Trainer
 
 TOLERANCE = 1e-4  # relative for losses; relative and absolute for weights (module doc)
 STEPS = 4
+CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +36,24 @@ def inductor() -> None:
 
 
 def run(tmp_path, name: str, **changes) -> Trainer:
-    config = RunConfig(model="tiny_cnn", dataset="synthetic", method="bc-adam", epochs=1,
-                       batch_size=32, max_steps=STEPS, device="cpu", amp="off", threads=1,
-                       eval_batch_size=128, fused_quant="off", **changes)  # fmt: skip
+    values = dict(model="tiny_cnn", dataset="synthetic", method="bc-adam", epochs=1,
+                  batch_size=32, max_steps=STEPS, device="cpu", amp="off", threads=1,
+                  eval_batch_size=128, fused_quant="off")  # fmt: skip
+    config = RunConfig(**{**values, **changes})
     trainer = Trainer(config, tmp_path / name, log=lambda *a: None, progress=False)
     trainer.metrics = trainer.run()
     return trainer
 
 
 @pytest.mark.slow
-def test_a_compiled_run_trains_as_the_eager_run(tmp_path, inductor):
-    eager = run(tmp_path, "eager")
-    compiled = run(tmp_path, "compiled", compile=True)
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))]
+)
+def test_a_compiled_run_trains_as_the_eager_run(tmp_path, inductor, device):
+    """On CUDA with fused_quant = "on" in the compiled run too (benchmarks/gpu_check.sh)."""
+    eager = run(tmp_path, "eager", device=device)
+    fused = "on" if device == "cuda" else "off"
+    compiled = run(tmp_path, "compiled", compile=True, device=device, fused_quant=fused)
     assert compiled.forward_model is not compiled.model  # the compiled wrapper trained
     for key in ("train_loss", "test_loss"):
         a, b = eager.metrics[-1][key], compiled.metrics[-1][key]

@@ -21,6 +21,7 @@ from qtrain.base.errors import UserError
 from qtrain.methods import fused, optimizer
 from qtrain.quant import parse_grid
 
+CUDA = torch.cuda.is_available()
 CASES = [  # every method, both grids, per-tensor and per-row, fixed and measured scales
     ("bc-adam", "ternary", "absmean"),
     ("bc-adam", "binary", "absmean-tensor"),
@@ -63,9 +64,9 @@ def tiny_net() -> nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
-def train(method, grid, scale, fused_quant, steps=4, net=None, opt=None, seed=7):
+def train(method, grid, scale, fused_quant, steps=4, net=None, opt=None, seed=7, device="cpu"):
     """`steps` Adam steps on a seeded regression; returns (net, optimizer, losses)."""
-    net = net or tiny_net()
+    net = net or tiny_net().to(device)
     # R moves a weight only when one step crosses half a spacing: a larger step makes it flip
     lr = 0.5 if method.startswith("r-") else 0.05
     opt = opt or methods.create(method, net, lr, grid=grid, scale=scale, policy="all", seed=1,
@@ -73,12 +74,13 @@ def train(method, grid, scale, fused_quant, steps=4, net=None, opt=None, seed=7)
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        x = torch.randn(8, 2, 4, 4, generator=g).to(next(net.parameters()).dtype)
+        x = torch.randn(8, 2, 4, 4, generator=g)
+        x = x.to(next(net.parameters()).device, next(net.parameters()).dtype)
         loss = (net(x) - 1).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.detach())
+        losses.append(loss.detach().cpu())
     return net, opt, losses
 
 
@@ -105,6 +107,16 @@ def test_fused_steps_equal_the_eager_steps_bit_for_bit(inductor, method, grid, s
     fused_run = train(method, grid, scale, "on")
     assert fused_run[1]._fused is not None and not fused_run[1]._fused.failed  # it compiled
     assert eager[1]._fused is None
+    assert_same_run(eager, fused_run)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("method", "grid", "scale"), [CASES[0], CASES[1], CASES[4], CASES[6]])
+def test_fused_steps_on_cuda_equal_the_eager_steps_bit_for_bit(method, grid, scale):
+    """Triton's kernels against ATen's on the GPU (benchmarks/gpu_check.sh runs this)."""
+    eager = train(method, grid, scale, "off", device="cuda")
+    fused_run = train(method, grid, scale, "on", device="cuda")
+    assert fused_run[1]._fused is not None and not fused_run[1]._fused.failed
     assert_same_run(eager, fused_run)
 
 
