@@ -7,9 +7,11 @@ import warnings
 
 import pytest
 import torch
+from test_export_scales import level_scaled
 from torch import nn
 
-from qtrain.export.unpack_graph import PackedWeight, pack_into_model
+from qtrain.export.scales import scaled_codes
+from qtrain.export.unpack_graph import PackedWeight, level_table, pack_into_model, packed_weights
 from qtrain.quant import parse_grid
 
 GRIDS = ["binary", "ternary", "2bit", "3bit", "4bit", "8bit"]
@@ -97,3 +99,18 @@ def test_packing_a_name_that_is_not_a_parameter_is_refused():
     )
     with pytest.raises(ValueError, match="not a parameter"):
         pack_into_model(model, {"0.bias_typo": packed})
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+def test_a_weight_scaled_as_levels_keeps_the_grids_levels_and_unpacks_exactly(per_channel):
+    """A 2-bit weight that only the levels restore: the table holds L(m) = fl(m·Δ_g), the
+    scale s, and PyTorch and onnxruntime both rebuild the weight bit for bit."""
+    pytest.importorskip("onnx")
+    grid = parse_grid("2bit")
+    weight, _ = level_scaled((6, 4, 3, 3), grid, per_channel=per_channel)
+    packed = packed_weights({"w": weight}, grid)["w"]
+    found = scaled_codes(weight, grid)
+    assert torch.equal(packed.levels, level_table(grid, grid.delta))
+    assert torch.equal(packed.scale.reshape(-1), found.scale)
+    assert torch.equal(packed(), weight)
+    assert torch.equal(run_onnx(_Emit(packed), torch.zeros(())), weight)

@@ -165,14 +165,15 @@ def _bit_layer(name, module, model, quantized, grid, record) -> tuple[BitLayer |
     if module.out_features % VALUES_PER_BYTE:
         return None, (f"{inner} has {module.out_features} outputs, and BitLinear stores them "
                       f"{VALUES_PER_BYTE} to a byte row")  # fmt: skip
+    # on ternary() (Δ_g = 1) levels and multiples are the same numbers, so what the scale
+    # multiplies does not matter here
     scaled = scaled_codes(module.weight.detach(), ternary())
-    if scaled is None or scaled[1].numel() != 1:
+    if scaled is None or scaled.scale.numel() != 1:
         scale = record["method"].get("scale", "none")
         return None, (f"scale {scale!r} gives each output row of {inner} its own scale, and "
                       "transformers' bitnet format holds one weight_scale per tensor")  # fmt: skip
-    codes, scale = scaled
-    values = (codes - 1).to(torch.int8).reshape(module.weight.shape)
-    return BitLayer(values, float(scale[0]), module.weight.dtype), ""
+    values = (scaled.codes - 1).to(torch.int8).reshape(module.weight.shape)
+    return BitLayer(values, float(scaled.scale[0]), module.weight.dtype), ""
 
 
 # -- packing --------------------------------------------------------------------------------

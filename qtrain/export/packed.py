@@ -14,7 +14,8 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
       every other entry of model.state_dict()  as it is (BN weights and running statistics,
                                             num_batches_tracked, linear layers, biases)
     __metadata__ = {"qtrain": one JSON string, "qtrain_crc32": CRC-32 of that string} holding
-      format "qtrain-packed", format_version 3 (4 with "act_quant"), qtrain_version
+      format "qtrain-packed", format_version 3 (4 with "act_quant", 5 with "scale_of"),
+      qtrain_version
       model      {"name", "num_classes", "width", "in_channels", "activations"}: the network
                  (with "options" for a text model's size, "vocab" for its characters, and
                  "act_quant", {"bits", "norm", "modules"}, for a run with act_bits:
@@ -23,7 +24,8 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
       method     {"name", "grid": Grid.to_dict(), "policy", "scale"}
       quantized  {name: {"shape": [...], "dtype": "float32", "code_bits": b}} in model order,
                  plus, for a weight stored with scales, "scale": "tensor" (one, [1]) or
-                 "channel" (one per output channel, [C])
+                 "channel" (one per output channel, [C]), and "scale_of": "levels" when
+                 the scales multiply the grid's levels L(m) rather than the multiples m
       config     the training run's configuration without its machine keys (data folder,
                  device, threads, ...): nothing of the training machine travels along, and
                  every identity key (amp included) does
@@ -32,19 +34,24 @@ A packed file is a standard safetensors file (no pickle, so loading never runs c
 
 A weight is restored as grid.from_codes(codes, dtype).reshape(shape), or, when it is stored
 with scales (weights trained with a scaled grid: he, absmean, absmean-tensor), as m·Δ, channel
-c as m·Δ_c (`qtrain.export.scales`). That is the exact value it had, because export refuses
-weights that are neither exactly on the grid nor exactly on it with one scale or one scale per
-output channel; so a model loaded from a packed file computes bit-identical outputs to the
-checkpoint's model (activation quantization included: it is part of the model).
+c as m·Δ_c, or with "scale_of": "levels" as L(m)·s_c, L(m) = m·Δ_g the grid's level rounded
+to float32 as training rounds it (`qtrain.export.scales`: on a k-bit grid fl(3·fl(Δ_g·s)) may
+miss fl(fl(3·Δ_g)·s) by one ulp, so only the levels restore such a weight). That is the exact
+value it had, because export refuses weights that are neither exactly on the grid nor exactly
+on it with one scale or one scale per output channel; so a model loaded from a packed file
+computes bit-identical outputs to the checkpoint's model (activation quantization included:
+it is part of the model).
 Everything is validated on load, the checksums first (safetensors has none, and a flipped
 bit in a float tensor would otherwise pass unnoticed); a problem raises `PackedFormatError`
 naming it and the fix. The header's own CRC-32 covers every byte of the JSON string, so an
 edited value (a grid's Δ, a model's width) is refused like a damaged tensor. Older files are
 still read: format version 2 stored every scale per channel, also C equal ones ("scale" is
 never "tensor" there), and version 1 (qtrain 0.1) has no header checksum either; their
-tensors are checked as always. Version 4 is written only for a model with "act_quant", so that
-a reader of version 3, which would build the model without its activation quantizers, refuses
-the file instead of computing other numbers; every other file is still written as version 3.
+tensors are checked as always. A file's version is that of the newest feature it uses, so that
+an older reader refuses it instead of computing other numbers: version 5 when any weight has
+"scale_of" (a reader of version 3 or 4 would multiply the scale by m), else version 4 for a
+model with "act_quant" (a reader of version 3 would build it without its activation
+quantizers), else version 3. "scale_of" in a file of version < 5 is refused.
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ from qtrain.base.errors import UserError
 from qtrain.base.io import atomic_write_bytes
 from qtrain.base.optional import require
 from qtrain.export.packing import pack_codes, packed_nbytes, unpack_codes
-from qtrain.export.scales import scaled_codes, weight_from_codes
+from qtrain.export.scales import LEVELS, MULTIPLES, scaled_codes, weight_from_codes
+from qtrain.methods import parse_method
 from qtrain.models.act_quant import apply_act_quant
 from qtrain.quant import Grid
 from qtrain.train.checkpoint import config_problem
@@ -73,8 +81,9 @@ from qtrain.train.rebuild import BUILD_ERRORS, build_failure, build_model
 FORMAT = "qtrain-packed"
 FORMAT_VERSION = 3
 ACT_QUANT_VERSION = 4  # a model with activation quantization ("act_quant")
+LEVEL_SCALE_VERSION = 5  # a weight whose scale multiplies the grid's levels ("scale_of")
 # version 2: scales per channel only; version 1: no header checksum either (qtrain 0.1)
-READABLE_VERSIONS = (1, 2, 3, 4)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 SCALE_KINDS = ("channel", "tensor")  # one scale per output channel, one for the whole tensor
 METADATA_KEY = "qtrain"
 HEADER_CRC_KEY = "qtrain_crc32"
@@ -113,11 +122,11 @@ def save_packed(path: str | Path, record: dict) -> None:
                 f"the checkpoint lists quantized parameter {name!r}, which model "
                 f"{record['model']['name']!r} does not have; the checkpoint is damaged"
             )
-        packed, quantized[name] = _pack_weight(name, state[name], grid)
+        packed, quantized[name] = _pack_weight(name, state[name], grid, record["method"])
         tensors.update(packed)
     header = {
         "format": FORMAT,
-        "format_version": ACT_QUANT_VERSION if "act_quant" in record["model"] else FORMAT_VERSION,
+        "format_version": _format_version(record["model"], quantized),
         "qtrain_version": qtrain.__version__,
         "model": record["model"],
         "method": record["method"],
@@ -128,6 +137,15 @@ def save_packed(path: str | Path, record: dict) -> None:
     }
     data = safetensors.torch.save(tensors, metadata=packed_metadata(header))
     atomic_write_bytes(path, sorted_metadata(data))
+
+
+def _format_version(model: dict, quantized: dict) -> int:
+    """The version of the newest feature the file uses, so that an older reader refuses a file
+    it would restore to other numbers (a model without its activation quantizers, or weights
+    scaled as multiples that were scaled as levels)."""
+    if any(entry.get("scale_of") == LEVELS for entry in quantized.values()):
+        return LEVEL_SCALE_VERSION
+    return ACT_QUANT_VERSION if "act_quant" in model else FORMAT_VERSION
 
 
 def tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -189,13 +207,13 @@ def _is_local_path(value: object) -> bool:
 
 
 def _pack_weight(
-    name: str, weight: torch.Tensor, grid: Grid
+    name: str, weight: torch.Tensor, grid: Grid, method: dict
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """({name: packed uint8 codes[, name:scale: Δ [1] or Δ_c [C]]}, metadata entry) of a weight.
+    """({name: packed uint8 codes[, name:scale: [1] or [C]]}, metadata entry) of a weight.
 
-    Codes on the record's grid when the weight is exactly on it, else codes and one scale when
-    the whole weight is exactly on the grid with one Δ, else codes and scales when every output
-    channel is exactly on the grid with its own Δ_c.
+    Codes on the record's grid when the weight is exactly on it, else codes and scales
+    (`qtrain.export.scales.scaled_codes`: one or one per output channel, multiplying the
+    multiples m or, entry "scale_of": "levels", the grid's levels).
     """
     if not grid.bounded:
         raise PackedFormatError(
@@ -212,17 +230,42 @@ def _pack_weight(
     entry = {"shape": list(weight.shape), "dtype": dtype, "code_bits": grid.code_bits}
     if grid.contains(weight):
         return {name: pack_codes(grid.to_codes(weight), grid.code_bits)}, entry
-    scaled = scaled_codes(weight, grid)
-    if scaled is None:  # restoring from codes (with any scales) would change the weight
-        raise PackedFormatError(
-            f"quantized parameter {name!r} is not exactly on the grid {grid.describe()}, nor on "
-            "it with one scale per output channel, so it cannot be packed without changing the "
-            "model; export a checkpoint written by a quantized method (bc, sr or r), not a "
-            "full-precision one"
+    found = scaled_codes(weight, grid)
+    if found is None:  # restoring from codes (with any scales) would change the weight
+        raise _off_grid(name, grid, method)
+    packed = {
+        name: pack_codes(found.codes, grid.code_bits),
+        name + SCALE_SUFFIX: found.scale.contiguous(),
+    }
+    entry["scale"] = "tensor" if found.scale.numel() == 1 else "channel"
+    if found.scale_of == LEVELS:  # absent for multiples, so those entries stay as they were
+        entry["scale_of"] = LEVELS
+    return packed, entry
+
+
+def _off_grid(name: str, grid: Grid, method: dict) -> PackedFormatError:
+    """The refusal of a weight that no codes restore: a full-precision run never put it on the
+    grid; a quantized run did, so its checkpoint was changed after training."""
+    where = (
+        f"quantized parameter {name!r} is not exactly on the grid {grid.describe()}, nor on it "
+        "with one scale per tensor or per output channel"
+    )
+    try:
+        full_precision = parse_method(method.get("name", "")).mode == "fp"
+    except ValueError:
+        full_precision = False
+    if full_precision:
+        return PackedFormatError(
+            f"{where}: method {method['name']!r} trains in full precision, so its weights "
+            "cannot be packed; export a checkpoint written by a quantized method (bc, sr or r)"
         )
-    codes, scale = scaled
-    packed = {name: pack_codes(codes, grid.code_bits), name + SCALE_SUFFIX: scale.contiguous()}
-    return packed, {**entry, "scale": "tensor" if scale.numel() == 1 else "channel"}
+    return PackedFormatError(
+        f"{where}, although method {method.get('name')!r} keeps its weights there, so the "
+        "checkpoint was changed after training; export it with {format} and {onnx_weights}, "
+        "which stores the weights as they are",
+        format="format=onnx",
+        onnx_weights="onnx_weights=float",
+    )
 
 
 def is_packed_file(path: str | Path) -> bool:
@@ -270,13 +313,13 @@ def read_packed(path: str | Path) -> tuple[nn.Module, dict]:
     _check_names(path, set(stored) - scales, set(expected), set(header["quantized"]))
     _check_crc32(path, stored, header["crc32"])
     _check_scale_names(path, scales, header["quantized"])
-    state = {}
+    state, version = {}, header["format_version"]
     for name, reference in expected.items():
         entry = header["quantized"].get(name)
         tensor = (
             stored[name]
             if entry is None
-            else _unpack_weight(path, name, stored[name], entry, grid, stored)
+            else _unpack_weight(path, name, stored[name], entry, grid, stored, version)
         )
         if tensor.shape != reference.shape or tensor.dtype != reference.dtype:
             raise PackedFormatError(
@@ -445,7 +488,13 @@ def _check_crc32(path: Path, stored: dict[str, torch.Tensor], checksums: dict) -
 
 
 def _unpack_weight(
-    path: Path, name: str, packed: torch.Tensor, entry: object, grid: Grid, stored: dict
+    path: Path,
+    name: str,
+    packed: torch.Tensor,
+    entry: object,
+    grid: Grid,
+    stored: dict,
+    version: int,
 ) -> torch.Tensor:
     """The float weight that one packed tensor (with its scales) and its entry describe."""
     if not (
@@ -462,6 +511,7 @@ def _unpack_weight(
             f"shape, a float dtype, code_bits {grid.code_bits} and no scale other than "
             f"{' or '.join(map(repr, SCALE_KINDS))}); {REEXPORT}"
         )
+    _check_scale_of(path, name, entry, version)
     count = math.prod(entry["shape"])
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise PackedFormatError(
@@ -500,7 +550,25 @@ def _unpack_weight(
             f"{path}: the scales of quantized tensor {name!r} are not {scales} finite float "
             f"value(s) >= 0 ({each}); {REEXPORT}"
         )
-    return weight_from_codes(codes, scale, grid, entry["shape"], dtype)
+    scale_of = entry.get("scale_of", MULTIPLES)
+    return weight_from_codes(codes, scale, grid, entry["shape"], dtype, scale_of)
+
+
+def _check_scale_of(path: Path, name: str, entry: dict, version: int) -> None:
+    """A "scale_of" key only as written: "levels", on a scaled weight, from version 5 on."""
+    if "scale_of" not in entry:
+        return
+    if version < LEVEL_SCALE_VERSION:
+        raise PackedFormatError(
+            f"{path} has format version {version} but quantized tensor {name!r} declares "
+            f"'scale_of', which version {LEVEL_SCALE_VERSION} introduced; {REEXPORT}"
+        )
+    if entry["scale_of"] != LEVELS or "scale" not in entry:
+        declared = str(entry["scale_of"])[:40]
+        raise PackedFormatError(
+            f"{path}: quantized tensor {name!r} declares 'scale_of' {declared!r}, which only a "
+            f"scaled tensor has, as {LEVELS!r}; {REEXPORT}"
+        )
 
 
 def _safetensors():

@@ -256,7 +256,7 @@ def _scale_nbytes(weight: torch.Tensor, grid: Grid, scale: str | None) -> int:
             return 0
         found = scaled_codes(weight, grid)
         # a weight export refuses counts one scale per channel, as the nearest storable
-        count = found[1].numel() if found else (weight.shape[0] if weight.dim() else 1)
+        count = found.scale.numel() if found else (weight.shape[0] if weight.dim() else 1)
     elif scale == "none":
         return 0
     else:

@@ -11,10 +11,11 @@ runs the file as it is while the file stores 1 bit per binary weight:
     code[i]   = Σ_j bits[i·b + j]·2^j                            j < b
     w         = (levels[code] ⊙ scale).reshape(shape)           levels = grid multiples m
 
-`scale` is Δ for a fixed grid, or for a scaled one the scale export reads back from the
-weight (`qtrain.export.scales`): one Δ for the whole tensor (0-dim) or one Δ_c per output
-channel ([C_out, 1, …]); m·Δ is one float32 product, the same one rounding produces, so the
-rebuilt weight is bit-identical to the trained one.
+`scale` is 1 for a fixed grid (levels = its levels m·Δ), or for a scaled one the scale export
+reads back from the weight (`qtrain.export.scales`): one Δ for the whole tensor (0-dim) or one
+Δ_c per output channel ([C_out, 1, …]), with levels = m, or, for a weight that only restores
+as the grid's levels times a scale, levels = fl(m·Δ_g) and scale s. Either is one float32
+product that reproduces the trained weight, so the rebuilt weight is bit-identical to it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from qtrain.base.errors import UserError
 from qtrain.export.packing import pack_codes
-from qtrain.export.scales import scaled_codes
+from qtrain.export.scales import MULTIPLES, scaled_codes
 from qtrain.quant import Grid
 
 
@@ -88,9 +89,10 @@ def packed_weights(weights: dict[str, torch.Tensor], grid: Grid) -> dict[str, Pa
     """A `PackedWeight` for every named weight on `grid`, or on `grid` scaled.
 
     A weight on the grid itself keeps its levels m·Δ in the table and scale 1; a weight on a
-    scaled grid (`qtrain.export.scales`) keeps m in the table and as its scale one Δ (0-dim)
-    when one restores the whole tensor, else Δ_c per output channel [C, 1, …]. Anything else
-    raises ValueError: it would not be restored exactly.
+    scaled grid (`qtrain.export.scales`) keeps m in the table (the grid's levels fl(m·Δ_g)
+    when its scale multiplies those) and as its scale one Δ (0-dim) when one restores the
+    whole tensor, else Δ_c per output channel [C, 1, …]. Anything else raises ValueError: it
+    would not be restored exactly.
     """
     if not grid.bounded:
         raise UserError(
@@ -111,11 +113,12 @@ def packed_weights(weights: dict[str, torch.Tensor], grid: Grid) -> dict[str, Pa
                     "scale or one per output channel); export with {onnx_weights}",
                     onnx_weights="onnx_weights=float",
                 )
-            codes, found_scale = found
-            table = level_table(grid, 1.0)
-            if found_scale.numel() == 1:
-                scale = found_scale.reshape(())
+            codes = found.codes
+            # the table holds what the scale multiplies: m, or the grid's levels fl(m·Δ_g)
+            table = level_table(grid, 1.0 if found.scale_of == MULTIPLES else grid.delta)
+            if found.scale.numel() == 1:
+                scale = found.scale.reshape(())
             else:
-                scale = found_scale.reshape(-1, *([1] * (w.dim() - 1)))
+                scale = found.scale.reshape(-1, *([1] * (w.dim() - 1)))
         packed[name] = PackedWeight(codes.reshape(w.shape), grid.code_bits, table, scale)
     return packed
