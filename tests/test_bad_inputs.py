@@ -255,6 +255,17 @@ def foreign_torch_file(folder, trained, monkeypatch):
     torch.save({"weight": torch.ones(3)}, folder / "w.pt")
 
 
+def checkpoint_weight_edited(folder, trained, monkeypatch):
+    """One quantized weight of the run's checkpoint scaled by 1.5: off its grid, with or
+    without scales, as no quantized method leaves it."""
+    with_run(folder, trained, monkeypatch)
+    path = folder / "run" / rundir.CHECKPOINT
+    record = torch.load(path, weights_only=True)
+    weight = record["model_state"][record["quantized"][0]]
+    weight[(0,) * weight.dim()] *= 1.5
+    torch.save(record, path)
+
+
 def packed_truncated(folder, trained, monkeypatch):
     packed = (trained.parent / "model.safetensors").read_bytes()
     (folder / "m.safetensors").write_bytes(packed[:2000])
@@ -425,6 +436,9 @@ CASES = [
          "opset must be >= 17", with_run),
     Case("export", "output inside a file", "export run --format packed --out taken/m",
          "taken is a file where a folder is needed", then(with_run, write("taken", b"x"))),
+    Case("export", "a quantized run's weight changed after training",
+         "export run --format packed --out m", "so the checkpoint was changed after training",
+         checkpoint_weight_edited),
     Case("export", "truncated packed file", "summary m.safetensors",
          "m.safetensors is not a readable safetensors file",
          packed_truncated),
