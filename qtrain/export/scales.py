@@ -112,7 +112,10 @@ def _level_codes(
     """
     multiples = torch.zeros_like(target, dtype=torch.int64)
     scale = torch.full(smallest.shape, torch.nan, dtype=smallest.dtype)
+    ratio = w.abs().amax(dim=1) / torch.where(smallest > 0, smallest, 1.0)
     for j in range(1, grid.max_multiple + 1, grid.step):
+        if not bool((scale.isnan() & (j * ratio <= grid.max_multiple + 0.5)).any()):
+            break  # every open row's largest m would pass M from this j on
         candidate, valid = _multiples(w, smallest, j, grid)
         rows = scale.isnan() & valid
         if bool(rows.any()):
