@@ -179,7 +179,7 @@ def test_auto_without_a_compiler_stays_eager_silently_and_on_says_so(monkeypatch
     from torch._inductor import config
 
     monkeypatch.setattr(config.cpp, "cxx", ("no-such-compiler-for-qtrain",))
-    monkeypatch.setattr(optimizer, "pays", lambda mode, numel, steps: True)  # as on a long run
+    monkeypatch.setattr(optimizer, "pays", lambda *args: True)  # as on a long run
     eager = train("sr-adam", "ternary", "he", "off", steps=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -196,12 +196,14 @@ def test_auto_without_a_compiler_stays_eager_silently_and_on_says_so(monkeypatch
 
 def test_auto_compiles_once_the_eager_steps_have_lost_the_compile_time():
     gpt = 786_432  # the quantized weights of the 4x128 GPT of docs/speed.md §7
-    for mode in ("bc", "sr", "r"):
-        due = next(s for s in range(1, 10**6) if fused.pays(mode, gpt, s))
+    for mode, grid in fused.SAVED_NS_PER_WEIGHT:
+        due = next(s for s in range(1, 10**6) if fused.pays(mode, grid, gpt, s))
         assert due > 1000  # a 30-second demo never compiles
-        assert fused.pays(mode, gpt, 2 * due) and not fused.pays(mode, gpt // 2, due)
-        saved = due * gpt * fused.SAVED_NS_PER_WEIGHT[mode] * 1e-9
+        assert fused.pays(mode, grid, gpt, 2 * due) and not fused.pays(mode, grid, gpt // 2, due)
+        saved = due * gpt * fused.SAVED_NS_PER_WEIGHT[mode, grid] * 1e-9
         assert fused.COMPILE_SECONDS <= saved < fused.COMPILE_SECONDS * (1 + 1 / due) + 1e-9
+    assert not fused.pays("r", "binary", gpt, 10**9)  # nothing measurable to gain
+    assert not fused.pays("bc", "kbit", gpt, 10**9)  # not measured
 
 
 def test_a_fused_quant_value_other_than_auto_on_off_is_refused():

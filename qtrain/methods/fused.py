@@ -206,21 +206,26 @@ def applies(mode: str, scale: str, dtype: torch.dtype, bc_stochastic: bool) -> b
 
 
 # What `fused_quant = "auto"` weighs (docs/speed.md §7; one thread of a 2-core AVX-512 EPYC,
-# torch 2.13.0+cpu, the 786,432 quantized weights of the 4x128 GPT): inductor's first
-# compilation of a step takes up to ~8 s (less when its on-disk cache holds the kernels), and
-# the fused step saves these nanoseconds per quantized weight and step against the eager one.
-# SR saves least: its uniforms are drawn by the eager `torch.rand` call either way.
-COMPILE_SECONDS = 8.0
-SAVED_NS_PER_WEIGHT = {"bc": 4.5, "sr": 0.5, "r": 1.3}
+# torch 2.13.0+cpu, the 786,432 quantized weights of the 4x128 GPT). Compiling: 15 s in a fresh
+# process with an empty inductor cache (3 s when the cache holds the kernels). Saved: the
+# nanoseconds per quantized weight and step the fused step saves against the eager one with a
+# `he` scale (absmean scales save more). SR saves least: its uniforms are drawn by the eager
+# `torch.rand` call either way. R on the binary grid saves nothing measurable, and grids not
+# measured (k-bit, lattice) are not compiled by "auto".
+COMPILE_SECONDS = 15.0
+SAVED_NS_PER_WEIGHT = {("bc", "ternary"): 4.7, ("bc", "binary"): 0.9, ("sr", "ternary"): 0.36,
+                       ("sr", "binary"): 0.66, ("r", "ternary"): 1.3}  # fmt: skip
 
 
-def pays(mode: str, numel: int, steps: int) -> bool:
+def pays(mode: str, grid: str, numel: int, steps: int) -> bool:
     """Whether `fused_quant = "auto"` compiles now, after `steps` eager steps over `numel`
-    quantized weights: once the time the eager steps have lost against the fused ones reaches
-    what compiling costs. A run never knows how long it will last, and so (as when renting
-    until the rent paid equals the price of buying) it spends at most about twice the better
-    of compiling at the start and never compiling; a short run (a demo) never compiles."""
-    return steps * numel * SAVED_NS_PER_WEIGHT[mode] * 1e-9 >= COMPILE_SECONDS
+    quantized weights on a `grid` grid: once the time the eager steps have lost against the
+    fused ones reaches what compiling costs. A run never knows how long it will last, and so
+    (as when renting until the rent paid equals the price of buying) it spends at most about
+    twice the better of compiling at the start and never compiling; a short run (a demo) never
+    compiles."""
+    saved = SAVED_NS_PER_WEIGHT.get((mode, grid), 0.0) * 1e-9
+    return saved > 0 and steps * numel * saved >= COMPILE_SECONDS
 
 
 class FusedSteps:

@@ -417,7 +417,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         or None where the eager step is taken."""
         if self.fused_quant == "off":
             return None
-        if self.fused_quant == "auto" and not pays(self.mode, self.num_quantized, self._steps):
+        auto = self.fused_quant == "auto"
+        if auto and not pays(self.mode, self.grid.kind, self.num_quantized, self._steps):
             return None
         key = (self._flat_wb.device, self._flat_wb.dtype)
         if self._fused_key != key:
