@@ -178,19 +178,21 @@ def test_the_fused_step_follows_a_model_move(inductor):
 def test_auto_without_a_compiler_stays_eager_silently_and_on_says_so(monkeypatch):
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, "cxx", ("no-such-compiler-for-qtrain",))
     monkeypatch.setattr(optimizer, "pays", lambda *args: True)  # as on a long run
     eager = train("sr-adam", "ternary", "he", "off", steps=2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        auto = train("sr-adam", "ternary", "he", "auto", steps=2)
-    assert not caught
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        on = train("sr-adam", "ternary", "he", "on", steps=2)
-    assert len(caught) == 1 and "no compiler" in str(caught[0].message)
+    # inductor's config restores itself through its own patch (monkeypatch would break it)
+    with config.patch({"cpp.cxx": ("no-such-compiler-for-qtrain",)}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            auto = train("sr-adam", "ternary", "he", "auto", steps=2)
+        assert not caught
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            on = train("sr-adam", "ternary", "he", "on", steps=2)
+        assert len(caught) == 1 and "no compiler" in str(caught[0].message)
+        for run in (auto, on):
+            assert run[1]._fused_steps() is None
     for run in (auto, on):
-        assert run[1]._fused_steps() is None
         assert_same_run(eager, run)
 
 
