@@ -22,7 +22,7 @@ from qtrain.methods import fused, optimizer
 from qtrain.quant import parse_grid
 
 CUDA = torch.cuda.is_available()
-CASES = [  # every method, both grids, per-tensor and per-row, fixed and measured scales
+CASES = [  # every method, every grid, per-tensor and per-row, fixed and measured scales
     ("bc-adam", "ternary", "absmean"),
     ("bc-adam", "binary", "absmean-tensor"),
     ("bc-adam", "ternary", "he"),
@@ -31,6 +31,10 @@ CASES = [  # every method, both grids, per-tensor and per-row, fixed and measure
     ("sr-adam", "binary", "none"),
     ("r-adam", "binary", "he"),
     ("r-adam", "ternary", "none"),
+    # the other grids: k bits (Δ = 1/7 and 1/3, a division that is not by a power of 2), ℤ
+    ("bc-adam", "3bit", "absmean"),
+    ("sr-adam", "2bit", "none"),
+    ("r-adam", "lattice", "he"),
 ]
 
 
@@ -120,7 +124,7 @@ def test_fused_steps_on_cuda_equal_the_eager_steps_bit_for_bit(method, grid, sca
     assert_same_run(eager, fused_run)
 
 
-@pytest.mark.parametrize(("method", "grid", "scale"), [CASES[0], CASES[4]])
+@pytest.mark.parametrize(("method", "grid", "scale"), [CASES[i] for i in (0, 4, 8, 9)])
 def test_fused_rounding_of_awkward_values_is_the_eager_rounding(inductor, method, grid, scale):
     """NaN, ±∞, ±0, ties and their neighbours, subnormals: the same bits as the eager step."""
     opts = [train(method, grid, scale, mode, steps=1)[1] for mode in ("off", "on")]
