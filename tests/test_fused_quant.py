@@ -29,8 +29,7 @@ CASES = [  # every method, every grid, per-tensor and per-row, fixed and measure
     ("bc-adam", "binary", "none"),
     ("sr-adam", "ternary", "he"),
     ("sr-adam", "binary", "none"),
-    ("r-adam", "binary", "he"),
-    ("r-adam", "ternary", "none"),
+    ("r-adam", "binary", "he"),  # (R without a scale rounds as BC's "none" case does)
     # the other grids: k bits (Δ = 1/7 and 1/3, a division that is not by a power of 2), ℤ
     ("bc-adam", "3bit", "absmean"),
     ("sr-adam", "2bit", "none"),
@@ -124,7 +123,7 @@ def test_fused_steps_on_cuda_equal_the_eager_steps_bit_for_bit(method, grid, sca
     assert_same_run(eager, fused_run)
 
 
-@pytest.mark.parametrize(("method", "grid", "scale"), [CASES[i] for i in (0, 4, 8, 9)])
+@pytest.mark.parametrize(("method", "grid", "scale"), [CASES[i] for i in (0, 4, 7, 8)])
 def test_fused_rounding_of_awkward_values_is_the_eager_rounding(inductor, method, grid, scale):
     """NaN, ±∞, ±0, ties and their neighbours, subnormals: the same bits as the eager step."""
     opts = [train(method, grid, scale, mode, steps=1)[1] for mode in ("off", "on")]
