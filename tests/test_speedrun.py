@@ -315,6 +315,7 @@ def test_run_speedrun_writes_a_markdown_table_over_seeds(tmp_path):
         assert r["pflop"] == 7 * 64 * per_image / 1e15
         assert r["pflop_to_50"] in (None, r["pflop"])
     assert "PFLOP to 50% |" in table
+    assert table.splitlines()[2].endswith("| 1 |")  # epochs trained, as a whole number
     # a second call reads the finished runs back instead of training them again
     again = run_speedrun(config, tmp_path, seeds=2, variants=("binary", "float"),
                          targets=(50.0,), log=quiet)  # fmt: skip

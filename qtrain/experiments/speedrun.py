@@ -228,7 +228,8 @@ def results_markdown(results: list[dict], targets) -> str:
         cells += [_reached([r[f"minutes_to_{t:g}"] for r in runs]) for t in targets]
         cells += [_reached([r[f"pflop_to_{t:g}"] for r in runs]) for t in targets]
         cells.append(format_cell([r["minutes"] for r in runs]))
-        cells.append(format_cell([r["epochs"] for r in runs]))
+        epochs = sorted({r["epochs"] for r in runs})  # fitted runs may train a different number
+        cells.append(str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", curve_markdown(by_variant)]
     return "\n".join(lines) + "\n"
