@@ -1,10 +1,12 @@
 """`fit_to_budget`: the rule's arithmetic, a fitted run that ends its schedule inside its
-budget on a slowed-down clock while the unfitted one is cut, a first epoch that does not depend
-on the fit, the fit kept bit for bit through a resume, and the refusals."""
+budget on a slowed-down clock while the unfitted one is cut (to the step for a per-step
+schedule, to whole epochs for an epoch schedule), a first epoch that does not depend on the
+fit, the fit kept bit for bit through a resume, and the refusals."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from qtrain.cli import main
 from qtrain.experiments.speedrun import run_speedrun
 from qtrain.methods.optimizer import QuantizedOptimizer
 from qtrain.train import budget_fit, parts, rundir, state, trainer
-from qtrain.train.budget_fit import MARGIN, fitted_epochs
+from qtrain.train.budget_fit import MARGIN, Fit, fitted_steps
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import ConfigError, RunConfig
 from qtrain.train.records import MEASURED_KEYS
@@ -79,16 +81,29 @@ def comparable(record: dict) -> dict:
 
 
 # -- the rule ----------------------------------------------------------------------------------
-def test_the_rule_fits_the_epochs_that_remain_after_the_first_with_its_margin():
+def test_the_rule_fits_the_steps_that_remain_after_the_first_epoch_with_its_margin():
     assert MARGIN == 0.05
-    # t_epoch = 125.5 − 0.5 = 125; ⌊(1200·0.95 − 125.5) / 125⌋ = ⌊8.116⌋ = 8 more: 9
-    assert fitted_epochs(1200.0, 14, 125.5, 0.5) == 9
-    assert fitted_epochs(1200.0, 14, 40.0, 0.0) == 14  # 28 would fit: at most the config's 14
-    assert fitted_epochs(1200.0, 14, 1100.0, 0.0) == 1  # no second epoch fits
-    assert fitted_epochs(1200.0, 14, 1300.0, 0.0) == 1  # the first overran: still at least 1
-    assert fitted_epochs(100.0, 50, 10.0, 0.0, margin=0.0) == 10
-    assert fitted_epochs(100.0, 50, 10.0, 0.0, margin=0.1) == 9
-    assert fitted_epochs(100.0, 50, 12.0, 2.0, margin=0.0) == 9  # 1 + ⌊88 / 10⌋
+    # n = 100: t_step = (125.5 − 0.5) / 100 = 1.25; ⌊(1200·0.95 − 125.5) / 1.25⌋ = ⌊811.6⌋
+    assert fitted_steps(1200.0, 14, 100, 125.5, 0.5) == 100 + 811
+    # in whole epochs (grain n): ⌊1014.5 / 125⌋ = 8 more, 9 epochs
+    assert fitted_steps(1200.0, 14, 100, 125.5, 0.5, grain=100) == 900
+    assert fitted_steps(1200.0, 14, 100, 40.0, 0.0) == 1400  # 2,850 would fit: at most E·n
+    assert fitted_steps(1200.0, 14, 100, 1100.0, 0.0) == 103  # room for 3 of the second epoch
+    assert fitted_steps(1200.0, 14, 100, 1100.0, 0.0, grain=100) == 100  # not for all of it
+    assert fitted_steps(1200.0, 14, 100, 1300.0, 0.0) == 100  # the first overran: it stays
+    assert fitted_steps(100.0, 50, 10, 10.0, 0.0, grain=10, margin=0.0) == 100
+    assert fitted_steps(100.0, 50, 10, 10.0, 0.0, grain=10, margin=0.1) == 90
+    assert fitted_steps(100.0, 50, 10, 12.0, 2.0, grain=10, margin=0.0) == 90  # 1 + ⌊88 / 10⌋
+    assert fitted_steps(100.0, 50, 10, 12.0, 2.0, margin=0.0) == 98  # 10 + ⌊88 / 1⌋
+
+
+def test_a_fit_recorded_in_whole_epochs_still_reads():
+    """A checkpoint's fit from before steps were fitted has no steps: whole epochs."""
+    old = Fit.from_dict({"epochs": 5, "recipe_epochs": 10, "budget_s": 20.0,
+                         "first_epoch_seconds": 3.5, "setup_seconds": 0.0, "margin": MARGIN,
+                         "machine": budget_fit.machine(torch.device("cpu"))})  # fmt: skip
+    assert old.total_steps(7) == 35 and old.epochs_trained() == 5.0
+    assert "fitted to the time budget: 5 of 10 epochs (the first took 3.5 s" in old.describe()
 
 
 # -- on a slowed-down clock ------------------------------------------------------------------
@@ -102,17 +117,18 @@ def test_a_fitted_run_ends_its_schedule_inside_the_budget_and_an_unfitted_one_is
     lines = []
     records = Trainer(fitted, tmp_path / "fitted", log=lines.append).run()
     # the first epoch: 7 steps of 0.5 s, no set-up time (the clock stands still there);
-    # 1 + ⌊(20·0.95 − 3.5) / 3.5⌋ = 1 + 4 = 5 epochs
-    assert len(records) == 5 and records[-1].get("stopped") is None
-    assert records[-1]["step"] == 5 * STEPS_PER_EPOCH
-    assert sum(r["seconds"] for r in records) == 5 * STEPS_PER_EPOCH * d <= budget
+    # 7 + ⌊(20·0.95 − 3.5) / 0.5⌋ = 7 + 31 = 38 steps: 5 epochs and 3 steps of a sixth
+    assert len(records) == 6 and records[-1].get("stopped") is None
+    assert records[-1]["step"] == 38
+    assert sum(r["seconds"] for r in records) == 38 * d <= budget * (1 - MARGIN)
     assert records[-1]["lr"] == fitted.min_lr  # the schedule ran to its end: decayed
     assert records[-1]["test_error"] is not None  # the last record evaluates the test set
-    assert sum("fitted to the time budget: 5 of 10 epochs (the first took 3.5 s of 20 s"
-               in line for line in lines) == 1  # fmt: skip
-    assert any(line.startswith("epoch   1/5 ") for line in lines)
+    assert sum("fitted to the time budget: 38 steps, 5.43 of 10 epochs (the first took 3.5 s "
+               "of 20 s" in line for line in lines) == 1  # fmt: skip
+    assert any(line.startswith("epoch   1/6 ") for line in lines)
     fit = json.loads((tmp_path / "fitted" / rundir.SUMMARY).read_text())["fit"]
-    assert (fit["epochs"], fit["recipe_epochs"], fit["budget_s"]) == (5, 10, budget)
+    assert (fit["steps"], fit["steps_per_epoch"], fit["epochs"]) == (38, STEPS_PER_EPOCH, 6)
+    assert (fit["recipe_epochs"], fit["budget_s"]) == (10, budget)
     assert (fit["first_epoch_seconds"], fit["setup_seconds"], fit["margin"]) == (3.5, 0.0, MARGIN)
     assert fit["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()
     assert fit["machine"]["threads"] == 1 and fit["machine"]["device"] == "cpu"
@@ -126,12 +142,25 @@ def test_a_fitted_run_ends_its_schedule_inside_the_budget_and_an_unfitted_one_is
     assert comparable(plain[0]) == comparable(records[0])
 
 
+def test_an_epoch_schedule_is_fitted_to_whole_epochs(tmp_path, slow_clock):
+    slow_clock(0.5)
+    lines = []
+    config = speed_config(schedule="cosine", warmup_steps=0)
+    records = Trainer(config, tmp_path, log=lines.append).run()
+    # 1 + ⌊(19 − 3.5) / 3.5⌋ = 5 epochs; cosine's factor for epoch e of 5 drawn from epoch 2 on
+    assert len(records) == 5 and records[-1]["step"] == 5 * STEPS_PER_EPOCH
+    assert [r["lr"] for r in records[1:]] == pytest.approx(
+        [config.lr * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(1, 5)]
+    )
+    assert any("fitted to the time budget: 5 of 10 epochs" in line for line in lines)
+
+
 def test_a_fast_machine_keeps_the_configured_epochs(tmp_path, slow_clock):
     slow_clock(2.0**-10)
     records = Trainer(speed_config(epochs=3), tmp_path, log=quiet).run()
     assert len(records) == 3 and records[-1].get("stopped") is None
     fit = load_checkpoint(tmp_path / rundir.CHECKPOINT)["training"]["fit"]
-    assert (fit["epochs"], fit["recipe_epochs"]) == (3, 3)
+    assert (fit["epochs"], fit["steps"], fit["recipe_epochs"]) == (3, 3 * STEPS_PER_EPOCH, 3)
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -154,7 +183,7 @@ def test_the_fit_survives_a_resume_bit_for_bit_on_a_faster_clock(tmp_path, slow_
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.run()
     saved = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)["training"]
-    assert saved["fit"]["epochs"] == 5 and saved["epoch"] == 2
+    assert saved["fit"]["steps"] == 38 and saved["epoch"] == 2
     # measured again at this speed the first epoch would fit all 10: the saved fit holds
     clock.step = 0.25
     resumed = Trainer(config, tmp_path / "crash", log=quiet).run(resume=True)
@@ -167,8 +196,8 @@ def test_the_fit_survives_a_resume_bit_for_bit_on_a_faster_clock(tmp_path, slow_
 def test_a_speedrun_table_names_each_runs_fit_and_machine(tmp_path, slow_clock):
     slow_clock(0.5)
     results = run_speedrun(speed_config(), tmp_path, seeds=2, targets=(50.0,), log=quiet)
-    fitted = [(r["seed"], r["epochs"], r["fit"]["epochs"]) for r in results]
-    assert fitted == [(0, 5, 5), (1, 5, 5)]
+    fitted = [(r["seed"], r["epochs"], r["fit"]["steps"]) for r in results]
+    assert fitted == [(0, 38 / STEPS_PER_EPOCH, 38), (1, 38 / STEPS_PER_EPOCH, 38)]
     assert results[0]["fit"]["machine"] == budget_fit.machine(torch.device("cpu"))
 
 

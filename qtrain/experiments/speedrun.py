@@ -27,9 +27,10 @@ per run, and <variant>/seed<k>/ the run folders; a finished run is read back, an
 one resumed, and a folder holding a run of other settings refused, so an interrupted
 measurement continues where it stopped.
 
-Fitting: a recipe with `fit_to_budget` (the preset's) chooses each run's epochs at the end of
-its first, from that epoch's time on this machine, so that the schedule ends inside the
-budget (`qtrain.train.budget_fit`); table.json holds each run's fit and the machine.
+Fitting: a recipe with `fit_to_budget` (the preset's) chooses each run's length, to the
+step, at the end of its first epoch, from that epoch's time on this machine, so that the
+schedule ends inside the budget (`qtrain.train.budget_fit`); table.json holds each run's fit
+and the machine.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from qtrain.experiments.runner import (
 from qtrain.report.flops import training_flop_per_image
 from qtrain.report.tables import format_cell
 from qtrain.train import rundir
+from qtrain.train.budget_fit import Fit
 from qtrain.train.config import RunConfig, from_dict, keys, load_toml
 
 TARGETS = (85.0, 90.0)
@@ -135,6 +137,7 @@ def variant_config(config: RunConfig, variant: str, paper_epochs: int) -> RunCon
 def result(finished: Finished, targets, flop_per_image: int) -> dict:
     """One row of table.json: the run's final accuracy, minutes, FLOPs and curve."""
     config, records = finished.cell.config, finished.metrics
+    fit = _fit_of(finished.run_dir)
 
     def pflop(steps: int | None) -> float | None:
         return None if steps is None else steps * config.batch_size * flop_per_image / 1e15
@@ -147,8 +150,8 @@ def result(finished: Finished, targets, flop_per_image: int) -> dict:
         "accuracy_on": "val" if config.val_images else "test",
         "final_test_accuracy": final_test_accuracy(records),
         "minutes": sum(r["seconds"] for r in records) / 60.0,
-        "epochs": len(records),
-        "fit": _fit_of(finished.run_dir),
+        "epochs": Fit.from_dict(fit).epochs_trained() if fit else len(records),
+        "fit": fit,
         "curve": accuracy_curve(records),
         **{f"minutes_to_{t:g}": minutes_to(records, t) for t in targets},
         "gflop_per_image": flop_per_image / 1e9,
@@ -228,8 +231,8 @@ def results_markdown(results: list[dict], targets) -> str:
         cells += [_reached([r[f"minutes_to_{t:g}"] for r in runs]) for t in targets]
         cells += [_reached([r[f"pflop_to_{t:g}"] for r in runs]) for t in targets]
         cells.append(format_cell([r["minutes"] for r in runs]))
-        epochs = sorted({r["epochs"] for r in runs})  # fitted runs may train a different number
-        cells.append(str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}")
+        epochs = sorted({_epochs(r["epochs"]) for r in runs}, key=float)  # fits may differ
+        cells.append(epochs[0] if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", curve_markdown(by_variant)]
     return "\n".join(lines) + "\n"
@@ -256,8 +259,13 @@ def curve_markdown(by_variant: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _epochs(value: float) -> str:
+    """Epochs trained: a whole number, else to one decimal (a fitted run's partial last)."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
 def _fit_of(run_dir: Path) -> dict | None:
-    """The fit of a run's epochs to its budget, from its summary.json (None: not fitted)."""
+    """The fit of a run's length to its budget, from its summary.json (None: not fitted)."""
     path = run_dir / rundir.SUMMARY
     return json.loads(path.read_text()).get("fit") if path.is_file() else None
 

@@ -1,31 +1,33 @@
 """Fitting a run's schedule to its time budget, from the time of the run's own first epoch.
 
 A run whose schedule outlasts its budget (`time_budget_s`) is cut with its learning rate still
-high. With `fit_to_budget`, the number of epochs is chosen at the end of the first epoch, from
+high. With `fit_to_budget`, the run's length is chosen at the end of the first epoch, from
 that epoch's measured seconds, so that the whole schedule ends inside the budget:
 
-    t₁       = the first epoch's seconds: its steps, and the set-up the trainer counts in it
-               (t_setup, the whitening initialisation with `whiten_init`)
-    t_epoch  = t₁ − t_setup
-    epochs   = min(E, 1 + ⌊(B·(1 − MARGIN) − t₁) / t_epoch⌋), at least 1
+    t₁       = the first epoch's seconds: its n steps, and the set-up the trainer counts in
+               it (t_setup, the whitening initialisation with `whiten_init`)
+    t_step   = (t₁ − t_setup) / n
+    steps    = n + g·⌊(B·(1 − MARGIN) − t₁) / (g·t_step)⌋, within [n, E·n]
 
-with E the config's `epochs` (the most the run may train) and B its `time_budget_s`. The
-schedule is then drawn over the fitted epochs (for a per-step schedule, over their steps), so
-the run ends with its learning rate decayed to `min_lr`.
+with E the config's `epochs` (the most the run may train), B its `time_budget_s`, and g the
+grain of the schedule: one step for a per-step schedule (the last epoch may then be partial,
+as with max_steps), n steps for an epoch schedule (whole epochs). The schedule is then drawn
+over the fitted steps, so the run ends with its learning rate decayed to `min_lr`. Whole
+epochs would waste up to one epoch of the budget, a quarter of it where only four fit.
 
 Why the first epoch rather than a probe before training: it times the run's own step with
 everything the loop does (loader, augmentation, schedule, weight average, checks) on this
 machine, over a whole epoch; and it costs nothing, its steps being training steps. A probe of
 a dozen steps before training cost its own time and, on a shared machine, measured a slow
 spell 1.2-1.4x slower than the run then trained (docs/speedrun.md). The first epoch's own first
-steps pay once for oneDNN's kernel choice and the allocator's caches, so t_epoch errs slow,
+steps pay once for oneDNN's kernel choice and the allocator's caches, so t_step errs slow,
 on the safe side.
 
 The first epoch must train the same whatever the choice: an epoch schedule's factor at epoch 0
-is 1 for every E; a per-step schedule's first epoch must lie inside its warm-up (W ≥ the steps
-of an epoch), where the factor (s+1)/(W+1) does not depend on the run's length
-(`check_fittable`). The choice is kept in the checkpoint (`Fit`, with the machine it was
-measured on), so a resumed run keeps it bit for bit; summary.json and the log name it.
+is 1 for every E; a per-step schedule's first epoch must lie inside its warm-up (W ≥ n),
+where the factor (s+1)/(W+1) does not depend on the run's length (`check_fittable`). The
+choice is kept in the checkpoint (`Fit`, with the machine it was measured on), so a resumed
+run keeps it bit for bit; summary.json and the log name it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ MARGIN = 0.05
 
 @dataclass(frozen=True)
 class Fit:
-    """A fitted schedule: the choice, what it was computed from, and the machine."""
+    """A fitted schedule: the choice (`steps`, over `epochs` = ⌈steps / steps_per_epoch⌉),
+    what it was computed from, and the machine. A fit recorded before steps were fitted has
+    no `steps`: it trains whole epochs."""
 
     epochs: int
     recipe_epochs: int
@@ -58,6 +62,8 @@ class Fit:
     setup_seconds: float
     margin: float
     machine: dict
+    steps: int | None = None
+    steps_per_epoch: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,11 +72,25 @@ class Fit:
     def from_dict(cls, values: dict) -> Fit:
         return cls(**values)
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The optimizer steps the run trains."""
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+
+    def epochs_trained(self) -> float:
+        """The run's length in epochs, the last one possibly partial."""
+        if self.steps is None or not self.steps_per_epoch:
+            return float(self.epochs)
+        return self.steps / self.steps_per_epoch
+
     def describe(self) -> str:
         """One line: the choice and what it came from."""
         m = self.machine
+        length = f"{self.epochs} of {self.recipe_epochs} epochs"
+        if self.steps is not None and self.steps != self.epochs * self.steps_per_epoch:
+            length = (f"{self.steps} steps, {self.epochs_trained():.2f} of {self.recipe_epochs} "
+                      "epochs")  # fmt: skip
         line = (
-            f"fitted to the time budget: {self.epochs} of {self.recipe_epochs} epochs (the "
+            f"fitted to the time budget: {length} (the "
             f"first took {self.first_epoch_seconds:.1f} s of {self.budget_s:g} s, set-up "
             f"{self.setup_seconds:.1f} s included; {m['cpu']}, {m['isa']}, "
             f"threads {m['threads']}, {m['device']})"
@@ -80,27 +100,35 @@ class Fit:
         return line
 
 
-def fitted_epochs(
+def fitted_steps(
     budget_s: float,
     recipe_epochs: int,
+    steps_per_epoch: int,
     first_epoch_seconds: float,
     setup_seconds: float,
+    grain: int = 1,
     margin: float = MARGIN,
 ) -> int:
-    """min(E, 1 + ⌊(B·(1 − margin) − t₁) / (t₁ − t_setup)⌋), at least 1 (module docstring)."""
-    epoch = first_epoch_seconds - setup_seconds
+    """n + g·⌊(B·(1 − margin) − t₁) / (g·t_step)⌋ within [n, E·n] (module docstring), with
+    n = `steps_per_epoch` and g = `grain`."""
+    n, top = steps_per_epoch, recipe_epochs * steps_per_epoch
     room = budget_s * (1.0 - margin) - first_epoch_seconds
-    more = math.floor(room / epoch) if epoch > 0 else recipe_epochs
-    return max(1, min(recipe_epochs, 1 + more))
+    seconds_per_grain = grain * (first_epoch_seconds - setup_seconds) / n
+    if seconds_per_grain <= 0:
+        return top
+    return max(n, min(top, n + grain * math.floor(room / seconds_per_grain)))
 
 
-def fit(config: RunConfig, first_epoch_seconds: float, setup_seconds: float,
-        device: torch.device) -> Fit:  # fmt: skip
-    """The fit of the run `config` whose first epoch took `first_epoch_seconds`."""
+def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
+        setup_seconds: float, device: torch.device) -> Fit:  # fmt: skip
+    """The fit of the run `config`, of `steps_per_epoch`, whose first epoch took
+    `first_epoch_seconds`: to the step for a per-step schedule, else to whole epochs."""
     budget = config.time_budget_s
-    epochs = fitted_epochs(budget, config.epochs, first_epoch_seconds, setup_seconds)
-    return Fit(epochs, config.epochs, budget, first_epoch_seconds, setup_seconds, MARGIN,
-               machine(device))  # fmt: skip
+    grain = 1 if config.schedule in PER_STEP else steps_per_epoch
+    steps = fitted_steps(budget, config.epochs, steps_per_epoch, first_epoch_seconds,
+                         setup_seconds, grain)  # fmt: skip
+    return Fit(math.ceil(steps / steps_per_epoch), config.epochs, budget, first_epoch_seconds,
+               setup_seconds, MARGIN, machine(device), steps, steps_per_epoch)  # fmt: skip
 
 
 def check_fittable(config: RunConfig, steps_per_epoch: int) -> None:

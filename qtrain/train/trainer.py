@@ -33,8 +33,8 @@ stops training after the first step at which the elapsed time (the sum of the re
 `seconds`: training steps, and in the first epoch the whitening set-up; evaluations are not
 counted) exceeds it (under torchrun, the first such step at which the ranks agree: every
 `_check_every` steps, 25 on CUDA); that record is marked `stopped` and the run is finished.
-With `fit_to_budget` the run's epochs are chosen at the end of the first from its seconds, so
-that the schedule ends inside the budget (`budget_fit`).
+With `fit_to_budget` the run's length (in steps for a per-step schedule) is chosen at the end
+of the first epoch from its seconds, so that the schedule ends inside the budget (`budget_fit`).
 
 Exact resume (`state`): the data order and augmentation of batch b in epoch e are a pure
 function of (seed, e, b), and everything else that changes the numbers is in the checkpoint,
@@ -54,6 +54,7 @@ raises a UserError naming the holder's pid, before reading data.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -253,7 +254,7 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.check_same(record.get("distill_from"), self.run_dir)
         if state.fit is not None:
-            self._apply_fit(state.fit["epochs"])
+            self._apply_fit(budget_fit.Fit.from_dict(state.fit))
         self._cycle_momentum()
         return state
 
@@ -413,20 +414,22 @@ class Trainer:
                 and state.stopped is None)  # fmt: skip
 
     def _fit_to_budget(self, state: TrainState) -> None:
-        """Choose the run's epochs from the first epoch's seconds (rank 0's, for every rank),
+        """Choose the run's length from the first epoch's seconds (rank 0's, for every rank),
         keep the choice in `state` (so in every checkpoint) and draw the schedule over it."""
         fit = None
         if self.dist.is_main:
-            fit = budget_fit.fit(self.config, state.sums.seconds, self.setup_seconds,
-                                 self.device).to_dict()  # fmt: skip
+            fit = budget_fit.fit(self.config, len(self.train_loader), state.sums.seconds,
+                                 self.setup_seconds, self.device).to_dict()  # fmt: skip
         state.fit = self.dist.broadcast_object(fit)
-        self._apply_fit(state.fit["epochs"])
-        self.log(budget_fit.Fit.from_dict(state.fit).describe())
+        chosen = budget_fit.Fit.from_dict(state.fit)
+        self._apply_fit(chosen)
+        self.log(chosen.describe())
 
-    def _apply_fit(self, epochs: int) -> None:
-        """Make the run `epochs` epochs long: its length, and its schedule from now on."""
-        self.total_steps, self.epochs = run_length(self.config.replace(epochs=epochs),
-                                                   len(self.train_loader))  # fmt: skip
+    def _apply_fit(self, fit: budget_fit.Fit) -> None:
+        """Make the run as long as `fit` chose: its steps, epochs and schedule from now on."""
+        per_epoch = len(self.train_loader)
+        self.total_steps = fit.total_steps(per_epoch)
+        self.epochs = math.ceil(self.total_steps / per_epoch)
         redraw_run_schedule(self.config, self.scheduler, self.epochs, self.total_steps)
         if self._progress_lines is not None:
             self._progress_lines.total_steps = self.total_steps
