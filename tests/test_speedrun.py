@@ -15,6 +15,7 @@ from qtrain.experiments.speedrun import (
     accuracy_curve,
     float_variant,
     minutes_to,
+    narrower_hint,
     paper_variant,
     run_speedrun,
     steps_to,
@@ -22,7 +23,9 @@ from qtrain.experiments.speedrun import (
 from qtrain.export import load, save_packed
 from qtrain.models.whitening import image_patches, whitening_filters
 from qtrain.report.flops import training_flop_per_image
+from qtrain.report.tables import format_cell
 from qtrain.train import rundir
+from qtrain.train.budget_fit import Fit
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
 from qtrain.train.ema import WeightEMA
@@ -315,7 +318,13 @@ def test_run_speedrun_writes_a_markdown_table_over_seeds(tmp_path):
         assert r["pflop"] == 7 * 64 * per_image / 1e15
         assert r["pflop_to_50"] in (None, r["pflop"])
     assert "PFLOP to 50% |" in table
-    assert table.splitlines()[2].endswith("| 1 |")  # epochs trained, as a whole number
+    for r in results:  # the evaluations' minutes, from the records' eval_seconds
+        records = rundir.read_metrics(folder / r["variant"] / f"seed{r['seed']}")
+        assert all(m["eval_seconds"] > 0 for m in records)
+        assert r["eval_minutes"] == pytest.approx(sum(m["eval_seconds"] for m in records) / 60)
+    row = table.splitlines()[2].split(" | ")
+    assert row[-2] == "1"  # epochs trained, as a whole number
+    assert row[-1].rstrip(" |") == format_cell([r["eval_minutes"] for r in results[:2]])
     # a second call reads the finished runs back instead of training them again
     again = run_speedrun(config, tmp_path, seeds=2, variants=("binary", "float"),
                          targets=(50.0,), log=quiet)  # fmt: skip
@@ -358,3 +367,18 @@ def test_an_interrupted_speedrun_says_to_run_the_same_command_again(monkeypatch,
     assert capsys.readouterr().err.strip() == (
         "qtrain: interrupted; a checkpoint was saved, continue by running the same command again"
     )
+
+
+def test_a_run_fitted_to_under_half_its_recipe_is_told_to_try_a_narrower_network():
+    def fitted(steps: int) -> dict:
+        fit = Fit(epochs=-(-steps // 175), recipe_epochs=14, budget_s=1200.0,
+                  first_epoch_seconds=264.7, setup_seconds=1.2, margin=0.05, machine={},
+                  steps=steps, steps_per_epoch=175)  # fmt: skip
+        return {"fit": fit.to_dict()}
+
+    wide, narrow = RunConfig(model="speednet", width=1.0), RunConfig(model="speednet", width=0.5)
+    hint = narrower_hint([fitted(1358), fitted(756)], wide)  # the fewest epochs of the seeds
+    assert hint.startswith("only 4.3 of the recipe's 14 epochs fit") and "--width 0.5" in hint
+    assert narrower_hint([fitted(1358)], wide) is None  # 7.8 of 14: at least half
+    assert narrower_hint([fitted(756)], narrow) is None  # already the narrowest suggested
+    assert narrower_hint([{"fit": None}], wide) is None  # not fitted

@@ -68,6 +68,7 @@ def test_run_folder_holds_config_metrics_checkpoint_and_provenance(tmp_path):
         "test_error",
         "lr",
         "seconds",
+        "eval_seconds",
         "flip_rate",
         "wb_wr_gap",
     }

@@ -28,10 +28,9 @@ from qtrain.base import io as atomic_io
 from qtrain.data import download as download_module
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
+from qtrain.train.records import MEASURED_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
-# What a run's records hold of the machine rather than of the run.
-MEASURED_KEYS = {"seconds", "images_per_second", "peak_memory_bytes"}
 TEMPORARY = re.compile(r"^\..*\.(tmp|part)$|\.extract-")
 
 

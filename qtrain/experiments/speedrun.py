@@ -11,6 +11,8 @@ its wall-clock budget (`time_budget_s`) or its last epoch, and reports per varia
                      one image's forward and backward pass (`qtrain.report.flops`)
     final test acc.  100 − the test error of the run's last record (evaluated once at the end
                      when a validation split is held out)
+    min evaluating   the minutes its evaluations took (the records' `eval_seconds`): with
+                     the wall time, what a run costs beyond its training
 
 Elapsed time is the running sum of the records' `seconds`: training steps plus the set-up that
 belongs to the recipe (whitening initialisation, counted in epoch 1), without the per-epoch
@@ -57,6 +59,10 @@ from qtrain.train import rundir
 from qtrain.train.budget_fit import Fit
 from qtrain.train.config import RunConfig, from_dict, keys, load_toml
 
+# Below this fraction of the recipe's epochs the speedrun suggests a narrower network
+# (`narrower_hint`): on the AVX2 stand-in, width 0.5 won clearly over width 1 at 0.31 of the
+# recipe, and tied with width 0.75 at 0.56.
+NARROW_BELOW = 0.5
 TARGETS = (85.0, 90.0)
 VARIANTS = ("binary", "float", "paper")
 PAPER_PRESET = "vgg9-cifar10"
@@ -150,6 +156,7 @@ def result(finished: Finished, targets, flop_per_image: int) -> dict:
         "accuracy_on": "val" if config.val_images else "test",
         "final_test_accuracy": final_test_accuracy(records),
         "minutes": sum(r["seconds"] for r in records) / 60.0,
+        "eval_minutes": _eval_minutes(records),
         "epochs": Fit.from_dict(fit).epochs_trained() if fit else len(records),
         "fit": fit,
         "curve": accuracy_curve(records),
@@ -205,12 +212,34 @@ def run_speedrun(
         reached = "  ".join(f"{t:g}%: " + _minutes(r[f"minutes_to_{t:g}"]) for t in targets)
         log(f"{r['variant']} seed {r['seed']}: final test accuracy "
             f"{_percent(r['final_test_accuracy'])}  minutes to {reached}")  # fmt: skip
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        hint = narrower_hint([r for r in results if r["variant"] == variant], configs[variant])
+        if hint:
+            log(hint)
     atomic_write_text(folder / "table.json", json.dumps(results, indent=2) + "\n")
     table = results_markdown(results, targets)
     atomic_write_text(folder / "table.md", table)
     log(table)
     log(f"wrote {folder / 'table.md'} and {folder / 'table.json'}")
     return results
+
+
+def narrower_hint(runs: list[dict], config: RunConfig) -> str | None:
+    """One line when a variant's fitted runs trained under `NARROW_BELOW` of the recipe's
+    epochs at a width above 0.5: a narrower network would train more of them. On the AVX2
+    stand-in (docs/speedrun.md, "On other CPUs"), where 4.3 of 14 epochs of width 1 fit in 20
+    minutes, width 0.5 (all 14) reached 88.18% validation accuracy against 85.86%."""
+    fits = [Fit.from_dict(r["fit"]) for r in runs if r["fit"]]
+    if not fits or config.width <= 0.5:
+        return None
+    trained = min(f.epochs_trained() for f in fits)
+    if trained >= NARROW_BELOW * fits[0].recipe_epochs:
+        return None
+    return (
+        f"only {_epochs(trained)} of the recipe's {fits[0].recipe_epochs} epochs fit in the "
+        f"budget on this machine at width {config.width:g}; a narrower network trains more "
+        'of them and may end higher: try --width 0.5 (docs/speedrun.md, "On other CPUs")'
+    )
 
 
 def results_markdown(results: list[dict], targets) -> str:
@@ -221,7 +250,7 @@ def results_markdown(results: list[dict], targets) -> str:
     accuracy_on = results[0]["accuracy_on"] if results else "test"
     head = ["variant", "model", "method", "seeds", "final test acc. %"]
     head += [f"min to {t:g}% ({accuracy_on})" for t in targets]
-    head += [f"PFLOP to {t:g}%" for t in targets] + ["min trained", "epochs"]
+    head += [f"PFLOP to {t:g}%" for t in targets] + ["min trained", "epochs", "min evaluating"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, runs in by_variant.items():
         accuracies = [r["final_test_accuracy"] for r in runs]
@@ -233,6 +262,8 @@ def results_markdown(results: list[dict], targets) -> str:
         cells.append(format_cell([r["minutes"] for r in runs]))
         epochs = sorted({_epochs(r["epochs"]) for r in runs}, key=float)  # fits may differ
         cells.append(epochs[0] if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}")
+        evaluating = [r["eval_minutes"] for r in runs]
+        cells.append("not timed" if None in evaluating else format_cell(evaluating))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", curve_markdown(by_variant)]
     return "\n".join(lines) + "\n"
@@ -262,6 +293,12 @@ def curve_markdown(by_variant: dict[str, list[dict]]) -> str:
 def _epochs(value: float) -> str:
     """Epochs trained: a whole number, else to one decimal (a fitted run's partial last)."""
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _eval_minutes(records: list[dict]) -> float | None:
+    """Minutes the run spent evaluating (None for a run recorded before they were timed)."""
+    seconds = [r.get("eval_seconds") for r in records]
+    return None if None in seconds else sum(seconds) / 60.0
 
 
 def _fit_of(run_dir: Path) -> dict | None:

@@ -1,10 +1,11 @@
 """What a run reports: a record per epoch, each also as one log line, and their summary.
 
 A record (one line of metrics.jsonl) holds epoch, step, train_loss, train_error, test_loss,
-test_error (None before the last record of a run with a validation split), lr, seconds,
-flip_rate, wb_wr_gap, and images_per_second, or for text val_loss (nats per token),
-val_bpc = val_loss / ln 2 and tokens_per_second; val_loss and val_error with a validation
-split, and `stopped` when the run ended early. lr is the optimizer's `learning_rate`: for Bop
+test_error (None before the last record of a run with a validation split), lr, seconds
+(training), eval_seconds (the epoch's evaluations, test-time augmentation included),
+flip_rate, wb_wr_gap, and images_per_second, or for text val_loss (nats per token), val_bpc =
+val_loss / ln 2 and tokens_per_second; val_loss and val_error with a validation split, and
+`stopped` when the run ended early. lr is the optimizer's `learning_rate`: for Bop
 and Bop2 that of the full-precision parameters (γ and τ move the binary ones), None when a
 Bop run has no full-precision parameter; the log line then leaves it out.
 
@@ -26,7 +27,7 @@ from qtrain.train.settings import is_text
 from qtrain.train.state import TrainState
 
 MEASURED_KEYS = frozenset(
-    {"seconds", "images_per_second", "tokens_per_second", "peak_memory_bytes"}
+    {"seconds", "eval_seconds", "images_per_second", "tokens_per_second", "peak_memory_bytes"}
 )
 
 
@@ -38,10 +39,11 @@ def epoch_record(
     val: dict | None,
     test: dict,
     text: bool,
+    eval_seconds: float,
 ) -> dict:
     """The record of the epoch `state` is in, its training done and its `val` and `test`
-    evaluated (`qtrain.train.evaluation.evaluate`; test loss and error None when the test set
-    was not evaluated); `step` counts the run's optimizer steps so far."""
+    evaluated in `eval_seconds` (`qtrain.train.evaluation.evaluate`; test loss and error None
+    when the test set was not evaluated); `step` counts the run's optimizer steps so far."""
     sums = state.sums
     record = {
         "epoch": state.epoch + 1,
@@ -52,6 +54,7 @@ def epoch_record(
         "test_error": test["error"],
         "lr": lr,
         "seconds": sums.seconds,
+        "eval_seconds": eval_seconds,
         "flip_rate": optimizer.mean_flip_rate(),
         "wb_wr_gap": optimizer.latent_gap(),
     }

@@ -480,9 +480,11 @@ class Trainer:
         # which are also the ones the checkpoint keeps.
         self.dist.broadcast_buffers(self.model)
         final = state.epoch + 1 >= self.epochs or state.stopped is not None
+        started = time.perf_counter()
         val, test = self._evaluate(final)
+        eval_seconds = time.perf_counter() - started
         step = state.epoch * len(self.train_loader) + sums.batch
-        record = epoch_record(state, step, lr, opt, val, test, self.text)
+        record = epoch_record(state, step, lr, opt, val, test, self.text, eval_seconds)
         state.metrics.append(record)
         state.epoch += 1
         state.sums = EpochSums()
