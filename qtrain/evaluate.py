@@ -18,6 +18,7 @@ from qtrain import data as qdata
 from qtrain.base.errors import UserError
 from qtrain.data.tokens import TokenizerSpec
 from qtrain.export.loading import load_any_model
+from qtrain.train.config import RunConfig
 from qtrain.train.evaluation import evaluate
 from qtrain.train.settings import data_options, is_text
 from qtrain.train.tta import check_tta
@@ -41,9 +42,16 @@ def test_loader(record: dict, data_dir: str | None = None, batch_size: int = 100
     if text:
         loader = splits.loader("test", config["batch_size"], seed=0, device=device,
                                batches=config.get("eval_batches", 20))  # fmt: skip
-    else:
-        loader = splits.loader("test", batch_size, seed=0, device=device)
+    else:  # in the memory layout the run trained and evaluated in: the same kernels, speed
+        loader = splits.loader("test", batch_size, seed=0, device=device,
+                               channels_last=_channels_last(config))  # fmt: skip
     return loader, splits
+
+
+def _channels_last(config: dict) -> bool:
+    """Whether an image run kept its images and model channels-last (its config's default
+    then, for a record that predates the setting)."""
+    return bool(config.get("channels_last", RunConfig.channels_last))
 
 
 def evaluate_file(
@@ -77,7 +85,10 @@ def evaluate_file(
         )
     loader, splits = test_loader(record, data_dir, batch_size, device)
     torch_device = torch.device(device)
-    result = evaluate(model.to(torch_device), loader, torch_device, config.get("amp", "off"),
+    model = model.to(torch_device)
+    if not is_text(config["dataset"]) and _channels_last(config):
+        model = model.to(memory_format=torch.channels_last)
+    result = evaluate(model, loader, torch_device, config.get("amp", "off"),
                       tta=tta)  # fmt: skip
     dataset = record["config"]["dataset"]
     summary = {
