@@ -169,8 +169,9 @@ def test_only_the_last_evaluation_is_augmented_without_tta_each_epoch(tmp_path, 
 
 def test_a_saved_run_evaluates_and_exports_with_its_reported_weights(tmp_path):
     """`qtrain eval` and `qtrain export` use the weights the run's numbers were measured with:
-    Q(EMA(w_r)) and the run's TTA, not the live weights."""
-    config = speed_config(ema_decay=0.9, tta="flip", scale="he")
+    Q(EMA(w_r)) and the run's TTA, not the live weights. Channels-last, the layout a packed
+    file is evaluated in, so that its loss is the run's to the bit."""
+    config = speed_config(ema_decay=0.9, tta="flip", scale="he", channels_last=True)
     trainer = Trainer(config, tmp_path / "run", log=quiet)
     last = trainer.run()[-1]
     reported = evaluate_file(tmp_path / "run")
