@@ -13,6 +13,7 @@ from qtrain.data.holdout import sample_images, validation_loader
 from qtrain.evaluate import evaluate_file
 from qtrain.experiments.speedrun import (
     accuracy_curve,
+    epochs_cell,
     float_variant,
     minutes_to,
     narrower_hint,
@@ -383,3 +384,9 @@ def test_a_run_fitted_to_under_half_its_recipe_is_told_to_try_a_narrower_network
     assert narrower_hint([fitted(1358)], wide) is None  # 7.8 of 14: at least half
     assert narrower_hint([fitted(756)], narrow) is None  # already the narrowest suggested
     assert narrower_hint([{"fit": None}], wide) is None  # not fitted
+
+
+def test_the_epochs_cell_shows_one_value_or_a_range_of_shown_values():
+    assert epochs_cell([13.98, 14]) == "14"  # both read 14 with one decimal
+    assert epochs_cell([12.34, 11.77, 12.63]) == "11.8–12.6"
+    assert epochs_cell([4, 4, 3]) == "3–4"

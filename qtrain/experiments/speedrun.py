@@ -262,8 +262,7 @@ def results_markdown(results: list[dict], targets) -> str:
         cells += [_reached([r[f"minutes_to_{t:g}"] for r in runs]) for t in targets]
         cells += [_reached([r[f"pflop_to_{t:g}"] for r in runs]) for t in targets]
         cells.append(format_cell([r["minutes"] for r in runs]))
-        epochs = sorted({_epochs(r["epochs"]) for r in runs}, key=float)  # fits may differ
-        cells.append(epochs[0] if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}")
+        cells.append(epochs_cell([r["epochs"] for r in runs]))
         evaluating = [r["eval_minutes"] for r in runs]
         cells.append("not timed" if None in evaluating else format_cell(evaluating))
         lines.append("| " + " | ".join(cells) + " |")
@@ -295,6 +294,14 @@ def curve_markdown(by_variant: dict[str, list[dict]]) -> str:
 def _epochs(value: float) -> str:
     """Epochs trained: a whole number, else to one decimal (a fitted run's partial last)."""
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def epochs_cell(epochs: list[float]) -> str:
+    """The epochs the seeds trained (their fits may differ), as one value or a range of the
+    values as shown: 13.98 and 14 both read 14."""
+    shown = sorted({round(e, 1) for e in epochs})
+    low, high = _epochs(shown[0]), _epochs(shown[-1])
+    return low if low == high else f"{low}–{high}"
 
 
 def _eval_minutes(records: list[dict]) -> float | None:
