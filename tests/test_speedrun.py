@@ -15,15 +15,14 @@ from qtrain.experiments.speedrun import (
     accuracy_curve,
     epochs_cell,
     float_variant,
+    flops_to,
     minutes_to,
     narrower_hint,
     paper_variant,
     run_speedrun,
-    steps_to,
 )
 from qtrain.export import load, save_packed
 from qtrain.models.whitening import image_patches, whitening_filters
-from qtrain.report.flops import training_flop_per_image
 from qtrain.report.tables import format_cell
 from qtrain.train import rundir
 from qtrain.train.budget_fit import Fit
@@ -31,6 +30,7 @@ from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import RunConfig
 from qtrain.train.ema import WeightEMA
 from qtrain.train.evaluation import evaluate
+from qtrain.train.flops import training_flop_per_image
 from qtrain.train.parts import WHITEN_IMAGES
 from qtrain.train.records import MEASURED_KEYS
 from qtrain.train.schedules import cycled_momentum, warmup_linear_factor
@@ -276,8 +276,8 @@ def test_minutes_to_a_target_reads_validation_accuracy_when_held_out():
     assert minutes_to(records, 85) == 1.0 and minutes_to(records, 95) is None
     tests_only = [{"seconds": 60.0, "test_error": 14.0}]
     assert minutes_to(tests_only, 85) == 1.0
-    steps = [{**r, "step": 10 * (i + 1)} for i, r in enumerate(records)]
-    assert steps_to(steps, 85) == 20 and steps_to(steps, 95) is None
+    assert flops_to(records, [100, 200, 300], 85) == 200
+    assert flops_to(records, [100, 200, 300], 95) is None
 
 
 def test_training_flops_count_forward_and_the_gradients_autograd_computes():

@@ -7,8 +7,9 @@ its wall-clock budget (`time_budget_s`) or its last epoch, and reports per varia
                      accuracy is 100 − val_error when the run holds out a validation split
                      (`val_images`), else 100 − test_error
     time to X%       elapsed minutes at the first epoch whose accuracy is ≥ X (X in targets)
-    PFLOP to X%      the training FLOPs up to that epoch: its step × batch size × the FLOPs of
-                     one image's forward and backward pass (`qtrain.report.flops`)
+    PFLOP to X%      the training FLOPs up to that epoch: its steps × batch size × the FLOPs
+                     of one image's forward and backward pass, epoch by epoch at the side it
+                     trained (`qtrain.train.flops`)
     final test acc.  100 − the test error of the run's last record (evaluated once at the end
                      when a validation split is held out)
     min evaluating   the minutes its evaluations took (the records' `eval_seconds`): with
@@ -53,11 +54,11 @@ from qtrain.experiments.runner import (
     pick_budget,
     run_cells,
 )
-from qtrain.report.flops import training_flop_per_image
 from qtrain.report.tables import format_cell
 from qtrain.train import rundir
 from qtrain.train.budget_fit import Fit
 from qtrain.train.config import RunConfig, from_dict, keys, load_toml
+from qtrain.train.flops import cumulative_training_flops, training_flop_per_image
 
 # Below this fraction of the recipe's epochs the speedrun suggests a narrower network
 # (`narrower_hint`). On the validation split, width 0.5 beat width 1 where 0.31 of the recipe
@@ -81,16 +82,21 @@ BUDGETS = {
 }  # fmt: skip
 
 
+def accuracy(record: dict) -> float | None:
+    """100 − the record's val_error, else its test_error; None when it evaluated neither."""
+    error = record.get("val_error")
+    if error is None:
+        error = record.get("test_error")
+    return None if error is None else 100.0 - error
+
+
 def accuracy_curve(records: list[dict]) -> list[tuple[float, float]]:
     """(elapsed minutes, accuracy %) after each epoch (module docstring)."""
     curve, elapsed = [], 0.0
     for r in records:
         elapsed += r["seconds"]
-        error = r.get("val_error")
-        if error is None:
-            error = r.get("test_error")
-        if error is not None:
-            curve.append((elapsed / 60.0, 100.0 - error))
+        if (acc := accuracy(r)) is not None:
+            curve.append((elapsed / 60.0, acc))
     return curve
 
 
@@ -99,17 +105,12 @@ def minutes_to(records: list[dict], target: float) -> float | None:
     return next((m for m, acc in accuracy_curve(records) if acc >= target), None)
 
 
-def steps_to(records: list[dict], target: float) -> int | None:
-    """The optimizer steps up to the first epoch with accuracy ≥ target; None if never."""
-    reached = (r["step"] for r, (_, acc) in zip(_evaluated(records), accuracy_curve(records))
-               if acc >= target)  # fmt: skip
+def flops_to(records: list[dict], flops: list[int], target: float) -> int | None:
+    """The training FLOPs (`flops`: one running total per record) up to the first epoch with
+    accuracy ≥ target; None if never reached."""
+    reached = (total for r, total in zip(records, flops, strict=True)
+               if (acc := accuracy(r)) is not None and acc >= target)  # fmt: skip
     return next(reached, None)
-
-
-def _evaluated(records: list[dict]) -> list[dict]:
-    """The records that `accuracy_curve` has a point for, in its order."""
-    return [r for r in records if (r.get("val_error") if r.get("val_error") is not None
-                                   else r.get("test_error")) is not None]  # fmt: skip
 
 
 def final_test_accuracy(records: list[dict]) -> float | None:
@@ -141,13 +142,14 @@ def variant_config(config: RunConfig, variant: str, paper_epochs: int) -> RunCon
     return config
 
 
-def result(finished: Finished, targets, flop_per_image: int) -> dict:
+def result(finished: Finished, targets) -> dict:
     """One row of table.json: the run's final accuracy, minutes, FLOPs and curve."""
     config, records = finished.cell.config, finished.metrics
     fit = _fit_of(finished.run_dir)
+    flops = cumulative_training_flops(config, records)
 
-    def pflop(steps: int | None) -> float | None:
-        return None if steps is None else steps * config.batch_size * flop_per_image / 1e15
+    def pflop(total: int | None) -> float | None:
+        return None if total is None else total / 1e15
 
     return {
         "variant": finished.cell.row,
@@ -162,9 +164,9 @@ def result(finished: Finished, targets, flop_per_image: int) -> dict:
         "fit": fit,
         "curve": accuracy_curve(records),
         **{f"minutes_to_{t:g}": minutes_to(records, t) for t in targets},
-        "gflop_per_image": flop_per_image / 1e9,
-        "pflop": pflop(records[-1]["step"] if records else None),
-        **{f"pflop_to_{t:g}": pflop(steps_to(records, t)) for t in targets},
+        "gflop_per_image": training_flop_per_image(config) / 1e9,
+        "pflop": pflop(flops[-1] if flops else None),
+        **{f"pflop_to_{t:g}": pflop(flops_to(records, flops, t)) for t in targets},
     }
 
 
@@ -203,12 +205,9 @@ def run_speedrun(
         for variant, variant_cfg in configs.items()
         for k in range(seeds)
     ]
-    results, flops = [], {}
+    results = []
     for finished in run_cells(cells, folder, log):
-        variant = finished.cell.row
-        if variant not in flops:
-            flops[variant] = training_flop_per_image(configs[variant])
-        results.append(result(finished, targets, flops[variant]))
+        results.append(result(finished, targets))
         r = results[-1]
         reached = "  ".join(f"{t:g}%: " + _minutes(r[f"minutes_to_{t:g}"]) for t in targets)
         log(f"{r['variant']} seed {r['seed']}: final test accuracy "

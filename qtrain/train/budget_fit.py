@@ -15,6 +15,11 @@ as with max_steps), n steps for an epoch schedule (whole epochs). The schedule i
 over the fitted steps, so the run ends with its learning rate decayed to `min_lr`. Whole
 epochs would waste up to one epoch of the budget, a quarter of it where only four fit.
 
+With progressive resizing (`qtrain.train.resizing`) the first epoch trains on the smallest
+images, so later steps cost more than the first epoch's: a step of epoch e costs t_step·c(e),
+c(e) = FLOP(s(e)) / FLOP(s(0)) at the sides of the run being fitted, and steps is the most
+whose predicted seconds t₁ + t_step·Σ c fit in B·(1 − MARGIN) (`resized_epoch_cost`).
+
 Why the first epoch rather than a probe before training: it times the run's own step with
 everything the loop does (loader, augmentation, schedule, weight average, checks) on this
 machine, over a whole epoch; and it costs nothing, its steps being training steps. A probe of
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +48,10 @@ import torch
 from qtrain.base.errors import UserError
 from qtrain.train.config import RunConfig
 from qtrain.train.devices import native_bf16
+from qtrain.train.flops import StepCost
+from qtrain.train.resizing import side_at
 from qtrain.train.schedules import PER_STEP
+from qtrain.train.settings import image_size
 
 # Of the budget: for later epochs that run slower than the first (another process on a shared
 # machine; the speed of one 2-core VM drifted by up to 20% from hour to hour).
@@ -108,15 +117,30 @@ def fitted_steps(
     setup_seconds: float,
     grain: int = 1,
     margin: float = MARGIN,
+    epoch_cost: Callable[[int, int], float] | None = None,
 ) -> int:
     """n + g·⌊(B·(1 − margin) − t₁) / (g·t_step)⌋ within [n, E·n] (module docstring), with
-    n = `steps_per_epoch` and g = `grain`."""
+    n = `steps_per_epoch` and g = `grain`.
+
+    With `epoch_cost` (c(e, N): a step of epoch e in a run of N steps costs c·t_step), the
+    most N (a multiple of g past n, at most E·n) with t₁ + t_step·Σ_{k=n}^{N−1} c(⌊k/n⌋, N)
+    ≤ B·(1 − margin); at least n."""
     n, top = steps_per_epoch, recipe_epochs * steps_per_epoch
     room = budget_s * (1.0 - margin) - first_epoch_seconds
-    seconds_per_grain = grain * (first_epoch_seconds - setup_seconds) / n
-    if seconds_per_grain <= 0:
+    step_seconds = (first_epoch_seconds - setup_seconds) / n
+    if step_seconds <= 0:
         return top
-    return max(n, min(top, n + grain * math.floor(room / seconds_per_grain)))
+    if epoch_cost is None:
+        return max(n, min(top, n + grain * math.floor(room / (grain * step_seconds))))
+    fitting = (steps for steps in range(n + grain, top + 1, grain)
+               if step_seconds * _later_cost(steps, n, epoch_cost) <= room)  # fmt: skip
+    return max(fitting, default=n)
+
+
+def _later_cost(steps: int, n: int, epoch_cost: Callable[[int, int], float]) -> float:
+    """Σ_{k=n}^{steps−1} c(⌊k/n⌋, steps): the steps after the first epoch, each weighted by
+    its epoch's cost."""
+    return sum(min(n, steps - e * n) * epoch_cost(e, steps) for e in range(1, -(-steps // n)))
 
 
 def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
@@ -125,10 +149,30 @@ def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
     `first_epoch_seconds`: to the step for a per-step schedule, else to whole epochs."""
     budget = config.time_budget_s
     grain = 1 if config.schedule in PER_STEP else steps_per_epoch
+    cost = resized_epoch_cost(config, steps_per_epoch)
     steps = fitted_steps(budget, config.epochs, steps_per_epoch, first_epoch_seconds,
-                         setup_seconds, grain)  # fmt: skip
+                         setup_seconds, grain, epoch_cost=cost)  # fmt: skip
     return Fit(math.ceil(steps / steps_per_epoch), config.epochs, budget, first_epoch_seconds,
                setup_seconds, MARGIN, machine(device), steps, steps_per_epoch)  # fmt: skip
+
+
+def resized_epoch_cost(config: RunConfig, steps_per_epoch: int
+                       ) -> Callable[[int, int], float] | None:  # fmt: skip
+    """c(e, N) for progressive resizing: FLOP(s(e)) / FLOP(s(0)), the sides of a run of N
+    steps (`qtrain.train.resizing`); None without resizing, where every epoch costs the same.
+
+    Counted FLOPs rather than seconds: a CPU computes a small map at no better a rate than a
+    large one, so the ratio of FLOPs errs towards more time for the later, larger epochs."""
+    if config.resize_min_side is None:
+        return None
+    full = image_size(config)
+
+    def side(epoch: int, steps: int) -> int:
+        epochs = steps / steps_per_epoch
+        return side_at(epoch, epochs, full, config.resize_min_side, config.resize_until)
+
+    cost = StepCost(config, reference=side(0, steps_per_epoch))
+    return lambda epoch, steps: cost(side(epoch, steps))
 
 
 def check_fittable(config: RunConfig, steps_per_epoch: int) -> None:

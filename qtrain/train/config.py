@@ -162,6 +162,10 @@ BUDGETED = Scope("runs with a time_budget_s", lambda c: c.time_budget_s is not N
                   lambda c: "a run without time_budget_s")  # fmt: skip
 
 
+RESIZED = Scope("runs that set resize_min_side", lambda c: c.resize_min_side is not None,
+                lambda c: "a run without resize_min_side")  # fmt: skip
+
+
 DISTILL = Scope("runs that distill (distill_from set)", lambda c: c.distill_from is not None,
                 lambda c: "a run without distill_from")  # fmt: skip
 
@@ -312,6 +316,12 @@ class RunConfig:
     tta_each_epoch: bool = _key(True, "fast training", "augment every evaluation (false: only "
                                 "the run's last; the others see one view)",
                                 applies=WITH_TTA)  # fmt: skip
+    resize_min_side: int | None = _key(None, "fast training", "progressive resizing "
+                                       "(qtrain.train.resizing): the side, in pixels, of the "
+                                       "first epoch's images (None: off)",
+                                       applies=IMAGES)  # fmt: skip
+    resize_until: float = _key(0.5, "fast training", "the fraction of the run by which the side "
+                               "has grown back to the data set's", applies=RESIZED)  # fmt: skip
     # -- distillation (qtrain.train.distill)
     distill_from: str | None = _key(None, "distillation", "train against the logits of this "
                                     "teacher: a run folder, checkpoint, packed file or Hugging "
@@ -416,6 +426,13 @@ class RunConfig:
             raise ConfigError(f"val_images must be a whole number >= 0, got {self.val_images}")
         if self.time_budget_s is not None:
             _positive_number("time_budget_s", self.time_budget_s)
+        side = self.resize_min_side
+        if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+            raise ConfigError(f"resize_min_side must be a whole number of pixels >= 1, got "
+                              f"{side!r}; or leave it unset to train at full size")  # fmt: skip
+        if not (math.isfinite(self.resize_until) and 0 < self.resize_until <= 1):
+            raise ConfigError(f"resize_until must be in (0, 1] (a fraction of the run), got "
+                              f"{self.resize_until!r}")  # fmt: skip
         if self.fit_to_budget and self.max_steps is not None:
             raise ConfigError(
                 "fit_to_budget chooses the number of epochs, but max_steps sets the run's "

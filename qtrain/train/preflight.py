@@ -89,6 +89,26 @@ def check_fit(config: RunConfig) -> None:
                 f"{config.dataset!r} has {side}×{side} images; choose "
                 f"{hint or 'another model'} or a data set of {wanted}×{wanted} images"
             ) from None
+        if config.resize_min_side is not None:
+            _check_resize(config, model, info.in_channels, side)
+
+
+def _check_resize(config: RunConfig, model, channels: int, side: int) -> None:
+    """Refuse a progressive-resizing side that is not below the data set's or that the model
+    cannot take (tried on the meta device, as the full side is)."""
+    small = config.resize_min_side
+    if small >= side:
+        raise UserError(
+            f"resize_min_side {small} is not below the {side}×{side} images of data set "
+            f"{config.dataset!r}, so nothing would be resized; set it below {side} or unset it"
+        )
+    try:
+        model.eval()(torch.zeros(1, channels, small, small))
+    except RuntimeError:
+        raise UserError(
+            f"model {config.model!r} cannot take {small}×{small} images (its pooling leaves "
+            f"nothing at that side); raise resize_min_side towards {side}"
+        ) from None
 
 
 def _check_text_fit(config: RunConfig, info) -> None:

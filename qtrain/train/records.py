@@ -3,7 +3,8 @@
 A record (one line of metrics.jsonl) holds epoch, step, train_loss, train_error, test_loss,
 test_error (None before the last record of a run with a validation split), lr, seconds
 (training), eval_seconds (the epoch's evaluations, test-time augmentation included),
-flip_rate, wb_wr_gap, and images_per_second, or for text val_loss (nats per token), val_bpc =
+flip_rate, wb_wr_gap, and images_per_second (with progressive resizing also image_side, the side
+the epoch trained at), or for text val_loss (nats per token), val_bpc =
 val_loss / ln 2 and tokens_per_second; val_loss and val_error with a validation split, and
 `stopped` when the run ended early. lr is the optimizer's `learning_rate`: for Bop
 and Bop2 that of the full-precision parameters (γ and τ move the binary ones), None when a
@@ -40,6 +41,7 @@ def epoch_record(
     test: dict,
     text: bool,
     eval_seconds: float,
+    image_side: int | None = None,
 ) -> dict:
     """The record of the epoch `state` is in, its training done and its `val` and `test`
     evaluated in `eval_seconds` (`qtrain.train.evaluation.evaluate`; test loss and error None
@@ -64,6 +66,8 @@ def epoch_record(
         record["tokens_per_second"] = sums.seen / max(sums.seconds, 1e-9)
     else:
         record["images_per_second"] = sums.seen / max(sums.seconds, 1e-9)
+        if image_side is not None:
+            record["image_side"] = image_side
     if val is not None:
         record["val_loss"], record["val_error"] = val["loss"], val["error"]
     record["peak_memory_bytes"] = peak_memory(optimizer.param_groups[0]["params"][0].device)
@@ -85,10 +89,11 @@ def format_record(r: dict, epochs: int) -> str:
     held = [f"{name} err {r[key]:5.2f}%" for name, key in (("val", "val_error"),
             ("test", "test_error")) if r.get(key) is not None]  # fmt: skip
     stopped = f"  (stopped: {r['stopped']})" if "stopped" in r else ""
+    side = f"  side {r['image_side']}" if "image_side" in r else ""
     return (
         f"epoch {r['epoch']:>3}/{epochs}  loss {r['train_loss']:.4f}  "
         f"train err {r['train_error']:5.2f}%  {'  '.join(held)}  "
-        f"{lr}flips {r['flip_rate']:.2e}{gap}  {r['seconds']:.1f}s{stopped}"
+        f"{lr}flips {r['flip_rate']:.2e}{gap}{side}  {r['seconds']:.1f}s{stopped}"
     )
 
 

@@ -94,8 +94,9 @@ from qtrain.train.parts import (
 from qtrain.train.preflight import check_config, check_memory
 from qtrain.train.progress import ProgressLines
 from qtrain.train.records import epoch_record, format_record, run_summary
+from qtrain.train.resizing import downscale, side_at
 from qtrain.train.schedules import PER_STEP, cycled_momentum, set_momentum, starting_momentum
-from qtrain.train.settings import context_length, is_text
+from qtrain.train.settings import context_length, image_size, is_text
 from qtrain.train.signals import stop_requests
 from qtrain.train.start import check_same_start, start_from
 from qtrain.train.state import EpochSums, RankSums, TrainState, checkpoint_payload, restore_state
@@ -371,9 +372,12 @@ class Trainer:
         bar = self._progress_bar(length, sums.batch, state.epoch)
         lines = self._progress_lines if bar is None else None
         steps_before = state.epoch * len(self.train_loader)
+        side = self._side(state.epoch)
         for x, y in batches:
             if sums.batch >= length:
                 break
+            if side is not None:
+                x = downscale(x, side)
             loss, logits, y = self.optimizer_step(x, y)
             if self.per_step:
                 self.scheduler.step()
@@ -406,6 +410,14 @@ class Trainer:
         # The end-of-epoch checkpoint follows; evaluation does not change the weights.
         self._check_diverged(state, before_save=True)
         running.total_into(sums, self.dist, started)
+
+    def _side(self, epoch: int) -> int | None:
+        """The side of `epoch`'s training images under progressive resizing (None: off)."""
+        c = self.config
+        if c.resize_min_side is None:
+            return None
+        epochs = self.total_steps / len(self.train_loader)
+        return side_at(epoch, epochs, image_size(c), c.resize_min_side, c.resize_until)
 
     def _fits_now(self, state: TrainState) -> bool:
         """Whether the first epoch just ended whole in a run whose epochs are to be fitted to
@@ -484,7 +496,8 @@ class Trainer:
         val, test = self._evaluate(final)
         eval_seconds = time.perf_counter() - started
         step = state.epoch * len(self.train_loader) + sums.batch
-        record = epoch_record(state, step, lr, opt, val, test, self.text, eval_seconds)
+        record = epoch_record(state, step, lr, opt, val, test, self.text, eval_seconds,
+                              self._side(state.epoch))  # fmt: skip
         state.metrics.append(record)
         state.epoch += 1
         state.sums = EpochSums()
