@@ -5,11 +5,14 @@ later epochs, and the refusals."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from qtrain.cli import main
-from qtrain.train import parts, rundir, state, trainer
+from qtrain.models.speednet import speednet
+from qtrain.train import parts, rundir, side_cost, state, trainer
 from qtrain.train.budget_fit import MARGIN, fitted_steps, resized_epoch_cost
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import ConfigError, RunConfig
@@ -17,6 +20,7 @@ from qtrain.train.flops import StepCost, cumulative_training_flops, training_flo
 from qtrain.train.preflight import check_applicable
 from qtrain.train.records import MEASURED_KEYS
 from qtrain.train.resizing import downscale, side_at
+from qtrain.train.side_cost import SideCost, measure_side_cost
 from qtrain.train.trainer import Trainer
 
 STEPS_PER_EPOCH = 7  # 512 synthetic images less 64 held out, batches of 64
@@ -149,8 +153,9 @@ def test_the_fit_without_costs_is_the_closed_form_and_with_costs_prices_each_epo
 
 @pytest.fixture
 def flop_clock(monkeypatch):
-    """Every optimizer step takes d × FLOP(side of its batch) / FLOP(16) seconds on the clock
-    the trainer reads: a machine whose speed is its FLOPs."""
+    """A machine whose speed is its FLOPs: every optimizer step takes d × F(side of its batch)
+    / F(16) seconds on the clock the trainer reads, and the measured forward and backward
+    passes (`side_cost`) report the same."""
 
     class Clock:
         now = 0.0
@@ -159,18 +164,23 @@ def flop_clock(monkeypatch):
         def perf_counter() -> float:
             return Clock.now
 
-    for module in (trainer, state, parts):
+    for module in (trainer, state, parts, side_cost):
         monkeypatch.setattr(module, "time", Clock)
     real_step = Trainer.optimizer_step
 
     def install(d: float, config: RunConfig):
-        cost = StepCost(config, reference=16)
+        flops = StepCost(config, reference=16)
 
         def ticking(self, x, y):
-            Clock.now += d * cost(x.shape[-1])
+            Clock.now += d * flops(x.shape[-1])
             return real_step(self, x, y)
 
+        def passes(_model, _images, _labels, sides, _amp, _device):
+            return {side: d * flops(side) for side in sides}
+
         monkeypatch.setattr(Trainer, "optimizer_step", ticking)
+        monkeypatch.setattr(side_cost, "forward_backward_seconds", passes)
+        return flops
 
     return install
 
@@ -180,20 +190,41 @@ def test_a_fitted_resized_run_ends_inside_its_budget_where_a_flat_fit_would_over
 ):
     d, budget = 0.5, 30.0
     config = resized_config(epochs=12, time_budget_s=budget, fit_to_budget=True)
-    flop_clock(d, config)
-    records = Trainer(config, tmp_path, log=quiet).run()
+    flops = flop_clock(d, config)
+    lines = []
+    records = Trainer(config, tmp_path, log=lines.append).run()
     seconds = sum(r["seconds"] for r in records)
     assert records[-1].get("stopped") is None and records[-1]["lr"] == config.min_lr
     assert seconds <= budget * (1 - MARGIN)
-    steps = records[-1]["step"]
-    # the fit took the most steps that fit: one more would not have
-    cost = resized_epoch_cost(config, STEPS_PER_EPOCH)
-    one_more = fitted_steps(budget, 12, STEPS_PER_EPOCH, 7 * d, 0.0, epoch_cost=cost)
-    assert one_more == steps
-    # priced as if every step cost the first epoch's, the run would have been longer
-    flat = fitted_steps(budget, 12, STEPS_PER_EPOCH, 7 * d, 0.0)
-    assert flat > steps
     assert records[0]["image_side"] == 16 and records[-1]["image_side"] == 32
+    fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
+    measured = SideCost(**fit["side_cost"])
+    assert (measured.share, measured.full_ratio) == (1.0, pytest.approx(flops(32)))
+    assert any("a step at side 32 costs" in line for line in lines)
+    # the fit took the most steps whose predicted seconds fit: here the prediction is exact
+    cost = resized_epoch_cost(config, STEPS_PER_EPOCH, measured)
+    assert [cost(e, 40) for e in range(6)] == pytest.approx(
+        [flops(side_at(e, 40 / 7, 32, 16, 0.5)) for e in range(6)]
+    )
+    steps = records[-1]["step"]
+    assert steps == fitted_steps(budget, 12, STEPS_PER_EPOCH, 7 * d, 0.0, epoch_cost=cost)
+    # priced as if every step cost the first epoch's, the run would have been longer
+    assert fitted_steps(budget, 12, STEPS_PER_EPOCH, 7 * d, 0.0) > steps
+
+
+def test_measuring_the_side_cost_leaves_the_run_untouched():
+    torch.manual_seed(0)
+    model = speednet(num_classes=10, width=0.125, in_channels=3)
+    model.train()(torch.randn(8, 3, 32, 32))  # batch-norm statistics away from their start
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = (torch.randn(16, 3, 32, 32), torch.randint(10, (16,)))
+    rng = torch.get_rng_state()
+    measured = measure_side_cost(model, batch, 16, 32, 0.01, "off", torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert measured.full_ratio > 0 and 0 < measured.share <= 1 and measured.seconds > 0
+    assert (measured.min_side, measured.full_side) == (16, 32)
 
 
 # -- refusals ----------------------------------------------------------------------------------

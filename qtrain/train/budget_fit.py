@@ -17,8 +17,9 @@ epochs would waste up to one epoch of the budget, a quarter of it where only fou
 
 With progressive resizing (`qtrain.train.resizing`) the first epoch trains on the smallest
 images, so later steps cost more than the first epoch's: a step of epoch e costs t_step·c(e),
-c(e) = FLOP(s(e)) / FLOP(s(0)) at the sides of the run being fitted, and steps is the most
-whose predicted seconds t₁ + t_step·Σ c fit in B·(1 − MARGIN) (`resized_epoch_cost`).
+c(e) = t_step(s(e)) / t_step(s(0)) at the sides of the run being fitted, measured at the end
+of the first epoch (`qtrain.train.side_cost`, its seconds counted as set-up), and steps is the
+most whose predicted seconds t₁ + t_step·Σ c fit in B·(1 − MARGIN) (`resized_epoch_cost`).
 
 Why the first epoch rather than a probe before training: it times the run's own step with
 everything the loop does (loader, augmentation, schedule, weight average, checks) on this
@@ -52,6 +53,7 @@ from qtrain.train.flops import StepCost
 from qtrain.train.resizing import side_at
 from qtrain.train.schedules import PER_STEP
 from qtrain.train.settings import image_size
+from qtrain.train.side_cost import SideCost
 
 # Of the budget: for later epochs that run slower than the first (another process on a shared
 # machine; the speed of one 2-core VM drifted by up to 20% from hour to hour).
@@ -73,6 +75,7 @@ class Fit:
     machine: dict
     steps: int | None = None
     steps_per_epoch: int | None = None
+    side_cost: dict | None = None  # a resized run's measured `SideCost`
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +107,10 @@ class Fit:
             f"{self.setup_seconds:.1f} s included; {m['cpu']}, {m['isa']}, "
             f"threads {m['threads']}, {m['device']})"
         )
+        if self.side_cost is not None:
+            c = SideCost(**self.side_cost)
+            line += (f"; a step at side {c.full_side} costs {c.full_step_ratio:.2f}x one at "
+                     f"{c.min_side}, measured in {c.seconds:.1f} s")  # fmt: skip
         if self.epochs == 1 and self.recipe_epochs > 1:
             line += "; no second epoch fits"
         return line
@@ -144,34 +151,36 @@ def _later_cost(steps: int, n: int, epoch_cost: Callable[[int, int], float]) -> 
 
 
 def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
-        setup_seconds: float, device: torch.device) -> Fit:  # fmt: skip
+        setup_seconds: float, device: torch.device,
+        side_cost: SideCost | None = None) -> Fit:  # fmt: skip
     """The fit of the run `config`, of `steps_per_epoch`, whose first epoch took
-    `first_epoch_seconds`: to the step for a per-step schedule, else to whole epochs."""
+    `first_epoch_seconds`: to the step for a per-step schedule, else to whole epochs. A
+    resized run passes its measured `side_cost`, whose seconds are set-up."""
     budget = config.time_budget_s
     grain = 1 if config.schedule in PER_STEP else steps_per_epoch
-    cost = resized_epoch_cost(config, steps_per_epoch)
+    cost = None
+    if side_cost is not None:
+        cost = resized_epoch_cost(config, steps_per_epoch, side_cost)
+        setup_seconds += side_cost.seconds
     steps = fitted_steps(budget, config.epochs, steps_per_epoch, first_epoch_seconds,
                          setup_seconds, grain, epoch_cost=cost)  # fmt: skip
     return Fit(math.ceil(steps / steps_per_epoch), config.epochs, budget, first_epoch_seconds,
-               setup_seconds, MARGIN, machine(device), steps, steps_per_epoch)  # fmt: skip
+               setup_seconds, MARGIN, machine(device), steps, steps_per_epoch,
+               side_cost.to_dict() if side_cost is not None else None)  # fmt: skip
 
 
-def resized_epoch_cost(config: RunConfig, steps_per_epoch: int
-                       ) -> Callable[[int, int], float] | None:  # fmt: skip
-    """c(e, N) for progressive resizing: FLOP(s(e)) / FLOP(s(0)), the sides of a run of N
-    steps (`qtrain.train.resizing`); None without resizing, where every epoch costs the same.
-
-    Counted FLOPs rather than seconds: a CPU computes a small map at no better a rate than a
-    large one, so the ratio of FLOPs errs towards more time for the later, larger epochs."""
-    if config.resize_min_side is None:
-        return None
+def resized_epoch_cost(config: RunConfig, steps_per_epoch: int, side_cost: SideCost
+                       ) -> Callable[[int, int], float]:  # fmt: skip
+    """c(e, N) = t_step(s(e)) / t_step(s(0)) for progressive resizing: the sides of a run of N
+    steps (`qtrain.train.resizing`), each priced by the measured `side_cost`
+    (`qtrain.train.side_cost`)."""
     full = image_size(config)
 
     def side(epoch: int, steps: int) -> int:
         epochs = steps / steps_per_epoch
         return side_at(epoch, epochs, full, config.resize_min_side, config.resize_until)
 
-    cost = StepCost(config, reference=side(0, steps_per_epoch))
+    cost = side_cost.step_cost(StepCost(config, reference=side_cost.min_side))
     return lambda epoch, steps: cost(side(epoch, steps))
 
 

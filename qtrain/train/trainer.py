@@ -97,6 +97,7 @@ from qtrain.train.records import epoch_record, format_record, run_summary
 from qtrain.train.resizing import downscale, side_at
 from qtrain.train.schedules import PER_STEP, cycled_momentum, set_momentum, starting_momentum
 from qtrain.train.settings import context_length, image_size, is_text
+from qtrain.train.side_cost import SideCost, measure_side_cost
 from qtrain.train.signals import stop_requests
 from qtrain.train.start import check_same_start, start_from
 from qtrain.train.state import EpochSums, RankSums, TrainState, checkpoint_payload, restore_state
@@ -430,12 +431,24 @@ class Trainer:
         keep the choice in `state` (so in every checkpoint) and draw the schedule over it."""
         fit = None
         if self.dist.is_main:
+            side_cost = self._measure_side_cost(state) if self.config.resize_min_side else None
             fit = budget_fit.fit(self.config, len(self.train_loader), state.sums.seconds,
-                                 self.setup_seconds, self.device).to_dict()  # fmt: skip
+                                 self.setup_seconds, self.device, side_cost).to_dict()  # fmt: skip
         state.fit = self.dist.broadcast_object(fit)
         chosen = budget_fit.Fit.from_dict(state.fit)
         self._apply_fit(chosen)
         self.log(chosen.describe())
+
+    def _measure_side_cost(self, state: TrainState) -> SideCost:
+        """What a step costs at the full side against the first epoch's (`side_cost`), on the
+        run's first batch; its seconds join the first epoch's, so the budget counts them."""
+        c, per_epoch = self.config, len(self.train_loader)
+        step_seconds = (state.sums.seconds - self.setup_seconds) / per_epoch
+        batch = next(iter(self.train_loader.epoch(0)))
+        cost = measure_side_cost(self.model, batch, c.resize_min_side, image_size(c),
+                                 step_seconds, c.amp, self.device)  # fmt: skip
+        state.sums.seconds += cost.seconds
+        return cost
 
     def _apply_fit(self, fit: budget_fit.Fit) -> None:
         """Make the run as long as `fit` chose: its steps, epochs and schedule from now on."""
