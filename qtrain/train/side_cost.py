@@ -13,11 +13,15 @@ smallest side s₀ and later ones at larger sides, up to the data set's S. The t
     φ    = min(1, fb(s₀) / t_step(s₀)), the share of a first-epoch step that grows with the
            side; the rest (loading, the optimizer's step, the weight average) does not.
 
-Why measured rather than priced by FLOPs: small maps run at a lower FLOP rate than large ones
-(benchmarks/bench_resize.py), so FLOPs alone overprice the later, larger epochs and the fit
-leaves budget unused. Why a ratio: a shared machine's speed drifts (docs/speedrun.md), and ρ
-comes from passes a fraction of a second apart (interleaved, median of `REPEATS` after one
-warm-up pass per side), which a slow spell scales alike.
+Why measured rather than priced by FLOPs: at a small side the part of a step that does not
+scale with it shows. For speednet on a 2-core AVX-512 BF16 CPU (benchmarks/bench_resize.py)
+a step at side 32 took 3.98× one at 16 where the FLOPs say 5.05×, so FLOPs alone would
+overprice the later, larger epochs and leave budget unused; from side 20 up, and at every
+side in float32 under AVX2, time and FLOPs agree within 9%.
+
+Why a ratio: a shared machine's speed drifts (docs/speedrun.md), and ρ comes from passes a
+fraction of a second apart (interleaved, median of `REPEATS` after one warm-up pass per
+side), which a slow spell scales alike.
 
 The passes run on a copy of the model, under a forked random state: the run's weights,
 batch-norm statistics, gradients and random streams are as they would be without them, so a
