@@ -24,8 +24,9 @@ fraction of a second apart (interleaved, median of `REPEATS` after one warm-up p
 side), which a slow spell scales alike.
 
 The passes run on a copy of the model, under a forked random state: the run's weights,
-batch-norm statistics, gradients and random streams are as they would be without them, so a
-fitted run trains the same numbers whatever was measured. Their seconds count in the budget.
+batch-norm statistics, gradients and random streams are as they would be without them, so
+what was measured changes the run only through the length the fit chooses. Their seconds
+count in the budget.
 """
 
 from __future__ import annotations
