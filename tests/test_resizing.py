@@ -39,13 +39,6 @@ def quiet(*_args, **_kwargs):
     pass
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- the side schedule and the downscaling -----------------------------------------------------
 def test_the_side_grows_linearly_from_the_smallest_to_the_full_one_by_the_given_fraction():
     sides = [side_at(e, 14, 32, 16, 0.5) for e in range(14)]
