@@ -223,10 +223,22 @@ def test_stochastic_bc_writes_a_stochastic_rounding_of_the_latent_weights():
     assert not torch.equal(model[0].weight, round_nearest(opt.latent_weights()[0], binary()))
 
 
-def test_fp_method_is_the_plain_optimizer():
+@pytest.mark.parametrize(
+    "method, reference",
+    [
+        ("fp-adam", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3, foreach=False)),
+        ("fp-adamw", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False)),
+        ("fp-sgd", lambda ps: torch.optim.SGD(
+            ps, lr=0.01, momentum=0.9, weight_decay=1e-3, foreach=False)),
+    ],
+)  # fmt: skip
+def test_fp_method_is_the_plain_per_tensor_optimizer(method, reference):
+    """The base optimizers step all tensors in one foreach call; that is the per-tensor loop
+    (PyTorch's CPU default) bit for bit."""
     model, plain = small_net(), small_net()
-    opt = create("fp-adam", model, lr=0.01)
-    ref = torch.optim.Adam(plain.parameters(), lr=0.01)
+    decay = reference([torch.zeros(1)]).defaults["weight_decay"]
+    opt = create(method, model, lr=0.01, weight_decay=decay, momentum=0.9)
+    ref = reference(list(plain.parameters()))
     train_steps(model, opt, 3)
     train_steps(plain, ref, 3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))

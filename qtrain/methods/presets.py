@@ -105,11 +105,17 @@ def rademacher_(params: list[torch.Tensor], grid: Grid, generator: torch.Generat
 
 
 def _base_optimizer(spec: MethodSpec, groups, lr, weight_decay, momentum, betas, eps):
+    # foreach: one call per group instead of a Python loop over the tensors, which PyTorch
+    # enables only on CUDA by default. On a CPU its results are bit for bit the per-tensor
+    # loop's (tests/test_methods.py); the loop's host time is a tenth of a small
+    # model's step (benchmarks/bench_step_overhead.py). (`fused` would be faster still, but
+    # its results differ in the last bit from the loop's.)
+    common = {"lr": lr, "weight_decay": weight_decay, "foreach": True}
     if spec.base == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, betas=betas, eps=eps, **common)
     if spec.base == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, betas=betas, eps=eps, **common)
+    return torch.optim.SGD(groups, momentum=momentum, **common)
 
 
 def _flip_settings(mode: str, gamma, tau, sigma) -> dict:
