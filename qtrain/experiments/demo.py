@@ -58,7 +58,6 @@ def demo_config(method: str, batch_size: int, epochs: int, seed: int) -> RunConf
         batch_size=batch_size,
         lr=0.01,
         seed=seed,
-        channels_last=False,
         device="cpu",
         # float32 on every CPU, so that the demo prints the same table on any machine (amp
         # "auto" would pick bf16 where it is native)
