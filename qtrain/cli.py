@@ -166,8 +166,9 @@ def _targets(text: str) -> tuple[float, ...]:
 def cmd_eval(args) -> int:
     from qtrain.evaluate import evaluate_file
 
-    result = evaluate_file(args.checkpoint, data_dir=args.data_dir, batch_size=args.batch_size,
-                           tta=args.tta, weights=args.weights)  # fmt: skip
+    batch = {"batch_size": args.batch_size} if args.batch_size is not None else {}
+    result = evaluate_file(args.checkpoint, data_dir=args.data_dir, tta=args.tta,
+                           weights=args.weights, **batch)  # fmt: skip
     score = (
         f"validation loss {result['val_loss']:.4f} ({result['val_bpc']:.3f} bits per character) "
         f"over {result['images']} tokens"
@@ -324,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="test error of a checkpoint or packed model")
     p.add_argument("checkpoint", help="checkpoint.pt, a run folder, or a packed .safetensors")
     p.add_argument("--data-dir", dest="data_dir")
-    p.add_argument("--batch-size", type=int, default=1000, dest="batch_size")
+    p.add_argument("--batch-size", type=int, dest="batch_size",
+                   help="evaluation minibatch (default: eval_batch_size's, 128)")  # fmt: skip
     p.add_argument("--tta", help="test-time augmentation: none, flip, flip-translate "
                    "(default: the run's own)")  # fmt: skip
     p.add_argument("--weights", default="reported", help="reported (default: the weights the "

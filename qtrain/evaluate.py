@@ -18,13 +18,15 @@ from qtrain import data as qdata
 from qtrain.base.errors import UserError
 from qtrain.data.tokens import TokenizerSpec
 from qtrain.export.loading import load_any_model
-from qtrain.train.config import RunConfig
+from qtrain.train.config import EVAL_BATCH, RunConfig
 from qtrain.train.evaluation import evaluate
 from qtrain.train.settings import data_options, is_text
 from qtrain.train.tta import check_tta
 
 
-def test_loader(record: dict, data_dir: str | None = None, batch_size: int = 1000, device="cpu"):
+def test_loader(
+    record: dict, data_dir: str | None = None, batch_size: int = EVAL_BATCH, device="cpu"
+):
     """(loader, splits) of the test split a saved model was trained against: the whole test
     set of an image data set, the fixed validation windows of a text."""
     config = record.get("config") or {}
@@ -57,7 +59,7 @@ def _channels_last(config: dict) -> bool:
 def evaluate_file(
     path: str | Path,
     data_dir: str | None = None,
-    batch_size: int = 1000,
+    batch_size: int = EVAL_BATCH,
     device: str = "cpu",
     *,
     tta: str | None = None,
