@@ -14,8 +14,11 @@ divergence check, the running sums, the schedule and the time-budget and signal 
 "plain" is a bare loop over the same batches, taken from the same loader once before timing:
 forward, cross-entropy, zero_grad, backward, and the same `QuantizedOptimizer.step` (a
 second Trainer's model and optimizer, built from the same config, so both start equal).
-Rounds alternate (`speed_common.interleave`); the ratio of median round times is what the
-trainer adds to a step. Run it with nothing else on the machine.
+"loop" is the bare loop again with the base optimizer stepping tensor by tensor in a Python
+loop (`foreach = False`, PyTorch's default on a CPU) instead of in one foreach call, as qtrain
+does. Rounds alternate (`speed_common.interleave`); the ratio of median round times to
+"plain" is what the trainer (or the loop) adds to a step. Run it with nothing else on the
+machine.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def quiet(*_args, **_kwargs):
 def digits_config() -> RunConfig:
     return RunConfig(model="tiny_cnn", dataset="digits", method="bc-adam", batch_size=32,
                      epochs=1000, schedule="constant", device="cpu", amp="off",
-                     channels_last=False, threads=1)  # fmt: skip
+                     threads=1)  # fmt: skip
 
 
 def gpt_config(data_dir: Path, scratch: Path) -> RunConfig:
@@ -73,14 +76,22 @@ def plain_round(trainer: Trainer, batches: list) -> None:
 def measure(name: str, config: RunConfig, scratch: Path, rounds: int) -> float:
     qtrain = Trainer(config, scratch / f"{name}-qtrain", log=quiet, progress=False)
     twin = Trainer(config, scratch / f"{name}-plain", log=quiet, progress=False)
+    looped = Trainer(config, scratch / f"{name}-looped", log=quiet, progress=False)
+    for group in looped.optimizer.base.param_groups:  # PyTorch's own CPU default
+        group["foreach"] = False
     batches = list(twin.train_loader.epoch(0))
     times = interleave(
-        {"qtrain": lambda r: train_round(qtrain, r), "plain": lambda r: plain_round(twin, batches)},
+        {
+            "qtrain": lambda r: train_round(qtrain, r),
+            "plain": lambda r: plain_round(twin, batches),
+            "looped": lambda r: plain_round(looped, batches),
+        },
         rounds,
     )
     steps = len(batches)
-    q, p = median(times["qtrain"]), median(times["plain"])
-    print(f"{name:32s} {steps:5d} {1e3 * p / steps:12.2f} {1e3 * q / steps:12.2f} {q / p:8.3f}")
+    q, p, lp = (median(times[k]) for k in ("qtrain", "plain", "looped"))
+    print(f"{name:32s} {steps:5d} {1e3 * p / steps:12.2f} {1e3 * q / steps:12.2f} {q / p:8.3f} "
+          f"{lp / p:12.3f}")  # fmt: skip
     return q / p
 
 
@@ -91,7 +102,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(machine_line())
-    print(f"{'case':32s} {'steps':>5s} {'plain ms/step':>12s} {'qtrain ms/st':>12s} {'ratio':>8s}")
+    print(f"{'case':32s} {'steps':>5s} {'plain ms/step':>12s} {'qtrain ms/st':>12s} {'ratio':>8s} "
+          f"{'loop ÷ plain':>12s}")  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         measure("tiny_cnn digits, batch 32, BC", digits_config(), scratch, args.rounds)
