@@ -88,9 +88,9 @@ class ConfigError(UserError):
 
 
 # The evaluation minibatch. Small, because on a CPU an evaluation is fastest when a batch's
-# activations stay in cache: the speedrun's test pass on 2 cores takes 0.66x its time at
-# batch 1000 in bf16 and 0.76x in float32 (docs/speedrun.md, "Where the time goes"); on a
-# GPU a batch of 128 already keeps it busy on CIFAR.
+# activations stay in cache: the speedrun's test pass on 2 cores takes 0.65-0.83x its time at
+# batch 1000, in bf16 and in float32 (benchmarks/bench_eval_batch.py, docs/speedrun.md "Where
+# the time goes"); on a GPU a batch of 128 already keeps it busy on CIFAR.
 EVAL_BATCH = 128
 
 
