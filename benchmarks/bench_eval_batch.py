@@ -42,7 +42,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--amp", default="auto", help="auto, bf16 or off")
     args = parser.parse_args()
-    batches = sorted({int(b) for b in args.batches.split(",")}, reverse=True)
+    try:
+        batches = sorted({int(b) for b in args.batches.split(",")}, reverse=True)
+    except ValueError:
+        parser.error(f"--batches takes whole numbers separated by commas, got {args.batches!r}")
+    if batches[-1] < 1:
+        parser.error(f"every batch size must be at least 1, got {batches[-1]}")
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
     config = RunConfig(**{**load_toml("speedrun-binary"), "width": args.width, "amp": args.amp})
