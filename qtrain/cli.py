@@ -168,13 +168,15 @@ def cmd_eval(args) -> int:
 
     batch = {"batch_size": args.batch_size} if args.batch_size is not None else {}
     result = evaluate_file(args.checkpoint, data_dir=args.data_dir, tta=args.tta,
-                           weights=args.weights, **batch)  # fmt: skip
-    score = (
-        f"validation loss {result['val_loss']:.4f} ({result['val_bpc']:.3f} bits per character) "
-        f"over {result['images']} tokens"
-        if "val_loss" in result
-        else f"test error {result['test_error']:.2f}% over {result['images']} images"
-    )
+                           weights=args.weights, split=args.split, **batch)  # fmt: skip
+    if "val_bpc" in result:
+        score = (f"validation loss {result['val_loss']:.4f} ({result['val_bpc']:.3f} bits per "
+                 f"character) over {result['images']} tokens")  # fmt: skip
+    elif args.split == "val":
+        score = (f"validation error {result['val_error']:.2f}% over {result['images']} held-out "
+                 "training images")  # fmt: skip
+    else:
+        score = f"test error {result['test_error']:.2f}% over {result['images']} images"
     print(
         json.dumps(result, indent=2)
         if args.json
@@ -331,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the run's own)")  # fmt: skip
     p.add_argument("--weights", default="reported", help="reported (default: the weights the "
                    "run's numbers were measured with, its EMA if it kept one) or live")  # fmt: skip
+    p.add_argument("--split", default="test", help="test (default) or val: the training images "
+                   "the run held out (val_images), for choosing settings")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)
 

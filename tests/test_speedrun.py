@@ -199,6 +199,29 @@ def test_a_saved_run_evaluates_and_exports_with_its_reported_weights(tmp_path):
         evaluate_file(tmp_path / "run", tta="flips")
 
 
+def test_eval_on_the_validation_split_reads_the_images_the_run_held_out(tmp_path):
+    """`split="val"` rebuilds the held-out images from the run's seed: with the run's own
+    weights and TTA it gives the last record's val_error and val_loss to the bit, and with
+    the live weights what those weights score there; a run without a split is refused."""
+    config = speed_config(ema_decay=0.9, tta="flip", val_images=64, seed=3)
+    trainer = Trainer(config, tmp_path / "run", log=quiet)
+    last = trainer.run()[-1]
+    reported = evaluate_file(tmp_path / "run", split="val")
+    assert (reported["val_loss"], reported["val_error"]) == (last["val_loss"], last["val_error"])
+    assert (reported["split"], reported["images"]) == ("val", 64)
+    assert "test_error" not in reported
+    live = evaluate(
+        trainer.model, trainer.val_loader, trainer.device, trainer.config.amp, tta="flip"
+    )
+    live_file = evaluate_file(tmp_path / "run", split="val", weights="live")
+    assert (live_file["val_loss"], live_file["val_error"]) == (live["loss"], live["error"])
+    Trainer(speed_config(), tmp_path / "plain", log=quiet).run()
+    with pytest.raises(ValueError, match="held out no validation images"):
+        evaluate_file(tmp_path / "plain", split="val")
+    with pytest.raises(ValueError, match="did you mean 'val'"):
+        evaluate_file(tmp_path / "run", split="vl")
+
+
 def test_whitening_initialisation_whitens_the_drawn_training_images(tmp_path):
     first = Trainer(speed_config(whiten_init=True), tmp_path / "a", log=quiet)
     second = Trainer(speed_config(whiten_init=True), tmp_path / "b", log=quiet)
