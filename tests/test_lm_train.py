@@ -216,3 +216,5 @@ def test_eval_of_a_text_run_repeats_its_last_validation_loss(text_file, tmp_path
     result = evaluate_file(tmp_path / "run")
     assert result["val_loss"] == pytest.approx(metrics[-1]["val_loss"], rel=1e-12)
     assert result["val_bpc"] == pytest.approx(metrics[-1]["val_bpc"], rel=1e-12)
+    with pytest.raises(ValueError, match="evaluated on its text's validation windows"):
+        evaluate_file(tmp_path / "run", split="val")
