@@ -33,7 +33,7 @@ from qtrain.train.tta import check_tta
 SPLITS = ("test", "val")
 
 
-def test_loader(
+def eval_loader(
     record: dict,
     data_dir: str | None = None,
     batch_size: int = EVAL_BATCH,
@@ -124,7 +124,7 @@ def evaluate_file(
             f"test-time augmentation {tta!r} applies to images; a text model takes {{tta}}",
             tta="tta=none",
         )
-    loader, images = test_loader(record, data_dir, batch_size, device, split)
+    loader, images = eval_loader(record, data_dir, batch_size, device, split)
     torch_device = torch.device(device)
     model = model.to(torch_device)
     if not is_text(config["dataset"]) and _channels_last(config):

@@ -249,10 +249,10 @@ def test_eval_of_a_packed_file_equals_eval_of_its_run_folder(tmp_path, amp, chan
     else:
         assert packed["test_loss"] == pytest.approx(run["test_loss"], rel=1e-4)
     if amp == "bf16":  # the same model in float32 gives another loss: precision is identity
-        from qtrain.evaluate import test_loader
+        from qtrain.evaluate import eval_loader
         from qtrain.export.loading import load_any_model
         from qtrain.train.evaluation import evaluate
 
         model, record = load_any_model(tmp_path / "m.safetensors")
-        loader, _ = test_loader(record)
+        loader, _ = eval_loader(record)
         assert evaluate(model, loader, torch.device("cpu"), "off")["loss"] != run["test_loss"]
