@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from safetensors.torch import save_file
 
-from qtrain.evaluate import test_loader
+from qtrain.evaluate import eval_loader
 from qtrain.export import export_onnx, input_shape, load_any_model, save_packed
 from qtrain.export.onnx import reads_tokens
 from qtrain.export.packed import tied_names
@@ -78,7 +78,7 @@ def main() -> None:
     for name, path in files.items():
         size = path.stat().st_size
         print(f"{name:<20} {size:>12,} bytes  {human_bytes(size)}")
-    loader, _ = test_loader(record, args.data_dir, batch_size=500)
+    loader, _ = eval_loader(record, args.data_dir, batch_size=500)
     tokens = reads_tokens(record)
     for name in ("packed.onnx", "float.onnx"):
         worst, differ, total = agreement(model, files[name], loader, tokens)
