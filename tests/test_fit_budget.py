@@ -163,9 +163,21 @@ def test_a_fast_machine_keeps_the_configured_epochs(tmp_path, slow_clock):
     assert (fit["epochs"], fit["steps"], fit["recipe_epochs"]) == (3, 3 * STEPS_PER_EPOCH, 3)
 
 
+def test_a_weight_average_spans_its_horizon_of_the_fitted_run(tmp_path, slow_clock):
+    """ema_horizon h: the decay follows the run's length as fitted, 1 − 1/(h·S)."""
+    slow_clock(0.5)
+    run = Trainer(speed_config(ema_horizon=0.25), tmp_path, log=quiet)
+    assert run.ema.decay == pytest.approx(1 - 1 / (0.25 * 10 * STEPS_PER_EPOCH))  # unfitted: 70
+    run.run()
+    assert run.total_steps == 38 and run.ema.decay == pytest.approx(1 - 1 / (0.25 * 38))
+    saved = load_checkpoint(tmp_path / rundir.CHECKPOINT)["training"]["ema"]
+    assert saved["decay"] == run.ema.decay and saved["updates"] == 38
+
+
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
-def test_the_fit_survives_a_resume_bit_for_bit_on_a_faster_clock(tmp_path, slow_clock):
-    config = speed_config(checkpoint_every_steps=1)
+@pytest.mark.parametrize("average", [{}, {"ema_horizon": 0.25}], ids=["live", "ema_horizon"])
+def test_the_fit_survives_a_resume_bit_for_bit_on_a_faster_clock(tmp_path, slow_clock, average):
+    config = speed_config(checkpoint_every_steps=1, **average)
     slow_clock(0.5)
     reference = Trainer(config, tmp_path / "ref", log=quiet).run()
 
@@ -234,6 +246,11 @@ def test_a_run_that_cannot_be_fitted_is_refused_in_one_line(tmp_path, capsys, se
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
     assert not (tmp_path / "run" / rundir.CHECKPOINT).exists()
+
+
+def test_an_average_with_both_a_decay_and_a_horizon_is_a_config_error():
+    with pytest.raises(ConfigError, match="ema_decay .* and ema_horizon .* both set"):
+        speed_config(ema_decay=0.99, ema_horizon=0.05).validate()
 
 
 def test_max_steps_with_a_fit_is_a_config_error():

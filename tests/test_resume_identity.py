@@ -69,7 +69,7 @@ def test_every_field_is_classified_and_the_identity_holds_what_changes_the_numbe
         *("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_weights"),
         *("beta2", "max_steps", "warmup_steps", "min_lr", "grad_clip", "eval_every"),
         *("momentum_min", "label_smoothing", "ema_decay", "whiten_init", "tta", "val_images"),
-        *("tta_each_epoch", "resize_min_side", "resize_until"),
+        *("tta_each_epoch", "resize_min_side", "resize_until", "ema_horizon"),
         "fit_to_budget",  # the schedule is drawn over the epochs it chooses
         *("act_bits", "act_norm"),
         # a start and a teacher: whether they are set; what they hold by their SHA-256

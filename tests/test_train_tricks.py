@@ -3,6 +3,8 @@ weight average (EMA) and the held-out validation split."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from qtrain.models.whitening import (
     whitening_filters,
 )
 from qtrain.quant import parse_grid, round_nearest
-from qtrain.train.ema import WeightEMA, check_ema_decay
+from qtrain.train.ema import WeightEMA, check_ema_decay, check_ema_horizon, horizon_decay
 from qtrain.train.losses import check_label_smoothing, training_loss
 from qtrain.train.tta import shift, tta_logits
 
@@ -229,6 +231,18 @@ def test_ema_state_round_trips_and_the_decay_is_checked():
         WeightEMA(net, opt, decay=0.5).load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match="ema_decay"):
         check_ema_decay(1.0)
+
+
+def test_a_horizon_gives_the_decay_whose_average_spans_that_fraction_of_the_run():
+    # the weight of a step k steps back is d^k: it falls to 1/e after about 1/(1 − d) = h·S
+    for horizon, steps in [(0.05, 2000), (0.05, 700), (0.1, 10_000)]:
+        d = horizon_decay(horizon, steps)
+        assert 1 / (1 - d) == pytest.approx(horizon * steps)
+        assert d ** (horizon * steps) == pytest.approx(math.exp(-1), rel=0.02)
+    assert horizon_decay(0.05, 2000) == pytest.approx(0.99)
+    assert horizon_decay(0.05, 20) == 0.0 and horizon_decay(0.0, 500) == 0.0  # the live weights
+    with pytest.raises(ValueError, match="ema_horizon must be in"):
+        check_ema_horizon(1.5)
 
 
 # -- validation split --------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from qtrain.base.errors import UserError
 from qtrain.base.names import did_you_mean, unknown_name
 from qtrain.models.act_quant import ACT_NORMS
 from qtrain.quant.activations import ACT_BITS
-from qtrain.train.ema import check_ema_decay
+from qtrain.train.ema import check_ema_decay, check_ema_horizon
 from qtrain.train.losses import check_label_smoothing
 from qtrain.train.tta import check_tta
 
@@ -316,6 +316,9 @@ class RunConfig:
     # -- fast training (docs/speedrun.md)
     label_smoothing: float = _key(0.0, "fast training", "label smoothing of the training loss")
     ema_decay: float = _key(0.0, "fast training", "evaluate an average of the weights (0: off)")
+    ema_horizon: float = _key(0.0, "fast training", "evaluate an average of the weights whose "
+                              "decay spans this fraction h of the run's S steps: 1 − 1/(h·S), "
+                              "S as fitted (0: off; instead of ema_decay)")  # fmt: skip
     whiten_init: bool = _key(False, "fast training", "initialise a patch-whitening first layer",
                              applies=IMAGES)  # fmt: skip
     tta: str = _key("none", "fast training", "test-time augmentation: none, flip, "
@@ -423,6 +426,12 @@ class RunConfig:
     def _validate_fast_training(self) -> None:
         check_label_smoothing(self.label_smoothing)
         check_ema_decay(self.ema_decay)
+        check_ema_horizon(self.ema_horizon)
+        if self.ema_decay and self.ema_horizon:
+            raise ConfigError(
+                f"ema_decay ({self.ema_decay:g}) and ema_horizon ({self.ema_horizon:g}) both set "
+                "the weight average's decay; set one of them to 0"
+            )
         check_tta(self.tta)
         if self.momentum_min is not None and not 0 <= self.momentum_min <= self.momentum:
             raise ConfigError(
@@ -466,6 +475,11 @@ class RunConfig:
                 "whiten_init sets the first layer from the data and init_from sets every "
                 "weight; leave whiten_init = false to start from init_from"
             )
+
+    @property
+    def keeps_average(self) -> bool:
+        """Whether the run evaluates a weight average (`ema_decay` or `ema_horizon`)."""
+        return bool(self.ema_decay or self.ema_horizon)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -52,6 +52,24 @@ def check_ema_decay(value: float) -> float:
     return check_fraction("ema_decay", value, "0 turns the average off; 0.99 to 0.9999 are usual")
 
 
+def check_ema_horizon(value: float) -> float:
+    """`value` when it is a valid horizon (a finite fraction of the run in [0, 1); 0: off)."""
+    return check_fraction("ema_horizon", value, "a fraction of the run's steps; 0 turns it off, "
+                          "0.05 averages about the last 5%")  # fmt: skip
+
+
+def horizon_decay(horizon: float, steps: int) -> float:
+    """The decay d whose average spans the fraction `horizon` = h of a run of `steps` = S
+    optimizer steps: the EMA's weights fall by 1/e over 1/(1 − d) steps, so
+
+        d = max(0, 1 − 1/(h·S))
+
+    (h = 0.05: d = 0.99 for S = 2,000 steps, 0.971 for S = 700). A run fitted to its time
+    budget learns S at the end of its first epoch, and the decay follows it."""
+    span = horizon * steps
+    return max(0.0, 1.0 - 1.0 / span) if span > 0 else 0.0
+
+
 class WeightEMA:
     """The EMA of `model`'s weights as trained by `optimizer` (a QuantizedOptimizer)."""
 

@@ -19,7 +19,7 @@ tensor once, float32), Q those of the quantized ones and F = P − Q:
                  BC, SR and R (the rounded result and the rounding's work; BC with a measured
                  scale 2 more, the grid levels before and after), 1 for Bop and Bop2 (the
                  gradient), 0 for FP
-    X     extras: the EMA's average of the model's floating state (float32) when ema_decay > 0;
+    X     extras: the EMA's average of the model's floating state (float32) when the run keeps one;
           DistributedDataParallel's gradient buckets (P) under torchrun; the teacher's weights
           and buffers (floating ones in float32, as `qtrain.train.distill` keeps them) when
           the run distills
@@ -152,7 +152,7 @@ def state_terms(
         scratch += MEASURED_SCALE_SCRATCH
     floating = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
     average = sum(t.numel() * 4 for t in {id(t): t for t in floating}.values())  # float32
-    extras = (average if config.ema_decay else 0) + (p if ranks > 1 else 0)
+    extras = (average if config.keeps_average else 0) + (p if ranks > 1 else 0)
     return {
         "model": p + tensor_bytes(model.buffers()),
         "gradients": p,
@@ -235,7 +235,7 @@ def step_memory(
 def ema_swap(config: RunConfig, state: dict[str, int]) -> int:
     """What evaluating an EMA adds to V: the live weights' copy (M) and the rounded averages
     swapped in (Q)."""
-    return state["model"] + state["quantized"] if config.ema_decay else 0
+    return state["model"] + state["quantized"] if config.keeps_average else 0
 
 
 def largest(fits, upper: int) -> int:

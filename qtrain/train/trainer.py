@@ -21,9 +21,9 @@ adds a teacher's logits to the training loss (`distill`); both are recorded in e
 checkpoint by their SHA-256.
 
 Fast-training options (docs/speedrun.md): `label_smoothing` in the training loss
-(`losses`), an average of the weights evaluated in place of the live ones (`ema_decay`,
-`ema`), test-time augmentation at every evaluation (`tta`; only at the last with
-`tta_each_epoch` off), a patch-whitening first layer
+(`losses`), an average of the weights evaluated in place of the live ones (`ema_decay`, or
+`ema_horizon` as a fraction of the run's steps; `ema`), test-time augmentation at every
+evaluation (`tta`; only at the last with `tta_each_epoch` off), a patch-whitening first layer
 initialised from 5,000 training images drawn by the "whitening" stream (`whiten_init`,
 `qtrain.models.whitening`), momentum cycled against the learning rate (`momentum_min`,
 `schedules`). With `val_images` N > 0, N training images drawn by the "validation" stream
@@ -78,7 +78,7 @@ from qtrain.train.devices import (
 from qtrain.train.distill import Teacher, probe_input
 from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
-from qtrain.train.ema import WeightEMA
+from qtrain.train.ema import WeightEMA, horizon_decay
 from qtrain.train.evaluation import evaluate
 from qtrain.train.losses import training_loss
 from qtrain.train.parts import (
@@ -169,7 +169,9 @@ class Trainer:
         self.scheduler = make_run_scheduler(c, self.optimizer, self.epochs, self.total_steps)
         self.momentum_high = starting_momentum(self.optimizer)
         self._cycle_momentum()
-        self.ema = WeightEMA(self.model, self.optimizer, c.ema_decay) if c.ema_decay else None
+        self.ema = None
+        if c.keeps_average:
+            self.ema = WeightEMA(self.model, self.optimizer, self._ema_decay(self.total_steps))
         self.forward_model = self.dist.wrap(self.model)
         if c.compile:
             self.forward_model = torch.compile(self.forward_model)
@@ -224,6 +226,12 @@ class Trainer:
             raise refused or UserError(shared[0], **shared[1])
         return lock
 
+    def _ema_decay(self, total_steps: int) -> float:
+        """The weight average's decay: `ema_decay`, or the one `ema_horizon` gives a run of
+        `total_steps` steps (`ema.horizon_decay`)."""
+        c = self.config
+        return c.ema_decay or horizon_decay(c.ema_horizon, total_steps)
+
     def _cycle_momentum(self) -> None:
         """Set momentum (β₁) from the current learning rate when `momentum_min` is set."""
         c = self.config
@@ -248,6 +256,11 @@ class Trainer:
         # Rank 0 reads and every rank gets its record, so no shared file system is needed.
         path = self.run_dir / rundir.CHECKPOINT
         record = self.dist.broadcast_object(load_checkpoint(path) if self.dist.is_main else None)
+        fit = (record.get("training") or {}).get("fit")
+        if self.ema is not None and fit is not None:
+            # the average was saved with the decay of the fitted length, and is checked for it
+            total = budget_fit.Fit.from_dict(fit).total_steps(len(self.train_loader))
+            self.ema.decay = self._ema_decay(total)
         state = restore_state(record, self.config, self.run_dir, self.splits, self.model,
                               self.optimizer, self.scheduler, self.ema)  # fmt: skip
         start = check_same_start(record, self.config, self.run_dir)
@@ -456,6 +469,8 @@ class Trainer:
         self.total_steps = fit.total_steps(per_epoch)
         self.epochs = math.ceil(self.total_steps / per_epoch)
         redraw_run_schedule(self.config, self.scheduler, self.epochs, self.total_steps)
+        if self.ema is not None:
+            self.ema.decay = self._ema_decay(self.total_steps)
         if self._progress_lines is not None:
             self._progress_lines.total_steps = self.total_steps
 
