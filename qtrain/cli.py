@@ -85,7 +85,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 def _resolve_config(args, defaults: dict | None = None):
     """The RunConfig of the defaults, then --config, then every flag named after a config key
-    (--model, --lr, --data-dir, ...), then each --set."""
+    (--model, --lr, --data-dir, ...), then each --set. --width turns a preset's fit_width
+    off: the width named is the one trained."""
     from qtrain.train.config import from_dict, keys, load_toml, parse_override
 
     values = dict(defaults or {})
@@ -95,6 +96,8 @@ def _resolve_config(args, defaults: dict | None = None):
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
+    if getattr(args, "width", None) is not None:
+        values["fit_width"] = False  # the width named is the width trained
     for item in args.set:
         key, value = parse_override(item)
         values[key] = value

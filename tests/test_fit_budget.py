@@ -14,10 +14,10 @@ import torch
 from qtrain.cli import main
 from qtrain.experiments.speedrun import run_speedrun
 from qtrain.methods.optimizer import QuantizedOptimizer
-from qtrain.train import budget_fit, parts, rundir, state, trainer
+from qtrain.train import budget_fit, parts, rundir, state, trainer, width_fit
 from qtrain.train.budget_fit import MARGIN, Fit, fitted_steps
 from qtrain.train.checkpoint import load_checkpoint
-from qtrain.train.config import ConfigError, RunConfig
+from qtrain.train.config import ConfigError, RunConfig, load_toml
 from qtrain.train.records import MEASURED_KEYS
 from qtrain.train.trainer import Trainer
 
@@ -213,6 +213,126 @@ def test_a_speedrun_table_names_each_runs_fit_and_machine(tmp_path, slow_clock):
     assert results[0]["fit"]["machine"] == budget_fit.machine(torch.device("cpu"))
 
 
+# -- choosing the width --------------------------------------------------------------------------
+def test_the_width_rule_trains_the_widest_that_fits_half_of_the_recipe():
+    widths = [1.0, 0.75, 0.5]
+    # B·(1 − 0.05) − t_probe = 95 s, 10 steps an epoch: E = 9.5 / t_step
+    chosen, predicted = width_fit.choose(widths, [2.0, 1.2, 0.6], 14, 10, 100.0, 0.0)
+    assert predicted == pytest.approx([4.75, 9.5 / 1.2, 9.5 / 0.6])
+    assert chosen == 0.75  # 7.9 epochs ≥ 7; width 1's 4.75 are not
+    assert width_fit.choose(widths, [1.0, 0.6, 0.3], 14, 10, 100.0, 0.0)[0] == 1.0  # 9.5 ≥ 7
+    assert width_fit.choose(widths, [9.0, 5.0, 3.0], 14, 10, 100.0, 0.0)[0] == 0.5  # none fits
+    # the probe's own seconds come out of the budget: 95 − 38 = 57 s leave width 1 4.75 epochs
+    assert width_fit.choose(widths, [1.2, 0.6, 0.3], 14, 10, 100.0, 38.0)[0] == 0.75
+    assert width_fit.candidate_widths(0.5) == [0.5, 0.375, 0.25]
+
+
+class Ticks:
+    """A clock that reads 0, 1, 2, … seconds at successive calls."""
+
+    def __init__(self) -> None:
+        self.now = -1.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def timed_widths(monkeypatch):
+    """`timed_widths(f)`: the width probe measures f(width) seconds a step, in 1 s."""
+
+    def install(seconds_at):
+        def measured(config, splits, batch, widths, device):
+            assert batch[0].shape[0] == config.batch_size  # the run's first batch
+            return [seconds_at(w) for w in widths]
+
+        monkeypatch.setattr(width_fit, "step_seconds", measured)
+        monkeypatch.setattr(width_fit, "time", Ticks())
+
+    return install
+
+
+def rundir_config(run_dir) -> dict:
+    return load_toml(run_dir / rundir.CONFIG)
+
+
+def test_a_run_that_fits_its_width_records_the_width_it_chose(tmp_path, slow_clock,
+                                                              timed_widths):  # fmt: skip
+    slow_clock(0.5)
+    # 20 s · 0.95 − 1 s of probe = 18 s for 7-step epochs: E(w) = 18 / (7 · t_step(w))
+    timed_widths(lambda w: {0.125: 0.5, 0.09375: 0.3, 0.0625: 0.2}[w])
+    lines = []
+    config = speed_config(fit_width=True)
+    run = Trainer(config, tmp_path, log=lines.append)
+    assert run.config.width == 0.125  # E = 18 / (7 · 0.5) = 5.14 ≥ 5 epochs: the widest
+    assert sum("width 0.125 chosen for the time budget: the widest predicted to train at "
+               "least 50% of the recipe's 10 epochs (width: epochs, 0.125: 5.1, 0.09375: 8.6, "
+               "0.0625: 12.9; measured in 1.0 s)" in line for line in lines) == 1  # fmt: skip
+    run.run()
+    fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
+    assert fit["width_fit"]["chosen"] == 0.125 and fit["setup_seconds"] == 1.0
+    assert fit["width_fit"]["step_seconds"] == [0.5, 0.3, 0.2]
+    assert rundir_config(tmp_path)["fit_width"] is True
+
+    timed_widths(lambda w: 0.6 * w / 0.125)  # slower: width 0.125 fits 4.3, 0.094 5.7 epochs
+    narrower = Trainer(config, tmp_path / "slower", log=quiet)
+    assert narrower.config.width == 0.09375
+    narrower.run()
+    assert rundir_config(tmp_path / "slower")["width"] == 0.09375
+    assert sum(p.numel() for p in narrower.model.parameters()) < sum(
+        p.numel() for p in run.model.parameters()
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_resumed_run_keeps_its_width_and_measures_nothing(tmp_path, slow_clock, timed_widths,
+                                                            monkeypatch):  # fmt: skip
+    config = speed_config(fit_width=True, checkpoint_every_steps=1)
+    slow_clock(0.5)
+    timed_widths(lambda w: 0.6 * w / 0.125)  # chooses 0.09375
+    reference = Trainer(config, tmp_path / "ref", log=quiet).run()
+    timed_widths(lambda w: 0.6 * w / 0.125)
+    crashing = Trainer(config, tmp_path / "crash", log=quiet)
+    real_step, calls = crashing.optimizer.step, {"n": 0}
+
+    def step_then_crash():
+        calls["n"] += 1
+        if calls["n"] == 2 * STEPS_PER_EPOCH + 3:
+            raise RuntimeError("simulated crash")
+        return real_step()
+
+    crashing.optimizer.step = step_then_crash
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.run()
+
+    def must_not_measure(*_args):
+        raise AssertionError("a resumed run measured its width again")
+
+    monkeypatch.setattr(width_fit, "step_seconds", must_not_measure)
+    resumed = trainer.train(config, tmp_path / "crash", resume=True, log=quiet)
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in reference]
+    assert rundir_config(tmp_path / "crash")["width"] == 0.09375
+
+
+def test_the_width_probe_leaves_the_run_as_it_would_be_without_it(tmp_path, slow_clock):
+    slow_clock(2.0**-10)  # every epoch fits: the fit chooses the same length with or without
+    chosen = Trainer(speed_config(epochs=2, fit_width=True), tmp_path / "probed", log=quiet)
+    assert chosen.config.width == 0.125  # measured for real: at 2 epochs every width fits
+    probed = chosen.run()
+    plain = Trainer(speed_config(epochs=2), tmp_path / "plain", log=quiet).run()
+    assert [comparable(r) for r in probed] == [comparable(r) for r in plain]
+
+
+def test_a_width_named_on_the_command_line_is_the_width_trained(tmp_path):
+    preset = tmp_path / "preset.toml"  # a preset that fits its width, as the speedrun's does
+    preset.write_text("fit_to_budget = true\ntime_budget_s = 60.0\nwarmup_steps = 7\n"
+                      "fit_width = true\n")  # fmt: skip
+    assert main([*train_args(tmp_path), "--config", str(preset), "--width", "0.0625"]) == 0
+    saved = rundir_config(tmp_path / "run")
+    assert saved["width"] == 0.0625 and saved["fit_width"] is False
+
+
 # -- refusals ----------------------------------------------------------------------------------
 def train_args(tmp_path, *settings) -> list[str]:
     args = ["train", "--model", "speednet", "--dataset", "synthetic", "--epochs", "2",
@@ -237,8 +357,11 @@ def train_args(tmp_path, *settings) -> list[str]:
         (("fit_to_budget=true", "time_budget_s=60", "max_steps=5"),
          "fit_to_budget chooses the number of epochs, but max_steps sets the run's length; "
          "leave max_steps unset or turn fit_to_budget off"),
+        (("fit_width=true", "time_budget_s=60"),
+         "fit_width chooses the width from the time budget that fit_to_budget fits the run to; "
+         "set fit_to_budget = true as well, or fit_width = false"),
     ],
-    ids=["warm-up-inside-the-first-epoch", "no-time-budget", "max-steps"],
+    ids=["warm-up-inside-the-first-epoch", "no-time-budget", "max-steps", "width-without-fit"],
 )  # fmt: skip
 def test_a_run_that_cannot_be_fitted_is_refused_in_one_line(tmp_path, capsys, settings, says):
     assert main(train_args(tmp_path, *settings)) == 2

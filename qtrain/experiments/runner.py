@@ -31,6 +31,7 @@ from qtrain.base.names import unknown_name
 from qtrain.train import rundir
 from qtrain.train.config import ConfigError, RunConfig, load_toml, portable_change
 from qtrain.train.devices import resolve_amp, resolve_device, resolve_saved_amp
+from qtrain.train.width_fit import adopt_saved_width
 
 LABEL = "label.json"  # {"row": ..., "method": ...}: how tables and legends name the cell
 
@@ -112,7 +113,7 @@ def check_cells(cells: list[Cell], folder: Path) -> None:
             continue
         device = resolve_device(cell.config.device)
         saved = resolve_saved_amp(load_toml(run_dir / rundir.CONFIG), device)
-        change = portable_change(saved, resolve_amp(cell.config, device))
+        change = portable_change(saved, adopt_saved_width(resolve_amp(cell.config, device), saved))
         if change is not None:
             key, before, after = change
             raise ConfigError(

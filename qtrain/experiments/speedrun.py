@@ -32,8 +32,9 @@ measurement continues where it stopped.
 
 Fitting: a recipe with `fit_to_budget` (the preset's) chooses each run's length, to the
 step, at the end of its first epoch, from that epoch's time on this machine, so that the
-schedule ends inside the budget (`qtrain.train.budget_fit`); table.json holds each run's fit
-and the machine.
+schedule ends inside the budget (`qtrain.train.budget_fit`); with `fit_width` (the preset's)
+each run first chooses its width from the measured speed of three (`qtrain.train.width_fit`).
+table.json holds each run's fit, width and machine.
 """
 
 from __future__ import annotations
@@ -60,10 +61,12 @@ from qtrain.train.budget_fit import Fit
 from qtrain.train.config import RunConfig, from_dict, keys, load_toml
 from qtrain.train.flops import cumulative_training_flops, training_flop_per_image
 
-# Below this fraction of the recipe's epochs the speedrun suggests a narrower network
-# (`narrower_hint`). On the validation split, width 0.5 beat width 1 where 0.31 of the recipe
-# fitted (AVX2 stand-in, 20 minutes) and where 0.40 did (bf16 without AMX, 12 minutes), and
-# tied with width 0.75 at 0.56; on the AMX machine width 1 beat 0.75 where 10 of 11 fitted.
+# Below this fraction of the recipe's epochs a run that did not choose its width (`--width`)
+# is told that a narrower network may end higher (`narrower_hint`; `width_fit.MIN_SHARE` is
+# the same rule applied before training). On the validation split, width 0.5 beat width 1
+# where 0.31 of the recipe fitted (AVX2 stand-in, 20 minutes) and where 0.40 did (bf16
+# without AMX, 12 minutes), and tied with width 0.75 at 0.56; on the AMX machine width 1 beat
+# 0.75 where 10 of 11 fitted.
 NARROW_BELOW = 0.5
 TARGETS = (85.0, 90.0)
 VARIANTS = ("binary", "float", "paper")
@@ -144,7 +147,8 @@ def variant_config(config: RunConfig, variant: str, paper_epochs: int) -> RunCon
 
 def result(finished: Finished, targets) -> dict:
     """One row of table.json: the run's final accuracy, minutes, FLOPs and curve."""
-    config, records = finished.cell.config, finished.metrics
+    # the run's own config: with fit_width it records the width the run chose
+    config, records = from_dict(load_toml(finished.run_dir / rundir.CONFIG)), finished.metrics
     fit = _fit_of(finished.run_dir)
     flops = cumulative_training_flops(config, records)
 
@@ -231,7 +235,7 @@ def narrower_hint(runs: list[dict], config: RunConfig) -> str | None:
     minutes, width 0.5 (all 14) reached 88.18% validation accuracy against 85.86%; with bf16
     without AMX in 12 minutes (5.7 of 14 at width 1), 87.84% against 87.10%."""
     fits = [Fit.from_dict(r["fit"]) for r in runs if r["fit"]]
-    if not fits or config.width <= 0.5:
+    if not fits or config.width <= 0.5 or config.fit_width:
         return None
     trained = min(f.epochs_trained() for f in fits)
     if trained >= NARROW_BELOW * fits[0].recipe_epochs:

@@ -76,6 +76,7 @@ class Fit:
     steps: int | None = None
     steps_per_epoch: int | None = None
     side_cost: dict | None = None  # a resized run's measured `SideCost`
+    width_fit: dict | None = None  # with fit_width, the `WidthFit` that chose the width
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,11 +161,12 @@ def _later_cost(steps: int, n: int, epoch_cost: Callable[[int, int], float]) -> 
 
 
 def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
-        setup_seconds: float, device: torch.device,
-        side_cost: SideCost | None = None) -> Fit:  # fmt: skip
+        setup_seconds: float, device: torch.device, side_cost: SideCost | None = None,
+        width_fit: dict | None = None) -> Fit:  # fmt: skip
     """The fit of the run `config`, of `steps_per_epoch`, whose first epoch took
     `first_epoch_seconds`: to the step for a per-step schedule, else to whole epochs. A
-    resized run passes its measured `side_cost`, whose seconds are set-up."""
+    resized run passes its measured `side_cost`, whose seconds are set-up; a run that chose
+    its width, the `width_fit` that chose it (recorded with the fit)."""
     budget = config.time_budget_s
     grain = 1 if config.schedule in PER_STEP else steps_per_epoch
     cost = None
@@ -175,7 +177,7 @@ def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
                          setup_seconds, grain, epoch_cost=cost)  # fmt: skip
     return Fit(math.ceil(steps / steps_per_epoch), config.epochs, budget, first_epoch_seconds,
                setup_seconds, MARGIN, machine(device), steps, steps_per_epoch,
-               side_cost.to_dict() if side_cost is not None else None)  # fmt: skip
+               side_cost.to_dict() if side_cost is not None else None, width_fit)  # fmt: skip
 
 
 def resized_epoch_cost(config: RunConfig, steps_per_epoch: int, side_cost: SideCost

@@ -353,6 +353,10 @@ class RunConfig:
     fit_to_budget: bool = _key(False, "run", "choose the epochs (at most `epochs`) at the end "
                                "of the first, from its time, so that the schedule ends inside "
                                "time_budget_s", applies=BUDGETED)  # fmt: skip
+    fit_width: bool = _key(False, "run", "with fit_to_budget: before training, time a step at "
+                           "width × 1, 0.75, 0.5 and train the widest that fits half of "
+                           "`epochs` (qtrain.train.width_fit); the run records the width",
+                           applies=BUDGETED)  # fmt: skip
     # -- machine
     device: str = _key("auto", "machine", "cpu, cuda, cuda:N or auto", MACHINE)
     amp: str = _key("auto", "machine", "autocast: bf16, off (float32), or auto: bf16 where "
@@ -449,6 +453,11 @@ class RunConfig:
         if not (math.isfinite(self.resize_until) and 0 < self.resize_until <= 1):
             raise ConfigError(f"resize_until must be in (0, 1] (a fraction of the run), got "
                               f"{self.resize_until!r}")  # fmt: skip
+        if self.fit_width and not self.fit_to_budget:
+            raise ConfigError(
+                "fit_width chooses the width from the time budget that fit_to_budget fits the "
+                "run to; set fit_to_budget = true as well, or fit_width = false"
+            )
         if self.fit_to_budget and self.max_steps is not None:
             raise ConfigError(
                 "fit_to_budget chooses the number of epochs, but max_steps sets the run's "

@@ -64,7 +64,7 @@ import torch
 from qtrain import methods
 from qtrain.base.errors import UserError
 from qtrain.base.folder_lock import FolderLock
-from qtrain.train import budget_fit, loggers, rundir
+from qtrain.train import budget_fit, loggers, rundir, width_fit
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
 from qtrain.train.devices import (
@@ -101,6 +101,7 @@ from qtrain.train.side_cost import SideCost, measure_side_cost
 from qtrain.train.signals import stop_requests
 from qtrain.train.start import check_same_start, start_from
 from qtrain.train.state import EpochSums, RankSums, TrainState, checkpoint_payload, restore_state
+from qtrain.train.width_fit import adopt_saved_width
 
 
 class TrainingInterrupted(Exception):
@@ -157,10 +158,14 @@ class Trainer:
         self.total_steps, self.epochs = run_length(c, len(self.train_loader))
         if c.fit_to_budget:
             budget_fit.check_fittable(c, len(self.train_loader))
+        self.width_fit: dict | None = None  # with fit_width, what a new run measured
+        if c.fit_width:
+            self.config = c = self._choose_width(c)
         self.model = make_model(c, self.splits, self.device, fresh=not self._holds_checkpoint())
-        self.setup_seconds = (
-            whiten(self.model, self.splits, c.seed, self.device) if c.whiten_init else 0.0
-        )
+        # the first epoch's set-up (`budget_fit`): the width's probe, the whitening
+        self.setup_seconds = self.width_fit["seconds"] if self.width_fit else 0.0
+        if c.whiten_init:
+            self.setup_seconds += whiten(self.model, self.splits, c.seed, self.device)
         if self.teacher is not None:
             self.teacher.check_classes(self.model, self.splits, probe_input(c), self.text)
         self.sources = self._start()
@@ -178,6 +183,25 @@ class Trainer:
         self.quantized_names = methods.quantized_parameter_names(self.model, c.policy)
         if self.optimizer.mode == "fp":
             self.quantized_names = []
+
+    def _choose_width(self, config: RunConfig) -> RunConfig:
+        """`config` at the width the run trains (`width_fit`): the width its folder's config
+        records when it holds one (a resumed run keeps its choice), else the one measured now
+        on the first batch (rank 0's choice, for every rank)."""
+        choice = None
+        if self.dist.is_main:
+            created = self.run_dir / rundir.CONFIG
+            if created.is_file():
+                choice = {"width": adopt_saved_width(config, load_toml(created)).width}
+            else:
+                batch = next(iter(self.train_loader.epoch(0)))
+                measured = width_fit.fit_width(config, self.splits, batch,
+                                               len(self.train_loader), self.device)  # fmt: skip
+                self.log(measured.describe())
+                choice = {"width": measured.chosen, "fit": measured.to_dict()}
+        choice = self.dist.broadcast_object(choice)
+        self.width_fit = choice.get("fit")
+        return config.replace(width=choice["width"])
 
     def _load_teacher(self) -> Teacher | None:
         """The teacher distill_from names, on the device, after checking that its context
@@ -446,7 +470,8 @@ class Trainer:
         if self.dist.is_main:
             side_cost = self._measure_side_cost(state) if self.config.resize_min_side else None
             fit = budget_fit.fit(self.config, len(self.train_loader), state.sums.seconds,
-                                 self.setup_seconds, self.device, side_cost).to_dict()  # fmt: skip
+                                 self.setup_seconds, self.device, side_cost,
+                                 self.width_fit).to_dict()  # fmt: skip
         state.fit = self.dist.broadcast_object(fit)
         chosen = budget_fit.Fit.from_dict(state.fit)
         self._apply_fit(chosen)
@@ -600,5 +625,5 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs
     if resume and (dist is None or not dist.enabled) and created.is_file():
         device = resolve_device(config.validate().device)
         saved = resolve_saved_amp(load_toml(created), device)
-        check_same_identity(saved, resolve_amp(config, device), run_dir)
+        check_same_identity(saved, adopt_saved_width(resolve_amp(config, device), saved), run_dir)
     return Trainer(config, run_dir, **kwargs).run(resume=resume)

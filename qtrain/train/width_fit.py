@@ -1,0 +1,148 @@
+"""Choosing a budgeted run's width from the measured speed of each candidate, before training.
+
+`fit_to_budget` fits a run's length at the end of its first epoch (`budget_fit`), but the width
+fixes the model before the first step. On a slow CPU a wide network fits only a small part of
+its recipe into the budget and ends with the accuracy of a short schedule, below what a
+narrower one reaches with all of it. With `fit_width`, before training, the trainer times a
+training step (forward, backward and the method's step, on the run's first batch, at its
+precision) of the model at each candidate width w_k = w·f_k, f ∈ `FRACTIONS`, and predicts the
+epochs each would train in the budget B:
+
+    E(w_k) = (B·(1 − MARGIN) − t_probe) / (n · t_step(w_k))
+
+with n steps an epoch and t_probe the seconds the probe took (counted in the budget, as set-up
+of the first epoch). It trains the widest candidate with E(w_k) ≥ `MIN_SHARE`·E_recipe, else
+the narrowest; the first epoch then fits the length at that width as usual.
+
+The rule comes from validation runs of the speedrun preset (docs/speedrun.md, "Width on a slow
+CPU"): where 31% or 40% of the recipe fitted at width 1, width 0.5 (all of it) ended 2.3 and
+0.7 points higher; where 55% fitted at width 0.75 it tied with width 0.5; where about 90%
+fitted, width 1 beat 0.75. Half the recipe is where the wider network stops losing.
+
+The probe builds each candidate afresh (a copy of the run's initialisation stream, under a
+forked random state), so the run's weights and random streams are as they would be without
+it. Steps are interleaved over the widths (one warm-up round, then the median of `REPEATS`),
+so that a slow spell of a shared machine scales them alike. It omits the loader and the weight
+average, so t_step errs fast by a few per cent; the choice is a threshold, and the fit that
+follows times the real step. The choice is recorded: the run's config holds the width it
+trained, and its fit (summary.json, the checkpoint) the candidates, their step seconds and
+predicted epochs. A resumed run keeps the recorded width and measures nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qtrain.train.budget_fit import MARGIN
+from qtrain.train.config import RunConfig
+from qtrain.train.devices import autocast_context
+
+FRACTIONS = (1.0, 0.75, 0.5)
+MIN_SHARE = 0.5
+REPEATS = 3
+
+
+@dataclass(frozen=True)
+class WidthFit:
+    """The candidates (`widths`, widest first), each one's measured `step_seconds` and
+    `predicted_epochs`, the `chosen` width, the rule's `min_share` and the probe's `seconds`."""
+
+    widths: list[float]
+    step_seconds: list[float]
+    predicted_epochs: list[float]
+    recipe_epochs: int
+    chosen: float
+    min_share: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One line: the choice and the prediction for each candidate."""
+        each = ", ".join(
+            f"{w:g}: {e:.1f}" for w, e in zip(self.widths, self.predicted_epochs, strict=True)
+        )
+        return (
+            f"width {self.chosen:g} chosen for the time budget: the widest predicted to train at "
+            f"least {self.min_share:.0%} of the recipe's {self.recipe_epochs} epochs (width: "
+            f"epochs, {each}; measured in {self.seconds:.1f} s)"
+        )
+
+
+def candidate_widths(width: float) -> list[float]:
+    """w·f for f in `FRACTIONS`, widest first."""
+    return [width * f for f in FRACTIONS]
+
+
+def choose(widths: list[float], step_seconds: list[float], recipe_epochs: int,
+           steps_per_epoch: int, budget_s: float, probe_seconds: float,
+           min_share: float = MIN_SHARE) -> tuple[float, list[float]]:  # fmt: skip
+    """(the chosen width, the predicted epochs of each) by the module docstring's rule."""
+    room = max(0.0, budget_s * (1.0 - MARGIN) - probe_seconds)
+    predicted = [room / (steps_per_epoch * t) if t > 0 else float("inf") for t in step_seconds]
+    for width, epochs in zip(widths, predicted, strict=True):
+        if epochs >= min_share * recipe_epochs:
+            return width, predicted
+    return widths[-1], predicted
+
+
+def step_seconds(config: RunConfig, splits, batch: tuple[torch.Tensor, torch.Tensor],
+                 widths: list[float], device: torch.device) -> list[float]:  # fmt: skip
+    """The median seconds of a training step of `config`'s model and method at each width on
+    `batch`, interleaved (module docstring)."""
+    from qtrain.train.parts import make_model, make_optimizer
+
+    images, labels = batch
+    labels = labels.flatten()
+    forks = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forks):
+        runs = []
+        for width in widths:
+            candidate = config.replace(width=width)
+            model = make_model(candidate, splits, device, fresh=True).train()
+            runs.append((model, make_optimizer(candidate, model)))
+        seconds: list[list[float]] = [[] for _ in widths]
+        for repeat in range(REPEATS + 1):  # the first round chooses kernels and fills caches
+            for k, (model, optimizer) in enumerate(runs):
+                _synchronize(device)
+                started = time.perf_counter()
+                with autocast_context(device, config.amp):
+                    loss = F.cross_entropy(model(images).float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                _synchronize(device)
+                if repeat:
+                    seconds[k].append(time.perf_counter() - started)
+    return [statistics.median(s) for s in seconds]
+
+
+def fit_width(config: RunConfig, splits, batch, steps_per_epoch: int,
+              device: torch.device) -> WidthFit:  # fmt: skip
+    """Measure the candidates of `config` (its `width` the widest) and choose one."""
+    started = time.perf_counter()
+    widths = candidate_widths(config.width)
+    seconds = step_seconds(config, splits, batch, widths, device)
+    probe = time.perf_counter() - started
+    chosen, predicted = choose(widths, seconds, config.epochs, steps_per_epoch,
+                               config.time_budget_s, probe)  # fmt: skip
+    return WidthFit(widths, seconds, predicted, config.epochs, chosen, MIN_SHARE, probe)
+
+
+def adopt_saved_width(config: RunConfig, saved: dict) -> RunConfig:
+    """`config` with the width its run folder's `saved` config records, when both choose the
+    width (`fit_width`): a resumed run keeps the width it chose."""
+    if config.fit_width and saved.get("fit_width") and "width" in saved:
+        return config.replace(width=saved["width"])
+    return config
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
