@@ -58,7 +58,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--lr", type=float, help="base learning rate")
-    p.add_argument("--width", type=float, help="channel width multiplier")
+    p.add_argument(
+        "--width", type=float, help="channel width multiplier (turns off a preset's fit_width)"
+    )
     p.add_argument("--grid", help="binary, ternary or <k>bit")
     p.add_argument("--seed", type=int)
     p.add_argument("--data-dir", dest="data_dir", help="folder holding the data set")

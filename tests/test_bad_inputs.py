@@ -527,6 +527,10 @@ CASES = [
          "speedrun --set time_budget_s=none --budget smoke --out s",
          "fit_to_budget applies to runs with a time_budget_s, not to a run without "
          "time_budget_s; leave it at False"),
+    Case("cli", "a speedrun that chooses its width without fitting its length",
+         "speedrun --set fit_to_budget=false --budget smoke --out s",
+         "fit_width chooses the width from the time budget that fit_to_budget fits the run "
+         "to; set fit_to_budget = true as well, or fit_width = false"),
     Case("config", "a fitted run whose warm-up ends inside the first epoch",
          "train --model speednet --dataset synthetic --set time_budget_s=60 --set "
          "fit_to_budget=true --set schedule=warmup-linear --set warmup_steps=2 --out o",

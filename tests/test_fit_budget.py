@@ -315,6 +315,32 @@ def test_a_resumed_run_keeps_its_width_and_measures_nothing(tmp_path, slow_clock
     assert rundir_config(tmp_path / "crash")["width"] == 0.09375
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_run_resumed_inside_its_first_epoch_counts_the_probe_as_set_up(tmp_path, slow_clock,
+                                                                         timed_widths):  # fmt: skip
+    config = speed_config(fit_width=True, checkpoint_every_steps=1)
+    slow_clock(0.5)
+    timed_widths(lambda w: 0.6 * w / 0.125)
+    crashing = Trainer(config, tmp_path, log=quiet)
+    real_step, calls = crashing.optimizer.step, {"n": 0}
+
+    def step_then_crash():
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside the first epoch, before the fit
+            raise RuntimeError("simulated crash")
+        return real_step()
+
+    crashing.optimizer.step = step_then_crash
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.run()
+    assert load_checkpoint(tmp_path / rundir.CHECKPOINT)["training"]["fit"] is None
+    Trainer(config, tmp_path, log=quiet).run(resume=True)
+    fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
+    # the probe's 1 s is set-up, so a step still costs (1 + 7 · 0.5 − 1) / 7 = 0.5 s
+    assert fit["setup_seconds"] == 1.0 and fit["first_epoch_seconds"] == 4.5
+    assert fit["width_fit"]["chosen"] == 0.09375
+
+
 def test_the_width_probe_leaves_the_run_as_it_would_be_without_it(tmp_path, slow_clock):
     slow_clock(2.0**-10)  # every epoch fits: the fit chooses the same length with or without
     chosen = Trainer(speed_config(epochs=2, fit_width=True), tmp_path / "probed", log=quiet)

@@ -47,6 +47,7 @@ class TrainState:
     metrics: list = field(default_factory=list)
     stopped: str | None = None  # why the run ended before its last epoch ("time budget")
     fit: dict | None = None  # with fit_to_budget, once chosen: `budget_fit.Fit.to_dict()`
+    width_fit: dict | None = None  # with fit_width, what the new run measured (`width_fit`)
 
 
 class RankSums:
@@ -127,6 +128,7 @@ def checkpoint_payload(
             "ema": ema.state_dict() if ema else None,
             "stopped": state.stopped,
             "fit": state.fit,
+            "width_fit": state.width_fit,
         },
     }
 
@@ -209,6 +211,7 @@ def restore_state(
         metrics=list(training["metrics"]),
         stopped=training.get("stopped"),
         fit=training.get("fit"),
+        width_fit=training.get("width_fit"),
     )
 
 

@@ -294,6 +294,10 @@ class Trainer:
             self.teacher.check_same(record.get("distill_from"), self.run_dir)
         if state.fit is not None:
             self._apply_fit(budget_fit.Fit.from_dict(state.fit))
+        elif state.width_fit is not None:
+            # resumed inside the first epoch, whose seconds count the width's probe as set-up
+            self.width_fit = state.width_fit
+            self.setup_seconds += state.width_fit["seconds"]
         self._cycle_momentum()
         return state
 
@@ -330,8 +334,9 @@ class Trainer:
                 out="run",
             )
         else:
-            # the set-up (whitening) is part of the recipe's time: epoch 1's seconds hold it
-            state = TrainState(sums=EpochSums(seconds=self.setup_seconds))
+            # the set-up (the width's probe, whitening) is part of the recipe's time: epoch 1's
+            # seconds hold it
+            state = TrainState(sums=EpochSums(seconds=self.setup_seconds), width_fit=self.width_fit)
         note = slow_bf16_note(self.device, c.amp)
         if note and self.dist.is_main:
             self.log(note)
