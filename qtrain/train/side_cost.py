@@ -20,7 +20,7 @@ overprice the later, larger epochs and leave budget unused; from side 20 up, and
 side in float32 under AVX2, time and FLOPs agree within 9%.
 
 Why a ratio: a shared machine's speed drifts (docs/speedrun.md), and ρ comes from passes a
-fraction of a second apart (interleaved, median of `REPEATS` after one warm-up pass per
+fraction of a second apart (interleaved, median of three after one warm-up pass per
 side), which a slow spell scales alike.
 
 The passes run on a copy of the model, under a forked random state: the run's weights,
@@ -32,7 +32,6 @@ count in the budget.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -43,9 +42,8 @@ from torch import nn
 
 from qtrain.train.devices import autocast_context
 from qtrain.train.flops import StepCost
+from qtrain.train.interleaved import median_seconds
 from qtrain.train.resizing import downscale
-
-REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -78,34 +76,29 @@ class SideCost:
         return cost
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def forward_backward_seconds(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, sides: tuple[int, ...],
     amp: str, device: torch.device,
 ) -> dict[int, float]:  # fmt: skip
     """The median seconds of a forward and backward pass of a copy of `model` on the batch
-    (`images` downscaled to each side, `labels`), interleaved over `sides`."""
+    (`images` downscaled to each side, `labels`), interleaved over `sides`
+    (`interleaved.median_seconds`)."""
     probe = copy.deepcopy(model).train()
-    seconds: dict[int, list[float]] = {side: [] for side in sides}
+    inputs = [downscale(images, side) for side in sides]
+
+    def pass_at(x: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            probe.zero_grad(set_to_none=True)
+            with autocast_context(device, amp):
+                loss = F.cross_entropy(probe(x).float(), labels)
+            loss.backward()
+
+        return run
+
     forks = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forks):
-        for repeat in range(REPEATS + 1):  # the first round warms kernels and caches up
-            for side in sides:
-                x = downscale(images, side)
-                _synchronize(device)
-                start = time.perf_counter()
-                with autocast_context(device, amp):
-                    loss = F.cross_entropy(probe(x).float(), labels)
-                loss.backward()
-                _synchronize(device)
-                if repeat:
-                    seconds[side].append(time.perf_counter() - start)
-                probe.zero_grad(set_to_none=True)
-    return {side: statistics.median(values) for side, values in seconds.items()}
+        seconds = median_seconds([pass_at(x) for x in inputs], device)
+    return dict(zip(sides, seconds, strict=True))
 
 
 def measure_side_cost(
