@@ -45,13 +45,19 @@ def _restore_torch_threads():
 
 
 class FakeClock:
-    """A clock that stands still except at optimizer steps, each of which takes `step` s."""
+    """A clock that stands still except at optimizer steps, each of which takes `step` s, the
+    first `slow_steps` of them `slow_step` s (a warm-up)."""
 
     def __init__(self, step: float) -> None:
         self.now, self.step = 0.0, step
+        self.slow_steps, self.slow_step, self.steps = 0, 0.0, 0
 
     def perf_counter(self) -> float:
         return self.now
+
+    def tick(self) -> None:
+        self.steps += 1
+        self.now += self.slow_step if self.steps <= self.slow_steps else self.step
 
 
 @pytest.fixture
@@ -64,7 +70,7 @@ def slow_clock(monkeypatch):
     real_step = QuantizedOptimizer.step
 
     def ticking(self, *args, **kwargs):
-        clock.now += clock.step
+        clock.tick()
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(QuantizedOptimizer, "step", ticking)
@@ -95,6 +101,17 @@ def test_the_rule_fits_the_steps_that_remain_after_the_first_epoch_with_its_marg
     assert fitted_steps(100.0, 50, 10, 10.0, 0.0, grain=10, margin=0.1) == 90
     assert fitted_steps(100.0, 50, 10, 12.0, 2.0, grain=10, margin=0.0) == 90  # 1 + ⌊88 / 10⌋
     assert fitted_steps(100.0, 50, 10, 12.0, 2.0, margin=0.0) == 98  # 10 + ⌊88 / 1⌋
+
+
+def test_a_step_is_timed_in_the_second_half_of_the_first_epoch():
+    """t_step = (t₁ − t_mid) / (n − ⌊n/2⌋): the first steps' warm-up is not charged to the
+    later ones; without t_mid (an older fit, an epoch of one step) the epoch's mean."""
+    # n = 100, t_mid = 70.5 at step 50: t_step = 55 / 50 = 1.1; ⌊1014.5 / 1.1⌋ = 922
+    assert budget_fit.step_seconds(100, 125.5, 0.5, 70.5) == pytest.approx(1.1)
+    assert fitted_steps(1200.0, 14, 100, 125.5, 0.5, mid_epoch_seconds=70.5) == 100 + 922
+    assert budget_fit.step_seconds(100, 125.5, 0.5) == pytest.approx(1.25)  # the mean
+    assert budget_fit.mid_step(7) == 3 and budget_fit.mid_step(1) is None
+    assert budget_fit.step_seconds(1, 3.0, 1.0, 2.5) == 2.0  # no second half: the mean
 
 
 def test_a_fit_recorded_in_whole_epochs_still_reads():
@@ -140,6 +157,23 @@ def test_a_fitted_run_ends_its_schedule_inside_the_budget_and_an_unfitted_one_is
     assert plain[-1]["lr"] == pytest.approx(fitted.lr * (1 - 34 / 63))
     # the first epoch trains the same whatever the fit chooses (it lies in the warm-up)
     assert comparable(plain[0]) == comparable(records[0])
+
+
+def test_a_slow_start_is_not_charged_to_the_rest_of_the_run(tmp_path, slow_clock):
+    """The first 3 steps take 1.5 s (kernel choice, caches), the rest 0.5 s: the fit times
+    the epoch's last 4 steps and fills the budget to its margin, where the epoch's mean step
+    (6.5 / 7 = 0.93 s) would have fitted 20 steps and left 6 s of it unused."""
+    clock = slow_clock(0.5)
+    clock.slow_steps, clock.slow_step = 3, 1.5
+    lines = []
+    records = Trainer(speed_config(time_budget_s=20.0), tmp_path, log=lines.append).run()
+    # t₁ = 3·1.5 + 4·0.5 = 6.5, t_mid = 4.5: t_step = 0.5; 7 + ⌊(19 − 6.5) / 0.5⌋ = 32
+    assert records[-1]["step"] == 32 and records[-1].get("stopped") is None
+    assert sum(r["seconds"] for r in records) == 19.0 <= 20.0 * (1 - MARGIN)
+    fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
+    assert (fit["first_epoch_seconds"], fit["mid_epoch_seconds"]) == (6.5, 4.5)
+    assert sum("set-up 0.0 s included, 0.5 s a step in its second half;" in line
+               for line in lines) == 1  # fmt: skip
 
 
 def test_an_epoch_schedule_is_fitted_to_whole_epochs(tmp_path, slow_clock):
@@ -336,8 +370,10 @@ def test_a_run_resumed_inside_its_first_epoch_counts_the_probe_as_set_up(tmp_pat
     assert load_checkpoint(tmp_path / rundir.CHECKPOINT)["training"]["fit"] is None
     Trainer(config, tmp_path, log=quiet).run(resume=True)
     fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
-    # the probe's 1 s is set-up, so a step still costs (1 + 7 · 0.5 − 1) / 7 = 0.5 s
+    # the probe's 1 s is set-up: the first epoch took 1 + 7 · 0.5 s, and its middle step (the
+    # third, saved in the checkpoint before the crash) ended at 1 + 3 · 0.5 s
     assert fit["setup_seconds"] == 1.0 and fit["first_epoch_seconds"] == 4.5
+    assert fit["mid_epoch_seconds"] == 2.5 and fit["steps"] == 7 + 29  # ⌊(19 − 4.5) / 0.5⌋
     assert fit["width_fit"]["chosen"] == 0.09375
 
 

@@ -5,8 +5,10 @@ high. With `fit_to_budget`, the run's length is chosen at the end of the first e
 that epoch's measured seconds, so that the whole schedule ends inside the budget:
 
     t₁       = the first epoch's seconds: its n steps, and the set-up the trainer counts in
-               it (t_setup, the whitening initialisation with `whiten_init`)
-    t_step   = (t₁ − t_setup) / n
+               it (t_setup: the width's probe with `fit_width`, the whitening initialisation
+               with `whiten_init`)
+    t_mid    = the seconds, set-up included, when step m = ⌊n/2⌋ of the first epoch ended
+    t_step   = (t₁ − t_mid) / (n − m), a step of the epoch's second half
     steps    = n + g·⌊(B·(1 − MARGIN) − t₁) / (g·t_step)⌋, within [n, E·n]
 
 with E the config's `epochs` (the most the run may train), B its `time_budget_s`, and g the
@@ -23,11 +25,15 @@ most whose predicted seconds t₁ + t_step·Σ c fit in B·(1 − MARGIN) (`resi
 
 Why the first epoch rather than a probe before training: it times the run's own step with
 everything the loop does (loader, augmentation, schedule, weight average, checks) on this
-machine, over a whole epoch; and it costs nothing, its steps being training steps. A probe of
-a dozen steps before training cost its own time and, on a shared machine, measured a slow
-spell 1.2-1.4x slower than the run then trained (docs/speedrun.md). The first epoch's own first
-steps pay once for oneDNN's kernel choice and the allocator's caches, so t_step errs slow,
-on the safe side.
+machine, over hundreds of steps; and it costs nothing, its steps being training steps. A probe
+of a dozen steps before training cost its own time and, on a shared machine, measured a slow
+spell 1.2-1.4x slower than the run then trained (docs/speedrun.md). Why its second half: the
+first steps pay once for oneDNN's kernel choice and the allocator's caches (a compiler's
+first step, on a GPU), so the epoch's mean step is slower than the steps that follow: in two
+speedruns on a 2-core AMD EPYC limited to AVX2 it was 8.6% and 3.0% slower than the later
+epochs' mean, the second half's steps 2.2% and 0.8% (docs/speedrun.md). A run whose clock
+was not read at the middle step (a fit recorded before the rule, an epoch of one step) takes
+the mean, (t₁ − t_setup) / n.
 
 The first epoch must train the same whatever the choice: an epoch schedule's factor at epoch 0
 is 1 for every E; a per-step schedule's first epoch must lie inside its warm-up (W ≥ n),
@@ -77,6 +83,7 @@ class Fit:
     steps_per_epoch: int | None = None
     side_cost: dict | None = None  # a resized run's measured `SideCost`
     width_fit: dict | None = None  # with fit_width, the `WidthFit` that chose the width
+    mid_epoch_seconds: float | None = None  # t_mid; None in a fit from the epoch's mean step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +112,7 @@ class Fit:
         line = (
             f"fitted to the time budget: {length} (the "
             f"first took {self.first_epoch_seconds:.1f} s of {self.budget_s:g} s, set-up "
-            f"{self.setup_seconds:.1f} s included; {m['cpu']}, {m['isa']}, "
+            f"{self.setup_seconds:.1f} s included{self._step_note()}; {m['cpu']}, {m['isa']}, "
             f"threads {m['threads']}, {m['device']})"
         )
         if self.side_cost is not None:
@@ -115,6 +122,29 @@ class Fit:
         if self.epochs == 1 and self.recipe_epochs > 1:
             line += "; no second epoch fits"
         return line
+
+    def _step_note(self) -> str:
+        if self.mid_epoch_seconds is None or not self.steps_per_epoch:
+            return ""
+        t_step = step_seconds(self.steps_per_epoch, self.first_epoch_seconds,
+                              self.setup_seconds, self.mid_epoch_seconds)  # fmt: skip
+        return f", {t_step:.3g} s a step in its second half"
+
+
+def mid_step(steps_per_epoch: int) -> int | None:
+    """m = ⌊n/2⌋, the step of the first epoch at whose end the trainer reads t_mid; None when
+    the epoch has no second half to time (n < 2)."""
+    return steps_per_epoch // 2 if steps_per_epoch >= 2 else None
+
+
+def step_seconds(steps_per_epoch: int, first_epoch_seconds: float, setup_seconds: float,
+                 mid_epoch_seconds: float | None = None) -> float:  # fmt: skip
+    """t_step: (t₁ − t_mid) / (n − m) with t_mid, else the first epoch's mean step
+    (t₁ − t_setup) / n (module docstring)."""
+    n, m = steps_per_epoch, mid_step(steps_per_epoch)
+    if mid_epoch_seconds is None or m is None:
+        return (first_epoch_seconds - setup_seconds) / n
+    return (first_epoch_seconds - mid_epoch_seconds) / (n - m)
 
 
 def fitted_steps(
@@ -126,20 +156,21 @@ def fitted_steps(
     grain: int = 1,
     margin: float = MARGIN,
     epoch_cost: Callable[[int, int], float] | None = None,
+    mid_epoch_seconds: float | None = None,
 ) -> int:
     """n + g·⌊(B·(1 − margin) − t₁) / (g·t_step)⌋ within [n, E·n] (module docstring), with
-    n = `steps_per_epoch` and g = `grain`.
+    n = `steps_per_epoch`, g = `grain` and t_step from `mid_epoch_seconds` (`step_seconds`).
 
     With `epoch_cost` (c(e, N): a step of epoch e in a run of N steps costs c·t_step), the
     most N (a multiple of g past n, at most E·n) with t₁ + t_step·Σ_{k=n}^{N−1} c(⌊k/n⌋, N)
     ≤ B·(1 − margin); at least n."""
     n, top = steps_per_epoch, recipe_epochs * steps_per_epoch
     room = budget_s * (1.0 - margin) - first_epoch_seconds
-    step_seconds = (first_epoch_seconds - setup_seconds) / n
-    if step_seconds <= 0:
+    t_step = step_seconds(n, first_epoch_seconds, setup_seconds, mid_epoch_seconds)
+    if t_step <= 0:
         return top
     if epoch_cost is None:
-        return max(n, min(top, n + grain * math.floor(room / (grain * step_seconds))))
+        return max(n, min(top, n + grain * math.floor(room / (grain * t_step))))
     # The predicted seconds grow with N, so a binary search over the candidates finds the
     # longest that fits in O(E·log(E·n)) costs (an ImageNet run has ~450,000 candidates); it
     # returns only a length it has checked.
@@ -147,7 +178,7 @@ def fitted_steps(
     fit, unfit = 0, len(candidates) + 1  # how many candidates fit: at least `fit`, under `unfit`
     while unfit - fit > 1:
         middle = (fit + unfit) // 2
-        if step_seconds * _later_cost(candidates[middle - 1], n, epoch_cost) <= room:
+        if t_step * _later_cost(candidates[middle - 1], n, epoch_cost) <= room:
             fit = middle
         else:
             unfit = middle
@@ -162,11 +193,12 @@ def _later_cost(steps: int, n: int, epoch_cost: Callable[[int, int], float]) -> 
 
 def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
         setup_seconds: float, device: torch.device, side_cost: SideCost | None = None,
-        width_fit: dict | None = None) -> Fit:  # fmt: skip
+        width_fit: dict | None = None, mid_epoch_seconds: float | None = None) -> Fit:  # fmt: skip
     """The fit of the run `config`, of `steps_per_epoch`, whose first epoch took
-    `first_epoch_seconds`: to the step for a per-step schedule, else to whole epochs. A
-    resized run passes its measured `side_cost`, whose seconds are set-up; a run that chose
-    its width, the `width_fit` that chose it (recorded with the fit)."""
+    `first_epoch_seconds` (`mid_epoch_seconds` at its middle step): to the step for a
+    per-step schedule, else to whole epochs. A resized run passes its measured `side_cost`,
+    whose seconds are set-up; a run that chose its width, the `width_fit` that chose it
+    (recorded with the fit)."""
     budget = config.time_budget_s
     grain = 1 if config.schedule in PER_STEP else steps_per_epoch
     cost = None
@@ -174,10 +206,12 @@ def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
         cost = resized_epoch_cost(config, steps_per_epoch, side_cost)
         setup_seconds += side_cost.seconds
     steps = fitted_steps(budget, config.epochs, steps_per_epoch, first_epoch_seconds,
-                         setup_seconds, grain, epoch_cost=cost)  # fmt: skip
+                         setup_seconds, grain, epoch_cost=cost,
+                         mid_epoch_seconds=mid_epoch_seconds)  # fmt: skip
     return Fit(math.ceil(steps / steps_per_epoch), config.epochs, budget, first_epoch_seconds,
                setup_seconds, MARGIN, machine(device), steps, steps_per_epoch,
-               side_cost.to_dict() if side_cost is not None else None, width_fit)  # fmt: skip
+               side_cost.to_dict() if side_cost is not None else None, width_fit,
+               mid_epoch_seconds)  # fmt: skip
 
 
 def resized_epoch_cost(config: RunConfig, steps_per_epoch: int, side_cost: SideCost

@@ -37,6 +37,12 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 arithmetic is native: CUDA with bf16 support, or a CPU with AVX-512
     BF16 or AMX (oneDNN's check, limited by ONEDNN_MAX_CPU_ISA like the kernels it picks)."""

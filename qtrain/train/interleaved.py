@@ -15,13 +15,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from qtrain.train.devices import synchronize
+
 REPEATS = 3
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA runs asynchronously; the CPU does not)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(steps: Sequence[Callable[[], None]], device: torch.device,

@@ -74,6 +74,7 @@ from qtrain.train.devices import (
     resolve_saved_amp,
     set_tf32,
     slow_bf16_note,
+    synchronize,
 )
 from qtrain.train.distill import Teacher, probe_input
 from qtrain.train.distributed import DistributedContext
@@ -416,6 +417,7 @@ class Trainer:
         lines = self._progress_lines if bar is None else None
         steps_before = state.epoch * len(self.train_loader)
         side = self._side(state.epoch)
+        mid = budget_fit.mid_step(length) if self._fits_now(state) else None
         for x, y in batches:
             if sums.batch >= length:
                 break
@@ -429,6 +431,9 @@ class Trainer:
                 self.ema.update()
             running.add(loss, logits, y)
             sums.batch += 1
+            if sums.batch == mid:
+                synchronize(self.device)  # the steps so far, not the ones queued
+                sums.mid_seconds = time.perf_counter() - started
             self.divergence.watch(loss, sums.batch)
             if sums.batch % self._check_every() == 0:
                 self._check_diverged(state, before_save=False)
@@ -463,8 +468,8 @@ class Trainer:
         return side_at(epoch, epochs, image_size(c), c.resize_min_side, c.resize_until)
 
     def _fits_now(self, state: TrainState) -> bool:
-        """Whether the first epoch just ended whole in a run whose epochs are to be fitted to
-        its time budget (`budget_fit`) and have not been yet."""
+        """Whether the run's length is still to be fitted to its time budget (`budget_fit`):
+        in its first epoch, which is fitted from when it ends whole."""
         return (self.config.fit_to_budget and state.fit is None and state.epoch == 0
                 and state.stopped is None)  # fmt: skip
 
@@ -475,8 +480,8 @@ class Trainer:
         if self.dist.is_main:
             side_cost = self._measure_side_cost(state) if self.config.resize_min_side else None
             fit = budget_fit.fit(self.config, len(self.train_loader), state.sums.seconds,
-                                 self.setup_seconds, self.device, side_cost,
-                                 self.width_fit).to_dict()  # fmt: skip
+                                 self.setup_seconds, self.device, side_cost, self.width_fit,
+                                 state.sums.mid_seconds).to_dict()  # fmt: skip
         state.fit = self.dist.broadcast_object(fit)
         chosen = budget_fit.Fit.from_dict(state.fit)
         self._apply_fit(chosen)
@@ -486,7 +491,9 @@ class Trainer:
         """What a step costs at the full side against the first epoch's (`side_cost`), on the
         run's first batch; its seconds join the first epoch's, so the budget counts them."""
         c, per_epoch = self.config, len(self.train_loader)
-        step_seconds = (state.sums.seconds - self.setup_seconds) / per_epoch
+        step_seconds = budget_fit.step_seconds(
+            per_epoch, state.sums.seconds, self.setup_seconds, state.sums.mid_seconds
+        )
         batch = next(iter(self.train_loader.epoch(0)))
         cost = measure_side_cost(self.model, batch, c.resize_min_side, image_size(c),
                                  step_seconds, c.amp, self.device)  # fmt: skip

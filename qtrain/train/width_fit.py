@@ -23,9 +23,10 @@ The probe builds each candidate afresh (from the run's initialisation stream, un
 forked random state), so the run's weights and random streams are as they would be without
 it. Steps are interleaved over the widths, one warm-up round and then the median of three
 (`interleaved`), so that a slow spell of a shared machine scales them alike. It omits the
-loader and the weight average, so t_step errs fast: in a 12-minute run on a 2-core CPU with
-native bf16 and no AMX, with a weight average, it predicted 7.5 epochs at width 0.75 where the fit at the end of the
-first epoch, which times the real step, chose 7.33. The choice is recorded: the run's config
+loader and the weight average; on a 2-core CPU its prediction at width 0.75 came within 3%
+of what the fit at the end of the first epoch, timing the real step by the epoch's mean,
+chose: 7.5 against 7.33 epochs (native bf16 without AMX, 12 minutes, a weight average) and
+7.7 against 7.81 (limited to AVX2, 20 minutes). The choice is recorded: the run's config
 holds the width it trained, and its fit (summary.json, the checkpoint) the candidates, their
 step seconds and predicted epochs. A resumed run keeps the recorded width and measures
 nothing.
