@@ -123,6 +123,17 @@ def test_a_fit_recorded_in_whole_epochs_still_reads():
     assert "fitted to the time budget: 5 of 10 epochs (the first took 3.5 s" in old.describe()
 
 
+def test_the_machine_names_the_cpu_generation(tmp_path):
+    """The name "AMD EPYC" alone does not tell two generations apart; their numbers do."""
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+    cpuinfo.write_text((block + "model name\t: AMD EPYC\n\n").format(0) + block.format(1))
+    assert budget_fit.cpu_name(cpuinfo) == "AMD EPYC (family 26, model 2)"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n")
+    assert budget_fit.cpu_name(cpuinfo) == "Intel(R) Xeon(R) Platinum 8480+"
+    assert budget_fit.cpu_name(tmp_path / "absent")  # whatever `platform` knows
+
+
 # -- on a slowed-down clock ------------------------------------------------------------------
 def test_a_fitted_run_ends_its_schedule_inside_the_budget_and_an_unfitted_one_is_cut(
     tmp_path, slow_clock

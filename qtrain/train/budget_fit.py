@@ -259,13 +259,22 @@ def machine(device: torch.device) -> dict:
     }
 
 
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name from `cpuinfo`, with its family and model numbers where it gives
+    them (a cloud VM's "AMD EPYC" named CPUs whose bf16 speedrun steps differed 1.9-fold,
+    docs/speedrun.md); else what `platform` knows."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                return value.strip()
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine() or "unknown"
+    if fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
