@@ -205,6 +205,8 @@ def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
     if side_cost is not None:
         cost = resized_epoch_cost(config, steps_per_epoch, side_cost)
         setup_seconds += side_cost.seconds
+        if mid_epoch_seconds is not None:  # t₁ holds the side cost's seconds: so must t_mid
+            mid_epoch_seconds += side_cost.seconds
     steps = fitted_steps(budget, config.epochs, steps_per_epoch, first_epoch_seconds,
                          setup_seconds, grain, epoch_cost=cost,
                          mid_epoch_seconds=mid_epoch_seconds)  # fmt: skip
