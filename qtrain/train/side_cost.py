@@ -20,8 +20,8 @@ overprice the later, larger epochs and leave budget unused; from side 20 up, and
 side in float32 under AVX2, time and FLOPs agree within 9%.
 
 Why a ratio: a shared machine's speed drifts (docs/speedrun.md), and ρ comes from passes a
-fraction of a second apart (interleaved, median of three after one warm-up pass per
-side), which a slow spell scales alike.
+fraction of a second apart (interleaved, median of five after two warm-up passes per
+side, `interleaved`), which a slow spell scales alike.
 
 The passes run on a copy of the model, under a forked random state: the run's weights,
 batch-norm statistics, gradients and random streams are as they would be without them, so

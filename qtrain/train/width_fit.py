@@ -21,12 +21,13 @@ fitted, width 1 beat 0.75. Half the recipe is where the wider network stops losi
 
 The probe builds each candidate afresh (from the run's initialisation stream, under a
 forked random state), so the run's weights and random streams are as they would be without
-it. Steps are interleaved over the widths, one warm-up round and then the median of three
-(`interleaved`), so that a slow spell of a shared machine scales them alike. It omits the
-loader and the weight average; on a 2-core CPU its prediction at width 0.75 came within 3%
-of what the fit at the end of the first epoch, timing the real step by the epoch's mean,
-chose: 7.5 against 7.33 epochs (native bf16 without AMX, 12 minutes, a weight average) and
-7.7 against 7.81 (limited to AVX2, 20 minutes). The choice is recorded: the run's config
+it. Steps are interleaved over the widths, two warm-up rounds and then the median of five
+(`interleaved`), so that a slow spell of a shared machine scales them alike and a cold
+start is not read as a slow width. It omits the loader and the weight average; on a
+2-core CPU its prediction at width 0.75 came within 3% of what the fit at the end of the
+first epoch, timing the real step by the epoch's mean, chose: 7.5 against 7.33 epochs
+(native bf16 without AMX, 12 minutes, a weight average) and 7.7 against 7.81 (limited to
+AVX2, 20 minutes). The choice is recorded: the run's config
 holds the width it trained, and its fit (summary.json, the checkpoint) the candidates, their
 step seconds and predicted epochs. A resumed run keeps the recorded width and measures
 nothing.
@@ -95,10 +96,11 @@ def choose(widths: list[float], step_seconds: list[float], recipe_epochs: int,
     return widths[-1], predicted
 
 
-def step_seconds(config: RunConfig, splits, batch: tuple[torch.Tensor, torch.Tensor],
-                 widths: list[float], device: torch.device) -> list[float]:  # fmt: skip
-    """The median seconds of a training step of `config`'s model and method at each width on
-    `batch`, interleaved (`interleaved.median_seconds`)."""
+def candidate_steps(config: RunConfig, splits, batch: tuple[torch.Tensor, torch.Tensor],
+                    widths: list[float], device: torch.device) -> list[Callable]:  # fmt: skip
+    """A training step (forward, loss, backward and the method's step) of `config`'s model
+    and method at each width on `batch`, each on a model built afresh from the run's
+    initialisation stream. Call under a forked random state: building them draws from it."""
     from qtrain.train.parts import make_model, make_optimizer
 
     images, labels = batch
@@ -118,9 +120,16 @@ def step_seconds(config: RunConfig, splits, batch: tuple[torch.Tensor, torch.Ten
 
         return run
 
+    return [step_at(w) for w in widths]
+
+
+def step_seconds(config: RunConfig, splits, batch: tuple[torch.Tensor, torch.Tensor],
+                 widths: list[float], device: torch.device) -> list[float]:  # fmt: skip
+    """The median seconds of each `candidate_steps`, interleaved
+    (`interleaved.median_seconds`), the run's random state left as it was."""
     forks = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forks):
-        return median_seconds([step_at(w) for w in widths], device)
+        return median_seconds(candidate_steps(config, splits, batch, widths, device), device)
 
 
 def fit_width(config: RunConfig, splits, batch, steps_per_epoch: int,
