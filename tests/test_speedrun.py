@@ -17,6 +17,7 @@ from qtrain.experiments.speedrun import (
     float_variant,
     flops_to,
     minutes_to,
+    models_cell,
     narrower_hint,
     paper_variant,
     run_speedrun,
@@ -413,3 +414,16 @@ def test_the_epochs_cell_shows_one_value_or_a_range_of_shown_values():
     assert epochs_cell([13.98, 14]) == "14"  # both read 14 with one decimal
     assert epochs_cell([12.34, 11.77, 12.63]) == "11.8–12.6"
     assert epochs_cell([4, 4, 3]) == "3–4"
+
+
+def test_the_model_cell_names_each_seeds_width_where_the_fit_chose_differently():
+    def run(model: str, seed: int) -> dict:
+        return {"model": model, "seed": seed}
+
+    same = [run("speednet ×1", 0), run("speednet ×1", 1)]
+    assert models_cell(same) == "speednet ×1"
+    mixed = [run("speednet ×0.75", 0), run("speednet ×1", 1), run("speednet ×1", 2)]
+    assert models_cell(mixed) == "speednet ×0.75 / ×1 / ×1 (seeds 0, 1, 2)"
+    assert models_cell([run("vgg9 ×1", 3), run("resnet20 ×1", 4)]) == (
+        "vgg9 ×1 / resnet20 ×1 (seeds 3, 4)"
+    )

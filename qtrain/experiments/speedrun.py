@@ -260,7 +260,7 @@ def results_markdown(results: list[dict], targets) -> str:
     for variant, runs in by_variant.items():
         accuracies = [r["final_test_accuracy"] for r in runs]
         accuracies = [a for a in accuracies if a is not None]
-        cells = [variant, runs[0]["model"], runs[0]["method"], str(len(runs)),
+        cells = [variant, models_cell(runs), runs[0]["method"], str(len(runs)),
                  format_cell(accuracies)]  # fmt: skip
         cells += [_reached([r[f"minutes_to_{t:g}"] for r in runs]) for t in targets]
         cells += [_reached([r[f"pflop_to_{t:g}"] for r in runs]) for t in targets]
@@ -271,6 +271,19 @@ def results_markdown(results: list[dict], targets) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", curve_markdown(by_variant)]
     return "\n".join(lines) + "\n"
+
+
+def models_cell(runs: list[dict]) -> str:
+    """The model the seeds trained, or, where `fit_width` chose differently for some, each
+    seed's in seed order: "speednet ×0.75 / ×1 / ×1 (seeds 0, 1, 2)"."""
+    models = [r["model"] for r in runs]
+    if len(set(models)) == 1:
+        return models[0]
+    names = {m.rsplit(" ", 1)[0] for m in models}
+    shown = [m.rsplit(" ", 1)[1] for m in models] if len(names) == 1 else models
+    first = f"{names.pop()} " if len(names) == 1 else ""
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    return f"{first}{' / '.join(shown)} (seeds {seeds})"
 
 
 def _reached(values: list[float | None]) -> str:
