@@ -9,8 +9,8 @@ The first rounds are not counted. The first chooses oneDNN's kernels and fills t
 allocator's caches; in bf16 on a 2-core AVX-512 BF16 CPU the widest speednet stayed slow for
 two or three rounds of a fresh process (1.04, 0.58 and 0.50 s a step, then 0.33-0.39 s,
 docs/speedrun.md "The probe's cold start"), and with one warm-up round the median of three
-read it 40% slow. Two warm-up rounds and the median of five leave one slow counted round
-at most in the middle of five, where the median ignores it.
+read it 45% slow. After two warm-up rounds such a start leaves one slow round among the five
+counted, which their median passes over.
 """
 
 from __future__ import annotations
