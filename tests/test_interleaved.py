@@ -51,19 +51,15 @@ def test_a_step_slow_for_its_first_three_calls_is_timed_at_its_warm_speed(clock)
 
 
 def test_a_slow_spell_scales_the_candidates_alike(clock):
-    # the machine runs at half speed during one counted round: each candidate's median keeps
-    # its warm cost, so their ratio is the ratio of their costs
-    rounds = []
-
-    def costing(seconds: float, first: bool):
+    # the machine runs at 2/3 speed for the steps that start between 1.6 and 5.6 s: timed one
+    # after the other, the first candidate's counted steps would all fall in the spell (1.2 s
+    # against 0.4 s, a ratio of 3); interleaved, the spell covers two of each one's five
+    # counted rounds and the medians keep the ratio of their costs
+    def costing(seconds: float):
         def step() -> None:
-            if first:
-                rounds.append(None)
-            clock.now += seconds * (2.0 if len(rounds) == interleaved.WARMUP_ROUNDS + 2 else 1.0)
+            clock.now += seconds * (1.5 if 1.6 <= clock.now < 5.6 else 1.0)
 
         return step
 
-    seconds = interleaved.median_seconds(
-        [costing(0.8, True), costing(0.4, False)], torch.device("cpu")
-    )
+    seconds = interleaved.median_seconds([costing(0.8), costing(0.4)], torch.device("cpu"))
     assert seconds == pytest.approx([0.8, 0.4])

@@ -279,11 +279,13 @@ def models_cell(runs: list[dict]) -> str:
     models = [r["model"] for r in runs]
     if len(set(models)) == 1:
         return models[0]
-    names = {m.rsplit(" ", 1)[0] for m in models}
-    shown = [m.rsplit(" ", 1)[1] for m in models] if len(names) == 1 else models
-    first = f"{names.pop()} " if len(names) == 1 else ""
     seeds = ", ".join(str(r["seed"]) for r in runs)
-    return f"{first}{' / '.join(shown)} (seeds {seeds})"
+    names = {m.rsplit(" ", 1)[0] for m in models}
+    if len(names) == 1:  # one architecture: its name once, then each seed's width
+        shown = f"{names.pop()} " + " / ".join(m.rsplit(" ", 1)[1] for m in models)
+    else:
+        shown = " / ".join(models)
+    return f"{shown} (seeds {seeds})"
 
 
 def _reached(values: list[float | None]) -> str:
