@@ -19,6 +19,7 @@ from qtrain.train.budget_fit import MARGIN, Fit, fitted_steps
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import ConfigError, RunConfig, load_toml
 from qtrain.train.records import MEASURED_KEYS
+from qtrain.train.schedules import warmup_cosine_factor, warmup_linear_factor
 from qtrain.train.trainer import Trainer
 
 # speed_config with 64 of its 512 synthetic training images held out: 448 // 64 = 7 batches
@@ -46,18 +47,23 @@ def _restore_torch_threads():
 
 class FakeClock:
     """A clock that stands still except at optimizer steps, each of which takes `step` s, the
-    first `slow_steps` of them `slow_step` s (a warm-up)."""
+    first `slow_steps` of them `slow_step` s (a warm-up), and from step `drift_from` on (1-based,
+    counted over the clock's life) `drift_step` s (the machine's speed changed)."""
 
     def __init__(self, step: float) -> None:
         self.now, self.step = 0.0, step
         self.slow_steps, self.slow_step, self.steps = 0, 0.0, 0
+        self.drift_from, self.drift_step = None, 0.0
 
     def perf_counter(self) -> float:
         return self.now
 
     def tick(self) -> None:
         self.steps += 1
-        self.now += self.slow_step if self.steps <= self.slow_steps else self.step
+        if self.drift_from is not None and self.steps >= self.drift_from:
+            self.now += self.drift_step
+        else:
+            self.now += self.slow_step if self.steps <= self.slow_steps else self.step
 
 
 @pytest.fixture
@@ -80,6 +86,21 @@ def slow_clock(monkeypatch):
         return clock
 
     return install
+
+
+def crash_at_step(run: Trainer, step: int) -> None:
+    """Run `run` until its optimizer's `step`-th step raises (a crash before that step)."""
+    real_step, calls = run.optimizer.step, {"n": 0}
+
+    def step_then_crash():
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("simulated crash")
+        return real_step()
+
+    run.optimizer.step = step_then_crash
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run.run()
 
 
 def comparable(record: dict) -> dict:
@@ -222,23 +243,15 @@ def test_a_weight_average_spans_its_horizon_of_the_fitted_run(tmp_path, slow_clo
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 @pytest.mark.parametrize("average", [{}, {"ema_horizon": 0.25}], ids=["live", "ema_horizon"])
 def test_the_fit_survives_a_resume_bit_for_bit_on_a_faster_clock(tmp_path, slow_clock, average):
-    config = speed_config(checkpoint_every_steps=1, **average)
+    """Without refits the first epoch's choice is the run's, whatever the speed after a
+    resume (with them, a faster machine lengthens the rest: the tests that follow)."""
+    config = speed_config(checkpoint_every_steps=1, refit_to_budget=False, **average)
     slow_clock(0.5)
     reference = Trainer(config, tmp_path / "ref", log=quiet).run()
 
     clock = slow_clock(0.5)
-    crashing = Trainer(config, tmp_path / "crash", log=quiet)
-    real_step, calls = crashing.optimizer.step, {"n": 0}
-
-    def step_then_crash():
-        calls["n"] += 1
-        if calls["n"] == 2 * STEPS_PER_EPOCH + 3:  # in the third epoch, after the fit
-            raise RuntimeError("simulated crash")
-        return real_step()
-
-    crashing.optimizer.step = step_then_crash
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        crashing.run()
+    # in the third epoch, after the fit
+    crash_at_step(Trainer(config, tmp_path / "crash", log=quiet), 2 * STEPS_PER_EPOCH + 3)
     saved = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)["training"]
     assert saved["fit"]["steps"] == 38 and saved["epoch"] == 2
     # measured again at this speed the first epoch would fit all 10: the saved fit holds
@@ -248,6 +261,123 @@ def test_the_fit_survives_a_resume_bit_for_bit_on_a_faster_clock(tmp_path, slow_
     ref_state = load_checkpoint(tmp_path / "ref" / rundir.CHECKPOINT)["model_state"]
     new_state = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)["model_state"]
     assert all(torch.equal(ref_state[k], new_state[k]) for k in ref_state)
+
+
+# -- refits ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("factor", [warmup_linear_factor, warmup_cosine_factor])
+def test_a_redrawn_schedule_keeps_its_rate_and_ends_its_decay_at_the_new_length(factor):
+    warmup, total, r = 10, 100, 0.1
+    plain = [factor(s, total, warmup, r) for s in range(200)]
+    for at, new in ((40, 70), (40, 160)):
+        redrawn = [factor(s, total, warmup, r, [(at, new)]) for s in range(200)]
+        assert redrawn[: at + 1] == plain[: at + 1]  # the rate at the redraw is the old one's
+        assert all(a > b for a, b in zip(redrawn[at:new], redrawn[at + 1 : new]))
+        assert redrawn[new - 1] > r and set(redrawn[new:]) == {r}
+    # inside the warm-up a redraw is the schedule drawn over the new length from the start
+    redrawn = [factor(s, total, warmup, r, [(5, 60)]) for s in range(200)]
+    assert redrawn == [factor(s, 60, warmup, r) for s in range(200)]
+
+
+def test_a_redrawn_linear_decay_spends_what_is_left_evenly_and_redraws_chain():
+    """f(s) = r + (f(a) − r)·(S' − s)/(S' − a) after a redraw (a, S'); a second redraw
+    starts from the rate the first left."""
+    warmup, total, r = 10, 100, 0.1
+    first, second = (40, 70), (55, 90)
+
+    def f(s, redraws):
+        return warmup_linear_factor(s, total, warmup, r, redraws)
+
+    for s in range(40, 70):
+        assert f(s, [first]) == pytest.approx(r + (f(40, []) - r) * (70 - s) / 30)
+    for s in range(55, 90):
+        assert f(s, [first, second]) == pytest.approx(r + (f(55, [first]) - r) * (90 - s) / 35)
+    assert [f(s, [first, second]) for s in range(56)] == [f(s, [first]) for s in range(56)]
+
+
+def test_a_later_epoch_refits_the_rest_of_the_run_from_its_own_speed():
+    """At the end of epoch 3 of speed_config (s = 21 of the first fit's 38, n = 7, B = 20 s):
+    s + ⌊(19 − t_spent) / t_step⌋ from that epoch's mean step, within [s, 70]."""
+    config, cpu = speed_config(), torch.device("cpu")
+    first = budget_fit.fit(config, STEPS_PER_EPOCH, 3.5, 0.0, cpu)
+    assert first.total_steps(STEPS_PER_EPOCH) == 38 and first.refits == ()
+    assert budget_fit.refit(first, config, 21, 10.5, 2, 7, 3.5) is None  # steady: as it was
+    slower = budget_fit.refit(first, config, 21, 12.25, 2, 7, 5.25)  # 0.75 s a step
+    assert slower.total_steps(STEPS_PER_EPOCH) == 21 + 9  # ⌊6.75 / 0.75⌋
+    assert slower.refits == ({"epoch": 3, "step": 21, "steps": 30, "was": 38,
+                              "spent_seconds": 12.25, "step_seconds": 0.75},)  # fmt: skip
+    assert slower.redraws() == [(21, 30)] and slower.first_steps(STEPS_PER_EPOCH) == 38
+    assert slower.epochs_trained() == 30 / 7
+    faster = budget_fit.refit(first, config, 21, 8.75, 2, 7, 1.75)  # 0.25 s a step
+    assert faster.total_steps(STEPS_PER_EPOCH) == 21 + 41  # ⌊10.25 / 0.25⌋
+    fastest = budget_fit.refit(first, config, 21, 8.75, 2, 7, 0.7)
+    assert fastest.total_steps(STEPS_PER_EPOCH) == 70  # at most the recipe's E·n
+    spent = budget_fit.refit(first, config, 21, 19.5, 2, 7, 5.25)  # no room: it ends here
+    assert spent.total_steps(STEPS_PER_EPOCH) == 21
+    again = budget_fit.refit(slower, config, 28, 17.0, 3, 7, 3.5)  # 0.5 s a step again
+    assert again.redraws() == [(21, 30), (28, 32)]  # 28 + ⌊2 / 0.5⌋
+    assert Fit.from_dict(json.loads(json.dumps(again.to_dict()))) == again
+    epoch_schedule = speed_config(schedule="cosine", warmup_steps=0)
+    assert budget_fit.refit(first, epoch_schedule, 21, 12.25, 2, 7, 5.25) is None
+
+
+def test_a_run_that_slows_down_refits_its_rest_and_ends_inside_the_budget(tmp_path, slow_clock):
+    """From step 15 each step takes 0.75 s instead of 0.5: the first fit's 38 steps would
+    take 25 s of the 20 s budget. The refit after epoch 3 ends the schedule at step 30, in
+    19 s; without refits the budget cuts the run at step 32 with its rate still high."""
+    clock = slow_clock(0.5)
+    clock.drift_from, clock.drift_step = 15, 0.75
+    lines = []
+    records = Trainer(speed_config(), tmp_path / "refit", log=lines.append).run()
+    assert records[-1]["step"] == 30 and records[-1].get("stopped") is None
+    assert records[-1]["lr"] == 0.0 and records[-1]["test_error"] is not None
+    assert sum(r["seconds"] for r in records) == 7.0 + 16 * 0.75 == 19.0
+    fit = json.loads((tmp_path / "refit" / rundir.SUMMARY).read_text())["fit"]
+    assert [(r["epoch"], r["step"], r["steps"], r["was"]) for r in fit["refits"]] == [
+        (3, 21, 30, 38)
+    ]
+    assert [line for line in lines if "re-fitted" in line] == [
+        "re-fitted to the time budget after epoch 3: 30 steps (was 38); 0.75 s a step in that "
+        "epoch, 12.2 s of 20 s spent"
+    ]
+    assert any(line.startswith("epoch   4/5 ") for line in lines)
+
+    clock.steps = 0
+    plain = Trainer(speed_config(refit_to_budget=False), tmp_path / "plain", log=quiet).run()
+    assert plain[-1]["stopped"] == "time budget" and plain[-1]["step"] == 32
+    assert plain[-1]["lr"] > 0.1 * speed_config().lr
+
+
+def test_a_run_that_speeds_up_refits_to_use_its_budget(tmp_path, slow_clock):
+    clock = slow_clock(0.5)
+    clock.drift_from, clock.drift_step = 15, 0.25
+    records = Trainer(speed_config(), tmp_path, log=quiet).run()
+    # after epoch 3: 21 + ⌊(19 − 8.75) / 0.25⌋ = 62 steps, in 8.75 + 41 · 0.25 = 19 s
+    assert records[-1]["step"] == 62 and records[-1].get("stopped") is None
+    assert records[-1]["lr"] == 0.0 and sum(r["seconds"] for r in records) == 19.0
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_refits_survive_a_resume_bit_for_bit(tmp_path, slow_clock):
+    """A crash after the refit of epoch 3: the resumed run redraws the schedule the refit
+    drew (kept in the checkpoint) and its average's decay, and ends as the uninterrupted run."""
+    config = speed_config(checkpoint_every_steps=1, ema_horizon=0.25)
+    clock = slow_clock(0.5)
+    clock.drift_from, clock.drift_step = 15, 0.75
+    reference = Trainer(config, tmp_path / "ref", log=quiet).run()
+
+    clock.steps = 0
+    # in the fourth epoch, after the refit
+    crash_at_step(Trainer(config, tmp_path / "crash", log=quiet), 3 * STEPS_PER_EPOCH + 3)
+    saved = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)["training"]
+    assert saved["fit"]["refits"][0]["steps"] == 30 and saved["epoch"] == 3
+    resumed = Trainer(config, tmp_path / "crash", log=quiet).run(resume=True)
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in reference]
+    ref_state = load_checkpoint(tmp_path / "ref" / rundir.CHECKPOINT)
+    new_state = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)
+    assert new_state["training"]["fit"] == ref_state["training"]["fit"]
+    assert new_state["training"]["ema"]["decay"] == pytest.approx(1 - 1 / (0.25 * 30))
+    model = ref_state["model_state"]
+    assert all(torch.equal(model[k], new_state["model_state"][k]) for k in model)
 
 
 def test_a_speedrun_table_names_each_runs_fit_and_machine(tmp_path, slow_clock):

@@ -71,6 +71,7 @@ def test_every_field_is_classified_and_the_identity_holds_what_changes_the_numbe
         *("momentum_min", "label_smoothing", "ema_decay", "whiten_init", "tta", "val_images"),
         *("tta_each_epoch", "resize_min_side", "resize_until", "ema_horizon"),
         "fit_to_budget",  # the schedule is drawn over the epochs it chooses
+        "refit_to_budget",  # and redrawn at later epochs
         "fit_width",  # the model is built at the width it chooses
         *("act_bits", "act_norm"),
         # a start and a teacher: whether they are set; what they hold by their SHA-256

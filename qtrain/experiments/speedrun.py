@@ -32,7 +32,8 @@ measurement continues where it stopped.
 
 Fitting: a recipe with `fit_to_budget` (the preset's) chooses each run's length, to the
 step, at the end of its first epoch, from that epoch's time on this machine, so that the
-schedule ends inside the budget (`qtrain.train.budget_fit`); with `fit_width` (the preset's)
+schedule ends inside the budget, and again at each later epoch's end where the machine's
+speed has drifted (`qtrain.train.budget_fit`); with `fit_width` (the preset's)
 each run first chooses its width from the measured speed of three (`qtrain.train.width_fit`).
 table.json holds each run's fit, width and machine.
 """

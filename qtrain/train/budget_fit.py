@@ -23,6 +23,22 @@ c(e) = t_step(s(e)) / t_step(s(0)) at the sides of the run being fitted, measure
 of the first epoch (`qtrain.train.side_cost`, its seconds counted as set-up), and steps is the
 most whose predicted seconds t₁ + t_step·Σ c fit in B·(1 − MARGIN) (`resized_epoch_cost`).
 
+A machine's speed drifts after the first epoch (another process, a VM's neighbours; the later
+epochs of one run on a 2-core VM were 8-17% slower than its first, docs/speedrun.md). With
+`refit_to_budget` (on by default) a per-step schedule is fitted again at the end of each later
+epoch, by the same rule from where the run stands:
+
+    s        = the steps trained, t_spent the training seconds spent (set-up included)
+    t_step   = the epoch's mean step (divided by its c(e) for a resized run)
+    steps    = s + ⌊(B·(1 − MARGIN) − t_spent) / t_step⌋, within [s, E·n]
+
+and, where that differs from the length the schedule has, the rest of the schedule is redrawn
+over it from the current rate (`qtrain.train.schedules`: the rate is continuous and reaches
+`min_lr` at the new last step). At a steady speed the choice stays as it was: the margin is
+still B·MARGIN. A refit is kept in the fit (`Refit`, in order), so a resumed run redraws the
+same schedule. An epoch schedule keeps its first fit: redrawing it over other epochs would
+step its rate.
+
 Why the first epoch rather than a probe before training: it times the run's own step with
 everything the loop does (loader, augmentation, schedule, weight average, checks) on this
 machine, over hundreds of steps; and it costs nothing, its steps being training steps. A probe
@@ -47,7 +63,7 @@ from __future__ import annotations
 import math
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -84,23 +100,34 @@ class Fit:
     side_cost: dict | None = None  # a resized run's measured `SideCost`
     width_fit: dict | None = None  # with fit_width, the `WidthFit` that chose the width
     mid_epoch_seconds: float | None = None  # t_mid; None in a fit from the epoch's mean step
+    refits: tuple[dict, ...] = ()  # `Refit.to_dict()` of each later epoch that changed it
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> Fit:
-        return cls(**values)
+        return cls(**{**values, "refits": tuple(values.get("refits", ()))})
 
     def total_steps(self, steps_per_epoch: int) -> int:
-        """The optimizer steps the run trains."""
+        """The optimizer steps the run trains: as last refitted, else as first fitted."""
+        if self.refits:
+            return self.refits[-1]["steps"]
         return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+
+    def first_steps(self, steps_per_epoch: int) -> int:
+        """The length the first epoch chose: the schedule's before its `redraws`."""
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+
+    def redraws(self) -> list[tuple[int, int]]:
+        """(a, S') of each refit, for `qtrain.train.schedules`."""
+        return [(r["step"], r["steps"]) for r in self.refits]
 
     def epochs_trained(self) -> float:
         """The run's length in epochs, the last one possibly partial."""
         if self.steps is None or not self.steps_per_epoch:
             return float(self.epochs)
-        return self.steps / self.steps_per_epoch
+        return self.total_steps(self.steps_per_epoch) / self.steps_per_epoch
 
     def describe(self) -> str:
         """One line: the choice and what it came from."""
@@ -129,6 +156,27 @@ class Fit:
         t_step = step_seconds(self.steps_per_epoch, self.first_epoch_seconds,
                               self.setup_seconds, self.mid_epoch_seconds)  # fmt: skip
         return f", {t_step:.3g} s a step in its second half"
+
+
+@dataclass(frozen=True)
+class Refit:
+    """The length chosen again at the end of a later epoch (module docstring)."""
+
+    epoch: int  # the epoch (1-based) at whose end it was made
+    step: int  # s: the steps trained by then, where the schedule was redrawn
+    steps: int  # the run's new length
+    was: int  # its length before
+    spent_seconds: float  # t_spent
+    step_seconds: float  # t_step (a step at the first epoch's side, for a resized run)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self, budget_s: float) -> str:
+        """One line: the new length and what it came from."""
+        return (f"re-fitted to the time budget after epoch {self.epoch}: {self.steps} steps "
+                f"(was {self.was}); {self.step_seconds:.3g} s a step in that epoch, "
+                f"{self.spent_seconds:.1f} s of {budget_s:g} s spent")  # fmt: skip
 
 
 def mid_step(steps_per_epoch: int) -> int | None:
@@ -164,31 +212,48 @@ def fitted_steps(
     With `epoch_cost` (c(e, N): a step of epoch e in a run of N steps costs c·t_step), the
     most N (a multiple of g past n, at most E·n) with t₁ + t_step·Σ_{k=n}^{N−1} c(⌊k/n⌋, N)
     ≤ B·(1 − margin); at least n."""
-    n, top = steps_per_epoch, recipe_epochs * steps_per_epoch
+    n = steps_per_epoch
     room = budget_s * (1.0 - margin) - first_epoch_seconds
     t_step = step_seconds(n, first_epoch_seconds, setup_seconds, mid_epoch_seconds)
+    return most_steps(room, n, recipe_epochs * n, t_step, n, grain, epoch_cost)
+
+
+def most_steps(
+    room: float,
+    done: int,
+    top: int,
+    t_step: float,
+    steps_per_epoch: int,
+    grain: int = 1,
+    epoch_cost: Callable[[int, int], float] | None = None,
+) -> int:
+    """The longest run N ∈ {done + k·g} ∩ [done, top] whose steps after the first `done` are
+    predicted to take at most `room` seconds: t_step·(N − done), or with `epoch_cost`
+    t_step·Σ_{k=done}^{N−1} c(⌊k/n⌋, N); `done` when none fits, `top` for a step of no time."""
     if t_step <= 0:
         return top
     if epoch_cost is None:
-        return max(n, min(top, n + grain * math.floor(room / (grain * t_step))))
+        return max(done, min(top, done + grain * math.floor(room / (grain * t_step))))
     # The predicted seconds grow with N, so a binary search over the candidates finds the
     # longest that fits in O(E·log(E·n)) costs (an ImageNet run has ~450,000 candidates); it
     # returns only a length it has checked.
-    candidates = range(n + grain, top + 1, grain)
+    candidates = range(done + grain, top + 1, grain)
     fit, unfit = 0, len(candidates) + 1  # how many candidates fit: at least `fit`, under `unfit`
     while unfit - fit > 1:
         middle = (fit + unfit) // 2
-        if t_step * _later_cost(candidates[middle - 1], n, epoch_cost) <= room:
+        later = _later_cost(candidates[middle - 1], done, steps_per_epoch, epoch_cost)
+        if t_step * later <= room:
             fit = middle
         else:
             unfit = middle
-    return candidates[fit - 1] if fit else n
+    return candidates[fit - 1] if fit else done
 
 
-def _later_cost(steps: int, n: int, epoch_cost: Callable[[int, int], float]) -> float:
-    """Σ_{k=n}^{steps−1} c(⌊k/n⌋, steps): the steps after the first epoch, each weighted by
-    its epoch's cost."""
-    return sum(min(n, steps - e * n) * epoch_cost(e, steps) for e in range(1, -(-steps // n)))
+def _later_cost(steps: int, done: int, n: int, epoch_cost: Callable[[int, int], float]) -> float:
+    """Σ_{k=done}^{steps−1} c(⌊k/n⌋, steps): the steps after the first `done`, each weighted
+    by its epoch's cost."""
+    return sum((min((e + 1) * n, steps) - max(e * n, done)) * epoch_cost(e, steps)
+               for e in range(done // n, -(-steps // n)))  # fmt: skip
 
 
 def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
@@ -214,6 +279,29 @@ def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
                setup_seconds, MARGIN, machine(device), steps, steps_per_epoch,
                side_cost.to_dict() if side_cost is not None else None, width_fit,
                mid_epoch_seconds)  # fmt: skip
+
+
+def refit(fit_so_far: Fit, config: RunConfig, steps_done: int, spent_seconds: float,
+          epoch: int, epoch_steps: int, epoch_seconds: float) -> Fit | None:  # fmt: skip
+    """`fit_so_far` with the length chosen again at the end of the 0-based `epoch` (its
+    `epoch_steps` steps took `epoch_seconds`), after `steps_done` steps and `spent_seconds`
+    of training (module docstring); None when the choice stays or the run cannot be refitted
+    (an epoch schedule, a fit in whole epochs)."""
+    n = fit_so_far.steps_per_epoch
+    if config.schedule not in PER_STEP or not n or epoch_steps <= 0:
+        return None
+    current = fit_so_far.total_steps(n)
+    cost = None
+    if fit_so_far.side_cost is not None:
+        cost = resized_epoch_cost(config, n, SideCost(**fit_so_far.side_cost))
+    t_step = epoch_seconds / epoch_steps / (cost(epoch, current) if cost else 1.0)
+    room = fit_so_far.budget_s * (1.0 - fit_so_far.margin) - spent_seconds
+    steps = most_steps(room, steps_done, fit_so_far.recipe_epochs * n, t_step, n,
+                       epoch_cost=cost)  # fmt: skip
+    if steps == current:
+        return None
+    made = Refit(epoch + 1, steps_done, steps, current, spent_seconds, t_step)
+    return replace(fit_so_far, refits=(*fit_so_far.refits, made.to_dict()))
 
 
 def resized_epoch_cost(config: RunConfig, steps_per_epoch: int, side_cost: SideCost

@@ -353,6 +353,11 @@ class RunConfig:
     fit_to_budget: bool = _key(False, "run", "choose the epochs (at most `epochs`) at the end "
                                "of the first, from its time, so that the schedule ends inside "
                                "time_budget_s", applies=BUDGETED)  # fmt: skip
+    refit_to_budget: bool = _key(True, "run", "with fit_to_budget and a per-step schedule: fit "
+                                 "the length again at each later epoch's end, from that "
+                                 "epoch's speed, redrawing the rest of the schedule from the "
+                                 "current rate (qtrain.train.budget_fit)",
+                                 applies=BUDGETED)  # fmt: skip
     fit_width: bool = _key(False, "run", "with fit_to_budget: before training, time a step at "
                            "width × 1, 0.75, 0.5 and train the widest that fits half of "
                            "`epochs` (qtrain.train.width_fit); the run records the width",

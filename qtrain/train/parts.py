@@ -24,7 +24,7 @@ from qtrain.models.act_quant import act_quant_plan, apply_act_quant
 from qtrain.models.whitening import whiten_model_
 from qtrain.train.config import RunConfig
 from qtrain.train.distributed import DistributedContext
-from qtrain.train.schedules import make_scheduler, redraw_schedule
+from qtrain.train.schedules import Redraws, make_scheduler, redraw_schedule
 from qtrain.train.settings import (
     data_options,
     is_text,
@@ -175,9 +175,12 @@ def make_run_scheduler(config: RunConfig, optimizer, epochs: int, total_steps: i
                           **_schedule_length(config, total_steps))  # fmt: skip
 
 
-def redraw_run_schedule(config: RunConfig, scheduler, epochs: int, total_steps: int) -> None:
-    """The config's schedule in `scheduler` drawn over `epochs` (`total_steps`) from now on."""
-    redraw_schedule(scheduler, config.schedule, epochs, **_schedule_length(config, total_steps))
+def redraw_run_schedule(config: RunConfig, scheduler, epochs: int, total_steps: int,
+                        redraws: Redraws = ()) -> None:  # fmt: skip
+    """The config's schedule in `scheduler` drawn over `epochs` (`total_steps`, then a per-step
+    schedule's `redraws`, `qtrain.train.schedules`) from now on."""
+    redraw_schedule(scheduler, config.schedule, epochs,
+                    **_schedule_length(config, total_steps), redraws=redraws)  # fmt: skip
 
 
 def _schedule_length(config: RunConfig, total_steps: int) -> dict:

@@ -14,6 +14,16 @@ and r = min_lr / α₀:
 |                | r from S on                                                             |
 | warmup-linear  | (s+1)/(W+1) for s < W; r + (1−r)·(1 − (s−W)/(S−W)) for W ≤ s < S; r from S on |
 
+A per-step schedule can be redrawn while it decays (`qtrain.train.budget_fit` re-fits a run's
+length at an epoch's end): a redraw at step a to a new length S' keeps the rate at a and spends
+what was left of the decay over the steps that are left. With p(s) = (s−W)/(S−W) the progress of
+the decay (the rate is r + (1−r)·(1 − p) for the linear one), a redraw (a, S') with a > W makes
+
+    p(s) = p_a + (1 − p_a)·(s − a)/(S' − a)   for s ≥ a,   p_a = p(a) of the schedule before it
+
+and later redraws chain the same way; a redraw inside the warm-up (a ≤ W) only sets S. So the
+rate is continuous at every redraw and reaches r at the last S'.
+
 Momentum cycling (`momentum_min` β_lo; Smith 2018's one-cycle policy): with f = α/α₀ after
 any schedule step and β_hi the optimizer's own momentum (SGD's `momentum`, Adam's β₁),
 
@@ -26,12 +36,18 @@ function of the current learning rate only, so it needs no state of its own to r
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from qtrain.base.errors import UserError
 
 PER_STEP = ("warmup-cosine", "warmup-linear")
+
+
+# (a, S'): from step a on, the decay that is left spread over the steps up to S' (module
+# docstring), in the order they were made
+Redraws = Sequence[tuple[int, int]]
 
 
 def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
@@ -48,31 +64,54 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     )
 
 
-def warmup_cosine_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """The multiplier α(s)/α₀ of "warmup-cosine" (see the table above)."""
+def warmup_cosine_factor(step: int, total: int, warmup: int, min_ratio: float,
+                         redraws: Redraws = ()) -> float:  # fmt: skip
+    """The multiplier α(s)/α₀ of "warmup-cosine" (see the table above), after `redraws`."""
 
     def cosine(progress: float) -> float:
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return _after_warmup(cosine, step, total, warmup, min_ratio)
+    return _after_warmup(cosine, step, total, warmup, min_ratio, redraws)
 
 
-def warmup_linear_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """The multiplier α(s)/α₀ of "warmup-linear" (see the table above)."""
+def warmup_linear_factor(step: int, total: int, warmup: int, min_ratio: float,
+                         redraws: Redraws = ()) -> float:  # fmt: skip
+    """The multiplier α(s)/α₀ of "warmup-linear" (see the table above), after `redraws`."""
 
     def linear(progress: float) -> float:
         return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
 
-    return _after_warmup(linear, step, total, warmup, min_ratio)
+    return _after_warmup(linear, step, total, warmup, min_ratio, redraws)
 
 
-def _after_warmup(decay, step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """(s+1)/(W+1) for s < W; decay((s−W)/(S−W)) for W ≤ s < S; r from S on."""
+def _after_warmup(decay, step: int, total: int, warmup: int, min_ratio: float,
+                  redraws: Redraws = ()) -> float:  # fmt: skip
+    """(s+1)/(W+1) for s < W; decay(p(s)) while p(s) < 1; r after."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
-    if step >= total:
-        return min_ratio
-    return decay((step - warmup) / max(total - warmup, 1))
+    progress = decay_progress(step, total, warmup, redraws)
+    return min_ratio if progress >= 1.0 else decay(progress)
+
+
+def decay_progress(step: int, total: int, warmup: int, redraws: Redraws = ()) -> float:
+    """p(s) for a step s ≥ W of a schedule of `total` steps, W of them warm-up, redrawn by the
+    `redraws` made at steps up to s (module docstring); 1 once the decay has ended."""
+    start, start_progress, end = warmup, 0.0, total
+    for at, new_end in redraws:
+        if at > step:
+            break
+        if at > start:
+            start_progress = _progress(at, start, start_progress, end)
+            start = at
+        end = new_end
+    return _progress(step, start, start_progress, end)
+
+
+def _progress(step: int, start: int, start_progress: float, end: int) -> float:
+    """p_a + (1 − p_a)·(s − a)/(S − a), at most 1."""
+    if step >= end:
+        return 1.0
+    return start_progress + (1.0 - start_progress) * (step - start) / (end - start)
 
 
 def cycled_momentum(factor: float, min_ratio: float, high: float, low: float) -> float:
@@ -100,13 +139,14 @@ def starting_momentum(optimizer: torch.optim.Optimizer) -> float:
 
 def lr_lambda(
     schedule: str, epochs: int, *, total_steps: int = 0, warmup_steps: int = 0,
-    min_ratio: float = 0.0,
+    min_ratio: float = 0.0, redraws: Redraws = (),
 ):  # fmt: skip
     """The multiplier α/α₀ as a function of the scheduler's count: the step for the schedules
-    in `PER_STEP` (over `total_steps`), else the epoch (over `epochs`)."""
+    in `PER_STEP` (over `total_steps`, then `redraws`), else the epoch (over `epochs`)."""
     if schedule in PER_STEP:
         factor = warmup_cosine_factor if schedule == "warmup-cosine" else warmup_linear_factor
-        return lambda step: factor(step, total_steps, warmup_steps, min_ratio)
+        redraws = tuple(redraws)
+        return lambda step: factor(step, total_steps, warmup_steps, min_ratio, redraws)
     lr_factor(schedule, 0, epochs)  # fail fast on an unknown name
     return lambda epoch: lr_factor(schedule, epoch, epochs)
 

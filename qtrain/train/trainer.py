@@ -34,7 +34,8 @@ stops training after the first step at which the elapsed time (the sum of the re
 counted) exceeds it (under torchrun, the first such step at which the ranks agree: every
 `_check_every` steps, 25 on CUDA); that record is marked `stopped` and the run is finished.
 With `fit_to_budget` the run's length (in steps for a per-step schedule) is chosen at the end
-of the first epoch from its seconds, so that the schedule ends inside the budget (`budget_fit`).
+of the first epoch from its seconds, so that the schedule ends inside the budget, and with
+`refit_to_budget` chosen again at each later epoch's end from that epoch's speed (`budget_fit`).
 
 Exact resume (`state`): the data order and augmentation of batch b in epoch e are a pure
 function of (seed, e, b), and everything else that changes the numbers is in the checkpoint,
@@ -367,6 +368,8 @@ class Trainer:
                     self._train_epoch(state)
                     if self._fits_now(state):
                         self._fit_to_budget(state)
+                    elif self._refits_now(state):
+                        self._refit_to_budget(state)
                     record = self._finish_epoch(state)
                     self.log(format_record(record, self.epochs))
                     self._track(tracker, record)
@@ -487,6 +490,35 @@ class Trainer:
         self._apply_fit(chosen)
         self.log(chosen.describe())
 
+    def _refits_now(self, state: TrainState) -> bool:
+        """Whether the run's length is to be fitted again at the end of this later epoch
+        (`budget_fit`): a fitted per-step schedule with steps left."""
+        c = self.config
+        return (c.fit_to_budget and c.refit_to_budget and self.per_step
+                and state.fit is not None and state.stopped is None
+                and self._steps_done(state) < self.total_steps)  # fmt: skip
+
+    def _steps_done(self, state: TrainState) -> int:
+        return state.epoch * len(self.train_loader) + state.sums.batch
+
+    def _refit_to_budget(self, state: TrainState) -> None:
+        """Choose the run's length again from this epoch's seconds (rank 0's, for every rank);
+        when it changes, keep the refit in `state.fit` and redraw the rest of the schedule."""
+        refitted = None
+        if self.dist.is_main:
+            spent = sum(m["seconds"] for m in state.metrics) + state.sums.seconds
+            made = budget_fit.refit(budget_fit.Fit.from_dict(state.fit), self.config,
+                                    self._steps_done(state), spent, state.epoch,
+                                    state.sums.batch, state.sums.seconds)  # fmt: skip
+            refitted = made.to_dict() if made is not None else None
+        refitted = self.dist.broadcast_object(refitted)
+        if refitted is None:
+            return
+        state.fit = refitted
+        chosen = budget_fit.Fit.from_dict(refitted)
+        self._apply_fit(chosen)
+        self.log(budget_fit.Refit(**chosen.refits[-1]).describe(chosen.budget_s))
+
     def _measure_side_cost(self, state: TrainState) -> SideCost:
         """What a step costs at the full side against the first epoch's (`side_cost`), on the
         run's first batch; its seconds join the first epoch's, so the budget counts them."""
@@ -505,7 +537,8 @@ class Trainer:
         per_epoch = len(self.train_loader)
         self.total_steps = fit.total_steps(per_epoch)
         self.epochs = math.ceil(self.total_steps / per_epoch)
-        redraw_run_schedule(self.config, self.scheduler, self.epochs, self.total_steps)
+        redraw_run_schedule(self.config, self.scheduler, self.epochs,
+                            fit.first_steps(per_epoch), fit.redraws())  # fmt: skip
         if self.ema is not None:
             self.ema.decay = self._ema_decay(self.total_steps)
         if self._progress_lines is not None:
