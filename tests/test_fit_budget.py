@@ -313,11 +313,24 @@ def test_a_later_epoch_refits_the_rest_of_the_run_from_its_own_speed():
     assert fastest.total_steps(STEPS_PER_EPOCH) == 70  # at most the recipe's E·n
     spent = budget_fit.refit(first, config, 21, 19.5, 2, 7, 5.25)  # no room: it ends here
     assert spent.total_steps(STEPS_PER_EPOCH) == 21
-    again = budget_fit.refit(slower, config, 28, 17.0, 3, 7, 3.5)  # 0.5 s a step again
-    assert again.redraws() == [(21, 30), (28, 32)]  # 28 + ⌊2 / 0.5⌋
+    again = budget_fit.refit(slower, config, 28, 16.0, 3, 7, 3.5)  # 0.5 s a step again
+    assert again.redraws() == [(21, 30), (28, 34)]  # 28 + ⌊3 / 0.5⌋
     assert Fit.from_dict(json.loads(json.dumps(again.to_dict()))) == again
     epoch_schedule = speed_config(schedule="cosine", warmup_steps=0)
     assert budget_fit.refit(first, epoch_schedule, 21, 12.25, 2, 7, 5.25) is None
+
+
+def test_a_refit_waits_until_the_drift_moves_the_end_out_of_its_band():
+    """The first fit's 38 steps at s = 21, 10.5 s spent: a refit only when 10.5 + 17·t_step
+    falls outside [B·(1 − 2·0.05), B·(1 − 0.05/2)] = [18, 19.5]."""
+    config, cpu = speed_config(), torch.device("cpu")
+    first = budget_fit.fit(config, STEPS_PER_EPOCH, 3.5, 0.0, cpu)
+    for t_step in (0.45, 0.5, 0.52, 0.55):  # 18.15, 19, 19.34, 19.85 s
+        refitted = budget_fit.refit(first, config, 21, 10.5, 2, 7, 7 * t_step)
+        assert (refitted is None) == (t_step < 0.55)
+    assert refitted.total_steps(STEPS_PER_EPOCH) == 21 + 15  # ⌊8.5 / 0.55⌋
+    faster = budget_fit.refit(first, config, 21, 10.5, 2, 7, 7 * 0.44)  # 17.98 s: too early
+    assert faster.total_steps(STEPS_PER_EPOCH) == 21 + 19  # ⌊8.5 / 0.44⌋
 
 
 def test_a_run_that_slows_down_refits_its_rest_and_ends_inside_the_budget(tmp_path, slow_clock):

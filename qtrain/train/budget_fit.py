@@ -32,12 +32,16 @@ epoch, by the same rule from where the run stands:
     t_step   = the epoch's mean step (divided by its c(e) for a resized run)
     steps    = s + ⌊(B·(1 − MARGIN) − t_spent) / t_step⌋, within [s, E·n]
 
-and, where that differs from the length the schedule has, the rest of the schedule is redrawn
-over it from the current rate (`qtrain.train.schedules`: the rate is continuous and reaches
-`min_lr` at the new last step). At a steady speed the choice stays as it was: the margin is
-still B·MARGIN. A refit is kept in the fit (`Refit`, in order), so a resumed run redraws the
-same schedule. An epoch schedule keeps its first fit: redrawing it over other epochs would
-step its rate.
+when the length S the schedule has is predicted to end outside the band
+[B·(1 − 2·MARGIN), B·(1 − MARGIN/2)] (t_spent + t_step·(S − s) eats more than half of the
+margin, or leaves twice the margin unused); the rest of the schedule is then redrawn over the
+new length from the current rate (`qtrain.train.schedules`: the rate is continuous and reaches
+`min_lr` at the new last step). Why the band: from epoch to epoch a step's time varies by a
+few percent (0.525-0.538 s in the epochs of one run), which would redraw the schedule at every
+epoch by 1-2% of its length for nothing; a drift that threatens the budget or wastes it moves
+the prediction out of the band. A refit is kept in the fit (`Refit`, in order), so a resumed
+run redraws the same schedule. An epoch schedule keeps its first fit: redrawing it over other
+epochs would step its rate.
 
 Why the first epoch rather than a probe before training: it times the run's own step with
 everything the loop does (loader, augmentation, schedule, weight average, checks) on this
@@ -285,8 +289,9 @@ def refit(fit_so_far: Fit, config: RunConfig, steps_done: int, spent_seconds: fl
           epoch: int, epoch_steps: int, epoch_seconds: float) -> Fit | None:  # fmt: skip
     """`fit_so_far` with the length chosen again at the end of the 0-based `epoch` (its
     `epoch_steps` steps took `epoch_seconds`), after `steps_done` steps and `spent_seconds`
-    of training (module docstring); None when the choice stays or the run cannot be refitted
-    (an epoch schedule, a fit in whole epochs)."""
+    of training (module docstring); None when the current length is predicted to end inside
+    the band, when the choice stays, or when the run cannot be refitted (an epoch schedule, a
+    fit in whole epochs)."""
     n = fit_so_far.steps_per_epoch
     if config.schedule not in PER_STEP or not n or epoch_steps <= 0:
         return None
@@ -295,7 +300,12 @@ def refit(fit_so_far: Fit, config: RunConfig, steps_done: int, spent_seconds: fl
     if fit_so_far.side_cost is not None:
         cost = resized_epoch_cost(config, n, SideCost(**fit_so_far.side_cost))
     t_step = epoch_seconds / epoch_steps / (cost(epoch, current) if cost else 1.0)
-    room = fit_so_far.budget_s * (1.0 - fit_so_far.margin) - spent_seconds
+    budget, margin = fit_so_far.budget_s, fit_so_far.margin
+    left = _later_cost(current, steps_done, n, cost) if cost else current - steps_done
+    predicted = spent_seconds + t_step * left
+    if budget * (1.0 - 2.0 * margin) <= predicted <= budget * (1.0 - margin / 2):
+        return None  # inside the band: the drift is noise
+    room = budget * (1.0 - margin) - spent_seconds
     steps = most_steps(room, steps_done, fit_so_far.recipe_epochs * n, t_step, n,
                        epoch_cost=cost)  # fmt: skip
     if steps == current:
