@@ -41,10 +41,10 @@ JOB = [
 ]  # fmt: skip
 
 
-def launch(target: list[str], out: Path) -> subprocess.CompletedProcess:
-    """torchrun of `target` (a module or script and its arguments) on JOB into `out`."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", *target, *JOB, "--out", str(out)]  # fmt: skip
+def launch(target: list[str], seed: int, out: Path) -> subprocess.CompletedProcess:
+    """torchrun of `target` (`-m qtrain` or a script) on JOB with `seed` into `out`."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    command = [*launcher, *target, *JOB, "--seed", str(seed), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
@@ -67,7 +67,7 @@ def main() -> int:
             order = ("qtrain", "plain") if round_ % 2 == 0 else ("plain", "qtrain")
             for name in order:
                 out = Path(tmp) / f"{name}-{round_}"
-                done = launch([*targets[name], "--seed", str(args.seed)], out)
+                done = launch(targets[name], args.seed, out)
                 if failed(done):
                     failures[name] += 1
                     tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
