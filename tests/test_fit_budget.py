@@ -333,6 +333,24 @@ def test_a_refit_waits_until_the_drift_moves_the_end_out_of_its_band():
     assert faster.total_steps(STEPS_PER_EPOCH) == 21 + 19  # ⌊8.5 / 0.44⌋
 
 
+def test_a_refit_times_the_second_half_of_its_epoch(tmp_path, slow_clock):
+    """The machine slows from 0.5 to 1 s a step after step 17, the middle of epoch 3 (steps
+    15-21): that epoch's second half gives 1 s a step where its mean gives 5.5 / 7 = 0.79 s.
+    After it (12.5 s spent) the refit ends the run at 21 + ⌊6.5 / 1⌋ = 27 steps, in 18.5 s;
+    from the mean it would have chosen 21 + ⌊6.5 / 0.79⌋ = 29 and overrun the budget."""
+    config, cpu = speed_config(), torch.device("cpu")
+    first = budget_fit.fit(config, STEPS_PER_EPOCH, 3.5, 0.0, cpu)
+    halves = budget_fit.refit(first, config, 21, 12.5, 2, 7, 5.5, mid_epoch_seconds=1.5)
+    mean = budget_fit.refit(first, config, 21, 12.5, 2, 7, 5.5)
+    assert halves.refits[0]["step_seconds"] == 1.0 and halves.total_steps(7) == 27
+    assert mean.total_steps(7) == 29
+    clock = slow_clock(0.5)
+    clock.drift_from, clock.drift_step = 18, 1.0
+    records = Trainer(config, tmp_path, log=quiet).run()
+    assert records[-1]["step"] == 27 and records[-1].get("stopped") is None
+    assert sum(r["seconds"] for r in records) == 18.5 and records[-1]["lr"] == 0.0
+
+
 def test_a_run_that_slows_down_refits_its_rest_and_ends_inside_the_budget(tmp_path, slow_clock):
     """From step 15 each step takes 0.75 s instead of 0.5: the first fit's 38 steps would
     take 25 s of the 20 s budget. The refit after epoch 3 ends the schedule at step 30, in
@@ -350,7 +368,7 @@ def test_a_run_that_slows_down_refits_its_rest_and_ends_inside_the_budget(tmp_pa
     ]
     assert [line for line in lines if "re-fitted" in line] == [
         "re-fitted to the time budget after epoch 3: 30 steps (was 38); 0.75 s a step in that "
-        "epoch, 12.2 s of 20 s spent"
+        "epoch's second half, 12.2 s of 20 s spent"
     ]
     assert any(line.startswith("epoch   4/5 ") for line in lines)
 

@@ -29,7 +29,8 @@ epochs of one run on a 2-core VM were 8-17% slower than its first, docs/speedrun
 epoch, by the same rule from where the run stands:
 
     s        = the steps trained, t_spent the training seconds spent (set-up included)
-    t_step   = the epoch's mean step (divided by its c(e) for a resized run)
+    t_step   = a step of the epoch's second half, as in the first epoch (divided by its
+               c(e) for a resized run)
     steps    = s + ⌊(B·(1 − MARGIN) − t_spent) / t_step⌋, within [s, E·n]
 
 when the length S the schedule has is predicted to end outside the band
@@ -39,7 +40,10 @@ new length from the current rate (`qtrain.train.schedules`: the rate is continuo
 `min_lr` at the new last step). Why the band: from epoch to epoch a step's time varies by a
 few percent (0.525-0.538 s in the epochs of one run), which would redraw the schedule at every
 epoch by 1-2% of its length for nothing; a drift that threatens the budget or wastes it moves
-the prediction out of the band. A refit is kept in the fit (`Refit`, in order), so a resumed
+the prediction out of the band. Why the second half: it is the epoch's most recent speed; in
+a run whose machine slowed about 2x during its third epoch, that epoch's mean step (0.962 s)
+was 18% under the 1.17 s of the fourth, and the refit from it still overran the budget by a
+few steps (docs/speedrun.md). A refit is kept in the fit (`Refit`, in order), so a resumed
 run redraws the same schedule. An epoch schedule keeps its first fit: redrawing it over other
 epochs would step its rate.
 
@@ -171,7 +175,7 @@ class Refit:
     steps: int  # the run's new length
     was: int  # its length before
     spent_seconds: float  # t_spent
-    step_seconds: float  # t_step (a step at the first epoch's side, for a resized run)
+    step_seconds: float  # t_step (at the first epoch's side, for a resized run)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,7 +183,7 @@ class Refit:
     def describe(self, budget_s: float) -> str:
         """One line: the new length and what it came from."""
         return (f"re-fitted to the time budget after epoch {self.epoch}: {self.steps} steps "
-                f"(was {self.was}); {self.step_seconds:.3g} s a step in that epoch, "
+                f"(was {self.was}); {self.step_seconds:.3g} s a step in that epoch's second half, "
                 f"{self.spent_seconds:.1f} s of {budget_s:g} s spent")  # fmt: skip
 
 
@@ -286,10 +290,12 @@ def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
 
 
 def refit(fit_so_far: Fit, config: RunConfig, steps_done: int, spent_seconds: float,
-          epoch: int, epoch_steps: int, epoch_seconds: float) -> Fit | None:  # fmt: skip
+          epoch: int, epoch_steps: int, epoch_seconds: float,
+          mid_epoch_seconds: float | None = None) -> Fit | None:  # fmt: skip
     """`fit_so_far` with the length chosen again at the end of the 0-based `epoch` (its
-    `epoch_steps` steps took `epoch_seconds`), after `steps_done` steps and `spent_seconds`
-    of training (module docstring); None when the current length is predicted to end inside
+    `epoch_steps` steps took `epoch_seconds`, `mid_epoch_seconds` at its middle step: t_step
+    as `step_seconds` gives it), after `steps_done` steps and `spent_seconds` of training
+    (module docstring); None when the current length is predicted to end inside
     the band, when the choice stays, or when the run cannot be refitted (an epoch schedule, a
     fit in whole epochs)."""
     n = fit_so_far.steps_per_epoch
@@ -299,7 +305,8 @@ def refit(fit_so_far: Fit, config: RunConfig, steps_done: int, spent_seconds: fl
     cost = None
     if fit_so_far.side_cost is not None:
         cost = resized_epoch_cost(config, n, SideCost(**fit_so_far.side_cost))
-    t_step = epoch_seconds / epoch_steps / (cost(epoch, current) if cost else 1.0)
+    t_step = step_seconds(epoch_steps, epoch_seconds, 0.0, mid_epoch_seconds)
+    t_step /= cost(epoch, current) if cost else 1.0
     budget, margin = fit_so_far.budget_s, fit_so_far.margin
     left = _later_cost(current, steps_done, n, cost) if cost else current - steps_done
     predicted = spent_seconds + t_step * left

@@ -35,7 +35,7 @@ class EpochSums:
     seen: int = 0
     seconds: float = 0.0
     batch: int = 0  # next batch index
-    mid_seconds: float | None = None  # first epoch of a run to fit: t_mid (`budget_fit`)
+    mid_seconds: float | None = None  # a fitted run: seconds at its middle step (`budget_fit`)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -420,7 +420,8 @@ class Trainer:
         lines = self._progress_lines if bar is None else None
         steps_before = state.epoch * len(self.train_loader)
         side = self._side(state.epoch)
-        mid = budget_fit.mid_step(length) if self._fits_now(state) else None
+        # t_mid, for the fit at the end of the first epoch and the refits after later ones
+        mid = budget_fit.mid_step(length) if c.fit_to_budget else None
         for x, y in batches:
             if sums.batch >= length:
                 break
@@ -509,7 +510,8 @@ class Trainer:
             spent = sum(m["seconds"] for m in state.metrics) + state.sums.seconds
             made = budget_fit.refit(budget_fit.Fit.from_dict(state.fit), self.config,
                                     self._steps_done(state), spent, state.epoch,
-                                    state.sums.batch, state.sums.seconds)  # fmt: skip
+                                    state.sums.batch, state.sums.seconds,
+                                    state.sums.mid_seconds)  # fmt: skip
             refitted = made.to_dict() if made is not None else None
         refitted = self.dist.broadcast_object(refitted)
         if refitted is None:
