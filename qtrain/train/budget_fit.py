@@ -42,8 +42,8 @@ few percent (0.525-0.538 s in the epochs of one run), which would redraw the sch
 epoch by 1-2% of its length for nothing; a drift that threatens the budget or wastes it moves
 the prediction out of the band. Why the second half: it is the epoch's most recent speed; in
 a run whose machine slowed about 2x during its third epoch, that epoch's mean step (0.962 s)
-was 18% under the 1.17 s of the fourth, and the refit from it still overran the budget by a
-few steps (docs/speedrun.md). A refit is kept in the fit (`Refit`, in order), so a resumed
+was 18% under the 1.17 s of the fourth, and the refit from it still overran the budget by 9
+steps (docs/speedrun.md). A refit is kept in the fit (`Refit`, in order), so a resumed
 run redraws the same schedule. An epoch schedule keeps its first fit: redrawing it over other
 epochs would step its rate.
 
