@@ -121,7 +121,7 @@ class Fit:
         """The optimizer steps the run trains: as last refitted, else as first fitted."""
         if self.refits:
             return self.refits[-1]["steps"]
-        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+        return self.first_steps(steps_per_epoch)
 
     def first_steps(self, steps_per_epoch: int) -> int:
         """The length the first epoch chose: the schedule's before its `redraws`."""
