@@ -58,6 +58,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20, help="launches of each variant")
     parser.add_argument("--seed", type=int, default=0, help="the job's seed")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     failures = {"qtrain": 0, "plain": 0}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "plain_exit.py"
