@@ -45,11 +45,15 @@ def write_synthetic_cifar10(root: Path, images_per_file: int = 2000, seed: int =
     return root
 
 
-def cifar10_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
-    """(folder holding cifar-10-batches-py, description): data_dir, else synthetic in scratch."""
+def cifar10_folder(data_dir: Path, scratch: Path, images_per_file: int = 2000) -> tuple[Path, str]:
+    """(folder holding cifar-10-batches-py, description): data_dir, else synthetic in scratch
+    (``images_per_file`` = 10,000 gives the real set's sizes: 50,000 + 10,000 images)."""
     if (data_dir / CIFAR10_FOLDER / "data_batch_1").is_file():
         return data_dir, f"CIFAR-10 from {data_dir}"
-    return write_synthetic_cifar10(scratch), "synthetic 32x32 images (CIFAR-10 not found)"
+    return (
+        write_synthetic_cifar10(scratch, images_per_file),
+        "synthetic 32x32 images (CIFAR-10 not found): speed figures only",
+    )
 
 
 def qtrain_trainer(root: Path, run_dir: Path, images: int, **config) -> Trainer:
