@@ -89,8 +89,6 @@ def plain_loop(trainer, width: float, amp: str, brevitas: bool):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     return run
 

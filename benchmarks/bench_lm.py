@@ -29,14 +29,13 @@ import argparse
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_common import interleave, machine_line, median  # noqa: E402
+from speed_common import interleave, machine_line, median, timed_call  # noqa: E402
 
 from qtrain import data as qdata  # noqa: E402
 from qtrain import models  # noqa: E402
@@ -77,12 +76,7 @@ def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path,
                           "device": device, "fused_quant": fused})  # fmt: skip
     trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
 
-    def run(r: int) -> None:
-        trainer._train_epoch(TrainState(epoch=r))
-        if trainer.device.type == "cuda":  # the round's kernels are done when it is timed
-            torch.cuda.synchronize()
-
-    return run
+    return lambda r: trainer._train_epoch(TrainState(epoch=r))
 
 
 def timed_first(run):
@@ -90,20 +84,21 @@ def timed_first(run):
     first: list[float] = []
 
     def wrapped(r: int) -> None:
-        start = time.perf_counter()
-        run(r)
+        seconds = timed_call(run, r)
         if not first:
-            first.append(time.perf_counter() - start)
+            first.append(seconds)
 
     return wrapped, first
 
 
-def nanogpt_round(preset: dict, folder: Path, steps: int):
-    """A float training loop in nanoGPT's style over the same model class and windows."""
+def nanogpt_round(preset: dict, folder: Path, steps: int, device: torch.device):
+    """A float training loop in nanoGPT's style over the same model class and windows: the
+    windows are cut on the host and copied to the device (pinned, non-blocking on CUDA)."""
     splits = qdata.load("shakespeare-char", folder, block_size=preset["block_size"])
     torch.manual_seed(0)
     options = {k: preset[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
     model = models.create("gpt", num_classes=splits.num_classes, in_channels=1, options=options)
+    model = model.to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -133,6 +128,9 @@ def nanogpt_round(preset: dict, folder: Path, steps: int):
             ix = torch.randint(len(data) - T, (B,))
             x = torch.stack([data[i : i + T] for i in ix])
             y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
+            if device.type == "cuda":
+                x = x.pin_memory().to(device, non_blocking=True)
+                y = y.pin_memory().to(device, non_blocking=True)
             logits = model(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
             optimizer.zero_grad(set_to_none=True)
@@ -156,7 +154,7 @@ def main() -> None:
         action="store_true",
         help="also BC and SR with the compiled rounding step (fused_quant = on)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (the nanoGPT loop: cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = load_toml("gpt-shakespeare")
@@ -164,8 +162,8 @@ def main() -> None:
         scratch = Path(scratch)
         folder, source = text_folder(args.data_dir, scratch)
         variants = {}
-        if args.device == "cpu":
-            variants["nanoGPT loop"] = nanogpt_round(preset, folder, args.steps)
+        device = torch.device(args.device)
+        variants["nanoGPT loop"] = nanogpt_round(preset, folder, args.steps, device)
         firsts = {}
         for label, (method, scale) in CELLS.items():
             variants[label] = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
@@ -178,7 +176,7 @@ def main() -> None:
         times = interleave(variants, args.rounds)
     tokens = args.steps * preset["batch_size"] * preset["block_size"]
     fp = median(times["FP-ADAMW"])
-    plain = median(times["nanoGPT loop"]) if "nanoGPT loop" in times else math.nan
+    plain = median(times["nanoGPT loop"])
     print(f"GPT {preset['n_layer']}x{preset['n_embd']}, batch {preset['batch_size']} x "
           f"{preset['block_size']}, {args.steps} steps a round, {args.rounds} rounds, "
           f"grid {args.grid}; {source}")  # fmt: skip

@@ -1,7 +1,7 @@
 """GPU check: VGG-9 BC-ADAM on CIFAR-10 with bf16 autocast, channels_last and torch.compile.
 
     python benchmarks/gpu_check.py [--data-dir ../shared/data] [--epochs 3] [--width 1.0]
-        [--batch 128] [--no-compile] [--device cuda] [--smoke]
+        [--batch 128] [--no-compile] [--fused-quant auto] [--device cuda] [--smoke]
 
 (`benchmarks/gpu_check.sh` runs the CUDA tests first, then this.)
 
@@ -94,6 +94,7 @@ def run_config(args, data_dir: Path) -> RunConfig:
         amp="bf16",
         channels_last=True,
         compile=args.compile,
+        fused_quant=args.fused_quant,
         device=args.device,
     )
     if args.smoke:
@@ -103,8 +104,15 @@ def run_config(args, data_dir: Path) -> RunConfig:
 
 
 def timed_run(config: RunConfig, run_dir: Path) -> tuple[Trainer, list[dict], list[float]]:
-    """Train; returns the trainer, per-epoch metrics and wall seconds of every epoch."""
-    trainer = Trainer(config, run_dir, log=lambda *a: stamps.append(time.perf_counter()))
+    """Train; returns the trainer, per-epoch metrics and wall seconds of every epoch (between
+    the epochs' record lines: the log's other lines, progress lines among them, are not
+    stamped)."""
+
+    def stamp(line: str, *args, **kwargs) -> None:
+        if line.startswith("epoch "):
+            stamps.append(time.perf_counter())
+
+    trainer = Trainer(config, run_dir, log=stamp)
     stamps = [time.perf_counter()]
     metrics = trainer.run()
     walls = [after - before for before, after in zip(stamps, stamps[1:])]
@@ -118,7 +126,10 @@ def report(args, device, peak, metrics, walls, flops, source: str) -> None:
     achieved = rate * flops
     projected = walls[0] + (FULL_RUN_EPOCHS - 1) * epoch_wall
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}; torch {torch.__version__}; compile={args.compile}")
+    print(
+        f"device {name}; torch {torch.__version__}; compile={args.compile}; "
+        f"fused_quant={args.fused_quant}"
+    )
     if args.smoke:
         print("smoke run: tiny model on synthetic 8x8 images, not the VGG-9 figures")
     else:
@@ -148,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--fused-quant", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--smoke", action="store_true", help="tiny model and synthetic data")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

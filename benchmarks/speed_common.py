@@ -75,6 +75,22 @@ def train_round(trainer: Trainer, epoch: int) -> None:
     trainer._train_epoch(TrainState(epoch=epoch))
 
 
+def finish_queued_work() -> None:
+    """Wait for the GPU's queued kernels, so that a clock read next counts them (a no-op on a
+    CPU, and on a machine whose process has not touched CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed_call(run: Callable[[int], None], r: int) -> float:
+    """Seconds of ``run(r)``, the GPU's kernels it queued included."""
+    finish_queued_work()
+    start = time.perf_counter()
+    run(r)
+    finish_queued_work()
+    return time.perf_counter() - start
+
+
 def interleave(variants: dict[str, Callable[[int], None]], rounds: int) -> dict[str, list]:
     """Seconds per call of each variant (called with the round index), round-robin.
 
@@ -85,9 +101,7 @@ def interleave(variants: dict[str, Callable[[int], None]], rounds: int) -> dict[
     times: dict[str, list] = {name: [] for name in variants}
     for r in range(rounds):
         for name, run in variants.items():
-            start = time.perf_counter()
-            run(r)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed_call(run, r))
     return times
 
 
