@@ -27,6 +27,9 @@ from qtrain.train.trainer import Trainer
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+# A benchmark's rounds are epochs of one trainer (`train_round`): its run must have one for
+# every round, the warm-up's included.
+ROUNDS_MAX = 1000
 
 
 def write_synthetic_cifar10(root: Path, images_per_file: int = 2000, seed: int = 0) -> Path:
@@ -64,14 +67,22 @@ def qtrain_trainer(root: Path, run_dir: Path, images: int, **config) -> Trainer:
         data_dir=str(root),
         train_subset=images,
         method="bc-adam",
-        epochs=1,
+        epochs=ROUNDS_MAX,
         device="cpu",
     )
     return Trainer(RunConfig(**{**base, **config}), run_dir, log=lambda *a: None, progress=False)
 
 
 def train_round(trainer: Trainer, epoch: int) -> None:
-    """One epoch of the trainer's own loop (`Trainer._train_epoch`), without evaluation."""
+    """One epoch of the trainer's own loop (`Trainer._train_epoch`), without evaluation.
+
+    An epoch past the run's last trains nothing (its length is 0 steps), so a round index at
+    or past `trainer.epochs` is refused rather than timed as an empty loop."""
+    if epoch >= trainer.epochs:
+        raise ValueError(
+            f"round {epoch} is past the trainer's {trainer.epochs} epochs and would train "
+            "nothing; build the trainer with more epochs"
+        )
     trainer._train_epoch(TrainState(epoch=epoch))
 
 
