@@ -35,12 +35,11 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_common import interleave, machine_line, median, timed_call  # noqa: E402
+from speed_common import interleave, machine_line, median, timed_call, train_round  # noqa: E402
 
 from qtrain import data as qdata  # noqa: E402
 from qtrain import models  # noqa: E402
 from qtrain.train.config import RunConfig, load_toml  # noqa: E402
-from qtrain.train.state import TrainState  # noqa: E402
 from qtrain.train.trainer import Trainer  # noqa: E402
 
 # beside the checkout, or beside its parent folder of worktrees
@@ -76,7 +75,7 @@ def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path,
                           "device": device, "fused_quant": fused})  # fmt: skip
     trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
 
-    return lambda r: trainer._train_epoch(TrainState(epoch=r))
+    return lambda r: train_round(trainer, r)
 
 
 def timed_first(run):
@@ -156,6 +155,11 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(
+            f"bench_lm: --device {args.device} needs a CUDA GPU, and torch sees none "
+            "(torch.cuda.is_available() is False); run it with --device cpu"
+        )
     torch.set_num_threads(args.threads)
     preset = load_toml("gpt-shakespeare")
     with tempfile.TemporaryDirectory() as scratch:
