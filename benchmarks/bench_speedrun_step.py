@@ -1,7 +1,7 @@
 """Where the speedrun recipe's training time goes, and what bf16 and binarisation cost per image.
 
     python benchmarks/bench_speedrun_step.py [--data-dir ../shared/data] [--width 1.0]
-        [--images 2560] [--rounds 5] [--threads 2]
+        [--images 2560] [--rounds 5] [--threads 2] [--batch-sizes 128,64]
 
 Variants, each the trainer's own loop (`Trainer._train_epoch`) over `images` CIFAR-10
 training images of the preset `speedrun-binary` (its batch, whitening, EMA, label smoothing):
@@ -9,11 +9,15 @@ training images of the preset `speedrun-binary` (its batch, whitening, EMA, labe
 - binary, bf16   the preset as shipped (BC-ADAM, bf16 activations)
 - float, bf16    the same with float weights (FP-ADAM): the per-image price of binarisation
 - binary, fp32   the preset with amp=off: what bf16 buys on this CPU
+- with --batch-sizes, "binary, bf16" and "binary, fp32" again at each other batch B (its
+  warm-up the same images as the preset's: 400·128/B steps), which the images a second of
+  one batch against another are read from
 
 Rounds are interleaved (binary, float, fp32, binary, …) so that drift in the machine's speed
 hits every variant alike; medians and their ratios are printed. Then one more round of the
 preset is split into data loading, optimizer step, EMA update, and the rest (forward,
-loss and backward), timed around those calls. Run it alone on the machine for the record.
+loss and backward), timed around those calls (the EMA's only where the preset keeps one). Run it
+alone on the machine for the record.
 """
 
 from __future__ import annotations
@@ -59,11 +63,25 @@ def timed(totals: dict, key: str, function):
     return wrapper
 
 
+def variants(preset_batch: int, warmup_steps: int, batch_sizes: list[int]) -> dict[str, dict]:
+    """name → config changes: VARIANTS, then the binary ones again at each other batch size,
+    with a warm-up of the same number of images."""
+    out = dict(VARIANTS)
+    for batch in batch_sizes:
+        if batch != preset_batch:
+            again = {"batch_size": batch, "warmup_steps": warmup_steps * preset_batch // batch}
+            out[f"binary, bf16, batch {batch}"] = again
+            out[f"binary, fp32, batch {batch}"] = {**again, "amp": "off"}
+    return out
+
+
 def breakdown(trainer: Trainer) -> tuple[float, dict[str, float]]:
     """(seconds of one round, seconds per part) of the preset's loop."""
-    totals = {"data loading": 0.0, "optimizer step": 0.0, "EMA update": 0.0}
+    totals = {"data loading": 0.0, "optimizer step": 0.0}
     trainer.optimizer.step = timed(totals, "optimizer step", trainer.optimizer.step)
-    trainer.ema.update = timed(totals, "EMA update", trainer.ema.update)
+    if trainer.ema is not None:
+        totals["EMA update"] = 0.0
+        trainer.ema.update = timed(totals, "EMA update", trainer.ema.update)
     epoch = trainer.train_loader.epoch
 
     def timed_epoch(*args, **kwargs):
@@ -91,24 +109,33 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2560, help="training images per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--batch-sizes",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[],
+        help="also the binary variants at these batches, e.g. 64",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    preset = load_toml("speedrun-binary")
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         folder, source = cifar10_folder(args.data_dir, scratch)
         trainers = {name: preset_trainer(folder, scratch / str(i), args, **changes)
-                    for i, (name, changes) in enumerate(VARIANTS.items())}  # fmt: skip
+                    for i, (name, changes) in enumerate(variants(preset["batch_size"],
+                        preset["warmup_steps"], args.batch_sizes).items())}  # fmt: skip
         rounds = {name: (lambda _r, t=t: t._train_epoch(TrainState(epoch=0)))
                   for name, t in trainers.items()}  # fmt: skip
         times = interleave(rounds, args.rounds)
         total, parts = breakdown(trainers["binary, bf16"])
-    print(f"speedrun-binary at width {args.width:g}, {args.images} images a round, {source}; "
+    print(f"speedrun-binary (batch {preset['batch_size']}) at width {args.width:g}, "
+          f"{args.images} images a round, {source}; "
           f"{args.rounds} interleaved rounds; {machine_line()}")  # fmt: skip
     reference = median(times["binary, bf16"])
-    print(f"{'variant':16s} {'images/s':>9s} {'time ÷ binary bf16':>19s}")
+    print(f"{'variant':26s} {'images/s':>9s} {'time ÷ binary bf16':>19s}")
     for name, seconds in times.items():
         middle = median(seconds)
-        print(f"{name:16s} {args.images / middle:9.1f} {middle / reference:18.2f}x")
+        print(f"{name:26s} {args.images / middle:9.1f} {middle / reference:18.2f}x")
     print(f"one round of the preset, {total:.2f} s:")
     for part, seconds in parts.items():
         print(f"  {part:36s} {seconds:6.2f} s  {100 * seconds / total:5.1f}%")
