@@ -2,10 +2,13 @@
 plain float loop written the way nanoGPT's train.py writes it.
 
     python benchmarks/bench_lm.py [--data-dir ../shared/data/tinyshakespeare] [--rounds 9]
-        [--steps 20] [--threads 1] [--grid ternary] [--fused] [--device cpu]
+        [--steps 20] [--threads 1] [--grid ternary] [--fused] [--device cpu] [--amp off]
 
 Model and batch: nanoGPT's CPU baby GPT (4 layers, 4 heads, width 128, context 64, batch 12,
-dropout 0; the preset gpt-shakespeare). Variants:
+dropout 0; the preset gpt-shakespeare), every variant in the same precision: `--amp off`
+(float32, the default) or `--amp bf16` (bf16 autocast, as nanoGPT's `ctx` does; the preset's
+`amp = "auto"` would give qtrain bf16 on a CPU with native bf16 and leave the plain loop in
+float32). Variants:
 
 - nanoGPT loop: the same `GPT` module (a plain nn.Module) trained by a hand-written loop as in
   nanoGPT's train.py: random windows by torch.randint, forward, cross-entropy, zero_grad,
@@ -68,11 +71,11 @@ def text_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
 
 
 def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path, steps: int,
-                 run_dir: Path, device: str, fused: str):  # fmt: skip
+                 run_dir: Path, device: str, fused: str, amp: str):  # fmt: skip
     config = RunConfig(**{**preset, "method": method, "scale": scale,
                           "grid": "binary" if method.startswith("fp") else grid,
                           "data_dir": str(folder), "eval_every": steps, "max_steps": 10**9,
-                          "device": device, "fused_quant": fused})  # fmt: skip
+                          "device": device, "fused_quant": fused, "amp": amp})  # fmt: skip
     trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
 
     return lambda r: train_round(trainer, r)
@@ -90,9 +93,10 @@ def timed_first(run):
     return wrapped, first
 
 
-def nanogpt_round(preset: dict, folder: Path, steps: int, device: torch.device):
+def nanogpt_round(preset: dict, folder: Path, steps: int, device: torch.device, amp: str):
     """A float training loop in nanoGPT's style over the same model class and windows: the
-    windows are cut on the host and copied to the device (pinned, non-blocking on CUDA)."""
+    windows are cut on the host and copied to the device (pinned, non-blocking on CUDA); the
+    forward pass and loss under bf16 autocast when `amp` is "bf16"."""
     splits = qdata.load("shakespeare-char", folder, block_size=preset["block_size"])
     torch.manual_seed(0)
     options = {k: preset[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
@@ -130,8 +134,9 @@ def nanogpt_round(preset: dict, folder: Path, steps: int, device: torch.device):
             if device.type == "cuda":
                 x = x.pin_memory().to(device, non_blocking=True)
                 y = y.pin_memory().to(device, non_blocking=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                logits = model(x)
+                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), preset["grad_clip"])
@@ -154,6 +159,12 @@ def main() -> None:
         help="also BC and SR with the compiled rounding step (fused_quant = on)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--amp",
+        default="off",
+        choices=("off", "bf16"),
+        help="precision of every variant: off (float32) or bf16 autocast",
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(
@@ -167,15 +178,16 @@ def main() -> None:
         folder, source = text_folder(args.data_dir, scratch)
         variants = {}
         device = torch.device(args.device)
-        variants["nanoGPT loop"] = nanogpt_round(preset, folder, args.steps, device)
+        variants["nanoGPT loop"] = nanogpt_round(preset, folder, args.steps, device, args.amp)
         firsts = {}
         for label, (method, scale) in CELLS.items():
-            variants[label] = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
-                                           scratch / label, args.device, "off")  # fmt: skip
+            variants[label] = qtrain_round(preset, method, scale, args.grid, folder,
+                                           args.steps, scratch / label, args.device, "off",
+                                           args.amp)  # fmt: skip
         for label in FUSED if args.fused else ():
             method, scale = CELLS[label]
             run = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
-                               scratch / f"{label}-fused", args.device, "on")  # fmt: skip
+                               scratch / f"{label}-fused", args.device, "on", args.amp)  # fmt: skip
             variants[f"{label} fused"], firsts[f"{label} fused"] = timed_first(run)
         times = interleave(variants, args.rounds)
     tokens = args.steps * preset["batch_size"] * preset["block_size"]
@@ -183,7 +195,7 @@ def main() -> None:
     plain = median(times["nanoGPT loop"])
     print(f"GPT {preset['n_layer']}x{preset['n_embd']}, batch {preset['batch_size']} x "
           f"{preset['block_size']}, {args.steps} steps a round, {args.rounds} rounds, "
-          f"grid {args.grid}; {source}")  # fmt: skip
+          f"grid {args.grid}, amp {args.amp}; {source}")  # fmt: skip
     print(machine_line())
     print(f"{'variant':14s} {'median s/round':>15s} {'tokens/s':>10s} {'vs FP-ADAMW':>12s} "
           f"{'vs nanoGPT':>11s}")  # fmt: skip

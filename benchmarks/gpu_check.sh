@@ -69,8 +69,8 @@ stage "VGG-9 BC-ADAM, bf16 autocast, channels_last, torch.compile" 180 \
   python benchmarks/gpu_check.py --data-dir "$cifar_dir" --epochs 3
 
 if [[ -f $data_dir/tinyshakespeare/input.txt ]]; then
-  stage "GPT 4x128 on CUDA: BC-ADAMW and SR-ADAMW eager and fused against FP-ADAMW" 180 \
-    python benchmarks/bench_lm.py --device cuda --fused --rounds 5 \
+  stage "GPT 4x128 on CUDA, bf16: BC-ADAMW and SR-ADAMW eager and fused against FP-ADAMW" 180 \
+    python benchmarks/bench_lm.py --device cuda --fused --rounds 5 --amp bf16 \
     --data-dir "$data_dir/tinyshakespeare"
 else
   echo "== GPT stage skipped: no tinyshakespeare/input.txt under $data_dir"
