@@ -10,8 +10,8 @@ training images of the preset `speedrun-binary` (its batch, whitening, EMA, labe
 - float, bf16    the same with float weights (FP-ADAM): the per-image price of binarisation
 - binary, fp32   the preset with amp=off: what bf16 buys on this CPU
 - with --batch-sizes, "binary, bf16" and "binary, fp32" again at each other batch B (its
-  warm-up the same images as the preset's: 400·128/B steps), which the images a second of
-  one batch against another are read from
+  warm-up the same images as the preset's: W·b/B steps for the preset's W steps of b), which
+  the images a second of one batch against another are read from
 
 Rounds are interleaved (binary, float, fp32, binary, …) so that drift in the machine's speed
 hits every variant alike; medians and their ratios are printed. Then one more round of the
