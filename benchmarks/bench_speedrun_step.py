@@ -75,6 +75,19 @@ def variants(preset_batch: int, warmup_steps: int, batch_sizes: list[int]) -> di
     return out
 
 
+def batch_sizes(text: str) -> list[int]:
+    """The batches of --batch-sizes: whole numbers > 0 separated by commas."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of whole numbers > 0 separated by commas, e.g. 128,64"
+        )
+    return sizes
+
+
 def breakdown(trainer: Trainer) -> tuple[float, dict[str, float]]:
     """(seconds of one round, seconds per part) of the preset's loop."""
     totals = {"data loading": 0.0, "optimizer step": 0.0}
@@ -111,7 +124,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--batch-sizes",
-        type=lambda text: [int(b) for b in text.split(",")],
+        type=batch_sizes,
         default=[],
         help="also the binary variants at these batches, e.g. 64",
     )
