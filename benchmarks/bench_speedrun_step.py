@@ -4,7 +4,8 @@
         [--images 2560] [--rounds 5] [--threads 2] [--batch-sizes 128,64]
 
 Variants, each the trainer's own loop (`Trainer._train_epoch`) over `images` CIFAR-10
-training images of the preset `speedrun-binary` (its batch, whitening, EMA, label smoothing):
+training images of the preset `speedrun-binary` (its batch, whitening, label smoothing, and
+its weight average where it keeps one):
 
 - binary, bf16   the preset as shipped (BC-ADAM, bf16 activations)
 - float, bf16    the same with float weights (FP-ADAM): the per-image price of binarisation
