@@ -1,12 +1,16 @@
-"""A fused rounding step: BC's, SR's and R's passes over the flat buffer as one compiled loop.
+"""A fused rounding step: BC's, SR's and R's passes over the flat buffer as one compiled kernel.
 
 After the base step, the eager `QuantizedOptimizer` makes about a dozen elementwise passes over
 the flat buffer of quantized weights (docs/speed.md §7): for BC w_r ← clip(w_r),
 w_b ← s·Q_d(w_r/s) and the flip count Σ[w_b ≠ w_b_old]; for SR and R w_b ← s·Q(w_b/s) and the
 count. Each pass reads and writes the whole buffer. Here the same formulas, the very functions
 of `qtrain.quant.rounding`, are traced by `torch.compile`, whose inductor backend fuses them
-into one loop (C++ on the CPU, Triton on CUDA): one read of w_r (or w_b), one of the old w_b,
-one write of each, and the count summed in the same loop.
+into one kernel (C++ on the CPU, Triton on CUDA): a loop per quantized parameter (its scale
+a constant there) that reads w_r (or w_b) and writes the new w_b into a joined buffer, a loop
+per parameter that counts its flips from the old and new values, and one loop that copies the
+joined buffer into w_b. The count is summed parameter by parameter (`_changed_per_segment`):
+counted over the joined buffers, the old and new grid levels would each be written out whole
+and read back.
 
 What stays outside the compiled region, so that a run computes the same floats either way:
 
@@ -93,6 +97,34 @@ def _per_segment(
     return torch.cat(parts)
 
 
+def _changed_per_segment(
+    old: torch.Tensor,
+    new: torch.Tensor,
+    segs: Segments,
+    old_scales: list[torch.Tensor] | None = None,
+    scales: list[torch.Tensor] | None = None,
+    grid: Grid | None = None,
+) -> torch.Tensor:
+    """Σ[old ≠ new] summed segment by segment in integers (exact, so the order is free); with
+    scales, Σ[level of old under old_scales ≠ level of new under scales] (`_levels`).
+
+    Counted over the joined buffers, the levels of old and new would be materialised whole
+    (`torch.cat` ends fusion) and read back; counted per segment, each is a reduction over two
+    slices that writes nothing.
+    """
+    total, offset = None, 0
+    for i, (n, rows) in enumerate(segs):
+        a = old[offset : offset + n].view(rows, n // rows)
+        b = new[offset : offset + n].view(rows, n // rows)
+        if grid is not None:
+            a = _levels(a, old_scales[i].reshape(rows, 1), grid)
+            b = _levels(b, scales[i].reshape(rows, 1), grid)
+        count = (a != b).sum()
+        total = count if total is None else total + count
+        offset += n
+    return total
+
+
 def _nearest_scaled(grid: Grid) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """s·Q_d(x/s) on one segment, as `QuantizedOptimizer._round` computes it."""
 
@@ -129,7 +161,8 @@ def bc_step(grid: Grid, scale: str, segs: Segments, count: bool) -> Callable:
         else:
             clipped = _per_segment(latent, scales, segs, clip)
             new = _per_segment(clipped, scales, segs, nearest)
-        flips = (new != wb).sum() if count else None
+        counted = ((wb.numel(), 1),) if scale == "none" else segs
+        flips = _changed_per_segment(wb, new, counted) if count else None
         latent.copy_(clipped)
         wb.copy_(new)
         return flips
@@ -156,11 +189,7 @@ def bc_measured_step(grid: Grid, segs: Segments, count: bool) -> Callable:
 
     def step(latent, wb, scales, old_scales):
         new = _per_segment(latent, scales, segs, nearest)
-        flips = None
-        if count:
-            old_m = _per_segment(wb, old_scales, segs, lambda x, s: _levels(x, s, grid))
-            new_m = _per_segment(new, scales, segs, lambda x, s: _levels(x, s, grid))
-            flips = (old_m != new_m).sum()
+        flips = _changed_per_segment(wb, new, segs, old_scales, scales, grid) if count else None
         wb.copy_(new)
         return flips
 
@@ -188,7 +217,8 @@ def rounding_step(grid: Grid, scale: str, segs: Segments, stochastic: bool, coun
                 parts.append((one(x / safe_divisor(s), rs) * s).reshape(n))
                 offset += n
             new = torch.cat(parts)
-        flips = (new != old).sum() if count else None
+        counted = ((wb.numel(), 1),) if scale == "none" else segs
+        flips = _changed_per_segment(old, new, counted) if count else None
         wb.copy_(new)
         return flips
 
