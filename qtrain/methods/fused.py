@@ -81,6 +81,15 @@ def compiler_found(device: torch.device) -> bool:
     return any(name is not None and shutil.which(name) for name in names)
 
 
+def _segment_views(x: torch.Tensor, segs: Segments) -> list[torch.Tensor]:
+    """Each parameter's slice of the flat x as (rows, numel/rows)."""
+    views, offset = [], 0
+    for n, rows in segs:
+        views.append(x[offset : offset + n].view(rows, n // rows))
+        offset += n
+    return views
+
+
 def _per_segment(
     x: torch.Tensor,
     scales: list[torch.Tensor],
@@ -89,12 +98,8 @@ def _per_segment(
 ) -> torch.Tensor:
     """fn(segment as (rows, numel/rows), its scale as (rows, 1)) for each parameter, joined
     back into one flat tensor (inductor writes each part into its slice of one buffer)."""
-    parts, offset = [], 0
-    for (n, rows), s in zip(segs, scales, strict=True):
-        part = x[offset : offset + n].view(rows, n // rows)
-        parts.append(fn(part, s.reshape(rows, 1)).reshape(n))
-        offset += n
-    return torch.cat(parts)
+    parts = zip(_segment_views(x, segs), scales, strict=True)
+    return torch.cat([fn(v, s.reshape(v.shape[0], 1)).reshape(-1) for v, s in parts])
 
 
 def _changed_per_segment(
@@ -112,17 +117,13 @@ def _changed_per_segment(
     (`torch.cat` ends fusion) and read back; counted per segment, each is a reduction over two
     slices that writes nothing.
     """
-    total, offset = None, 0
-    for i, (n, rows) in enumerate(segs):
-        a = old[offset : offset + n].view(rows, n // rows)
-        b = new[offset : offset + n].view(rows, n // rows)
+    counts = []
+    for i, (a, b) in enumerate(zip(_segment_views(old, segs), _segment_views(new, segs))):
         if grid is not None:
-            a = _levels(a, old_scales[i].reshape(rows, 1), grid)
-            b = _levels(b, scales[i].reshape(rows, 1), grid)
-        count = (a != b).sum()
-        total = count if total is None else total + count
-        offset += n
-    return total
+            a = _levels(a, old_scales[i].reshape(a.shape[0], 1), grid)
+            b = _levels(b, scales[i].reshape(b.shape[0], 1), grid)
+        counts.append((a != b).sum())
+    return sum(counts[1:], counts[0])
 
 
 def _nearest_scaled(grid: Grid) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -161,8 +162,7 @@ def bc_step(grid: Grid, scale: str, segs: Segments, count: bool) -> Callable:
         else:
             clipped = _per_segment(latent, scales, segs, clip)
             new = _per_segment(clipped, scales, segs, nearest)
-        counted = ((wb.numel(), 1),) if scale == "none" else segs
-        flips = _changed_per_segment(wb, new, counted) if count else None
+        flips = _changed_per_segment(wb, new, segs) if count else None
         latent.copy_(clipped)
         wb.copy_(new)
         return flips
@@ -209,16 +209,13 @@ def rounding_step(grid: Grid, scale: str, segs: Segments, stochastic: bool, coun
         if scale == "none":
             new = one(wb, r)
         else:
-            parts, offset = [], 0
-            for (n, rows), s in zip(segs, scales, strict=True):
-                x = wb[offset : offset + n].view(rows, n // rows)
-                rs = r[offset : offset + n].view(rows, n // rows) if stochastic else None
-                s = s.reshape(rows, 1)
-                parts.append((one(x / safe_divisor(s), rs) * s).reshape(n))
-                offset += n
+            uniforms = _segment_views(r, segs) if stochastic else [None] * len(segs)
+            parts = []
+            for x, rs, s in zip(_segment_views(wb, segs), uniforms, scales, strict=True):
+                s = s.reshape(x.shape[0], 1)
+                parts.append((one(x / safe_divisor(s), rs) * s).reshape(-1))
             new = torch.cat(parts)
-        counted = ((wb.numel(), 1),) if scale == "none" else segs
-        flips = _changed_per_segment(old, new, counted) if count else None
+        flips = _changed_per_segment(old, new, segs) if count else None
         wb.copy_(new)
         return flips
 
