@@ -9,6 +9,7 @@ inductor cannot compile.
 
 from __future__ import annotations
 
+import signal
 import warnings
 
 import pytest
@@ -18,6 +19,7 @@ from torch import nn
 
 from qtrain import methods
 from qtrain.base.errors import UserError
+from qtrain.base.signals import stop_requested, stop_requests
 from qtrain.methods import fused, optimizer
 from qtrain.quant import parse_grid
 
@@ -196,6 +198,33 @@ def test_auto_without_a_compiler_stays_eager_silently_and_on_says_so(monkeypatch
         for run in (auto, on):
             assert run[1]._fused_steps() is None
     for run in (auto, on):
+        assert_same_run(eager, run)
+
+
+def test_a_compile_failing_after_ctrl_c_stays_quiet_and_may_compile_later(monkeypatch):
+    """Ctrl-C at a terminal kills the compiler's child process too: that failure is the
+    user's stop, not the compiler's, so "on" neither warns nor gives up compiling; the same
+    failure without a stop request warns once and stays eager."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    def compiler_killed(*args):
+        raise TorchDynamoException("CppCompileError: C++ compile error (the compiler was killed)")
+
+    monkeypatch.setattr(fused.torch, "compile", lambda function, **options: compiler_killed)
+    eager = train("sr-adam", "ternary", "he", "off", steps=2)
+    with stop_requests(lambda signum: None), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        signal.raise_signal(signal.SIGINT)
+        assert stop_requested()
+        stopped = train("sr-adam", "ternary", "he", "on", steps=2)
+    assert not caught and not stop_requested()
+    assert stopped[1]._fused is not None and not stopped[1]._fused.failed  # tries again later
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        failed = train("sr-adam", "ternary", "he", "on", steps=2)
+    assert len(caught) == 1 and "the compiler was killed" in str(caught[0].message)
+    assert failed[1]._fused.failed
+    for run in (stopped, failed):
         assert_same_run(eager, run)
 
 

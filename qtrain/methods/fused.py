@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from qtrain.base.errors import UserError
+from qtrain.base.signals import stop_requested
 from qtrain.methods.scales import FIXED, safe_divisor
 from qtrain.quant import Grid, compute_dtype, round_nearest
 from qtrain.quant.rounding import level_units, levels, stochastic_multiples_, units
@@ -260,7 +261,8 @@ class FusedSteps:
 
     A step that cannot be compiled is not tried again: the optimizer takes its eager step from
     then on (the same numbers), silently under `fused_quant = "auto"` and with one warning
-    under "on".
+    under "on". A compile that fails while the run is asked to stop (Ctrl-C reaches the
+    compiler's process too) takes the eager step without either: the next try may compile.
     """
 
     def __init__(self, announce: bool) -> None:
@@ -285,6 +287,8 @@ class FusedSteps:
         try:
             result = fn(*args)
         except TorchDynamoException as error:  # the compiler's failure: stay eager
+            if stop_requested():  # the user's Ctrl-C killed the compiler too: not its fault
+                return False, None
             self.failed = True
             self.warn(str(error).strip().splitlines()[0] if str(error).strip() else "")
             return False, None

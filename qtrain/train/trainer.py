@@ -65,6 +65,7 @@ import torch
 from qtrain import methods
 from qtrain.base.errors import UserError
 from qtrain.base.folder_lock import FolderLock
+from qtrain.base.signals import stop_requests
 from qtrain.train import budget_fit, loggers, rundir, width_fit
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
@@ -100,7 +101,6 @@ from qtrain.train.resizing import downscale, side_at
 from qtrain.train.schedules import PER_STEP, cycled_momentum, set_momentum, starting_momentum
 from qtrain.train.settings import context_length, image_size, is_text
 from qtrain.train.side_cost import SideCost, measure_side_cost
-from qtrain.train.signals import stop_requests
 from qtrain.train.start import check_same_start, start_from
 from qtrain.train.state import EpochSums, RankSums, TrainState, checkpoint_payload, restore_state
 from qtrain.train.width_fit import adopt_saved_width
