@@ -10,6 +10,8 @@ its weight average where it keeps one):
 - binary, bf16   the preset as shipped (BC-ADAM, bf16 activations)
 - float, bf16    the same with float weights (FP-ADAM): the per-image price of binarisation
 - binary, fp32   the preset with amp=off: what bf16 buys on this CPU
+- "no im2col"    the binary ones with `im2col_grad = false`: every convolution's weight
+                 gradient by the library's kernel (oneDNN), what qtrain.models.conv_grad buys
 - with --batch-sizes, "binary, bf16" and "binary, fp32" again at each other batch B (its
   warm-up the same images as the preset's: W·b/B steps for the preset's W steps of b), which
   the images a second of one batch against another are read from
@@ -43,6 +45,8 @@ VARIANTS = {
     "binary, bf16": {},
     "float, bf16": {"method": "fp-adam"},
     "binary, fp32": {"amp": "off"},
+    "binary, bf16, no im2col": {"im2col_grad": False},
+    "binary, fp32, no im2col": {"amp": "off", "im2col_grad": False},
 }
 
 
@@ -150,6 +154,9 @@ def main() -> None:
     for name, seconds in times.items():
         middle = median(seconds)
         print(f"{name:26s} {args.images / middle:9.1f} {middle / reference:18.2f}x")
+    for name in ("binary, bf16", "binary, fp32"):
+        ratio = median(times[name]) / median(times[f"{name}, no im2col"])
+        print(f"{name}: time with im2col weight gradients ÷ without {ratio:.3f}")
     print(f"one round of the preset, {total:.2f} s:")
     for part, seconds in parts.items():
         print(f"  {part:36s} {seconds:6.2f} s  {100 * seconds / total:5.1f}%")

@@ -81,6 +81,7 @@ def test_every_field_is_classified_and_the_identity_holds_what_changes_the_numbe
         *("device", "threads", "eval_batch_size", "data_dir", "download", "compile"),
         *("channels_last", "checkpoint_every_steps", "log"),
         "fused_quant",  # the same numbers, compiled into one loop or not
+        "im2col_grad",  # as with compile and threads: the same sums in another order
         *("text_file", "eval_batches"),  # the text itself is checked on resume
         "hf_path",  # the folder may move; the config and tokenizer it holds are checked
         "time_budget_s",  # a run stopped by its budget is finished; a crashed one may get more

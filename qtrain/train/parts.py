@@ -21,6 +21,7 @@ from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_seed
 from qtrain.data.holdout import hold_out, sample_images, validation_loader
 from qtrain.models.act_quant import act_quant_plan, apply_act_quant
+from qtrain.models.conv_grad import im2col_weight_grads
 from qtrain.models.whitening import whiten_model_
 from qtrain.train.config import RunConfig
 from qtrain.train.distributed import DistributedContext
@@ -122,6 +123,8 @@ def make_model(config: RunConfig, splits, device: torch.device, *, fresh: bool =
         options=options,
     )
     model = with_act_quant(config, model).to(device)
+    if c.im2col_grad:
+        im2col_weight_grads(model)
     if c.channels_last and not is_text(c.dataset):
         model = model.to(memory_format=torch.channels_last)
     return model
