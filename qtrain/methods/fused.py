@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from qtrain.base.errors import UserError
+from qtrain.base.inductor import torch_compile
 from qtrain.base.signals import stop_requested
 from qtrain.methods.scales import FIXED, safe_divisor
 from qtrain.quant import Grid, compute_dtype, round_nearest
@@ -283,7 +284,7 @@ class FusedSteps:
             return False, None
         fn = self._compiled.get(name)
         if fn is None:
-            fn = torch.compile(build(), fullgraph=True, dynamic=False)
+            fn = torch_compile(build(), fullgraph=True, dynamic=False)
         try:
             result = fn(*args)
         except TorchDynamoException as error:  # the compiler's failure: stay eager

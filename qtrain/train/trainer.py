@@ -65,6 +65,7 @@ import torch
 from qtrain import methods
 from qtrain.base.errors import UserError
 from qtrain.base.folder_lock import FolderLock
+from qtrain.base.inductor import torch_compile
 from qtrain.base.signals import stop_requests
 from qtrain.train import budget_fit, loggers, rundir, width_fit
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
@@ -181,7 +182,7 @@ class Trainer:
             self.ema = WeightEMA(self.model, self.optimizer, self._ema_decay(self.total_steps))
         self.forward_model = self.dist.wrap(self.model)
         if c.compile:
-            self.forward_model = torch.compile(self.forward_model)
+            self.forward_model = torch_compile(self.forward_model)
         self.quantized_names = methods.quantized_parameter_names(self.model, c.policy)
         if self.optimizer.mode == "fp":
             self.quantized_names = []
