@@ -3,12 +3,15 @@ plain float loop written the way nanoGPT's train.py writes it.
 
     python benchmarks/bench_lm.py [--data-dir ../shared/data/tinyshakespeare] [--rounds 9]
         [--steps 20] [--threads 1] [--grid ternary] [--fused] [--device cpu] [--amp off]
+        [--optimizer-impl foreach]
 
 Model and batch: nanoGPT's CPU baby GPT (4 layers, 4 heads, width 128, context 64, batch 12,
 dropout 0; the preset gpt-shakespeare), every variant in the same precision: `--amp off`
 (float32, the default) or `--amp bf16` (bf16 autocast, as nanoGPT's `ctx` does; the preset's
 `amp = "auto"` would give qtrain bf16 on a CPU with native bf16 and leave the plain loop in
-float32). Variants:
+float32), and with the same AdamW kernels: `--optimizer-impl foreach` (the default; one
+call per operation over all tensors) or `fused` (PyTorch's one-kernel AdamW, which nanoGPT's
+train.py takes on CUDA; qtrain's `optimizer_impl` key). Variants:
 
 - nanoGPT loop: the same `GPT` module (a plain nn.Module) trained by a hand-written loop as in
   nanoGPT's train.py: random windows by torch.randint, forward, cross-entropy, zero_grad,
@@ -71,11 +74,12 @@ def text_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
 
 
 def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path, steps: int,
-                 run_dir: Path, device: str, fused: str, amp: str):  # fmt: skip
+                 run_dir: Path, device: str, fused: str, amp: str, impl: str):  # fmt: skip
     config = RunConfig(**{**preset, "method": method, "scale": scale,
                           "grid": "binary" if method.startswith("fp") else grid,
                           "data_dir": str(folder), "eval_every": steps, "max_steps": 10**9,
-                          "device": device, "fused_quant": fused, "amp": amp})  # fmt: skip
+                          "device": device, "fused_quant": fused, "amp": amp,
+                          "optimizer_impl": impl})  # fmt: skip
     trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
 
     return lambda r: train_round(trainer, r)
@@ -93,10 +97,11 @@ def timed_first(run):
     return wrapped, first
 
 
-def nanogpt_round(preset: dict, folder: Path, steps: int, device: torch.device, amp: str):
+def nanogpt_round(preset: dict, folder: Path, steps: int, device: torch.device, amp: str,
+                  impl: str):  # fmt: skip
     """A float training loop in nanoGPT's style over the same model class and windows: the
     windows are cut on the host and copied to the device (pinned, non-blocking on CUDA); the
-    forward pass and loss under bf16 autocast when `amp` is "bf16"."""
+    forward pass and loss under bf16 autocast when `amp` is "bf16"; AdamW's `impl` kernels."""
     splits = qdata.load("shakespeare-char", folder, block_size=preset["block_size"])
     torch.manual_seed(0)
     options = {k: preset[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "dropout")}
@@ -107,7 +112,7 @@ def nanogpt_round(preset: dict, folder: Path, steps: int, device: torch.device, 
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": preset["weight_decay"]},
          {"params": no_decay, "weight_decay": 0.0}],
-        lr=preset["lr"], betas=(0.9, preset["beta2"]),
+        lr=preset["lr"], betas=(0.9, preset["beta2"]), **{impl: True},
     )  # fmt: skip
     data, T, B = splits.train, preset["block_size"], preset["batch_size"]
     total, warmup, lr, min_lr = (
@@ -165,6 +170,12 @@ def main() -> None:
         choices=("off", "bf16"),
         help="precision of every variant: off (float32) or bf16 autocast",
     )
+    parser.add_argument(
+        "--optimizer-impl",
+        default="foreach",
+        choices=("foreach", "fused"),
+        help="AdamW's kernels in every variant (qtrain's optimizer_impl)",
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(
@@ -178,16 +189,19 @@ def main() -> None:
         folder, source = text_folder(args.data_dir, scratch)
         variants = {}
         device = torch.device(args.device)
-        variants["nanoGPT loop"] = nanogpt_round(preset, folder, args.steps, device, args.amp)
+        variants["nanoGPT loop"] = nanogpt_round(
+            preset, folder, args.steps, device, args.amp, args.optimizer_impl
+        )
         firsts = {}
         for label, (method, scale) in CELLS.items():
             variants[label] = qtrain_round(preset, method, scale, args.grid, folder,
                                            args.steps, scratch / label, args.device, "off",
-                                           args.amp)  # fmt: skip
+                                           args.amp, args.optimizer_impl)  # fmt: skip
         for label in FUSED if args.fused else ():
             method, scale = CELLS[label]
             run = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
-                               scratch / f"{label}-fused", args.device, "on", args.amp)  # fmt: skip
+                               scratch / f"{label}-fused", args.device, "on", args.amp,
+                               args.optimizer_impl)  # fmt: skip
             variants[f"{label} fused"], firsts[f"{label} fused"] = timed_first(run)
         times = interleave(variants, args.rounds)
     tokens = args.steps * preset["batch_size"] * preset["block_size"]
@@ -195,7 +209,7 @@ def main() -> None:
     plain = median(times["nanoGPT loop"])
     print(f"GPT {preset['n_layer']}x{preset['n_embd']}, batch {preset['batch_size']} x "
           f"{preset['block_size']}, {args.steps} steps a round, {args.rounds} rounds, "
-          f"grid {args.grid}, amp {args.amp}; {source}")  # fmt: skip
+          f"grid {args.grid}, amp {args.amp}, AdamW {args.optimizer_impl}; {source}")  # fmt: skip
     print(machine_line())
     print(f"{'variant':14s} {'median s/round':>15s} {'tokens/s':>10s} {'vs FP-ADAMW':>12s} "
           f"{'vs nanoGPT':>11s}")  # fmt: skip

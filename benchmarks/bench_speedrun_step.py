@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speedrun_step.py [--data-dir ../shared/data] [--width 1.0]
         [--images 2560] [--rounds 5] [--threads 2] [--batch-sizes 128,64]
+        [--precisions bf16,fp32]
 
 Variants, each the trainer's own loop (`Trainer._train_epoch`) over `images` CIFAR-10
 training images of the preset `speedrun-binary` (its batch, whitening, label smoothing, and
@@ -12,9 +13,14 @@ its weight average where it keeps one):
 - binary, fp32   the preset with amp=off: what bf16 buys on this CPU
 - "no im2col"    the binary ones with `im2col_grad = false`: every convolution's weight
                  gradient by the library's kernel (oneDNN), what qtrain.models.conv_grad buys
+- "fused Adam"   the binary ones with the base optimizer's kernels the preset does not use
+                 (`optimizer_impl`): PyTorch's one-kernel Adam where the preset has "foreach",
+                 "foreach Adam" where it has "fused"
 - with --batch-sizes, "binary, bf16" and "binary, fp32" again at each other batch B (its
   warm-up the same images as the preset's: W·b/B steps for the preset's W steps of b), which
   the images a second of one batch against another are read from
+- with --precisions fp32 only the float32 rows (bf16 is slow where it is emulated: the AVX2
+  stand-in)
 
 Rounds are interleaved (binary, float, fp32, binary, …) so that drift in the machine's speed
 hits every variant alike; medians and their ratios are printed. Then one more round of the
@@ -68,16 +74,35 @@ def timed(totals: dict, key: str, function):
     return wrapper
 
 
-def variants(preset_batch: int, warmup_steps: int, batch_sizes: list[int]) -> dict[str, dict]:
-    """name → config changes: VARIANTS, then the binary ones again at each other batch size,
-    with a warm-up of the same number of images."""
+def other_impl(preset: dict) -> str:
+    """The base optimizer's kernels the preset does not use (the "fused Adam" rows)."""
+    return "foreach" if preset.get("optimizer_impl", "foreach") == "fused" else "fused"
+
+
+def variants(preset: dict, batch_sizes: list[int], precisions: list[str]) -> dict[str, dict]:
+    """name → config changes: VARIANTS, the binary ones with the other optimizer kernels, then
+    the binary ones again at each other batch size, with a warm-up of the same number of
+    images; only the `precisions` rows."""
     out = dict(VARIANTS)
+    other = other_impl(preset)
+    out[f"binary, bf16, {other} Adam"] = {"optimizer_impl": other}
+    out[f"binary, fp32, {other} Adam"] = {"amp": "off", "optimizer_impl": other}
+    preset_batch, warmup_steps = preset["batch_size"], preset["warmup_steps"]
     for batch in batch_sizes:
         if batch != preset_batch:
             again = {"batch_size": batch, "warmup_steps": warmup_steps * preset_batch // batch}
             out[f"binary, bf16, batch {batch}"] = again
             out[f"binary, fp32, batch {batch}"] = {**again, "amp": "off"}
-    return out
+    return {name: changes for name, changes in out.items()
+            if ("fp32" if changes.get("amp") == "off" else "bf16") in precisions}  # fmt: skip
+
+
+def precisions(text: str) -> list[str]:
+    """The precisions of --precisions: bf16, fp32 or both, separated by commas."""
+    names = text.split(",")
+    if not names or any(name not in ("bf16", "fp32") for name in names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not bf16, fp32 or bf16,fp32")
+    return names
 
 
 def batch_sizes(text: str) -> list[int]:
@@ -133,6 +158,8 @@ def main() -> None:
         default=[],
         help="also the binary variants at these batches, e.g. 64",
     )
+    parser.add_argument("--precisions", type=precisions, default=["bf16", "fp32"],
+                        help="the rows to time: bf16, fp32 or both")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     preset = load_toml("speedrun-binary")
@@ -140,24 +167,28 @@ def main() -> None:
         scratch = Path(scratch)
         folder, source = cifar10_folder(args.data_dir, scratch)
         trainers = {name: preset_trainer(folder, scratch / str(i), args, **changes)
-                    for i, (name, changes) in enumerate(variants(preset["batch_size"],
-                        preset["warmup_steps"], args.batch_sizes).items())}  # fmt: skip
+                    for i, (name, changes) in enumerate(
+                        variants(preset, args.batch_sizes, args.precisions).items())}  # fmt: skip
         rounds = {name: (lambda _r, t=t: t._train_epoch(TrainState(epoch=0)))
                   for name, t in trainers.items()}  # fmt: skip
         times = interleave(rounds, args.rounds)
-        total, parts = breakdown(trainers["binary, bf16"])
+        reference = "binary, bf16" if "bf16" in args.precisions else "binary, fp32"
+        total, parts = breakdown(trainers[reference])
     print(f"speedrun-binary (batch {preset['batch_size']}) at width {args.width:g}, "
           f"{args.images} images a round, {source}; "
           f"{args.rounds} interleaved rounds; {machine_line()}")  # fmt: skip
-    reference = median(times["binary, bf16"])
-    print(f"{'variant':26s} {'images/s':>9s} {'time ÷ binary bf16':>19s}")
+    base = median(times[reference])
+    print(f"{'variant':26s} {'images/s':>9s} {'time ÷ ' + reference:>21s}")
     for name, seconds in times.items():
         middle = median(seconds)
-        print(f"{name:26s} {args.images / middle:9.1f} {middle / reference:18.2f}x")
-    for name in ("binary, bf16", "binary, fp32"):
+        print(f"{name:26s} {args.images / middle:9.1f} {middle / base:20.2f}x")
+    other, impl = other_impl(preset), preset.get("optimizer_impl", "foreach")
+    for name in (f"binary, {p}" for p in args.precisions):
         ratio = median(times[name]) / median(times[f"{name}, no im2col"])
         print(f"{name}: time with im2col weight gradients ÷ without {ratio:.3f}")
-    print(f"one round of the preset, {total:.2f} s:")
+        ratio = median(times[name]) / median(times[f"{name}, {other} Adam"])
+        print(f"{name}: time with {impl} Adam (the preset's) ÷ {other} {ratio:.3f}")
+    print(f"one round of the preset ({reference}), {total:.2f} s:")
     for part, seconds in parts.items():
         print(f"  {part:36s} {seconds:6.2f} s  {100 * seconds / total:5.1f}%")
 

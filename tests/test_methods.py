@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qtrain import methods, models
+from qtrain.base.errors import UserError
 from qtrain.methods import (
     METHODS,
     QuantizedOptimizer,
@@ -243,6 +244,51 @@ def test_fp_method_is_the_plain_per_tensor_optimizer(method, reference):
     train_steps(plain, ref, 3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
     assert opt.num_quantized == 0 and opt.latent_gap() is None
+
+
+@pytest.mark.parametrize(
+    "method, reference",
+    [
+        ("fp-adam", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3, fused=True)),
+        ("fp-adamw", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, fused=True)),
+        ("fp-sgd", lambda ps: torch.optim.SGD(
+            ps, lr=0.01, momentum=0.9, weight_decay=1e-3, fused=True)),
+    ],
+)  # fmt: skip
+def test_optimizer_impl_fused_is_pytorchs_fused_optimizer_and_close_to_the_loop(method, reference):
+    """optimizer_impl = "fused" steps with PyTorch's one-kernel optimizer bit for bit; its
+    results are the loop's to within float32 rounding, not bit for bit."""
+    model, plain, loop = small_net(), small_net(), small_net()
+    decay = reference([torch.zeros(1)]).defaults["weight_decay"]
+    opt = create(method, model, lr=0.01, weight_decay=decay, momentum=0.9, optimizer_impl="fused")
+    assert all(group["fused"] for group in opt.param_groups)
+    train_steps(model, opt, 3)
+    train_steps(plain, reference(list(plain.parameters())), 3)
+    train_steps(loop, create(method, loop, lr=0.01, weight_decay=decay, momentum=0.9), 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
+    for a, b in zip(model.parameters(), loop.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["bc-adam", "sr-adamw", "r-sgd", "bop-adam"])
+def test_quantized_methods_step_with_the_fused_base_optimizer(method):
+    """BC's latent weights, and the full-precision parameters of every method, step with the
+    fused kernel as with the loop, to within rounding; the quantized weights stay on the grid."""
+    fused, loop = small_net(), small_net()
+    opt = create(method, fused, lr=0.01, optimizer_impl="fused")
+    ref = create(method, loop, lr=0.01)
+    train_steps(fused, opt, 3)
+    train_steps(loop, ref, 3)
+    assert binary().contains(fused[0].weight.detach())
+    torch.testing.assert_close(fused[-1].weight, loop[-1].weight, rtol=1e-5, atol=1e-6)
+    if method == "bc-adam":
+        torch.testing.assert_close(opt.latent_weights(), ref.latent_weights(),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_an_unknown_optimizer_impl_is_refused_with_the_choices():
+    with pytest.raises(UserError, match="optimizer_impl.*foreach, fused"):
+        create("bc-adam", small_net(), lr=0.01, optimizer_impl="fast")
 
 
 def test_channels_last_layout_survives():

@@ -104,13 +104,19 @@ def rademacher_(params: list[torch.Tensor], grid: Grid, generator: torch.Generat
         p.copy_((signs * 2 - 1).to(p.dtype) * grid.delta)
 
 
-def _base_optimizer(spec: MethodSpec, groups, lr, weight_decay, momentum, betas, eps):
+# The kernels the base optimizer runs (PyTorch's `foreach` and `fused` implementations).
+OPTIMIZER_IMPLS = ("foreach", "fused")
+
+
+def _base_optimizer(spec: MethodSpec, groups, lr, weight_decay, momentum, betas, eps, impl):
     # foreach: one call per group instead of a Python loop over the tensors (PyTorch's default
     # on a CPU). The results are the loop's bit for bit (tests/test_methods.py), and a small
     # model's step is shorter: the loop takes 1.05-1.06x the time of tiny_cnn's step at batch
-    # 32 on one thread (benchmarks/bench_step_overhead.py; no difference on the GPT). `fused`
-    # would be shorter still, but its results differ from the loop's in the last bit.
-    common = {"lr": lr, "weight_decay": weight_decay, "foreach": True}
+    # 32 on one thread (benchmarks/bench_step_overhead.py; no difference on the GPT).
+    # fused: one kernel that reads and writes each tensor once where foreach makes a pass per
+    # operation; the same formula, whose results differ from the loop's in the last bit (the
+    # order of its operations and fused multiply-adds), so it is a setting of the run.
+    common = {"lr": lr, "weight_decay": weight_decay, impl: True}
     if spec.base == "adamw":
         return torch.optim.AdamW(groups, betas=betas, eps=eps, **common)
     if spec.base == "adam":
@@ -154,6 +160,7 @@ def check_settings(
     bop_gamma: float | None = None,
     bop_tau: float | None = None,
     bop_sigma: float | None = None,
+    optimizer_impl: str = "foreach",
 ) -> tuple[MethodSpec, Grid, dict]:
     """Check every setting `create` takes, without a model: (method, grid, Bop settings).
 
@@ -167,6 +174,8 @@ def check_settings(
     check_grid(spec.mode, grid)
     _check_positive("learning rate", lr)
     _check_nonnegative("weight decay", weight_decay)
+    if optimizer_impl not in OPTIMIZER_IMPLS:
+        raise unknown_name("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
     return spec, grid, _flip_settings(spec.mode, bop_gamma, bop_tau, bop_sigma)
 
 
@@ -186,6 +195,7 @@ def create(
     bop_gamma: float | None = None,
     bop_tau: float | None = None,
     bop_sigma: float | None = None,
+    optimizer_impl: str = "foreach",
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     init: str = "auto",
@@ -208,7 +218,9 @@ def create(
     `qtrain.methods.SCALES`. Randomness comes from the run seed's streams
     (`qtrain.base.streams`): "grid-init" for the Rademacher draw, "rounding" for Q_s.
     `fused_quant` ("off", "on", "auto") rounds after the base step in one compiled loop
-    (`qtrain.methods.fused`), with the same numbers.
+    (`qtrain.methods.fused`), with the same numbers. `optimizer_impl` picks the base
+    optimizer's kernels: "foreach" (PyTorch's loop, bit for bit) or "fused" (one kernel a
+    step; the same formula, rounded differently in the last bit).
     """
     spec, grid, flip_settings = check_settings(
         name,
@@ -221,6 +233,7 @@ def create(
         bop_gamma=bop_gamma,
         bop_tau=bop_tau,
         bop_sigma=bop_sigma,
+        optimizer_impl=optimizer_impl,
     )
     if init not in INITS:
         raise unknown_name("init", init, INITS)
@@ -236,7 +249,7 @@ def create(
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise UserError("the model has no trainable parameters to optimize")
-    base = _base_optimizer(spec, groups, lr, weight_decay, momentum, betas, eps)
+    base = _base_optimizer(spec, groups, lr, weight_decay, momentum, betas, eps, optimizer_impl)
     return QuantizedOptimizer(
         base,
         quantized,

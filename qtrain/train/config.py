@@ -311,6 +311,10 @@ class RunConfig:
                                       "against the learning rate down to this")  # fmt: skip
     max_steps: int | None = _key(None, "optimizer and schedule", "stop after this many steps "
                                  "(None: after `epochs`), mid-epoch if need be")  # fmt: skip
+    optimizer_impl: str = _key("foreach", "optimizer and schedule", "the base optimizer's "
+                               "kernels: foreach (PyTorch's loop, bit for bit) or fused (one "
+                               "kernel a step, faster; the same formula rounded differently "
+                               "in the last bit)", values="foreach or fused")  # fmt: skip
     grad_clip: float = _key(0.0, "optimizer and schedule", "clip the global gradient norm to "
                             "this (0: off)")  # fmt: skip
     # -- fast training (docs/speedrun.md)
