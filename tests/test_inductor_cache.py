@@ -131,3 +131,37 @@ def test_qtrain_compiles_through_torch_compile_only():
         if "torch.compile(" in path.read_text() and path.name != "inductor.py"
     ]
     assert callers == []
+
+
+CHILD = """
+import sys, torch
+from qtrain.base.inductor import torch_compile
+x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+f = lambda t: torch.where(t > 0, t * 3.0 + 1.0, t - 2.0).abs()
+print(int((torch_compile(f, fullgraph=True, dynamic=False)(x) != f(x)).sum()))
+"""
+
+
+def test_a_stand_in_process_after_a_native_one_computes_the_eager_numbers(tmp_path):
+    """End to end, two processes sharing one cache: native first, then under the AVX2 stand-in.
+    With one folder for both, the second built the first's 16-float loops for 8-float vectors
+    and 496 of these 1000 elements came out wrong."""
+    import subprocess
+    import sys
+
+    from qtrain.methods.fused import compiler_found
+
+    if "avx2" not in isas() or len(isas()) < 2 or not compiler_found(torch.device("cpu")):
+        pytest.skip("needs an x86 CPU beyond AVX2 and a C++ compiler for inductor")
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env[CACHE_VARIABLE] = str(tmp_path / "cache")
+    wrong = []
+    for extra in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        done = subprocess.run([sys.executable, "-c", CHILD], env={**env, **extra},
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        wrong.append(int(done.stdout.split()[-1]))
+    assert wrong == [0, 0]
+    assert sorted(p.name for p in (tmp_path / "cache").glob("isa-*")) == sorted(
+        ["isa-avx2", f"isa-{str(isas()[0]).replace(' ', '-')}"]
+    )
