@@ -63,26 +63,27 @@ def test_without_a_cache_variable_the_folder_is_under_inductors_default(monkeypa
     assert os.environ[CACHE_VARIABLE] == str(folder)
 
 
-def test_an_instruction_set_with_spaces_becomes_one_folder_name(monkeypatch):
-    class Isa:
-        def __str__(self):
-            return "avx512 avx512_vnni amx_tile"
+class FakeIsa:
+    """What inductor's pick_vec_isa returns: a name, and falsy when there is no vector ISA."""
 
-        def __bool__(self):
-            return True
+    def __init__(self, name: str, valid: bool) -> None:
+        self.name, self.valid = name, valid
 
-    monkeypatch.setattr("torch._inductor.cpu_vec_isa.pick_vec_isa", lambda: Isa())
-    assert vector_isa() == "avx512-avx512_vnni-amx_tile"
+    def __str__(self) -> str:
+        return self.name
 
-    class NoIsa:
-        def __str__(self):
-            return "INVALID_VEC_ISA"
+    def __bool__(self) -> bool:
+        return self.valid
 
-        def __bool__(self):
-            return False
 
-    monkeypatch.setattr("torch._inductor.cpu_vec_isa.pick_vec_isa", lambda: NoIsa())
-    assert vector_isa() == "none"
+@pytest.mark.parametrize(
+    "isa, folder",
+    [(FakeIsa("avx512 avx512_vnni amx_tile", True), "avx512-avx512_vnni-amx_tile"),
+     (FakeIsa("INVALID_VEC_ISA", False), "none")],
+)  # fmt: skip
+def test_an_instruction_set_becomes_one_folder_name(monkeypatch, isa, folder):
+    monkeypatch.setattr("torch._inductor.cpu_vec_isa.pick_vec_isa", lambda: isa)
+    assert vector_isa() == folder
 
 
 @pytest.fixture

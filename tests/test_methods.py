@@ -224,46 +224,40 @@ def test_stochastic_bc_writes_a_stochastic_rounding_of_the_latent_weights():
     assert not torch.equal(model[0].weight, round_nearest(opt.latent_weights()[0], binary()))
 
 
-@pytest.mark.parametrize(
-    "method, reference",
-    [
-        ("fp-adam", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3, foreach=False)),
-        ("fp-adamw", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False)),
-        ("fp-sgd", lambda ps: torch.optim.SGD(
-            ps, lr=0.01, momentum=0.9, weight_decay=1e-3, foreach=False)),
-    ],
-)  # fmt: skip
-def test_fp_method_is_the_plain_per_tensor_optimizer(method, reference):
+# The float methods' base optimizers as a plain loop would build them; `kernels` picks
+# PyTorch's implementation (foreach=False: the per-tensor loop, fused=True: one kernel).
+FP_BASES = [
+    ("fp-adam", lambda ps, **kernels: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3, **kernels)),
+    ("fp-adamw", lambda ps, **kernels: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, **kernels)),
+    ("fp-sgd", lambda ps, **kernels: torch.optim.SGD(
+        ps, lr=0.01, momentum=0.9, weight_decay=1e-3, **kernels)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, base", FP_BASES)
+def test_fp_method_is_the_plain_per_tensor_optimizer(method, base):
     """The base optimizers step all tensors in one foreach call; that is the per-tensor loop
     (PyTorch's CPU default) bit for bit."""
     model, plain = small_net(), small_net()
-    decay = reference([torch.zeros(1)]).defaults["weight_decay"]
+    decay = base([torch.zeros(1)]).defaults["weight_decay"]
     opt = create(method, model, lr=0.01, weight_decay=decay, momentum=0.9)
-    ref = reference(list(plain.parameters()))
+    ref = base(list(plain.parameters()), foreach=False)
     train_steps(model, opt, 3)
     train_steps(plain, ref, 3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
     assert opt.num_quantized == 0 and opt.latent_gap() is None
 
 
-@pytest.mark.parametrize(
-    "method, reference",
-    [
-        ("fp-adam", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3, fused=True)),
-        ("fp-adamw", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, fused=True)),
-        ("fp-sgd", lambda ps: torch.optim.SGD(
-            ps, lr=0.01, momentum=0.9, weight_decay=1e-3, fused=True)),
-    ],
-)  # fmt: skip
-def test_optimizer_impl_fused_is_pytorchs_fused_optimizer_and_close_to_the_loop(method, reference):
+@pytest.mark.parametrize("method, base", FP_BASES)
+def test_optimizer_impl_fused_is_pytorchs_fused_optimizer_and_close_to_the_loop(method, base):
     """optimizer_impl = "fused" steps with PyTorch's one-kernel optimizer bit for bit; its
     results are the loop's to within float32 rounding, not bit for bit."""
     model, plain, loop = small_net(), small_net(), small_net()
-    decay = reference([torch.zeros(1)]).defaults["weight_decay"]
+    decay = base([torch.zeros(1)]).defaults["weight_decay"]
     opt = create(method, model, lr=0.01, weight_decay=decay, momentum=0.9, optimizer_impl="fused")
     assert all(group["fused"] for group in opt.param_groups)
     train_steps(model, opt, 3)
-    train_steps(plain, reference(list(plain.parameters())), 3)
+    train_steps(plain, base(list(plain.parameters()), fused=True), 3)
     train_steps(loop, create(method, loop, lr=0.01, weight_decay=decay, momentum=0.9), 3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))
     for a, b in zip(model.parameters(), loop.parameters()):
