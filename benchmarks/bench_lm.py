@@ -22,7 +22,9 @@ train.py takes on CUDA; qtrain's `optimizer_impl` key). Variants:
   with the eager rounding step (fused_quant = "off").
 - with --fused also BC-ADAMW fused, SR-ADAMW fused: the same with fused_quant = "on" (the
   rounding step as one compiled loop, `qtrain.methods.fused`); the time their untimed warm-up
-  round took beyond a timed round is printed as the compile time paid once.
+  round took beyond a timed round is printed as the compile time paid once. And SR-ADAMW
+  counter: SR fused with sr_uniforms = "counter", its uniforms hashed inside the kernel
+  instead of drawn by torch.rand (`qtrain.quant.uniforms`).
 
 Rounds are interleaved (nanoGPT, FP, BC, SR, nanoGPT, …) so that drift in the machine's speed
 hits every variant alike; medians and their ratios are printed. The target is that
@@ -74,12 +76,13 @@ def text_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
 
 
 def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path, steps: int,
-                 run_dir: Path, device: str, fused: str, amp: str, impl: str):  # fmt: skip
+                 run_dir: Path, device: str, fused: str, amp: str, impl: str,
+                 uniforms: str = "torch"):  # fmt: skip
     config = RunConfig(**{**preset, "method": method, "scale": scale,
                           "grid": "binary" if method.startswith("fp") else grid,
                           "data_dir": str(folder), "eval_every": steps, "max_steps": 10**9,
                           "device": device, "fused_quant": fused, "amp": amp,
-                          "optimizer_impl": impl})  # fmt: skip
+                          "optimizer_impl": impl, "sr_uniforms": uniforms})  # fmt: skip
     trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
 
     return lambda r: train_round(trainer, r)
@@ -203,6 +206,12 @@ def main() -> None:
                                scratch / f"{label}-fused", args.device, "on", args.amp,
                                args.optimizer_impl)  # fmt: skip
             variants[f"{label} fused"], firsts[f"{label} fused"] = timed_first(run)
+        if args.fused:
+            method, scale = CELLS["SR-ADAMW"]
+            run = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
+                               scratch / "SR-ADAMW-counter", args.device, "on", args.amp,
+                               args.optimizer_impl, uniforms="counter")  # fmt: skip
+            variants["SR-ADAMW counter"], firsts["SR-ADAMW counter"] = timed_first(run)
         times = interleave(variants, args.rounds)
     tokens = args.steps * preset["batch_size"] * preset["block_size"]
     fp = median(times["FP-ADAMW"])
@@ -211,11 +220,11 @@ def main() -> None:
           f"{preset['block_size']}, {args.steps} steps a round, {args.rounds} rounds, "
           f"grid {args.grid}, amp {args.amp}, AdamW {args.optimizer_impl}; {source}")  # fmt: skip
     print(machine_line())
-    print(f"{'variant':14s} {'median s/round':>15s} {'tokens/s':>10s} {'vs FP-ADAMW':>12s} "
+    print(f"{'variant':16s} {'median s/round':>15s} {'tokens/s':>10s} {'vs FP-ADAMW':>12s} "
           f"{'vs nanoGPT':>11s}")  # fmt: skip
     for name, seconds in times.items():
         m = median(seconds)
-        print(f"{name:14s} {m:15.3f} {tokens / m:10.0f} {100 * (m / fp - 1):+11.1f}% "
+        print(f"{name:16s} {m:15.3f} {tokens / m:10.0f} {100 * (m / fp - 1):+11.1f}% "
               f"{100 * (m / plain - 1):+10.1f}%")  # fmt: skip
     for name, first in firsts.items():
         print(f"{name}: compile time paid once (warm-up round minus the median round) "

@@ -69,13 +69,14 @@ def tiny_net() -> nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
-def train(method, grid, scale, fused_quant, steps=4, net=None, opt=None, seed=7, device="cpu"):
+def train(method, grid, scale, fused_quant, steps=4, net=None, opt=None, seed=7, device="cpu",
+          uniforms="torch"):  # fmt: skip
     """`steps` Adam steps on a seeded regression; returns (net, optimizer, losses)."""
     net = net or tiny_net().to(device)
     # R moves a weight only when one step crosses half a spacing: a larger step makes it flip
     lr = 0.5 if method.startswith("r-") else 0.05
     opt = opt or methods.create(method, net, lr, grid=grid, scale=scale, policy="all", seed=1,
-                                fused_quant=fused_quant)  # fmt: skip
+                                fused_quant=fused_quant, sr_uniforms=uniforms)  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
@@ -115,6 +116,25 @@ def test_fused_steps_equal_the_eager_steps_bit_for_bit(inductor, method, grid, s
     assert_same_run(eager, fused_run)
 
 
+@pytest.mark.parametrize(("grid", "scale"), [("ternary", "he"), ("2bit", "none")])
+def test_fused_steps_with_counter_uniforms_equal_the_eager_steps(inductor, grid, scale):
+    """The kernel hashes the uniforms the eager step makes with ATen's int32 arithmetic."""
+    eager = train("sr-adam", grid, scale, "off", uniforms="counter")
+    fused_run = train("sr-adam", grid, scale, "on", uniforms="counter")
+    assert fused_run[1]._fused is not None and not fused_run[1]._fused.failed
+    assert_same_run(eager, fused_run)
+    torch_uniforms = train("sr-adam", grid, scale, "off")
+    assert not torch.equal(torch_uniforms[1]._flat_wb, eager[1]._flat_wb)  # another stream
+
+
+def test_auto_compiles_counter_uniforms_at_the_first_step(inductor):
+    """Counter uniforms' eager form is slower than torch.rand: `auto` does not wait."""
+    _, opt, _ = train("sr-adam", "ternary", "he", "auto", steps=1, uniforms="counter")
+    assert opt._fused is not None and opt._fused.ready("round-True-True")
+    _, opt, _ = train("sr-adam", "ternary", "he", "auto", steps=1)
+    assert opt._fused is None  # torch's uniforms wait until the compile pays
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("method", "grid", "scale"), [CASES[0], CASES[1], CASES[4], CASES[6]])
 def test_fused_steps_on_cuda_equal_the_eager_steps_bit_for_bit(method, grid, scale):
@@ -150,18 +170,19 @@ def test_fused_rounding_of_awkward_values_is_the_eager_rounding(inductor, method
     assert_identical(fused_opt.flips.last, eager.flips.last)
 
 
-def test_a_resumed_fused_run_equals_an_uninterrupted_eager_run(inductor):
+@pytest.mark.parametrize("uniforms", ["torch", "counter"])
+def test_a_resumed_fused_run_equals_an_uninterrupted_eager_run(inductor, uniforms):
     """state_dict holds nothing of the fused step: a run saved from it and resumed into an
     eager optimizer (or the other way round) continues exactly."""
     method, grid, scale = CASES[4]  # SR: the generator's stream must carry over
-    net, opt, first = train(method, grid, scale, "on", steps=3)
+    net, opt, first = train(method, grid, scale, "on", steps=3, uniforms=uniforms)
     saved = opt.state_dict()
     resumed = methods.create(method, net, 0.05, grid=grid, scale=scale, policy="all", seed=1,
-                             fused_quant="off")  # fmt: skip
+                             fused_quant="off", sr_uniforms=uniforms)  # fmt: skip
     resumed.load_state_dict(saved)
     _, _, rest = train(method, grid, scale, "off", steps=2, net=net, opt=resumed, seed=8)
     # the uninterrupted run sees the same batches: 3 from seed 7, then 2 from seed 8
-    net_u, opt_u, losses_u = train(method, grid, scale, "off", steps=3)
+    net_u, opt_u, losses_u = train(method, grid, scale, "off", steps=3, uniforms=uniforms)
     assert saved.keys() == opt_u.state_dict().keys()
     assert saved["quantization"].keys() == opt_u.state_dict()["quantization"].keys()
     _, _, more = train(method, grid, scale, "off", steps=2, net=net_u, opt=opt_u, seed=8)

@@ -187,6 +187,18 @@ def test_state_records_stochastic_bc_and_the_generator_device():
         create("bc-adam", small_net(), lr=0.01).load_state_dict(saved)
 
 
+def test_state_records_the_source_of_sr_uniforms():
+    saved = create("sr-adam", small_net(), lr=0.01, sr_uniforms="counter").state_dict()
+    assert saved["quantization"]["sr_uniforms"] == "counter"
+    with pytest.raises(ValueError, match="sr_uniforms='counter', not 'torch'"):
+        create("sr-adam", small_net(), lr=0.01).load_state_dict(saved)
+    older = create("sr-adam", small_net(), lr=0.01).state_dict()
+    del older["quantization"]["sr_uniforms"]  # written before the setting existed: torch's
+    create("sr-adam", small_net(), lr=0.01).load_state_dict(older)
+    with pytest.raises(ValueError, match="sr_uniforms='torch', not 'counter'"):
+        create("sr-adam", small_net(), lr=0.01, sr_uniforms="counter").load_state_dict(older)
+
+
 def test_a_generator_state_from_another_device_type_is_refused():
     saved = create("sr-adam", small_net(), lr=0.01).state_dict()
     saved["quantization"]["generator_device"] = "cuda"

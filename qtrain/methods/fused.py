@@ -43,6 +43,7 @@ from qtrain.base.signals import stop_requested
 from qtrain.methods.scales import FIXED, safe_divisor
 from qtrain.quant import Grid, compute_dtype, round_nearest
 from qtrain.quant.rounding import level_units, levels, stochastic_multiples_, units
+from qtrain.quant.uniforms import counter_uniforms
 
 FUSED_QUANT = ("auto", "on", "off")
 Segments = tuple[tuple[int, int], ...]  # (numel, rows) per quantized parameter
@@ -198,9 +199,13 @@ def bc_measured_step(grid: Grid, segs: Segments, count: bool) -> Callable:
     return step
 
 
-def rounding_step(grid: Grid, scale: str, segs: Segments, stochastic: bool, count: bool):
+def rounding_step(
+    grid: Grid, scale: str, segs: Segments, stochastic: bool, count: bool, counter: bool = False
+):
     """SR and R after the base step: f(w_b, old, r, scales) writes w_b = s·Q(w_b/s) (Q_s with
-    the uniforms r, else Q_d) and returns Σ[w_b ≠ old] (0 unless `count`)."""
+    the uniforms r, else Q_d) and returns Σ[w_b ≠ old] (0 unless `count`). With `counter`, r
+    holds the step's two keys and the uniforms are hashed from them inside the kernel
+    (`qtrain.quant.uniforms.counter_uniforms`, the eager step's very numbers)."""
 
     def one(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
         if stochastic:
@@ -208,6 +213,8 @@ def rounding_step(grid: Grid, scale: str, segs: Segments, stochastic: bool, coun
         return round_nearest(x, grid)
 
     def step(wb, old, r, scales):
+        if counter:
+            r = counter_uniforms(r, wb.numel(), wb.dtype)
         if scale == "none":
             new = one(wb, r)
         else:

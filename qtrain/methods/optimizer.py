@@ -86,6 +86,7 @@ from qtrain.methods.scales import (
     scaled_round,
 )
 from qtrain.quant import Grid, compute_dtype, round_nearest, round_stochastic
+from qtrain.quant.uniforms import check_size, check_source, counter_uniforms, draw_keys
 
 MODES = ("fp", "bc", "sr", "r", "bop", "bop2")
 FLIPPING = ("bop", "bop2")
@@ -118,7 +119,12 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         track_flips: count how many quantized weights change per step (one comparison).
         fused_quant: "off" (eager), "on" or "auto": the rounding step after the base step as
             one compiled loop (`qtrain.methods.fused`; the same numbers); "auto" from the step
-            on which `fused.pays` says the compile time is earned back, if a compiler is found.
+            on which `fused.pays` says the compile time is earned back, if a compiler is found
+            (from the first step with counter uniforms, whose eager form is the slower one).
+        sr_uniforms: where Q_s's uniforms come from (`qtrain.quant.uniforms`): "torch"
+            (`torch.rand` on the "rounding" stream) or "counter" (a hash of each weight's
+            index under two keys a step drawn from that stream, computed inside the fused
+            step); the two give different, equally distributed, numbers.
 
     The param groups and state are the base optimizer's own objects, so LR schedulers, param
     group edits and `zero_grad` act on both. `step(closure)` works as in `torch.optim.Adam`
@@ -138,6 +144,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         bc_stochastic: bool = False,
         track_flips: bool = True,
         fused_quant: str = "off",
+        sr_uniforms: str = "torch",
     ) -> None:
         if mode not in MODES:
             raise unknown_name("training mode", mode, MODES)
@@ -157,6 +164,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self.bc_stochastic = bool(bc_stochastic)
         self.track_flips = bool(track_flips)
         self.fused_quant = check_fused_quant(fused_quant)
+        self.sr_uniforms = check_source(sr_uniforms)
         self.quantized = [] if mode == "fp" else list(quantized)
         self._scales = [fixed_scale(scale, p) for p in self.quantized]
         self._check_quantized_params()
@@ -213,6 +221,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         """Move w_b (and w_r, m, v) into flat buffers that the parameters view."""
         first = self.quantized[0]
         total = sum(p.numel() for p in self.quantized)
+        if self.sr_uniforms == "counter":
+            check_size(total)
         self._flat_wb = torch.empty(total, dtype=first.dtype, device=first.device)
         self._wb_views = flat_views(self.quantized, self._flat_wb)
         self.generator = stream_generator(self.seed, "rounding", first.device)
@@ -295,7 +305,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         work = self._work.get("rounding", w, dtype)
         if self.scale == "none":
             if stochastic:
-                return round_stochastic(w, self.grid, self.generator, out, work)
+                r = self._counter_uniforms(w)
+                return round_stochastic(w, self.grid, self.generator, out, work, r)
             return round_nearest(w, self.grid, out, work)
         u = out if out.dtype == dtype else self._work.get("units", w, dtype)
         # each s as the per-element expansion in w's dtype would hold it
@@ -306,7 +317,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         for x, s, part in parts:
             torch.div(x.to(dtype), broadcastable(safe_divisor(s), x), out=part)
         if stochastic:
-            round_stochastic(u, self.grid, self.generator, u, work)
+            round_stochastic(u, self.grid, self.generator, u, work, self._counter_uniforms(u))
         else:
             round_nearest(u, self.grid, u, work)
         parts = zip(self._parts(u), scales, self._parts(out))
@@ -316,6 +327,13 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             else:
                 part.copy_(q * broadcastable(s, q))
         return out
+
+    def _counter_uniforms(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """Q_s's uniforms for the flat buffer `flat` with counter uniforms (this step's keys
+        drawn from the rounding stream); None with "torch", where `round_stochastic` draws."""
+        if self.sr_uniforms != "counter":
+            return None
+        return counter_uniforms(draw_keys(self.generator), flat.numel(), compute_dtype(flat.dtype))
 
     def _update_latent_scales_and_weights(self, count_flips: bool = True) -> None:
         """BC after the base step: clip w_r, measure absmean scales, then w_b = Q(w_r)."""
@@ -418,7 +436,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if self.fused_quant == "off":
             return None
         auto = self.fused_quant == "auto"
-        if auto and not pays(self.mode, self.grid.kind, self.num_quantized, self._steps):
+        counter = self.sr_uniforms == "counter" and self.mode == "sr"
+        if auto and not counter and not pays(self.mode, self.grid.kind, self.num_quantized,
+                                             self._steps):  # fmt: skip
             return None
         key = (self._flat_wb.device, self._flat_wb.dtype)
         if self._fused_key != key:
@@ -468,20 +488,26 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         """SR's or R's rounding and flip count as one compiled pass; False: not taken.
 
         SR's uniforms are drawn here by the eager path's `torch.rand` call (one draw of the
-        flat buffer's shape from the same generator); if the first compilation fails, the
-        generator is put back so that the eager step draws the very same numbers.
+        flat buffer's shape from the same generator), or with counter uniforms their two keys
+        are, and the kernel hashes them with each weight's index; if the first compilation
+        fails, the generator is put back so that the eager step draws the very same numbers.
         """
         fused = self._fused_steps()
         if fused is None:
             return False
         wb, count = self._flat_wb, old is not None
         name = f"round-{stochastic}-{count}"
+        counter = stochastic and self.sr_uniforms == "counter"
         r, saved = None, None
         if stochastic:
             saved = None if fused.ready(name) else self.generator.get_state()
+        if counter:
+            r = draw_keys(self.generator)
+        elif stochastic:
             r = self._work.get("uniforms", wb)
             torch.rand(wb.shape, generator=self.generator, out=r)
-        build = lambda: rounding_step(self.grid, self.scale, self._segments, stochastic, count)  # noqa: E731
+        build = lambda: rounding_step(self.grid, self.scale, self._segments, stochastic, count,  # noqa: E731
+                                      counter)  # fmt: skip
         done, flips = fused.run(name, build, wb, old, r, self._scales)
         if not done:
             if saved is not None:

@@ -43,6 +43,7 @@ from qtrain.methods.scales import (
     scaled_round,
 )
 from qtrain.quant import Grid, parse_grid
+from qtrain.quant.uniforms import check_source
 
 BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
 BASE_NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
@@ -161,6 +162,7 @@ def check_settings(
     bop_tau: float | None = None,
     bop_sigma: float | None = None,
     optimizer_impl: str = "foreach",
+    sr_uniforms: str = "torch",
 ) -> tuple[MethodSpec, Grid, dict]:
     """Check every setting `create` takes, without a model: (method, grid, Bop settings).
 
@@ -176,6 +178,7 @@ def check_settings(
     _check_nonnegative("weight decay", weight_decay)
     if optimizer_impl not in OPTIMIZER_IMPLS:
         raise unknown_name("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
+    check_source(sr_uniforms)
     return spec, grid, _flip_settings(spec.mode, bop_gamma, bop_tau, bop_sigma)
 
 
@@ -201,6 +204,7 @@ def create(
     init: str = "auto",
     track_flips: bool = True,
     fused_quant: str = "off",
+    sr_uniforms: str = "torch",
 ) -> QuantizedOptimizer:
     """Build the named method's optimizer over `model` and put the model's weights on the grid.
 
@@ -220,7 +224,8 @@ def create(
     `fused_quant` ("off", "on", "auto") rounds after the base step in one compiled loop
     (`qtrain.methods.fused`), with the same numbers. `optimizer_impl` picks the base
     optimizer's kernels: "foreach" (PyTorch's loop, bit for bit) or "fused" (one kernel a
-    step; the same formula, rounded differently in the last bit).
+    step; the same formula, rounded differently in the last bit). `sr_uniforms` picks where
+    stochastic rounding's uniforms come from (`qtrain.quant.uniforms`): "torch" or "counter".
     """
     spec, grid, flip_settings = check_settings(
         name,
@@ -234,6 +239,7 @@ def create(
         bop_tau=bop_tau,
         bop_sigma=bop_sigma,
         optimizer_impl=optimizer_impl,
+        sr_uniforms=sr_uniforms,
     )
     if init not in INITS:
         raise unknown_name("init", init, INITS)
@@ -260,6 +266,7 @@ def create(
         bc_stochastic=bc_stochastic,
         track_flips=track_flips,
         fused_quant=fused_quant,
+        sr_uniforms=sr_uniforms,
     )
 
 

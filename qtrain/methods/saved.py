@@ -2,9 +2,10 @@
 
 `quantization_state` is everything beyond the base optimizer's own state: w_r (BC), m and v
 (Bop, Bop2), the scales, the rounding generator and the flip counters. It also records the
-method, grid, scale, stochastic-BC setting, number of quantized weights and the device type of
-the generator; each differs from the loading optimizer only by a user's mistake (another
-method, model or setting), which `check_saved_settings` names with its fix.
+method, grid, scale, stochastic-BC setting, source of SR's uniforms, number of quantized
+weights and the device type of the generator; each differs from the loading optimizer only
+by a user's mistake (another method, model or setting), which `check_saved_settings` names
+with its fix.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def quantization_state(opt) -> dict:
         "grid": opt.grid.to_dict(),
         "scale": opt.scale,
         "bc_stochastic": opt.bc_stochastic,
+        "sr_uniforms": opt.sr_uniforms,
         "num_quantized": opt.num_quantized,
         "latent": saved("latent"),
         "m": saved("m"),
@@ -68,6 +70,12 @@ def check_saved_settings(opt, q: dict) -> None:
             f"the saved optimizer state was trained with bc_stochastic="
             f"{bool(q.get('bc_stochastic'))}, not {opt.bc_stochastic}; resume with the "
             "setting it was trained with"
+        )
+    saved_uniforms = q.get("sr_uniforms", "torch")
+    if saved_uniforms != opt.sr_uniforms:
+        raise UserError(
+            f"the saved optimizer state was trained with sr_uniforms={saved_uniforms!r}, not "
+            f"{opt.sr_uniforms!r}; resume with the setting it was trained with"
         )
     if q["num_quantized"] != opt.num_quantized:
         raise UserError(

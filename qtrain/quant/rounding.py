@@ -125,6 +125,7 @@ def round_stochastic(
     generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
     work: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Stochastic rounding Q_s(w), unbiased inside the grid's range.
 
@@ -133,12 +134,16 @@ def round_stochastic(
     p(1 − p)·spacing² ≤ spacing·|w − w'| for any level w' (Lemma 1's bound).
 
     `generator` (on w's device) makes the draw reproducible; it advances by one uniform draw
-    per element. NaN stays NaN; ±∞ goes to ±MΔ (±∞ on the lattice). The result goes into
-    `out` when given (w's shape and dtype; it may be w).
+    per element. `uniforms` (r ∈ [0, 1) of w's shape in the compute precision, e.g. from
+    `qtrain.quant.uniforms.counter_uniforms`) are used instead of a draw. NaN stays NaN; ±∞
+    goes to ±MΔ (±∞ on the lattice). The result goes into `out` when given (w's shape and
+    dtype; it may be w).
     """
     check_out(w, out)
     t = level_units(units(w, grid, out), grid)
-    r = torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device)
+    r = uniforms
+    if r is None:
+        r = torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device)
     return levels(stochastic_multiples_(t, r, grid, work), grid, w.dtype, out)
 
 

@@ -130,6 +130,11 @@ BC = Scope("BinaryConnect (bc-*) methods", lambda c: _method(c).mode == "bc", _M
 FLIPS = Scope("bop-adam and bop2-adam", lambda c: _method(c).mode in ("bop", "bop2"), _METHOD)
 BOP2 = Scope("bop2-adam", lambda c: _method(c).mode == "bop2", _METHOD)
 ADAM = Scope("Adam and AdamW methods", lambda c: _method(c).base != "sgd", _METHOD)
+ROUNDS_STOCHASTICALLY = Scope(
+    "methods that round stochastically (sr-*, bc-* with bc_stochastic)",
+    lambda c: _method(c).mode == "sr" or (_method(c).mode == "bc" and c.bc_stochastic),
+    lambda c: f"method {c.method!r}" + (" without bc_stochastic" if c.method[:3] == "bc-" else ""),
+)
 PER_STEP = Scope(
     f"the per-step schedules ({', '.join(PER_STEP_SCHEDULES)})",
     lambda c: c.schedule in PER_STEP_SCHEDULES,
@@ -285,6 +290,11 @@ class RunConfig:
                      when=_quantized)  # fmt: skip
     bc_stochastic: bool = _key(False, "method", "BC's forward weights by stochastic rounding",
                                applies=BC)  # fmt: skip
+    sr_uniforms: str = _key("torch", "method", "where stochastic rounding's uniforms come from: "
+                            "torch (torch.rand on the run's rounding stream) or counter (a "
+                            "hash of each weight's index under keys drawn from that stream, "
+                            "made inside the fused rounding step; qtrain.quant.uniforms)",
+                            applies=ROUNDS_STOCHASTICALLY, values="torch or counter")  # fmt: skip
     bop_gamma: float | None = _key(None, "method", "Bop's γ (None: the method's default)",
                                    applies=FLIPS)  # fmt: skip
     bop_tau: float | None = _key(None, "method", "Bop's τ (None: the method's default)",
