@@ -319,6 +319,13 @@ CASES = [
          "needs the binary grid"),
     Case("cli", "Bop settings for another method", "{syn} --set bop_tau=1e-6 --out o",
          "bop_tau applies to bop-adam and bop2-adam, not to method 'bc-adam'; leave it unset"),
+    Case("cli", "unknown source of SR's uniforms",
+         "{syn} --method sr-adam --set sr_uniforms=philox --out o",
+         "sr_uniforms must be one of torch, counter, got 'philox'"),
+    Case("cli", "SR's uniforms for a method that rounds deterministically",
+         "{syn} --set sr_uniforms=counter --out o",
+         "sr_uniforms applies to methods that round stochastically (sr-*, bc-* with "
+         "bc_stochastic), not to method 'bc-adam' without bc_stochastic; leave it at 'torch'"),
     Case("cli", "unknown logger", "{syn} --set log=tensorbord --out o",
          "did you mean 'tensorboard'"),
     Case("cli", "whitening init on a model without a whitening layer",

@@ -135,12 +135,16 @@ def test_auto_compiles_counter_uniforms_at_the_first_step(inductor):
     assert opt._fused is None  # torch's uniforms wait until the compile pays
 
 
+CUDA_CASES = [(*CASES[i], "torch") for i in (0, 1, 4, 6)] + [(*CASES[4], "counter")]
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("method", "grid", "scale"), [CASES[0], CASES[1], CASES[4], CASES[6]])
-def test_fused_steps_on_cuda_equal_the_eager_steps_bit_for_bit(method, grid, scale):
-    """Triton's kernels against ATen's on the GPU (benchmarks/gpu_check.sh runs this)."""
-    eager = train(method, grid, scale, "off", device="cuda")
-    fused_run = train(method, grid, scale, "on", device="cuda")
+@pytest.mark.parametrize(("method", "grid", "scale", "uniforms"), CUDA_CASES)
+def test_fused_steps_on_cuda_equal_the_eager_steps_bit_for_bit(method, grid, scale, uniforms):
+    """Triton's kernels against ATen's on the GPU (benchmarks/gpu_check.sh runs this), counter
+    uniforms' int32 arithmetic included."""
+    eager = train(method, grid, scale, "off", device="cuda", uniforms=uniforms)
+    fused_run = train(method, grid, scale, "on", device="cuda", uniforms=uniforms)
     assert fused_run[1]._fused is not None and not fused_run[1]._fused.failed
     assert_same_run(eager, fused_run)
 

@@ -3,9 +3,8 @@
 Q_s needs one uniform r ∈ [0, 1) per weight and step (`round_stochastic`). Two sources:
 
 - "torch": `torch.rand` on the run's rounding generator, one draw of the buffer's shape.
-  On a CPU that is a serial Mersenne-Twister loop, about 2-3 ns a number on one thread: for a
-  GPT of 786,432 quantized weights, 2.1-2.3 ms a step, more than the compiled rounding step
-  itself (docs/speed.md §7).
+  On a CPU that is a serial Mersenne-Twister loop, which for the GPT of docs/speed.md §7
+  (786,432 quantized weights) takes longer than the compiled rounding step itself.
 - "counter": r_i = ⌊h_i / 2⁸⌋ · 2⁻²⁴ with h_i = mix(mix(i ⊕ k₀) ⊕ k₁), a hash of the
   weight's index i in the flat buffer under two 32-bit keys (k₀, k₁) drawn from the same
   generator once a step. Each r_i depends on i alone, so a compiled kernel computes it where it
@@ -22,8 +21,9 @@ permutations, not shifts of one sequence.
 
 The arithmetic is int32 with two's-complement wrap-around (what ATen's and inductor's
 vectorised multiplies do, and Triton's); shifts are made logical by masking the sign bits the
-arithmetic shift copies in. Eager ATen, inductor's C++ and Triton compute the same bits;
-tests/test_uniforms.py checks them against exact uint32 arithmetic in Python.
+arithmetic shift copies in. tests/test_uniforms.py checks eager ATen against exact uint32
+arithmetic in Python and inductor's C++ against eager ATen; tests/test_fused_quant.py checks
+Triton's kernel against ATen's on a GPU (benchmarks/gpu_check.sh runs it).
 
 24 bits of r, as `torch.rand` gives a float32, so P(r < p) = ⌈p·2²⁴⌉/2²⁴ and Q_s's bias is
 below 2⁻²⁴ of a spacing. Keys are the only state: the generator that draws them is saved in
