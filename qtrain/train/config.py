@@ -133,7 +133,7 @@ ADAM = Scope("Adam and AdamW methods", lambda c: _method(c).base != "sgd", _METH
 ROUNDS_STOCHASTICALLY = Scope(
     "methods that round stochastically (sr-*, bc-* with bc_stochastic)",
     lambda c: _method(c).mode == "sr" or (_method(c).mode == "bc" and c.bc_stochastic),
-    lambda c: f"method {c.method!r}" + (" without bc_stochastic" if c.method[:3] == "bc-" else ""),
+    lambda c: _METHOD(c) + (" without bc_stochastic" if _method(c).mode == "bc" else ""),
 )
 PER_STEP = Scope(
     f"the per-step schedules ({', '.join(PER_STEP_SCHEDULES)})",
