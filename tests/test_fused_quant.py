@@ -263,6 +263,8 @@ def test_auto_compiles_once_the_eager_steps_have_lost_the_compile_time():
         assert fused.COMPILE_SECONDS <= saved < fused.COMPILE_SECONDS * (1 + 1 / due) + 1e-9
     assert not fused.pays("r", "binary", gpt, 10**9)  # nothing measurable to gain
     assert not fused.pays("bc", "kbit", gpt, 10**9)  # not measured
+    assert fused.pays("sr", "binary", gpt, 0, counter=True)  # its eager form is the slower
+    assert not fused.pays("bc", "ternary", gpt, 0, counter=True)  # BC draws no uniforms here
 
 
 def test_a_fused_quant_value_other_than_auto_on_off_is_refused():

@@ -253,13 +253,16 @@ SAVED_NS_PER_WEIGHT = {("bc", "ternary"): 4.7, ("bc", "binary"): 0.9, ("sr", "te
                        ("sr", "binary"): 0.66, ("r", "ternary"): 1.3}  # fmt: skip
 
 
-def pays(mode: str, grid: str, numel: int, steps: int) -> bool:
+def pays(mode: str, grid: str, numel: int, steps: int, counter: bool = False) -> bool:
     """Whether `fused_quant = "auto"` compiles now, after `steps` eager steps over `numel`
     quantized weights on a `grid` grid: once the time the eager steps have lost against the
     fused ones reaches what compiling costs. A run never knows how long it will last, and so
     (as when renting until the rent paid equals the price of buying) it spends at most about
     twice the better of compiling at the start and never compiling; a short run (a demo) never
-    compiles."""
+    compiles. SR with counter uniforms (`counter`) compiles at once: their eager form is slower
+    than `torch.rand`, and a run that asks for them asks for the kernel that makes them."""
+    if counter and mode == "sr":
+        return True
     saved = SAVED_NS_PER_WEIGHT.get((mode, grid), 0.0) * 1e-9
     return saved > 0 and steps * numel * saved >= COMPILE_SECONDS
 

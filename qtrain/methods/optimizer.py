@@ -436,9 +436,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if self.fused_quant == "off":
             return None
         auto = self.fused_quant == "auto"
-        counter = self.sr_uniforms == "counter" and self.mode == "sr"
-        if auto and not counter and not pays(self.mode, self.grid.kind, self.num_quantized,
-                                             self._steps):  # fmt: skip
+        counter = self.sr_uniforms == "counter"
+        if auto and not pays(self.mode, self.grid.kind, self.num_quantized, self._steps, counter):
             return None
         key = (self._flat_wb.device, self._flat_wb.dtype)
         if self._fused_key != key:
