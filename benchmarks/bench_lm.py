@@ -3,7 +3,7 @@ plain float loop written the way nanoGPT's train.py writes it.
 
     python benchmarks/bench_lm.py [--data-dir ../shared/data/tinyshakespeare] [--rounds 9]
         [--steps 20] [--threads 1] [--grid ternary] [--fused] [--device cpu] [--amp off]
-        [--optimizer-impl foreach]
+        [--optimizer-impl foreach] [--flip-every N]
 
 Model and batch: nanoGPT's CPU baby GPT (4 layers, 4 heads, width 128, context 64, batch 12,
 dropout 0; the preset gpt-shakespeare), every variant in the same precision: `--amp off`
@@ -25,6 +25,9 @@ train.py takes on CUDA; qtrain's `optimizer_impl` key). Variants:
   round took beyond a timed round is printed as the compile time paid once. And SR-ADAMW
   counter: SR fused with sr_uniforms = "counter", its uniforms hashed inside the kernel
   instead of drawn by torch.rand (`qtrain.quant.uniforms`).
+
+BC and SR count their flips on every `--flip-every`-th step (the preset's flip_every when not
+given; qtrain.methods.flips): on the others the step skips that pass over the weights.
 
 Rounds are interleaved (nanoGPT, FP, BC, SR, nanoGPT, …) so that drift in the machine's speed
 hits every variant alike; medians and their ratios are printed. The target is that
@@ -78,11 +81,14 @@ def text_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
 def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path, steps: int,
                  run_dir: Path, device: str, fused: str, amp: str, impl: str,
                  uniforms: str = "torch"):  # fmt: skip
+    float_run = method.startswith("fp")
+    flip_every = 1 if float_run else preset.get("flip_every", 1)  # a float run counts none
     config = RunConfig(**{**preset, "method": method, "scale": scale,
-                          "grid": "binary" if method.startswith("fp") else grid,
+                          "grid": "binary" if float_run else grid,
                           "data_dir": str(folder), "eval_every": steps, "max_steps": 10**9,
                           "device": device, "fused_quant": fused, "amp": amp,
-                          "optimizer_impl": impl, "sr_uniforms": uniforms})  # fmt: skip
+                          "optimizer_impl": impl, "sr_uniforms": uniforms,
+                          "flip_every": flip_every})  # fmt: skip
     trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
 
     return lambda r: train_round(trainer, r)
@@ -179,6 +185,12 @@ def main() -> None:
         choices=("foreach", "fused"),
         help="AdamW's kernels in every variant (qtrain's optimizer_impl)",
     )
+    parser.add_argument(
+        "--flip-every",
+        type=int,
+        default=None,
+        help="BC and SR count flips on every Nth step (default: the preset's flip_every)",
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(
@@ -187,6 +199,8 @@ def main() -> None:
         )
     torch.set_num_threads(args.threads)
     preset = load_toml("gpt-shakespeare")
+    if args.flip_every is not None:
+        preset["flip_every"] = args.flip_every
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         folder, source = text_folder(args.data_dir, scratch)
@@ -218,7 +232,8 @@ def main() -> None:
     plain = median(times["nanoGPT loop"])
     print(f"GPT {preset['n_layer']}x{preset['n_embd']}, batch {preset['batch_size']} x "
           f"{preset['block_size']}, {args.steps} steps a round, {args.rounds} rounds, "
-          f"grid {args.grid}, amp {args.amp}, AdamW {args.optimizer_impl}; {source}")  # fmt: skip
+          f"grid {args.grid}, amp {args.amp}, AdamW {args.optimizer_impl}, flips counted every "
+          f"{preset.get('flip_every', 1)} steps; {source}")  # fmt: skip
     print(machine_line())
     print(f"{'variant':16s} {'median s/round':>15s} {'tokens/s':>10s} {'vs FP-ADAMW':>12s} "
           f"{'vs nanoGPT':>11s}")  # fmt: skip

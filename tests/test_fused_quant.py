@@ -70,13 +70,14 @@ def tiny_net() -> nn.Module:
 
 
 def train(method, grid, scale, fused_quant, steps=4, net=None, opt=None, seed=7, device="cpu",
-          uniforms="torch"):  # fmt: skip
+          uniforms="torch", flip_every=1):  # fmt: skip
     """`steps` Adam steps on a seeded regression; returns (net, optimizer, losses)."""
     net = net or tiny_net().to(device)
     # R moves a weight only when one step crosses half a spacing: a larger step makes it flip
     lr = 0.5 if method.startswith("r-") else 0.05
     opt = opt or methods.create(method, net, lr, grid=grid, scale=scale, policy="all", seed=1,
-                                fused_quant=fused_quant, sr_uniforms=uniforms)  # fmt: skip
+                                fused_quant=fused_quant, sr_uniforms=uniforms,
+                                flip_every=flip_every)  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
@@ -125,6 +126,15 @@ def test_fused_steps_with_counter_uniforms_equal_the_eager_steps(inductor, grid,
     assert_same_run(eager, fused_run)
     torch_uniforms = train("sr-adam", grid, scale, "off")
     assert not torch.equal(torch_uniforms[1]._flat_wb, eager[1]._flat_wb)  # another stream
+
+
+@pytest.mark.parametrize(("method", "grid", "scale"), [CASES[0], CASES[2], CASES[4]])
+def test_counting_every_other_step_equals_the_eager_run(inductor, method, grid, scale):
+    """The steps that count and those that do not are two kernels, each the eager step."""
+    eager = train(method, grid, scale, "off", steps=5, flip_every=2)
+    fused_run = train(method, grid, scale, "on", steps=5, flip_every=2)
+    assert fused_run[1].flips.steps == 3  # steps 1, 3 and 5
+    assert_same_run(eager, fused_run)
 
 
 def test_auto_compiles_counter_uniforms_at_the_first_step(inductor):

@@ -1,12 +1,20 @@
 """Flip statistics: how many quantized weights change grid level per step.
 
-Counts stay device tensors (the last step's count and a running sum since `reset`), so counting
-never makes a CUDA step wait for the host; they are read only when a rate is asked for.
+Counts stay device tensors (the last counted step's count and a running sum since `reset`), so
+counting never makes a CUDA step wait for the host; they are read only when a rate is asked for.
+
+A count is a pass over the quantized weights (two, with SR's copy of the old ones), a few
+percent of a small model's step. With `every` = k > 1 only every k-th step is counted (the
+first, k+1-th, …, by the number of steps offered since the run began, so a resumed run counts
+the very steps an uninterrupted one does), and the mean rate is the mean over counted steps,
+an estimate of the mean over all of them from one step in k.
 """
 
 from __future__ import annotations
 
 import torch
+
+from qtrain.base.errors import UserError
 
 
 def exact_float_count(dtype: torch.dtype) -> int:
@@ -27,11 +35,31 @@ def count_changed(old: torch.Tensor, new: torch.Tensor, scratch: torch.Tensor) -
     return torch.ne(old, new, out=scratch).sum()
 
 
-class FlipCounter:
-    """The last step's flip count, and the sum and number of steps since the last reset."""
+def check_flip_every(every: int) -> int:
+    """`every` when it is a whole number ≥ 1; one sentence naming the fix otherwise."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise UserError(
+            f"flip_every must be a whole number of steps, 1 or more (1 counts every step), "
+            f"got {every!r}"
+        )
+    return every
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+
+class FlipCounter:
+    """The last counted step's flip count, and the sum and number of counted steps since the
+    last reset; `due` says whether the current step is one to count (module doc)."""
+
+    def __init__(self, device: torch.device | str = "cpu", every: int = 1) -> None:
+        self.every = check_flip_every(every)
+        self.offered = 0  # steps since the run began, counted or not
         self.reset(device)
+
+    def due(self) -> bool:
+        """Whether the step about to be taken is counted; call `advance` once it is taken."""
+        return self.offered % self.every == 0
+
+    def advance(self) -> None:
+        self.offered += 1
 
     def reset(self, device: torch.device | str) -> None:
         self.last = torch.zeros((), dtype=torch.float64, device=device)
@@ -55,9 +83,12 @@ class FlipCounter:
         return float(self.sum) / (d * self.steps) if d and self.steps else 0.0
 
     def state(self) -> dict:
-        return {"sum": self.sum.clone(), "last": self.last.clone(), "steps": self.steps}
+        return {"sum": self.sum.clone(), "last": self.last.clone(), "steps": self.steps,
+                "offered": self.offered}  # fmt: skip
 
     def load(self, state: dict) -> None:
         self.sum.copy_(state["sum"])
         self.last.copy_(state["last"])
         self.steps = int(state["steps"])
+        # a state saved before `every` existed (every step counted): the cadence starts here
+        self.offered = int(state.get("offered", 0))

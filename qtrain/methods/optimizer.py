@@ -117,6 +117,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         bc_stochastic: BC writes Q_s(w_r) instead of Q_d(w_r) into the model
             (the stochastic BinaryConnect variant).
         track_flips: count how many quantized weights change per step (one comparison).
+        flip_every: count them on every `flip_every`-th step only (`flips.FlipCounter`).
         fused_quant: "off" (eager), "on" or "auto": the rounding step after the base step as
             one compiled loop (`qtrain.methods.fused`; the same numbers); "auto" from the step
             on which `fused.pays` says the compile time is earned back, if a compiler is found
@@ -143,6 +144,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         bc_stochastic: bool = False,
         track_flips: bool = True,
+        flip_every: int = 1,
         fused_quant: str = "off",
         sr_uniforms: str = "torch",
     ) -> None:
@@ -180,7 +182,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._buffer_views: dict[str, list[torch.Tensor]] = {}
         self._work = FlatWork(self.quantized)
         self.generator = None
-        self.flips = FlipCounter()
+        self.flips = FlipCounter(every=flip_every)
+        self._counting = False  # whether the step being taken counts its flips
         self._fused: FusedSteps | None = None
         self._fused_key: tuple | None = None
         self._segments = None
@@ -337,7 +340,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     def _update_latent_scales_and_weights(self, count_flips: bool = True) -> None:
         """BC after the base step: clip w_r, measure absmean scales, then w_b = Q(w_r)."""
-        count_flips = count_flips and self.track_flips
+        count_flips = count_flips and self._counting
         latent = self._buffers["latent"]
         if self.scale in FIXED and self.scale != "none":
             for w_r, s in zip(self._views("latent"), self._scales, strict=True):
@@ -374,7 +377,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         return levels.round_()
 
     def _count_flips(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        if self.track_flips:  # the rounding scratch is free again by now
+        if self._counting:  # the rounding scratch is free again by now
             scratch = self._work.get("rounding", old, compute_dtype(old.dtype))
             self.flips.record(count_changed(old, new, scratch))
 
@@ -391,6 +394,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if self.mode == "fp" or not self.quantized:
             return self.base.step(closure)
         self._steps += 1  # this process's steps, which `fused_quant = "auto"` weighs
+        self._counting = self.track_flips and self.flips.due()
+        self.flips.advance()
         self._follow_model()
         loss = None
         if closure is not None:
@@ -419,14 +424,14 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     def _rounding_step(self, stochastic: bool) -> None:
         old = None
-        if self.track_flips:
+        if self._counting:
             old = self._work.get("result", self._flat_wb)
             old.copy_(self._flat_wb)
         self.base.step()
         if self._fused_rounding(stochastic, old):
             return
         self._round(self._flat_wb, stochastic, out=self._flat_wb)
-        if self.track_flips:
+        if self._counting:
             self._count_flips(old, self._flat_wb)
 
     # -- the fused step (qtrain.methods.fused) ---------------------------------------------
@@ -462,7 +467,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         fused = self._fused_steps()
         if fused is None:
             return False
-        latent, wb, count = self._buffers["latent"], self._flat_wb, self.track_flips
+        latent, wb, count = self._buffers["latent"], self._flat_wb, self._counting
         grid, segs = self.grid, self._segments
         if self.scale in FIXED:
             build = lambda: bc_step(grid, self.scale, segs, count)  # noqa: E731
@@ -529,7 +534,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             v = self._buffers["v"]
             flips = bop2_flips_(w, g, m, v, group["gamma"], group["sigma"], group["tau"])
         torch.where(flips, w.neg(), w, out=w)
-        if self.track_flips:
+        if self._counting:
             self.flips.record(flips.sum())
         # without a gradient the base optimizer skips a parameter and keeps no state for it
         grads = [p.grad for p in self.quantized]

@@ -32,6 +32,7 @@ from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 from qtrain.base.streams import stream_generator
 from qtrain.methods.bop import BOP2_DEFAULTS, BOP_DEFAULTS
+from qtrain.methods.flips import check_flip_every
 from qtrain.methods.optimizer import FLIPPING, QuantizedOptimizer, check_grid
 from qtrain.methods.policy import check_policy, split_parameters
 from qtrain.methods.scales import (
@@ -163,6 +164,7 @@ def check_settings(
     bop_sigma: float | None = None,
     optimizer_impl: str = "foreach",
     sr_uniforms: str = "torch",
+    flip_every: int = 1,
 ) -> tuple[MethodSpec, Grid, dict]:
     """Check every setting `create` takes, without a model: (method, grid, Bop settings).
 
@@ -179,6 +181,7 @@ def check_settings(
     if optimizer_impl not in OPTIMIZER_IMPLS:
         raise unknown_name("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
     check_source(sr_uniforms)
+    check_flip_every(flip_every)
     return spec, grid, _flip_settings(spec.mode, bop_gamma, bop_tau, bop_sigma)
 
 
@@ -203,6 +206,7 @@ def create(
     eps: float = 1e-8,
     init: str = "auto",
     track_flips: bool = True,
+    flip_every: int = 1,
     fused_quant: str = "off",
     sr_uniforms: str = "torch",
 ) -> QuantizedOptimizer:
@@ -226,6 +230,7 @@ def create(
     optimizer's kernels: "foreach" (PyTorch's loop, bit for bit) or "fused" (one kernel a
     step; the same formula, rounded differently in the last bit). `sr_uniforms` picks where
     stochastic rounding's uniforms come from (`qtrain.quant.uniforms`): "torch" or "counter".
+    `flip_every` counts flips on every k-th step only (`qtrain.methods.flips`).
     """
     spec, grid, flip_settings = check_settings(
         name,
@@ -240,6 +245,7 @@ def create(
         bop_sigma=bop_sigma,
         optimizer_impl=optimizer_impl,
         sr_uniforms=sr_uniforms,
+        flip_every=flip_every,
     )
     if init not in INITS:
         raise unknown_name("init", init, INITS)
@@ -265,6 +271,7 @@ def create(
         seed=seed,
         bc_stochastic=bc_stochastic,
         track_flips=track_flips,
+        flip_every=flip_every,
         fused_quant=fused_quant,
         sr_uniforms=sr_uniforms,
     )

@@ -162,6 +162,7 @@ def _picks_layers(config: RunConfig) -> bool:
     return _quantized(config) or config.act_bits is not None
 
 
+QUANTIZED = Scope("quantized (non fp-*) methods", _quantized, _METHOD)
 ACT_QUANT = Scope("runs that set act_bits", lambda c: c.act_bits is not None,
                   lambda c: "a run without act_bits")  # fmt: skip
 
@@ -360,6 +361,10 @@ class RunConfig:
                                   "image runs evaluate once an epoch)", applies=TEXT)  # fmt: skip
     eval_batches: int = _key(20, "evaluation", "validation windows = eval_batches × batch_size",
                              RUN, applies=TEXT)  # fmt: skip
+    flip_every: int = _key(1, "evaluation", "count flips (the flip_rate record) on every Nth "
+                           "step only: its mean over those steps, one pass over the quantized "
+                           "weights saved on the others", RUN, applies=QUANTIZED,
+                           values="a whole number of steps, 1 or more")  # fmt: skip
     # -- run
     seed: int = _key(0, "run", "the seed of every random stream")
     time_budget_s: float | None = _key(None, "run", "stop training after this many seconds "
