@@ -27,7 +27,10 @@ train.py takes on CUDA; qtrain's `optimizer_impl` key). Variants:
   instead of drawn by torch.rand (`qtrain.quant.uniforms`).
 
 BC and SR count their flips on every `--flip-every`-th step (the preset's flip_every when not
-given; qtrain.methods.flips): on the others the step skips that pass over the weights.
+given; qtrain.methods.flips): on the others the step skips that pass over the weights. With
+--fused and a cadence other than 1, "BC-ADAMW fused, flips each step" and "SR-ADAMW counter,
+flips each step" count on every step, in the same interleaved rounds: what the cadence saves
+is smaller than the spread between two runs of the benchmark.
 
 Rounds are interleaved (nanoGPT, FP, BC, SR, nanoGPT, …) so that drift in the machine's speed
 hits every variant alike; medians and their ratios are printed. The target is that
@@ -80,9 +83,11 @@ def text_folder(data_dir: Path, scratch: Path) -> tuple[Path, str]:
 
 def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path, steps: int,
                  run_dir: Path, device: str, fused: str, amp: str, impl: str,
-                 uniforms: str = "torch"):  # fmt: skip
+                 uniforms: str = "torch", flip_every: int | None = None):  # fmt: skip
+    """A round of `steps` trainer steps; flip_every None: the preset's."""
     float_run = method.startswith("fp")
-    flip_every = 1 if float_run else preset.get("flip_every", 1)  # a float run counts none
+    if float_run or flip_every is None:  # a float run counts none
+        flip_every = 1 if float_run else preset.get("flip_every", 1)
     config = RunConfig(**{**preset, "method": method, "scale": scale,
                           "grid": "binary" if float_run else grid,
                           "data_dir": str(folder), "eval_every": steps, "max_steps": 10**9,
@@ -226,20 +231,29 @@ def main() -> None:
                                scratch / "SR-ADAMW-counter", args.device, "on", args.amp,
                                args.optimizer_impl, uniforms="counter")  # fmt: skip
             variants["SR-ADAMW counter"], firsts["SR-ADAMW counter"] = timed_first(run)
+        if args.fused and preset.get("flip_every", 1) != 1:
+            for label, uniforms in (("BC-ADAMW fused", "torch"), ("SR-ADAMW counter", "counter")):
+                method, scale = CELLS[label.split()[0]]
+                name, folder_name = f"{label}, flips each step", f"{label}-each-step"
+                run = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
+                                   scratch / folder_name.replace(" ", "-"), args.device, "on",
+                                   args.amp, args.optimizer_impl, uniforms, 1)  # fmt: skip
+                variants[name], firsts[name] = timed_first(run)
         times = interleave(variants, args.rounds)
     tokens = args.steps * preset["batch_size"] * preset["block_size"]
     fp = median(times["FP-ADAMW"])
     plain = median(times["nanoGPT loop"])
     print(f"GPT {preset['n_layer']}x{preset['n_embd']}, batch {preset['batch_size']} x "
           f"{preset['block_size']}, {args.steps} steps a round, {args.rounds} rounds, "
-          f"grid {args.grid}, amp {args.amp}, AdamW {args.optimizer_impl}, flips counted every "
-          f"{preset.get('flip_every', 1)} steps; {source}")  # fmt: skip
+          f"grid {args.grid}, amp {args.amp}, AdamW {args.optimizer_impl}, flip_every "
+          f"{preset.get('flip_every', 1)}; {source}")  # fmt: skip
     print(machine_line())
-    print(f"{'variant':16s} {'median s/round':>15s} {'tokens/s':>10s} {'vs FP-ADAMW':>12s} "
+    width = max(len(name) for name in times)
+    print(f"{'variant':{width}s} {'median s/round':>15s} {'tokens/s':>10s} {'vs FP-ADAMW':>12s} "
           f"{'vs nanoGPT':>11s}")  # fmt: skip
     for name, seconds in times.items():
         m = median(seconds)
-        print(f"{name:16s} {m:15.3f} {tokens / m:10.0f} {100 * (m / fp - 1):+11.1f}% "
+        print(f"{name:{width}s} {m:15.3f} {tokens / m:10.0f} {100 * (m / fp - 1):+11.1f}% "
               f"{100 * (m / plain - 1):+10.1f}%")  # fmt: skip
     for name, first in firsts.items():
         print(f"{name}: compile time paid once (warm-up round minus the median round) "

@@ -328,10 +328,6 @@ CASES = [
          "bc_stochastic), not to method 'bc-adam' without bc_stochastic; leave it at 'torch'"),
     Case("cli", "a flip-count cadence below one step", "{syn} --set flip_every=0 --out o",
          "flip_every must be a whole number of steps, 1 or more (1 counts every step), got 0"),
-    Case("cli", "a flip-count cadence for a float run",
-         "{syn} --method fp-adam --set flip_every=4 --out o",
-         "flip_every applies to quantized (non fp-*) methods, not to method 'fp-adam'; leave it "
-         "at 1"),
     Case("cli", "unknown logger", "{syn} --set log=tensorbord --out o",
          "did you mean 'tensorboard'"),
     Case("cli", "whitening init on a model without a whitening layer",

@@ -32,7 +32,8 @@ qtrain needs to know about it; nothing elsewhere keeps a list of keys:
 
 Quantization keys (grid, delta, scale, policy) are accepted by a float (fp-*) run, so that a
 preset can switch its method from the command line, but they are not part of its identity: a
-float run computes the same numbers whatever they say. The exception is the policy of a float
+float run computes the same numbers whatever they say (flip_every, a run key, is accepted
+alike: a float run counts no flips). The exception is the policy of a float
 run with `act_bits`: it picks the linear layers whose inputs are quantized, so it is identity.
 """
 
@@ -162,7 +163,6 @@ def _picks_layers(config: RunConfig) -> bool:
     return _quantized(config) or config.act_bits is not None
 
 
-QUANTIZED = Scope("quantized (non fp-*) methods", _quantized, _METHOD)
 ACT_QUANT = Scope("runs that set act_bits", lambda c: c.act_bits is not None,
                   lambda c: "a run without act_bits")  # fmt: skip
 
@@ -363,7 +363,7 @@ class RunConfig:
                              RUN, applies=TEXT)  # fmt: skip
     flip_every: int = _key(1, "evaluation", "count flips (the flip_rate record) on every Nth "
                            "step only: its mean over those steps, one pass over the quantized "
-                           "weights saved on the others", RUN, applies=QUANTIZED,
+                           "weights saved on the others (a float run counts none)", RUN,
                            values="a whole number of steps, 1 or more")  # fmt: skip
     # -- run
     seed: int = _key(0, "run", "the seed of every random stream")

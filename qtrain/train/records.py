@@ -6,7 +6,9 @@ test_error (None before the last record of a run with a validation split), lr, s
 flip_rate, wb_wr_gap, and images_per_second (with progressive resizing also image_side, the side
 the epoch trained at), or for text val_loss (nats per token), val_bpc =
 val_loss / ln 2 and tokens_per_second; val_loss and val_error with a validation split, and
-`stopped` when the run ended early. lr is the optimizer's `learning_rate`: for Bop
+`stopped` when the run ended early. flip_rate is the mean fraction of quantized weights that
+changed grid level per step since the previous record, over every step, or with flip_every = k
+over every k-th one (`qtrain.methods.flips`). lr is the optimizer's `learning_rate`: for Bop
 and Bop2 that of the full-precision parameters (γ and τ move the binary ones), None when a
 Bop run has no full-precision parameter; the log line then leaves it out.
 
