@@ -73,6 +73,18 @@ def test_a_restored_run_counts_the_steps_an_uninterrupted_one_counts():
     assert opt.flips.steps == 3 and opt.flips.offered == 7
 
 
+def test_the_first_step_after_a_reset_is_counted_so_every_record_has_a_rate():
+    """A record (an epoch, an evaluation) shorter than the cadence still counts a step."""
+    model, opt = build("sr-adam", "none", 10)
+    train_steps(model, opt, 2)  # step 1 counted
+    opt.reset_flip_stats()
+    train_steps(model, opt, 2, first_batch=2)  # step 3, the first after the reset, counted
+    assert opt.flips.steps == 1 and opt.flips.offered == 4
+    model_1, every_step = build("sr-adam", "none", 1)
+    counts = per_step_counts(model_1, every_step, 3)
+    assert opt.mean_flip_rate() == counts[2] / opt.num_quantized
+
+
 def test_a_state_saved_before_the_cadence_existed_loads_and_starts_it_there():
     counter = FlipCounter(every=4)
     old = {"sum": torch.tensor(5.0, dtype=torch.float64),

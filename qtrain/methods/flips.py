@@ -6,8 +6,9 @@ counting never makes a CUDA step wait for the host; they are read only when a ra
 A count is a pass over the quantized weights (two, with SR's copy of the old ones), a few
 percent of a small model's step. With `every` = k > 1 only every k-th step is counted (the
 first, k+1-th, …, by the number of steps offered since the run began, so a resumed run counts
-the very steps an uninterrupted one does), and the mean rate is the mean over counted steps,
-an estimate of the mean over all of them from one step in k.
+the very steps an uninterrupted one does), and the first step after each reset too, so that
+every record with a step has a count, however short; the mean rate is the mean over counted
+steps, an estimate of the mean over all of them from about one step in k.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class FlipCounter:
 
     def due(self) -> bool:
         """Whether the step about to be taken is counted; call `advance` once it is taken."""
-        return self.offered % self.every == 0
+        return self.steps == 0 or self.offered % self.every == 0
 
     def advance(self) -> None:
         self.offered += 1
