@@ -87,6 +87,7 @@ def test_every_field_is_classified_and_the_identity_holds_what_changes_the_numbe
         *("text_file", "eval_batches"),  # the text itself is checked on resume
         "hf_path",  # the folder may move; the config and tokenizer it holds are checked
         "time_budget_s",  # a run stopped by its budget is finished; a crashed one may get more
+        "flip_every",  # the same weights; only which steps the flip_rate record counts
     }
     assert keys == defining
     assert {f.name for f in fields(RunConfig)} == defining | changeable
