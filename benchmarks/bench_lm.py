@@ -85,18 +85,22 @@ def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path,
                  run_dir: Path, device: str, fused: str, amp: str, impl: str,
                  uniforms: str = "torch", flip_every: int | None = None):  # fmt: skip
     """A round of `steps` trainer steps; flip_every None: the preset's."""
-    float_run = method.startswith("fp")
-    if float_run or flip_every is None:  # a float run counts none
-        flip_every = 1 if float_run else preset.get("flip_every", 1)
+    cadence = {} if flip_every is None else {"flip_every": flip_every}
     config = RunConfig(**{**preset, "method": method, "scale": scale,
-                          "grid": "binary" if float_run else grid,
+                          "grid": "binary" if method.startswith("fp") else grid,
                           "data_dir": str(folder), "eval_every": steps, "max_steps": 10**9,
                           "device": device, "fused_quant": fused, "amp": amp,
-                          "optimizer_impl": impl, "sr_uniforms": uniforms,
-                          "flip_every": flip_every})  # fmt: skip
+                          "optimizer_impl": impl, "sr_uniforms": uniforms, **cadence})  # fmt: skip
     trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
 
     return lambda r: train_round(trainer, r)
+
+
+def positive_int(text: str) -> int:
+    """argparse's type for --flip-every: a whole number ≥ 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a whole number of steps, 1 or more, got {text!r}")
+    return int(text)
 
 
 def timed_first(run):
@@ -192,7 +196,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--flip-every",
-        type=int,
+        type=positive_int,
         default=None,
         help="BC and SR count flips on every Nth step (default: the preset's flip_every)",
     )

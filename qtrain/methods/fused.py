@@ -260,7 +260,10 @@ def pays(mode: str, grid: str, numel: int, steps: int, counter: bool = False) ->
     (as when renting until the rent paid equals the price of buying) it spends at most about
     twice the better of compiling at the start and never compiling; a short run (a demo) never
     compiles. SR with counter uniforms (`counter`) compiles at once: their eager form is slower
-    than `torch.rand`, and a run that asks for them asks for the kernel that makes them."""
+    than `torch.rand`, and a run that asks for them asks for the kernel that makes them. With
+    `flip_every` > 1 the steps that count flips and those that do not are two kernels: the
+    second compile is not weighed here (both together took 0.5-4 s in bench_lm's warm-up
+    rounds, the inductor cache warm)."""
     if counter and mode == "sr":
         return True
     saved = SAVED_NS_PER_WEIGHT.get((mode, grid), 0.0) * 1e-9
