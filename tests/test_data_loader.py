@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import qtrain.data as data
-from qtrain.data.loader import crop_flip, draw_augmentation, epoch_permutation, rank_slice
+from qtrain.data.augment import crop_flip, draw_augmentation
+from qtrain.data.loader import epoch_permutation, rank_slice
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

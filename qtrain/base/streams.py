@@ -22,6 +22,7 @@ STREAMS = (
     "rounding",
     "data-order",
     "augment",
+    "flip",
     "sample",
     "subset",
     "validation",

@@ -13,6 +13,7 @@ import torch
 from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 
+from .augment import USUAL_AUGMENTATION, Augmentation
 from .loader import BatchLoader
 
 SPLITS = ("train", "test")
@@ -80,13 +81,15 @@ class DataSplits:
         seed: int,
         device: torch.device | str = "cpu",
         augment: bool | None = None,
+        augmentation: Augmentation = USUAL_AUGMENTATION,
         channels_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
         local_world_size: int = 1,
     ) -> BatchLoader:
-        """A `BatchLoader` of ``split``: "train" shuffles (and augments unless ``augment`` is
-        false or the set's default is off), "test" keeps the order and never augments.
+        """A `BatchLoader` of ``split``: "train" shuffles (and augments as ``augmentation``
+        says unless ``augment`` is false or the set's default is off), "test" keeps the order
+        and never augments.
         ``local_world_size`` is accepted for the common loader protocol; in-memory batches
         need no worker processes."""
         check_split(split)
@@ -97,6 +100,7 @@ class DataSplits:
             std=self.std,
             train=split == "train",
             augment=self.augment if augment is None else augment,
+            augmentation=augmentation,
             seed=seed,
             device=device,
             channels_last=channels_last,

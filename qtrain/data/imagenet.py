@@ -35,6 +35,7 @@ from qtrain.base.errors import UserError
 from qtrain.base.optional import require
 
 from .arrays import check_split
+from .augment import USUAL_AUGMENTATION, Augmentation
 from .errors import CorruptDataError, DataError, DatasetNotFoundError
 from .loader import Batch, Batching, augmentation_seed, epoch_permutation, rank_slice
 
@@ -92,6 +93,7 @@ class ImageNetSplits:
         seed: int,
         device: torch.device | str = "cpu",
         augment: bool | None = None,
+        augmentation: Augmentation = USUAL_AUGMENTATION,
         channels_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
@@ -107,6 +109,11 @@ class ImageNetSplits:
         if split == "train" and augment is False:
             raise UserError(
                 "ImageNet training always uses random-resized crops and flips; remove augment=false"
+            )
+        if augmentation != USUAL_AUGMENTATION:
+            raise UserError(
+                "ImageNet training crops with random-resized crops and random flips; remove "
+                "crop_padding, crop_fill and flip, which set the in-memory data sets' crop"
             )
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return ImageNetLoader(

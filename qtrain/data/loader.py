@@ -4,19 +4,19 @@ Per batch, everything is a batched tensor op (no per-image Python):
 
     idx   = perm[b·B : (b+1)·B]                      indices of global batch b   [B]
     x     = images[idx]                              uint8                       [B, C, H, W]
-    x_pad = zero-pad x by p on each side             uint8                       [B, C, H+2p, W+2p]
-    out[i, c, h, w] = x_pad[i, c, h + dy_i, w' + dx_i],  w' = W−1−w if flip_i else w
-    x     = (out − mean_c) / std_c                   float32                     [B, C, H, W]
+    x     = crop_flip(x)                             uint8 (qtrain.data.augment)  [B, C, H, W]
+    x     = (x − mean_c) / std_c                     float32                     [B, C, H, W]
 
-with crop offsets dy_i, dx_i uniform in {0, …, 2p} and flip_i ~ Bernoulli(½). The crop and the
-flip are one `gather` over flat pixel indices.
+The crop and the flip (`Augmentation`: a p-pixel padded random crop and a random or
+alternating horizontal flip) are one `gather` over flat pixel indices.
 
 Reproducibility: the shuffle of an epoch is a pure function of (seed, epoch) and the
 augmentation of batch b a pure function of (seed, epoch, b), each drawn from its own CPU
 `torch.Generator` (so batches are identical on every device). The two come from the run's
 "data-order" and "augment" random streams (`qtrain.base.streams`): shuffle seed
 mix(stream_seed(seed, "data-order"), epoch), augmentation seed
-mix(stream_seed(seed, "augment"), epoch, b). Resuming an epoch at batch b
+mix(stream_seed(seed, "augment"), epoch, b); an alternating flip's per-image first flips come
+from the "flip" stream, once per run. Resuming an epoch at batch b
 therefore yields exactly the batches an uninterrupted epoch would.
 
 Threads: on a CPU device each batch is computed with one intra-op thread. The ops are
@@ -38,10 +38,17 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from qtrain.base.errors import UserError
-from qtrain.base.streams import stream_seed
+from qtrain.base.streams import stream_generator, stream_seed
+
+from .augment import (
+    USUAL_AUGMENTATION,
+    Augmentation,
+    alternating_flips,
+    crop_flip,
+    draw_augmentation,
+)
 
 if TYPE_CHECKING:  # arrays.py builds loaders, so the import runs one way only
     from .arrays import ArrayDataset
@@ -90,35 +97,6 @@ def rank_slice(size: int, rank: int, world_size: int) -> slice:
     base, extra = divmod(size, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
-
-
-def draw_augmentation(
-    size: int, padding: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Crop offsets dy, dx (int64 [size], uniform in 0..2·padding) and flips (bool [size])."""
-    dy = torch.randint(0, 2 * padding + 1, (size,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (size,), generator=generator)
-    flip = torch.rand(size, generator=generator) < 0.5
-    return dy, dx, flip
-
-
-def crop_flip(
-    images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, padding: int
-) -> torch.Tensor:
-    """Zero-padded random crop and horizontal flip of uint8 [B, C, H, W], as one gather.
-
-    Image i is padded by ``padding`` zeros on every side, cropped back to H×W at offset
-    (dy_i, dx_i) of the padded image, and mirrored left-right where flip_i is true.
-    """
-    batch, channels, height, width = images.shape
-    padded = F.pad(images, (padding,) * 4)  # [B, C, H+2p, W+2p]
-    padded_width = width + 2 * padding
-    columns = torch.arange(width, device=images.device)
-    rows = dy[:, None] + torch.arange(height, device=images.device)  # [B, H]
-    cols = dx[:, None] + torch.where(flip[:, None], columns.flip(0), columns)  # [B, W]
-    flat = (rows[:, :, None] * padded_width + cols[:, None, :]).reshape(batch, 1, -1)
-    picked = padded.reshape(batch, channels, -1).gather(2, flat.expand(-1, channels, -1))
-    return picked.reshape(batch, channels, height, width)
 
 
 class Batching(ABC):
@@ -200,7 +178,7 @@ class BatchLoader(Batching):
 
     ``batch_size`` is global (split across ``world_size`` ranks). ``mean`` and ``std`` are per
     channel in pixel units (0..255). With ``train`` the order is shuffled per epoch and, if
-    ``augment``, images get a ``padding``-pixel random crop and a horizontal flip; without
+    ``augment``, images are cropped and flipped as ``augmentation`` says; without
     ``train`` the order is the dataset's and nothing is augmented. ``drop_last`` defaults to
     ``train``. Every rank yields the same number of batches; with ``drop_last`` false a rank's
     share of the short last batch may be empty.
@@ -221,7 +199,7 @@ class BatchLoader(Batching):
         channels_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
-        padding: int = 4,
+        augmentation: Augmentation = USUAL_AUGMENTATION,
     ) -> None:
         super().__init__(
             len(dataset),
@@ -237,12 +215,16 @@ class BatchLoader(Batching):
             rank=rank,
             world_size=world_size,
         )
-        if not isinstance(padding, int) or padding < 0:
-            raise UserError(f"crop padding must be an integer >= 0, got {padding!r}")
         self.augment = train and augment
-        self.padding = padding
+        self.augmentation = augmentation
         self.images = dataset.images.to(self.device)  # uint8 [N, C, H, W], stored once
         self.labels = dataset.labels.to(self.device)
+        self.first_flips = None  # "alternating": each image's flip in even epochs, bool [N]
+        if self.augment:
+            augmentation.check_image(*self.images.shape[2:])
+            if augmentation.flip == "alternating":
+                draws = torch.rand(len(dataset), generator=stream_generator(seed, "flip"))
+                self.first_flips = (draws < 0.5).to(self.device)
 
     @property
     def num_samples(self) -> int:
@@ -268,10 +250,13 @@ class BatchLoader(Batching):
         indices = global_indices[part]
         x = self.images.index_select(0, indices)
         if self.augment:
+            padding, fill = self.augmentation.padding, self.augmentation.fill
             generator = torch.Generator().manual_seed(augmentation_seed(self.seed, epoch, b))
-            draws = draw_augmentation(global_indices.shape[0], self.padding, generator)
+            draws = draw_augmentation(global_indices.shape[0], padding, generator)
             dy, dx, flip = (d[part].to(self.device) for d in draws)
-            x = crop_flip(x, dy, dx, flip, self.padding)
+            if self.first_flips is not None:
+                flip = alternating_flips(self.first_flips.index_select(0, indices), epoch)
+            x = crop_flip(x, dy, dx, flip, padding, fill)
         return self.normalise(x), self.labels.index_select(0, indices)
 
 

@@ -50,6 +50,7 @@ from pathlib import Path
 
 from qtrain.base.errors import UserError
 from qtrain.base.names import did_you_mean, unknown_name
+from qtrain.data.augment import Augmentation
 from qtrain.models.act_quant import ACT_NORMS
 from qtrain.quant.activations import ACT_BITS
 from qtrain.train.ema import check_ema_decay, check_ema_horizon
@@ -267,6 +268,15 @@ class RunConfig:
                                     applies=IMAGES)  # fmt: skip
     augment: bool | None = _key(None, "data", "crop + flip (None: the data set's default)",
                                 applies=IMAGES)  # fmt: skip
+    crop_padding: int = _key(4, "data", "the random crop's reach: pad by p pixels, crop back at "
+                             "an offset of up to p each way (qtrain.data.augment; 0: no shift)",
+                             applies=IMAGES)  # fmt: skip
+    crop_fill: str = _key("zeros", "data", "what the crop's padding holds: zeros, or reflect (the "
+                          "image mirrored at its edge)", applies=IMAGES,
+                          values="zeros or reflect")  # fmt: skip
+    flip: str = _key("random", "data", "the horizontal flip: random (each image, each epoch, "
+                     "with probability ½) or alternating (drawn once per image, inverted every "
+                     "other epoch)", applies=IMAGES, values="random or alternating")  # fmt: skip
     text_file: str | None = _key(None, "data", "a UTF-8 file read instead of the data set's "
                                  "text (its vocabulary and SHA-256 are checked on resume)", RUN,
                                  applies=TEXT)  # fmt: skip
@@ -465,6 +475,7 @@ class RunConfig:
                 "the weight average's decay; set one of them to 0"
             )
         check_tta(self.tta)
+        Augmentation(self.crop_padding, self.crop_fill, self.flip)
         if self.momentum_min is not None and not 0 <= self.momentum_min <= self.momentum:
             raise ConfigError(
                 f"momentum_min must be in [0, momentum={self.momentum:g}], got "
