@@ -328,6 +328,12 @@ CASES = [
          "bc_stochastic), not to method 'bc-adam' without bc_stochastic; leave it at 'torch'"),
     Case("cli", "a flip-count cadence below one step", "{syn} --set flip_every=0 --out o",
          "flip_every must be a whole number of steps, 1 or more (1 counts every step), got 0"),
+    Case("cli", "unknown flip", "{syn} --set flip=alternate --out o",
+         "unknown flip 'alternate' (did you mean 'alternating'?); choose one of random, "
+         "alternating"),
+    Case("cli", "a reflected crop wider than the image",
+         "{syn} --set augment=true --set crop_padding=64 --set crop_fill=reflect --out o",
+         "crop_padding (64) must be smaller than its"),
     Case("cli", "unknown logger", "{syn} --set log=tensorbord --out o",
          "did you mean 'tensorboard'"),
     Case("cli", "whitening init on a model without a whitening layer",
