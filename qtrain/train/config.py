@@ -268,15 +268,6 @@ class RunConfig:
                                     applies=IMAGES)  # fmt: skip
     augment: bool | None = _key(None, "data", "crop + flip (None: the data set's default)",
                                 applies=IMAGES)  # fmt: skip
-    crop_padding: int = _key(4, "data", "the random crop's reach: pad by p pixels, crop back at "
-                             "an offset of up to p each way (qtrain.data.augment; 0: no shift)",
-                             applies=IMAGES)  # fmt: skip
-    crop_fill: str = _key("zeros", "data", "what the crop's padding holds: zeros, or reflect (the "
-                          "image mirrored at its edge)", applies=IMAGES,
-                          values="zeros or reflect")  # fmt: skip
-    flip: str = _key("random", "data", "the horizontal flip: random (each image, each epoch, "
-                     "with probability ½) or alternating (drawn once per image, inverted every "
-                     "other epoch)", applies=IMAGES, values="random or alternating")  # fmt: skip
     text_file: str | None = _key(None, "data", "a UTF-8 file read instead of the data set's "
                                  "text (its vocabulary and SHA-256 are checked on resume)", RUN,
                                  applies=TEXT)  # fmt: skip
@@ -344,6 +335,16 @@ class RunConfig:
     ema_horizon: float = _key(0.0, "fast training", "evaluate an average of the weights whose "
                               "decay spans this fraction h of the run's S steps: 1 − 1/(h·S), "
                               "S as fitted (0: off; instead of ema_decay)")  # fmt: skip
+    crop_padding: int = _key(4, "fast training", "the random crop's reach: pad by p pixels, "
+                             "crop back at an offset of up to p each way "
+                             "(qtrain.data.augment; 0: no shift)", applies=IMAGES)  # fmt: skip
+    crop_fill: str = _key("zeros", "fast training", "what the crop's padding holds: zeros, or "
+                          "reflect (the image mirrored at its edge)", applies=IMAGES,
+                          values="zeros or reflect")  # fmt: skip
+    flip: str = _key("random", "fast training", "the horizontal flip: random (each image, each "
+                     "epoch, with probability ½) or alternating (drawn once per image, inverted "
+                     "every other epoch)", applies=IMAGES,
+                     values="random or alternating")  # fmt: skip
     whiten_init: bool = _key(False, "fast training", "initialise a patch-whitening first layer",
                              applies=IMAGES)  # fmt: skip
     tta: str = _key("none", "fast training", "test-time augmentation: none, flip, "
