@@ -4,7 +4,7 @@ Per batch, everything is a batched tensor op (no per-image Python):
 
     idx   = perm[b·B : (b+1)·B]                      indices of global batch b   [B]
     x     = images[idx]                              uint8                       [B, C, H, W]
-    x     = crop_flip(x)                             uint8 (qtrain.data.augment)  [B, C, H, W]
+    x     = crop_flip(x)  (qtrain.data.augment)      uint8                       [B, C, H, W]
     x     = (x − mean_c) / std_c                     float32                     [B, C, H, W]
 
 The crop and the flip (`Augmentation`: a p-pixel padded random crop and a random or
