@@ -476,7 +476,7 @@ class RunConfig:
                 "the weight average's decay; set one of them to 0"
             )
         check_tta(self.tta)
-        Augmentation(self.crop_padding, self.crop_fill, self.flip)
+        self.augmentation  # noqa: B018 (built to check the crop and flip keys)
         if self.momentum_min is not None and not 0 <= self.momentum_min <= self.momentum:
             raise ConfigError(
                 f"momentum_min must be in [0, momentum={self.momentum:g}], got "
@@ -524,6 +524,12 @@ class RunConfig:
                 "whiten_init sets the first layer from the data and init_from sets every "
                 "weight; leave whiten_init = false to start from init_from"
             )
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """The training crop and flip (`crop_padding`, `crop_fill`, `flip`); a bad value
+        raises a UserError naming the key."""
+        return Augmentation(self.crop_padding, self.crop_fill, self.flip)
 
     @property
     def keeps_average(self) -> bool:

@@ -19,7 +19,6 @@ from qtrain import data as qdata
 from qtrain import methods, models
 from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_seed
-from qtrain.data.augment import Augmentation
 from qtrain.data.holdout import hold_out, sample_images, validation_loader
 from qtrain.models.act_quant import act_quant_plan, apply_act_quant
 from qtrain.models.conv_grad import im2col_weight_grads
@@ -78,9 +77,8 @@ def _image_loaders(c: RunConfig, splits, held_out, device, dist: DistributedCont
         world_size=dist.world_size,
         local_world_size=dist.local_world_size,
     )
-    augmentation = Augmentation(c.crop_padding, c.crop_fill, c.flip)
     train = splits.loader(
-        "train", c.batch_size, augment=c.augment, augmentation=augmentation, **common
+        "train", c.batch_size, augment=c.augment, augmentation=c.augmentation, **common
     )
     test = splits.loader("test", c.eval_batch_size, **common)
     val = None
