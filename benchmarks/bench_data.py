@@ -77,22 +77,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     splits = data.load("cifar10", root=args.root)
-    fast = data.BatchLoader(
-        splits.train,
+    fast = splits.loader("train", args.batch_size, seed=0)  # a BatchLoader, the usual crop
+    airbench = splits.loader(
+        "train",
         args.batch_size,
-        mean=splits.mean,
-        std=splits.std,
-        train=True,
-        augment=True,
-        seed=0,
-    )
-    airbench = data.BatchLoader(
-        splits.train,
-        args.batch_size,
-        mean=splits.mean,
-        std=splits.std,
-        train=True,
-        augment=True,
         seed=0,
         augmentation=Augmentation(padding=2, fill="reflect", flip="alternating"),
     )
