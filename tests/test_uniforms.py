@@ -53,6 +53,17 @@ def test_counter_uniforms_are_the_formula_in_exact_uint32_arithmetic(k0, k1):
     assert r.dtype == torch.float64 and r.shape == (1003,)
 
 
+def test_a_slice_from_start_is_that_slice_of_the_whole_buffers_uniforms():
+    """The fused step hashes each parameter's slice of the flat buffer from its offset."""
+    k = keys(-77, 2**30 + 5)
+    whole = counter_uniforms(k, 5000, torch.float32)
+    for start, n in [(0, 5000), (1, 1), (1234, 2000), (4999, 1)]:
+        assert torch.equal(
+            counter_uniforms(k, n, torch.float32, start=start), whole[start : start + n]
+        )
+    assert counter_uniforms(k, 3, torch.float64, start=7)[0].item() == reference(7, -77, 2**30 + 5)
+
+
 def test_the_compiled_form_gives_the_eager_bits_at_odd_sizes():
     """Compiled as the fused step compiles (`torch_compile`: inductor's cache of this vector
     ISA, so a kernel built natively is not loaded under the AVX2 stand-in)."""

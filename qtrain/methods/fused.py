@@ -6,11 +6,13 @@ w_b ← s·Q_d(w_r/s) and the flip count Σ[w_b ≠ w_b_old]; for SR and R w_b �
 count. Each pass reads and writes the whole buffer. Here the same formulas, the very functions
 of `qtrain.quant.rounding`, are traced by `torch.compile`, whose inductor backend fuses them
 into one kernel (C++ on the CPU, Triton on CUDA): a loop per quantized parameter (its scale
-a constant there) that reads w_r (or w_b) and writes the new w_b into a joined buffer, a loop
-per parameter that counts its flips from the old and new values, and one loop that copies the
-joined buffer into w_b. The count is summed parameter by parameter (`_changed_per_segment`):
-counted over the joined buffers, the old and new grid levels would each be written out whole
-and read back.
+a constant there) that reads w_r (or w_b), counts the parameter's flips from the old and new
+values and writes the new w_b in place. Each parameter's slice of a buffer the kernel writes
+is an input of its own (`segment_views`, made once by the optimizer): written as slices of
+one flat input, each would be scattered back into a copy of the whole buffer, and joined by
+`torch.cat` into a new buffer, w_b would be written twice (docs/speed.md §7). The flips are
+counted parameter by parameter for the same reason: counted over a joined buffer, the old
+and new grid levels would each be written out whole and read back.
 
 What stays outside the compiled region, so that a run computes the same floats either way:
 
@@ -84,7 +86,7 @@ def compiler_found(device: torch.device) -> bool:
     return any(name is not None and shutil.which(name) for name in names)
 
 
-def _segment_views(x: torch.Tensor, segs: Segments) -> list[torch.Tensor]:
+def segment_views(x: torch.Tensor, segs: Segments) -> list[torch.Tensor]:
     """Each parameter's slice of the flat x as (rows, numel/rows)."""
     views, offset = [], 0
     for n, rows in segs:
@@ -93,39 +95,13 @@ def _segment_views(x: torch.Tensor, segs: Segments) -> list[torch.Tensor]:
     return views
 
 
-def _per_segment(
-    x: torch.Tensor,
-    scales: list[torch.Tensor],
-    segs: Segments,
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """fn(segment as (rows, numel/rows), its scale as (rows, 1)) for each parameter, joined
-    back into one flat tensor (inductor writes each part into its slice of one buffer)."""
-    parts = zip(_segment_views(x, segs), scales, strict=True)
-    return torch.cat([fn(v, s.reshape(v.shape[0], 1)).reshape(-1) for v, s in parts])
+def _changed(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Σ[old ≠ new] over one segment, in integers (exact, so the order is free)."""
+    return (old != new).sum()
 
 
-def _changed_per_segment(
-    old: torch.Tensor,
-    new: torch.Tensor,
-    segs: Segments,
-    old_scales: list[torch.Tensor] | None = None,
-    scales: list[torch.Tensor] | None = None,
-    grid: Grid | None = None,
-) -> torch.Tensor:
-    """Σ[old ≠ new] summed segment by segment in integers (exact, so the order is free); with
-    scales, Σ[level of old under old_scales ≠ level of new under scales] (`_levels`).
-
-    Counted over the joined buffers, the levels of old and new would be materialised whole
-    (`torch.cat` ends fusion) and read back; counted per segment, each is a reduction over two
-    slices that writes nothing.
-    """
-    counts = []
-    for i, (a, b) in enumerate(zip(_segment_views(old, segs), _segment_views(new, segs))):
-        if grid is not None:
-            a = _levels(a, old_scales[i].reshape(a.shape[0], 1), grid)
-            b = _levels(b, scales[i].reshape(b.shape[0], 1), grid)
-        counts.append((a != b).sum())
+def _total(counts: list[torch.Tensor]) -> torch.Tensor:
+    """The segments' counts summed (integers: the same number in any order)."""
     return sum(counts[1:], counts[0])
 
 
@@ -150,25 +126,27 @@ def _levels(w: torch.Tensor, s: torch.Tensor, grid: Grid) -> torch.Tensor:
     return (w / (safe_divisor(s) * grid.delta)).round()
 
 
-def bc_step(grid: Grid, scale: str, segs: Segments, count: bool) -> Callable:
-    """BC after the base step with a fixed scale: f(w_r, w_b, scales) clips w_r to the scaled
-    grid's range, writes w_b = s·Q_d(w_r/s) and returns Σ[w_b changed] (0 unless `count`)."""
+def bc_step(grid: Grid, scale: str, count: bool) -> Callable:
+    """BC after the base step with a fixed scale: f(w_r parts, w_b parts, scales) clips each
+    part of w_r to the scaled grid's range, writes w_b = s·Q_d(w_r/s) and returns Σ[w_b
+    changed] (None unless `count`)."""
     nearest = _nearest_scaled(grid)
 
-    def clip(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return x.clamp(-(s * grid.hi), s * grid.hi)
-
-    def step(latent: torch.Tensor, wb: torch.Tensor, scales: list[torch.Tensor]):
-        if scale == "none":
-            clipped = latent.clamp(grid.lo, grid.hi)
-            new = round_nearest(clipped, grid)
-        else:
-            clipped = _per_segment(latent, scales, segs, clip)
-            new = _per_segment(clipped, scales, segs, nearest)
-        flips = _changed_per_segment(wb, new, segs) if count else None
-        latent.copy_(clipped)
-        wb.copy_(new)
-        return flips
+    def step(latents: list[torch.Tensor], wbs: list[torch.Tensor], scales: list[torch.Tensor]):
+        counts = []
+        for x, w, s in zip(latents, wbs, scales, strict=True):
+            if scale == "none":
+                clipped = x.clamp(grid.lo, grid.hi)
+                new = round_nearest(clipped, grid)
+            else:
+                s = s.reshape(x.shape[0], 1)
+                clipped = x.clamp(-(s * grid.hi), s * grid.hi)
+                new = nearest(clipped, s)
+            if count:
+                counts.append(_changed(w, new))
+            x.copy_(clipped)
+            w.copy_(new)
+        return _total(counts) if count else None
 
     return step
 
@@ -185,16 +163,21 @@ def bc_measured_prepare(grid: Grid) -> Callable:
     return prepare
 
 
-def bc_measured_step(grid: Grid, segs: Segments, count: bool) -> Callable:
-    """BC with a measured scale, second pass: f(w_r, w_b, scales, old_scales) writes
-    w_b = s·Q_d(w_r/s) and returns Σ[level changed] under the old and new scales."""
+def bc_measured_step(grid: Grid, count: bool) -> Callable:
+    """BC with a measured scale, second pass: f(w_r parts, w_b parts, scales, old_scales)
+    writes w_b = s·Q_d(w_r/s) and returns Σ[level changed] under the old and new scales."""
     nearest = _nearest_scaled(grid)
 
-    def step(latent, wb, scales, old_scales):
-        new = _per_segment(latent, scales, segs, nearest)
-        flips = _changed_per_segment(wb, new, segs, old_scales, scales, grid) if count else None
-        wb.copy_(new)
-        return flips
+    def step(latents, wbs, scales, old_scales):
+        counts = []
+        for x, w, s, old_s in zip(latents, wbs, scales, old_scales, strict=True):
+            s = s.reshape(x.shape[0], 1)
+            new = nearest(x, s)
+            if count:
+                old_s = old_s.reshape(x.shape[0], 1)
+                counts.append(_changed(_levels(w, old_s, grid), _levels(new, s, grid)))
+            w.copy_(new)
+        return _total(counts) if count else None
 
     return step
 
@@ -202,31 +185,38 @@ def bc_measured_step(grid: Grid, segs: Segments, count: bool) -> Callable:
 def rounding_step(
     grid: Grid, scale: str, segs: Segments, stochastic: bool, count: bool, counter: bool = False
 ):
-    """SR and R after the base step: f(w_b, old, r, scales) writes w_b = s·Q(w_b/s) (Q_s with
-    the uniforms r, else Q_d) and returns Σ[w_b ≠ old] (0 unless `count`). With `counter`, r
-    holds the step's two keys and the uniforms are hashed from them inside the kernel
+    """SR and R after the base step: f(w_b parts, old, r, scales) writes w_b = s·Q(w_b/s) (Q_s
+    with the uniforms r, else Q_d) and returns Σ[w_b ≠ old] (None unless `count`); old and r
+    are flat. With `counter`, r holds the step's two keys and the uniforms are hashed from
+    them and each weight's index in the flat buffer inside the kernel
     (`qtrain.quant.uniforms.counter_uniforms`, the eager step's very numbers)."""
+
+    def uniforms(r: torch.Tensor | None, dtype: torch.dtype) -> list:
+        if counter:
+            starts = [sum(n for n, _ in segs[:i]) for i in range(len(segs))]
+            return [counter_uniforms(r, n, dtype, start=start).view(rows, n // rows)
+                    for (n, rows), start in zip(segs, starts, strict=True)]  # fmt: skip
+        return segment_views(r, segs) if stochastic else [None] * len(segs)
 
     def one(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
         if stochastic:
             return _stochastic(x.clone(), r, grid)
         return round_nearest(x, grid)
 
-    def step(wb, old, r, scales):
-        if counter:
-            r = counter_uniforms(r, wb.numel(), wb.dtype)
-        if scale == "none":
-            new = one(wb, r)
-        else:
-            uniforms = _segment_views(r, segs) if stochastic else [None] * len(segs)
-            parts = []
-            for x, rs, s in zip(_segment_views(wb, segs), uniforms, scales, strict=True):
-                s = s.reshape(x.shape[0], 1)
-                parts.append((one(x / safe_divisor(s), rs) * s).reshape(-1))
-            new = torch.cat(parts)
-        flips = _changed_per_segment(old, new, segs) if count else None
-        wb.copy_(new)
-        return flips
+    def step(wbs, old, r, scales):
+        olds = segment_views(old, segs) if count else [None] * len(segs)
+        counts = []
+        parts = zip(wbs, olds, uniforms(r, wbs[0].dtype), scales, strict=True)
+        for w, w_old, rs, s in parts:
+            if scale == "none":
+                new = one(w, rs)
+            else:
+                s = s.reshape(w.shape[0], 1)
+                new = one(w / safe_divisor(s), rs) * s
+            if count:
+                counts.append(_changed(w_old, new))
+            w.copy_(new)
+        return _total(counts) if count else None
 
     return step
 

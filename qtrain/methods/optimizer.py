@@ -71,6 +71,7 @@ from qtrain.methods.fused import (
     compiler_found,
     pays,
     rounding_step,
+    segment_views,
     segments,
 )
 from qtrain.methods.saved import check_saved_settings, quantization_state, split_saved
@@ -187,6 +188,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._fused: FusedSteps | None = None
         self._fused_key: tuple | None = None
         self._segments = None
+        self._segmented: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._steps = 0
         if self.quantized:
             self._rehome_parameters()
@@ -454,6 +456,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if not applies(self.mode, self.scale, dtype, self.bc_stochastic):
             return None
         self._segments = segments(self.quantized, per_row=self.scale == "absmean")
+        self._segmented = {}
         if self._segments is None:
             return None
         steps = FusedSteps(announce=self.fused_quant == "on")
@@ -462,16 +465,28 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             steps.warn(f"inductor finds no compiler for {device.type}")
         return steps
 
+    def _parts_of(self, name: str, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's slice of the flat buffer `flat` as (rows, numel/rows) (`fused.
+        segment_views`), made once per buffer. The compiled steps write these views, each
+        an input of its own, in place; a slice of one flat input that the kernel writes
+        would be scattered back into a copy of the whole buffer, parameter by parameter."""
+        made = self._segmented.get(name)
+        if made is None or made[0] is not flat:
+            made = (flat, segment_views(flat, self._segments))
+            self._segmented[name] = made
+        return made[1]
+
     def _fused_bc(self) -> bool:
         """BC's clip, scales, rounding and flip count as compiled passes; False: not taken."""
         fused = self._fused_steps()
         if fused is None:
             return False
         latent, wb, count = self._buffers["latent"], self._flat_wb, self._counting
-        grid, segs = self.grid, self._segments
+        latents, wbs = self._parts_of("latent", latent), self._parts_of("wb", wb)
+        grid = self.grid
         if self.scale in FIXED:
-            build = lambda: bc_step(grid, self.scale, segs, count)  # noqa: E731
-            done, flips = fused.run(f"bc-{count}", build, latent, wb, self._scales)
+            build = lambda: bc_step(grid, self.scale, count)  # noqa: E731
+            done, flips = fused.run(f"bc-{count}", build, latents, wbs, self._scales)
         else:
             a = self._work.get("result", latent)
             done, _ = fused.run("bc-prepare", lambda: bc_measured_prepare(grid), latent, a)
@@ -479,8 +494,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 return False
             old_scales = self._scales
             self._scales = [absmean(self.scale, v) for v in self._parts(a)]
-            build = lambda: bc_measured_step(grid, segs, count)  # noqa: E731
-            done, flips = fused.run(f"bc-measured-{count}", build, latent, wb, self._scales,
+            build = lambda: bc_measured_step(grid, count)  # noqa: E731
+            done, flips = fused.run(f"bc-measured-{count}", build, latents, wbs, self._scales,
                                     old_scales)  # fmt: skip
             if not done:  # the eager step clips again (no change) and measures again
                 self._scales = old_scales
@@ -512,7 +527,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             torch.rand(wb.shape, generator=self.generator, out=r)
         build = lambda: rounding_step(self.grid, self.scale, self._segments, stochastic, count,  # noqa: E731
                                       counter)  # fmt: skip
-        done, flips = fused.run(name, build, wb, old, r, self._scales)
+        done, flips = fused.run(name, build, self._parts_of("wb", wb), old, r, self._scales)
         if not done:
             if saved is not None:
                 self.generator.set_state(saved)

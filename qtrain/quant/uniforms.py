@@ -80,10 +80,13 @@ def draw_keys(generator: torch.Generator) -> torch.Tensor:
     return keys.to(torch.int32)
 
 
-def counter_uniforms(keys: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """r_i = ⌊mix(mix(i ⊕ k₀) ⊕ k₁) / 2⁸⌋ · 2⁻²⁴ for i = 0 … numel − 1, in `dtype` on the keys'
-    device: uniforms on the 2²⁴ multiples of 2⁻²⁴ in [0, 1)."""
-    h = torch.arange(numel, dtype=torch.int32, device=keys.device)
+def counter_uniforms(
+    keys: torch.Tensor, numel: int, dtype: torch.dtype, start: int = 0
+) -> torch.Tensor:
+    """r_i = ⌊mix(mix(i ⊕ k₀) ⊕ k₁) / 2⁸⌋ · 2⁻²⁴ for i = start … start + numel − 1, in `dtype`
+    on the keys' device: uniforms on the 2²⁴ multiples of 2⁻²⁴ in [0, 1). A slice of the
+    flat buffer's uniforms is those of its indices: `start` is the slice's offset."""
+    h = torch.arange(start, start + numel, dtype=torch.int32, device=keys.device)
     work = torch.empty_like(h)
     mix_(h.bitwise_xor_(keys[0]), work)
     mix_(h.bitwise_xor_(keys[1]), work)
