@@ -33,7 +33,9 @@ flips each step" count on every step, in the same interleaved rounds: what the c
 is smaller than the spread between two runs of the benchmark.
 
 Rounds are interleaved (nanoGPT, FP, BC, SR, nanoGPT, …) so that drift in the machine's speed
-hits every variant alike; medians and their ratios are printed. The target is that
+hits every variant alike; medians and their ratios are printed, and, paired, the median over
+rounds of each variant's round ÷ FP-ADAMW's in the same round (`speed_common.paired_ratio`),
+which a slow spell lasting a round moves less. The target is that
 quantization adds at most 5% to FP-ADAMW's step. Run it alone on the machine for the record.
 """
 
@@ -49,7 +51,14 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_common import interleave, machine_line, median, timed_call, train_round  # noqa: E402
+from speed_common import (  # noqa: E402
+    interleave,
+    machine_line,
+    median,
+    paired_ratio,
+    timed_call,
+    train_round,
+)
 
 from qtrain import data as qdata  # noqa: E402
 from qtrain import models  # noqa: E402
@@ -254,11 +263,12 @@ def main() -> None:
     print(machine_line())
     width = max(len(name) for name in times)
     print(f"{'variant':{width}s} {'median s/round':>15s} {'tokens/s':>10s} {'vs FP-ADAMW':>12s} "
-          f"{'vs nanoGPT':>11s}")  # fmt: skip
+          f"{'vs nanoGPT':>11s} {'vs FP-ADAMW, paired':>20s}")  # fmt: skip
     for name, seconds in times.items():
         m = median(seconds)
+        paired = paired_ratio(seconds, times["FP-ADAMW"])
         print(f"{name:{width}s} {m:15.3f} {tokens / m:10.0f} {100 * (m / fp - 1):+11.1f}% "
-              f"{100 * (m / plain - 1):+10.1f}%")  # fmt: skip
+              f"{100 * (m / plain - 1):+10.1f}% {100 * (paired - 1):+19.1f}%")  # fmt: skip
     for name, first in firsts.items():
         print(f"{name}: compile time paid once (warm-up round minus the median round) "
               f"{first[0] - median(times[name]):.1f} s")  # fmt: skip

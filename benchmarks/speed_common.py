@@ -120,6 +120,13 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """The median over rounds of a variant's seconds ÷ `base`'s in the same round (`interleave`
+    runs each round's variants one after another). A slow spell of a shared machine that lasts
+    a round scales both, so the ratio moves less than that of the two medians."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
+
+
 def machine_line() -> str:
     """Threads, load average (1, 5, 15 min), torch version and CPU vector capability."""
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
