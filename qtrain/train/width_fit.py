@@ -27,7 +27,9 @@ start is not read as a slow width. It omits the loader and the weight average; o
 2-core CPU its prediction at width 0.75 came within 3% of what the fit at the end of the
 first epoch, timing the real step by the epoch's mean, chose: 7.5 against 7.33 epochs
 (native bf16 without AMX, 12 minutes, a weight average) and 7.7 against 7.81 (limited to
-AVX2, 20 minutes). The choice is recorded: the run's config
+AVX2, 20 minutes); on an Intel Xeon with AMX (model 207), whose speed moved by ±20% within a
+run, it read width 0.75's step 7-12% slower than the first epoch's second half ran. The
+choice is recorded: the run's config
 holds the width it trained, and its fit (summary.json, the checkpoint) the candidates, their
 step seconds and predicted epochs. A resumed run keeps the recorded width and measures
 nothing.
