@@ -36,6 +36,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 
@@ -86,13 +87,15 @@ def compiler_found(device: torch.device) -> bool:
     return any(name is not None and shutil.which(name) for name in names)
 
 
+def offsets(segs: Segments) -> list[int]:
+    """Where each parameter's slice starts in the flat buffer."""
+    return list(accumulate((n for n, _ in segs), initial=0))[:-1]
+
+
 def segment_views(x: torch.Tensor, segs: Segments) -> list[torch.Tensor]:
     """Each parameter's slice of the flat x as (rows, numel/rows)."""
-    views, offset = [], 0
-    for n, rows in segs:
-        views.append(x[offset : offset + n].view(rows, n // rows))
-        offset += n
-    return views
+    return [x[start : start + n].view(rows, n // rows)
+            for (n, rows), start in zip(segs, offsets(segs), strict=True)]  # fmt: skip
 
 
 def _changed(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -193,9 +196,8 @@ def rounding_step(
 
     def uniforms(r: torch.Tensor | None, dtype: torch.dtype) -> list:
         if counter:
-            starts = [sum(n for n, _ in segs[:i]) for i in range(len(segs))]
             return [counter_uniforms(r, n, dtype, start=start).view(rows, n // rows)
-                    for (n, rows), start in zip(segs, starts, strict=True)]  # fmt: skip
+                    for (n, rows), start in zip(segs, offsets(segs), strict=True)]  # fmt: skip
         return segment_views(r, segs) if stochastic else [None] * len(segs)
 
     def one(x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
