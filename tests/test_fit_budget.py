@@ -420,13 +420,16 @@ def test_a_speedrun_table_names_each_runs_fit_and_machine(tmp_path, slow_clock):
 
 
 # -- choosing the width --------------------------------------------------------------------------
-def test_the_width_rule_trains_the_widest_that_fits_half_of_the_recipe():
+def test_the_width_rule_trains_the_widest_that_fits_its_share_of_the_recipe():
     widths = [1.0, 0.75, 0.5]
+    assert width_fit.MIN_SHARE == 0.65  # of 14 epochs: 9.1
     # B·(1 − 0.05) − t_probe = 95 s, 10 steps an epoch: E = 9.5 / t_step
-    chosen, predicted = width_fit.choose(widths, [2.0, 1.2, 0.6], 14, 10, 100.0, 0.0)
-    assert predicted == pytest.approx([4.75, 9.5 / 1.2, 9.5 / 0.6])
-    assert chosen == 0.75  # 7.9 epochs ≥ 7; width 1's 4.75 are not
-    assert width_fit.choose(widths, [1.0, 0.6, 0.3], 14, 10, 100.0, 0.0)[0] == 1.0  # 9.5 ≥ 7
+    chosen, predicted = width_fit.choose(widths, [2.0, 1.0, 0.5], 14, 10, 100.0, 0.0)
+    assert predicted == pytest.approx([4.75, 9.5, 19.0])
+    assert chosen == 0.75  # 9.5 epochs ≥ 9.1; width 1's 4.75 are not
+    assert width_fit.choose(widths, [1.0, 0.6, 0.3], 14, 10, 100.0, 0.0)[0] == 1.0  # 9.5 ≥ 9.1
+    # half the recipe at width 1 (7.9 epochs) is under the share: width 0.75 trains
+    assert width_fit.choose(widths, [1.2, 0.6, 0.3], 14, 10, 100.0, 0.0)[0] == 0.75
     assert width_fit.choose(widths, [9.0, 5.0, 3.0], 14, 10, 100.0, 0.0)[0] == 0.5  # none fits
     # the probe's own seconds come out of the budget: 95 − 38 = 57 s leave width 1 4.75 epochs
     assert width_fit.choose(widths, [1.2, 0.6, 0.3], 14, 10, 100.0, 38.0)[0] == 0.75
@@ -467,21 +470,21 @@ def test_a_run_that_fits_its_width_records_the_width_it_chose(tmp_path, slow_clo
                                                               timed_widths):  # fmt: skip
     slow_clock(0.5)
     # 20 s · 0.95 − 1 s of probe = 18 s for 7-step epochs: E(w) = 18 / (7 · t_step(w))
-    timed_widths(lambda w: {0.125: 0.5, 0.09375: 0.3, 0.0625: 0.2}[w])
+    timed_widths(lambda w: {0.125: 0.35, 0.09375: 0.3, 0.0625: 0.2}[w])
     lines = []
     config = speed_config(fit_width=True)
     run = Trainer(config, tmp_path, log=lines.append)
-    assert run.config.width == 0.125  # E = 18 / (7 · 0.5) = 5.14 ≥ 5 epochs: the widest
+    assert run.config.width == 0.125  # E = 18 / (7 · 0.35) = 7.3 ≥ 6.5 epochs: the widest
     assert sum("width 0.125 chosen for the time budget: the widest predicted to train at "
-               "least 50% of the recipe's 10 epochs (width: epochs, 0.125: 5.1, 0.09375: 8.6, "
+               "least 65% of the recipe's 10 epochs (width: epochs, 0.125: 7.3, 0.09375: 8.6, "
                "0.0625: 12.9; measured in 1.0 s)" in line for line in lines) == 1  # fmt: skip
     run.run()
     fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
     assert fit["width_fit"]["chosen"] == 0.125 and fit["setup_seconds"] == 1.0
-    assert fit["width_fit"]["step_seconds"] == [0.5, 0.3, 0.2]
+    assert fit["width_fit"]["step_seconds"] == [0.35, 0.3, 0.2]
     assert rundir_config(tmp_path)["fit_width"] is True
 
-    timed_widths(lambda w: 0.6 * w / 0.125)  # slower: width 0.125 fits 4.3, 0.094 5.7 epochs
+    timed_widths(lambda w: 0.5 * w / 0.125)  # slower: width 0.125 fits 5.1, 0.094 6.9 epochs
     narrower = Trainer(config, tmp_path / "slower", log=quiet)
     assert narrower.config.width == 0.09375
     narrower.run()
@@ -496,9 +499,9 @@ def test_a_resumed_run_keeps_its_width_and_measures_nothing(tmp_path, slow_clock
                                                             monkeypatch):  # fmt: skip
     config = speed_config(fit_width=True, checkpoint_every_steps=1)
     slow_clock(0.5)
-    timed_widths(lambda w: 0.6 * w / 0.125)  # chooses 0.09375
+    timed_widths(lambda w: 0.5 * w / 0.125)  # chooses 0.09375
     reference = Trainer(config, tmp_path / "ref", log=quiet).run()
-    timed_widths(lambda w: 0.6 * w / 0.125)
+    timed_widths(lambda w: 0.5 * w / 0.125)
     crashing = Trainer(config, tmp_path / "crash", log=quiet)
     real_step, calls = crashing.optimizer.step, {"n": 0}
 
@@ -526,7 +529,7 @@ def test_a_run_resumed_inside_its_first_epoch_counts_the_probe_as_set_up(tmp_pat
                                                                          timed_widths):  # fmt: skip
     config = speed_config(fit_width=True, checkpoint_every_steps=1)
     slow_clock(0.5)
-    timed_widths(lambda w: 0.6 * w / 0.125)
+    timed_widths(lambda w: 0.5 * w / 0.125)
     crashing = Trainer(config, tmp_path, log=quiet)
     real_step, calls = crashing.optimizer.step, {"n": 0}
 

@@ -389,7 +389,7 @@ class RunConfig:
                                  "current rate (qtrain.train.budget_fit)",
                                  applies=BUDGETED)  # fmt: skip
     fit_width: bool = _key(False, "run", "with fit_to_budget: before training, time a step at "
-                           "width × 1, 0.75, 0.5 and train the widest that fits half of "
+                           "width × 1, 0.75, 0.5 and train the widest that fits 65% of "
                            "`epochs` (qtrain.train.width_fit); the run records the width",
                            applies=BUDGETED)  # fmt: skip
     # -- machine
