@@ -67,7 +67,7 @@ from qtrain.train.flops import cumulative_training_flops, training_flop_per_imag
 # the same rule applied before training). On the validation split, width 0.5 beat width 1
 # where 0.31 of the recipe fitted (AVX2 stand-in, 20 minutes) and where 0.40 did (bf16
 # without AMX, 12 minutes), and tied with width 0.75 at 0.56; width 0.75 beat width 1 where
-# 0.50 fitted at width 1 and tied with it at 0.64 (AMX, equal time); on the AMX machine
+# 0.50 and 0.57 fitted at width 1 and tied with it at 0.64 (AMX, equal time); on the AMX machine
 # width 1 beat 0.75 where 10 of 11 fitted.
 NARROW_BELOW = 0.65
 TARGETS = (85.0, 90.0)

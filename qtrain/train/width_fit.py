@@ -18,8 +18,8 @@ The rule comes from validation runs of the speedrun preset (docs/speedrun.md, "W
 CPU" and "Width 1 against 0.75"): where 31% or 40% of the recipe fitted at width 1, width 0.5
 (all of it) ended 2.3 and 0.7 points higher; where 55% fitted at width 0.75 it tied with width
 0.5; where 50% fitted at width 1, width 0.75 (in the same time) ended 0.46-0.66 points higher,
-where 64% fitted the two tied, and where about 90% fitted width 1 beat 0.75. About two thirds
-of the recipe is where the wider network stops losing.
+where 57% fitted 0.24 higher, where 64% fitted the two tied, and where about 90% fitted
+width 1 beat 0.75. About two thirds of the recipe is where the wider network stops losing.
 
 The probe builds each candidate afresh (from the run's initialisation stream, under a
 forked random state), so the run's weights and random streams are as they would be without
