@@ -57,19 +57,16 @@ from qtrain.experiments.runner import (
     run_cells,
 )
 from qtrain.report.tables import format_cell
-from qtrain.train import rundir
+from qtrain.train import rundir, width_fit
 from qtrain.train.budget_fit import Fit
 from qtrain.train.config import RunConfig, from_dict, keys, load_toml
 from qtrain.train.flops import cumulative_training_flops, training_flop_per_image
 
 # Below this fraction of the recipe's epochs a run that did not choose its width (`--width`)
-# is told that a narrower network may end higher (`narrower_hint`; `width_fit.MIN_SHARE` is
-# the same rule applied before training). On the validation split, width 0.5 beat width 1
-# where 0.31 of the recipe fitted (AVX2 stand-in, 20 minutes) and where 0.40 did (bf16
-# without AMX, 12 minutes), and tied with width 0.75 at 0.56; width 0.75 beat width 1 where
-# 0.50 and 0.57 fitted at width 1 and tied with it at 0.64 (AMX, equal time); on the AMX machine
-# width 1 beat 0.75 where 10 of 11 fitted.
-NARROW_BELOW = 0.65
+# is told that a narrower network may end higher (`narrower_hint`): the rule `fit_width`
+# applies before training (`width_fit.MIN_SHARE`, whose docstring names the validation runs
+# behind it), so the two cannot drift apart.
+NARROW_BELOW = width_fit.MIN_SHARE
 TARGETS = (85.0, 90.0)
 VARIANTS = ("binary", "float", "paper")
 PAPER_PRESET = "vgg9-cifar10"
