@@ -13,6 +13,13 @@ its weight average where it keeps one):
 - binary, fp32   the preset with amp=off: what bf16 buys on this CPU
 - "no im2col"    the binary ones with `im2col_grad = false`: every convolution's weight
                  gradient by the library's kernel (oneDNN), what qtrain.models.conv_grad buys
+- "model compiled"     the binary ones with `compile = true`: the model run through
+                 torch.compile (inductor)
+- "rounding compiled"  the binary ones with `fused_quant = "on"`: BC's clip, rounding and
+                 flip count after Adam's step as one compiled loop (`qtrain.methods.fused`;
+                 the preset's "auto" compiles only once eager steps have lost the compile
+                 time). The first round of a compiled row, untimed, pays the compilation
+                 (printed)
 - "fused Adam"   the binary ones with the base optimizer's kernels the preset does not use
                  (`optimizer_impl`): PyTorch's one-kernel Adam where the preset has "foreach",
                  "foreach Adam" where it has "fused"
@@ -23,7 +30,13 @@ its weight average where it keeps one):
   stand-in)
 
 Rounds are interleaved (binary, float, fp32, binary, …) so that drift in the machine's speed
-hits every variant alike; medians and their ratios are printed. Then one more round of the
+hits every variant alike; medians and their ratios are printed, and the median over rounds
+of each variant's time ÷ the reference's in the same round ("paired"), which a slow spell of
+the machine lasting a round moves less. In the same rounds the best
+3×3 convolution forward of this machine is timed in each precision (`bench_flops.conv_peak`),
+and each binary row's training FLOP/s (its images a second × `qtrain.train.flops`'s FLOP an
+image: convolutions and matrix products of forward and backward) is printed as a fraction
+of it: how close the step runs to what the machine's convolutions can do. Then one more round of the
 preset is split into data loading, optimizer step, EMA update, and the rest (forward,
 loss and backward), timed around those calls (the EMA's only where the preset keeps one). Run it
 alone on the machine for the record.
@@ -40,19 +53,33 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_common import cifar10_folder, interleave, machine_line, median  # noqa: E402
+from bench_flops import CONV_SHAPES, conv_peak  # noqa: E402
+from speed_common import (  # noqa: E402
+    cifar10_folder,
+    interleave,
+    machine_line,
+    median,
+    paired_ratio,
+    timed_call,
+)
 
 from qtrain.train.config import RunConfig, load_toml  # noqa: E402
+from qtrain.train.flops import training_flop_per_image  # noqa: E402
 from qtrain.train.state import TrainState  # noqa: E402
 from qtrain.train.trainer import Trainer  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VARIANTS = {
     "binary, bf16": {},
     "float, bf16": {"method": "fp-adam"},
     "binary, fp32": {"amp": "off"},
     "binary, bf16, no im2col": {"im2col_grad": False},
     "binary, fp32, no im2col": {"amp": "off", "im2col_grad": False},
+    "binary, bf16, model compiled": {"compile": True},
+    "binary, fp32, model compiled": {"amp": "off", "compile": True},
+    "binary, bf16, rounding compiled": {"fused_quant": "on"},
+    "binary, fp32, rounding compiled": {"amp": "off", "fused_quant": "on"},
 }
 
 
@@ -171,6 +198,9 @@ def main() -> None:
                         variants(preset, args.batch_sizes, args.precisions).items())}  # fmt: skip
         rounds = {name: (lambda _r, t=t: t._train_epoch(TrainState(epoch=0)))
                   for name, t in trainers.items()}  # fmt: skip
+        first = {name: timed_call(run, 0) for name, run in rounds.items() if "compiled" in name}
+        peaks = {p: conv_peak(preset["batch_size"], DTYPES[p]) for p in args.precisions}
+        rounds.update({f"conv peak, {p}": run for p, (run, _) in peaks.items()})
         times = interleave(rounds, args.rounds)
         reference = "binary, bf16" if "bf16" in args.precisions else "binary, fp32"
         total, parts = breakdown(trainers[reference])
@@ -178,16 +208,37 @@ def main() -> None:
           f"{args.images} images a round, {source}; "
           f"{args.rounds} interleaved rounds; {machine_line()}")  # fmt: skip
     base = median(times[reference])
-    print(f"{'variant':26s} {'images/s':>9s} {'time ÷ ' + reference:>21s}")
+    width = max(len(name) for name in times)
+    print(f"{'variant':{width}s} {'images/s':>9s} {'time ÷ ' + reference:>21s} {'paired':>7s}")
     for name, seconds in times.items():
-        middle = median(seconds)
-        print(f"{name:26s} {args.images / middle:9.1f} {middle / base:20.2f}x")
+        if name.startswith("conv peak"):
+            continue
+        middle, paired = median(seconds), paired_ratio(seconds, times[reference])
+        print(f"{name:{width}s} {args.images / middle:9.1f} {middle / base:20.3f}x {paired:6.3f}x")
     other, impl = other_impl(preset), preset.get("optimizer_impl", "foreach")
+    flop = training_flop_per_image(trainers[reference].config)
+    for p in args.precisions:
+        name, (rate, shape) = f"binary, {p}", peaks[p][1]()
+        step = flop * args.images / median(times[name])
+        channels, side = CONV_SHAPES[shape]
+        print(
+            f"{name}: {step / 1e9:.1f} GFLOP/s in training ({flop / 1e9:.3f} GFLOP an image), "
+            f"{100 * step / rate:.0f}% of this machine's best 3x3 convolution forward in {p} "
+            f"({rate / 1e9:.1f} GFLOP/s, {channels}->{channels} on {side}x{side})"
+        )
     for name in (f"binary, {p}" for p in args.precisions):
-        ratio = median(times[name]) / median(times[f"{name}, no im2col"])
-        print(f"{name}: time with im2col weight gradients ÷ without {ratio:.3f}")
-        ratio = median(times[name]) / median(times[f"{name}, {other} Adam"])
-        print(f"{name}: time with {impl} Adam (the preset's) ÷ {other} {ratio:.3f}")
+        ratio = paired_ratio(times[name], times[f"{name}, no im2col"])
+        print(f"{name}: time with im2col weight gradients ÷ without, paired {ratio:.3f}")
+        for what in ("model", "rounding"):
+            row = f"{name}, {what} compiled"
+            compiled = median(times[row])
+            print(
+                f"{name}: time with the {what} compiled ÷ eager, paired "
+                f"{paired_ratio(times[row], times[name]):.3f}; the compilation, paid once, "
+                f"{first[row] - compiled:.1f} s (first round minus the median)"
+            )
+        ratio = paired_ratio(times[name], times[f"{name}, {other} Adam"])
+        print(f"{name}: time with {impl} Adam (the preset's) ÷ {other}, paired {ratio:.3f}")
     print(f"one round of the preset ({reference}), {total:.2f} s:")
     for part, seconds in parts.items():
         print(f"  {part:36s} {seconds:6.2f} s  {100 * seconds / total:5.1f}%")
