@@ -13,13 +13,12 @@ its weight average where it keeps one):
 - binary, fp32   the preset with amp=off: what bf16 buys on this CPU
 - "no im2col"    the binary ones with `im2col_grad = false`: every convolution's weight
                  gradient by the library's kernel (oneDNN), what qtrain.models.conv_grad buys
-- "model compiled"     the binary ones with `compile = true`: the model run through
+- "model compiled"  the binary ones with `compile = true`: the model run through
                  torch.compile (inductor)
 - "rounding compiled"  the binary ones with `fused_quant = "on"`: BC's clip, rounding and
                  flip count after Adam's step as one compiled loop (`qtrain.methods.fused`;
                  the preset's "auto" compiles only once eager steps have lost the compile
-                 time). The first round of a compiled row, untimed, pays the compilation
-                 (printed)
+                 time). A compiled row's first round, untimed, pays the compilation (printed)
 - "fused Adam"   the binary ones with the base optimizer's kernels the preset does not use
                  (`optimizer_impl`): PyTorch's one-kernel Adam where the preset has "foreach",
                  "foreach Adam" where it has "fused"
@@ -30,15 +29,15 @@ its weight average where it keeps one):
   stand-in)
 
 Rounds are interleaved (binary, float, fp32, binary, …) so that drift in the machine's speed
-hits every variant alike; medians and their ratios are printed, and the median over rounds
-of each variant's time ÷ the reference's in the same round ("paired"), which a slow spell of
-the machine lasting a round moves less. In the same rounds the best
-3×3 convolution forward of this machine is timed in each precision (`bench_flops.conv_peak`),
-and each binary row's training FLOP/s (its images a second × `qtrain.train.flops`'s FLOP an
-image: convolutions and matrix products of forward and backward) is printed as a fraction
-of it: how close the step runs to what the machine's convolutions can do. Then one more round of the
-preset is split into data loading, optimizer step, EMA update, and the rest (forward,
-loss and backward), timed around those calls (the EMA's only where the preset keeps one). Run it
+hits every variant alike; medians and their ratios are printed, and the median over rounds of
+each variant's time ÷ the reference's in the same round ("paired"), which a slow spell of the
+machine lasting a round moves less. In the same rounds the machine's best 3×3 convolution
+forward is timed in each precision (`bench_flops.conv_peak`), and each binary row's training
+FLOP/s (its images a second × `qtrain.train.flops`'s FLOP an image: the convolutions and
+matrix products of forward and backward) is printed as a fraction of it: how close the step
+runs to what this machine's convolutions can do. Then one more round of the preset is split
+into data loading, optimizer step, EMA update, and the rest (forward, loss and backward),
+timed around those calls (the EMA's only where the preset keeps one). Run it
 alone on the machine for the record.
 """
 
