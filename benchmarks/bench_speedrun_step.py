@@ -18,7 +18,8 @@ its weight average where it keeps one):
 - "rounding compiled"  the binary ones with `fused_quant = "on"`: BC's clip, rounding and
                  flip count after Adam's step as one compiled loop (`qtrain.methods.fused`;
                  the preset's "auto" compiles only once eager steps have lost the compile
-                 time). A compiled row's first round, untimed, pays the compilation (printed)
+                 time). A compiled row's first round, untimed, pays the compilation (printed);
+                 without a C++ compiler for inductor the compiled rows are left out
 - "fused Adam"   the binary ones with the base optimizer's kernels the preset does not use
                  (`optimizer_impl`): PyTorch's one-kernel Adam where the preset has "foreach",
                  "foreach Adam" where it has "fused"
@@ -62,6 +63,7 @@ from speed_common import (  # noqa: E402
     timed_call,
 )
 
+from qtrain.methods.fused import compiler_found  # noqa: E402
 from qtrain.train.config import RunConfig, load_toml  # noqa: E402
 from qtrain.train.flops import training_flop_per_image  # noqa: E402
 from qtrain.train.state import TrainState  # noqa: E402
@@ -119,8 +121,10 @@ def variants(preset: dict, batch_sizes: list[int], precisions: list[str]) -> dic
             again = {"batch_size": batch, "warmup_steps": warmup_steps * preset_batch // batch}
             out[f"binary, bf16, batch {batch}"] = again
             out[f"binary, fp32, batch {batch}"] = {**again, "amp": "off"}
+    compiles = compiler_found(torch.device("cpu"))
     return {name: changes for name, changes in out.items()
-            if ("fp32" if changes.get("amp") == "off" else "bf16") in precisions}  # fmt: skip
+            if ("fp32" if changes.get("amp") == "off" else "bf16") in precisions
+            and (compiles or "compiled" not in name)}  # fmt: skip
 
 
 def precisions(text: str) -> list[str]:
@@ -230,6 +234,9 @@ def main() -> None:
         print(f"{name}: time with im2col weight gradients ÷ without, paired {ratio:.3f}")
         for what in ("model", "rounding"):
             row = f"{name}, {what} compiled"
+            if row not in times:
+                print(f"{name}: no {what} compiled row, inductor finds no C++ compiler here")
+                continue
             compiled = median(times[row])
             print(
                 f"{name}: time with the {what} compiled ÷ eager, paired "

@@ -18,6 +18,8 @@ import math
 import pytest
 import torch
 
+import qtrain.train.trainer as trainer_module
+from qtrain.base.errors import UserError
 from qtrain.train.config import RunConfig
 from qtrain.train.trainer import Trainer
 
@@ -71,3 +73,12 @@ def test_a_compiled_run_trains_as_the_eager_run(tmp_path, inductor, device):
         else:
             torch.testing.assert_close(weights[name], a, rtol=TOLERANCE, atol=TOLERANCE)
     assert changed <= 0.001 * total, f"{changed} of {total} quantized weights differ"
+
+
+def test_compile_without_a_compiler_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Without inductor's compiler a compiled run would fail at its first step with
+    inductor's traceback; it is refused at once in one sentence, its folder never made."""
+    monkeypatch.setattr(trainer_module, "compiler_found", lambda device: False)
+    with pytest.raises(UserError, match="compile = true needs inductor's compiler for cpu"):
+        run(tmp_path, "refused", compile=True)
+    assert not (tmp_path / "refused").exists()

@@ -67,6 +67,7 @@ from qtrain.base.errors import UserError
 from qtrain.base.folder_lock import FolderLock
 from qtrain.base.inductor import torch_compile
 from qtrain.base.signals import stop_requests
+from qtrain.methods.fused import compiler_found
 from qtrain.train import budget_fit, loggers, rundir, width_fit
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
@@ -136,6 +137,12 @@ class Trainer:
         self.device = self.dist.device or resolve_device(config.device)
         self.config = config = resolve_amp(config, self.device)  # the precision it records
         set_tf32(self.device, config.amp)
+        if config.compile and not compiler_found(self.device):
+            raise UserError(
+                f"compile = true needs inductor's compiler for {self.device.type} (a C++ "
+                "compiler on the CPU, Triton on CUDA) and none was found: install one, or set "
+                "compile = false"
+            )
         self.divergence = DivergenceWatch(self.device)
         self._lock: FolderLock | None = None  # rank 0's, on run_dir (`_lock_run_dir`)
         try:
