@@ -211,13 +211,13 @@ def main() -> None:
           f"{args.images} images a round, {source}; "
           f"{args.rounds} interleaved rounds; {machine_line()}")  # fmt: skip
     base = median(times[reference])
-    width = max(len(name) for name in times)
-    print(f"{'variant':{width}s} {'images/s':>9s} {'time ÷ ' + reference:>21s} {'paired':>7s}")
+    column = max(len(name) for name in times)  # the variant names' column
+    print(f"{'variant':{column}s} {'images/s':>9s} {'time ÷ ' + reference:>21s} {'paired':>7s}")
     for name, seconds in times.items():
         if name.startswith("conv peak"):
             continue
         middle, paired = median(seconds), paired_ratio(seconds, times[reference])
-        print(f"{name:{width}s} {args.images / middle:9.1f} {middle / base:20.3f}x {paired:6.3f}x")
+        print(f"{name:{column}s} {args.images / middle:9.1f} {middle / base:20.3f}x {paired:6.3f}x")
     other, impl = other_impl(preset), preset.get("optimizer_impl", "foreach")
     flop = training_flop_per_image(trainers[reference].config)
     for p in args.precisions:
