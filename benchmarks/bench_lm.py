@@ -37,14 +37,25 @@ hits every variant alike; medians and their ratios are printed, and, paired, the
 rounds of each variant's round ÷ FP-ADAMW's in the same round (`speed_common.paired_ratio`),
 which a slow spell lasting a round moves less. The target is that
 quantization adds at most 5% to FP-ADAMW's step. Run it alone on the machine for the record.
+
+The second table splits each qtrain variant's step in two, timed inside the same rounds by the
+optimizer's own step hooks: the optimizer step (where all of quantization's work is done:
+the base step on w_r or w_b, the rounding, the flip count) and the rest (data, forward,
+loss, backward, gradient clipping: the same computation for every variant, since the model
+holds w_b as it holds w). Its last column is the variant's optimizer step minus FP-ADAMW's in
+the same round, over FP-ADAMW's whole step in that round, the median over rounds: the time
+quantization adds, measured where it is spent, so that the round-to-round spread of the
+forward and backward passes (tens of milliseconds) does not hide a difference of one or two.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -101,8 +112,36 @@ def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path,
                           "device": device, "fused_quant": fused, "amp": amp,
                           "optimizer_impl": impl, "sr_uniforms": uniforms, **cadence})  # fmt: skip
     trainer = Trainer(config, run_dir, log=lambda *a, **k: None, progress=False)
+    clock = StepClock(trainer.optimizer) if device == "cpu" else None
 
-    return lambda r: train_round(trainer, r)
+    def run(r: int) -> None:
+        train_round(trainer, r)
+        if clock is not None:
+            clock.lap()
+
+    return run, clock
+
+
+class StepClock:
+    """Seconds a round spends inside an optimizer's `step()`, read by its step hooks (host
+    time: on the CPU the work itself; on a GPU it would be the time to queue it)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.laps: list[float] = []  # one per call of the round, the warm-up's first
+        self._spent = 0.0
+        self._started = 0.0
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    def _pre(self, *_) -> None:
+        self._started = time.perf_counter()
+
+    def _post(self, *_) -> None:
+        self._spent += time.perf_counter() - self._started
+
+    def lap(self) -> None:
+        self.laps.append(self._spent)
+        self._spent = 0.0
 
 
 def positive_int(text: str) -> int:
@@ -227,30 +266,32 @@ def main() -> None:
         variants["nanoGPT loop"] = nanogpt_round(
             preset, folder, args.steps, device, args.amp, args.optimizer_impl
         )
-        firsts = {}
+        firsts, clocks = {}, {}
         for label, (method, scale) in CELLS.items():
-            variants[label] = qtrain_round(preset, method, scale, args.grid, folder,
-                                           args.steps, scratch / label, args.device, "off",
-                                           args.amp, args.optimizer_impl)  # fmt: skip
+            variants[label], clocks[label] = qtrain_round(
+                preset, method, scale, args.grid, folder, args.steps, scratch / label,
+                args.device, "off", args.amp, args.optimizer_impl)  # fmt: skip
         for label in FUSED if args.fused else ():
             method, scale = CELLS[label]
-            run = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
-                               scratch / f"{label}-fused", args.device, "on", args.amp,
-                               args.optimizer_impl)  # fmt: skip
+            run, clocks[f"{label} fused"] = qtrain_round(
+                preset, method, scale, args.grid, folder, args.steps, scratch / f"{label}-fused",
+                args.device, "on", args.amp, args.optimizer_impl)  # fmt: skip
             variants[f"{label} fused"], firsts[f"{label} fused"] = timed_first(run)
         if args.fused:
             method, scale = CELLS["SR-ADAMW"]
-            run = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
-                               scratch / "SR-ADAMW-counter", args.device, "on", args.amp,
-                               args.optimizer_impl, uniforms="counter")  # fmt: skip
+            run, clocks["SR-ADAMW counter"] = qtrain_round(
+                preset, method, scale, args.grid, folder, args.steps,
+                scratch / "SR-ADAMW-counter", args.device, "on", args.amp, args.optimizer_impl,
+                uniforms="counter")  # fmt: skip
             variants["SR-ADAMW counter"], firsts["SR-ADAMW counter"] = timed_first(run)
         if args.fused and preset.get("flip_every", 1) != 1:
             for label, uniforms in (("BC-ADAMW fused", "torch"), ("SR-ADAMW counter", "counter")):
                 method, scale = CELLS[label.split()[0]]
                 name, folder_name = f"{label}, flips each step", f"{label}-each-step"
-                run = qtrain_round(preset, method, scale, args.grid, folder, args.steps,
-                                   scratch / folder_name.replace(" ", "-"), args.device, "on",
-                                   args.amp, args.optimizer_impl, uniforms, 1)  # fmt: skip
+                run, clocks[name] = qtrain_round(
+                    preset, method, scale, args.grid, folder, args.steps,
+                    scratch / folder_name.replace(" ", "-"), args.device, "on", args.amp,
+                    args.optimizer_impl, uniforms, 1)  # fmt: skip
                 variants[name], firsts[name] = timed_first(run)
         times = interleave(variants, args.rounds)
     tokens = args.steps * preset["batch_size"] * preset["block_size"]
@@ -272,6 +313,31 @@ def main() -> None:
     for name, first in firsts.items():
         print(f"{name}: compile time paid once (warm-up round minus the median round) "
               f"{first[0] - median(times[name]):.1f} s")  # fmt: skip
+    print_step_split(times, clocks, args.steps)
+
+
+def print_step_split(times: dict[str, list], clocks: dict, steps: int) -> None:
+    """The second table of the module doc: each qtrain variant's optimizer step and the rest
+    of its step (ms, medians over rounds), and what its optimizer step adds to FP-ADAMW's
+    whole step, paired round by round."""
+    if clocks["FP-ADAMW"] is None:
+        print("(each step's split into its optimizer step and the rest is timed on the CPU "
+              "only: on a GPU the host returns before the kernels are done)")  # fmt: skip
+        return
+    rounds = len(times["FP-ADAMW"])
+    fp_whole, fp_step = times["FP-ADAMW"], clocks["FP-ADAMW"].laps[-rounds:]
+    width = max(len(name) for name in clocks)
+    added_title = "added to FP-ADAMW's whole step, paired"
+    print("\nthe same rounds, each step split (ms a step)")
+    print(f"{'variant':{width}s} {'optimizer step':>15s} {'the rest':>9s} {added_title:>60s}")
+    for name, clock in clocks.items():
+        step = clock.laps[-rounds:]
+        rest = [whole - s for whole, s in zip(times[name], step, strict=True)]
+        added = statistics.median(
+            (s - f) / whole for s, f, whole in zip(step, fp_step, fp_whole, strict=True)
+        )
+        ms_step, ms_rest = 1e3 * median(step) / steps, 1e3 * median(rest) / steps
+        print(f"{name:{width}s} {ms_step:15.2f} {ms_rest:9.2f} {100 * added:+59.1f}%")
 
 
 if __name__ == "__main__":
