@@ -55,7 +55,6 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -63,6 +62,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_common import (  # noqa: E402
+    StepClock,
     interleave,
     machine_line,
     median,
@@ -120,28 +120,6 @@ def qtrain_round(preset: dict, method: str, scale: str, grid: str, folder: Path,
             clock.lap()
 
     return run, clock
-
-
-class StepClock:
-    """Seconds a round spends inside an optimizer's `step()`, read by its step hooks (host
-    time: on the CPU the work itself; on a GPU it would be the time to queue it)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.laps: list[float] = []  # one per call of the round, the warm-up's first
-        self._spent = 0.0
-        self._started = 0.0
-        optimizer.register_step_pre_hook(self._pre)
-        optimizer.register_step_post_hook(self._post)
-
-    def _pre(self, *_) -> None:
-        self._started = time.perf_counter()
-
-    def _post(self, *_) -> None:
-        self._spent += time.perf_counter() - self._started
-
-    def lap(self) -> None:
-        self.laps.append(self._spent)
-        self._spent = 0.0
 
 
 def positive_int(text: str) -> int:

@@ -116,6 +116,30 @@ def interleave(variants: dict[str, Callable[[int], None]], rounds: int) -> dict[
     return times
 
 
+class StepClock:
+    """Seconds spent inside an optimizer's `step()` per round, read by its step hooks (host
+    time: on the CPU the work itself; on a GPU only the time to queue it). `lap()` ends a
+    round; `laps` holds one total per round, in order."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clock=time.perf_counter) -> None:
+        self.laps: list[float] = []
+        self._clock = clock
+        self._spent = 0.0
+        self._started = 0.0
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    def _pre(self, *_) -> None:
+        self._started = self._clock()
+
+    def _post(self, *_) -> None:
+        self._spent += self._clock() - self._started
+
+    def lap(self) -> None:
+        self.laps.append(self._spent)
+        self._spent = 0.0
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

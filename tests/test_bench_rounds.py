@@ -64,3 +64,26 @@ def test_interleave_times_each_variant_once_a_round_after_one_warm_up(speed_comm
     assert calls == [3, -3, 0, 0, 1, -1, 2, -2]
     assert [len(t) for t in times.values()] == [3, 3]
     assert all(t >= 0 for ts in times.values() for t in ts)
+
+
+def test_step_clock_counts_the_time_inside_each_step_and_ends_a_lap_per_round(speed_common):
+    """bench_lm's split of a step: what the hooks read is the optimizer's step alone, summed
+    over a round's steps and restarted at each lap (a fake clock the steps move by 2 s)."""
+    now = [0.0]
+
+    class TwoSecondSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            now[0] += 2.0
+            return super().step(closure)
+
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.ones(3)
+    optimizer = TwoSecondSGD([w], lr=0.1)
+    clock = speed_common.StepClock(optimizer, clock=lambda: now[0])
+    for steps in (3, 1, 0):
+        for _ in range(steps):
+            optimizer.step()
+            now[0] += 7.0  # the forward and backward passes: not the step's
+        clock.lap()
+    assert clock.laps == [6.0, 2.0, 0.0]
+    assert torch.allclose(w.detach(), torch.full((3,), 0.6))  # the steps were taken
