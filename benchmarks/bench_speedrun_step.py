@@ -63,7 +63,7 @@ from speed_common import (  # noqa: E402
     timed_call,
 )
 
-from qtrain.methods.fused import compiler_found  # noqa: E402
+from qtrain.base.inductor import compiler_found  # noqa: E402
 from qtrain.train.config import RunConfig, load_toml  # noqa: E402
 from qtrain.train.flops import training_flop_per_image  # noqa: E402
 from qtrain.train.state import TrainState  # noqa: E402

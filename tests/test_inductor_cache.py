@@ -150,7 +150,7 @@ def test_a_stand_in_process_after_a_native_one_computes_the_eager_numbers(tmp_pa
     import subprocess
     import sys
 
-    from qtrain.methods.fused import compiler_found
+    from qtrain.base.inductor import compiler_found
 
     if "avx2" not in isas() or len(isas()) < 2 or not compiler_found(torch.device("cpu")):
         pytest.skip("needs an x86 CPU beyond AVX2 and a C++ compiler for inductor")

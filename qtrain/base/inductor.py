@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,3 +62,18 @@ def torch_compile(fn: Callable, **options) -> Callable:
     """torch.compile(fn, **options) with the cache of this instruction set (module doc)."""
     cache_of_this_isa()
     return torch.compile(fn, **options)
+
+
+def compiler_found(device: torch.device) -> bool:
+    """Whether inductor has what it compiles with on `device`: a C++ compiler on the CPU
+    (inductor's configured one), Triton on CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    if device.type != "cpu":
+        return False
+    from torch._inductor import config
+
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, tuple) else (config.cpp.cxx,)
+    return any(name is not None and shutil.which(name) for name in names)

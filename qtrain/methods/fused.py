@@ -33,7 +33,6 @@ bit against the eager step.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Callable
 from itertools import accumulate
@@ -70,21 +69,6 @@ def segments(params: list[torch.Tensor], per_row: bool) -> Segments | None:
             return None
         out.append((p.numel(), rows))
     return tuple(out)
-
-
-def compiler_found(device: torch.device) -> bool:
-    """Whether inductor has what it compiles with on `device`: a C++ compiler on the CPU
-    (inductor's configured one), Triton on CUDA."""
-    if device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        return has_triton()
-    if device.type != "cpu":
-        return False
-    from torch._inductor import config
-
-    names = config.cpp.cxx if isinstance(config.cpp.cxx, tuple) else (config.cpp.cxx,)
-    return any(name is not None and shutil.which(name) for name in names)
 
 
 def offsets(segs: Segments) -> list[int]:

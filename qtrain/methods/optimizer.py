@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from qtrain.base.errors import UserError
+from qtrain.base.inductor import compiler_found
 from qtrain.base.names import unknown_name
 from qtrain.base.streams import stream_generator
 from qtrain.methods.bop import bop2_flips_, bop_flips_, flip_group_index
@@ -68,7 +69,6 @@ from qtrain.methods.fused import (
     bc_measured_step,
     bc_step,
     check_fused_quant,
-    compiler_found,
     pays,
     rounding_step,
     segment_views,

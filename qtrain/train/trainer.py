@@ -65,9 +65,8 @@ import torch
 from qtrain import methods
 from qtrain.base.errors import UserError
 from qtrain.base.folder_lock import FolderLock
-from qtrain.base.inductor import torch_compile
+from qtrain.base.inductor import compiler_found, torch_compile
 from qtrain.base.signals import stop_requests
-from qtrain.methods.fused import compiler_found
 from qtrain.train import budget_fit, loggers, rundir, width_fit
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
