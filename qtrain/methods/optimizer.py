@@ -32,6 +32,15 @@ so rounding, clipping, flipping and flip counting are a few vectorised calls per
 scratch buffers kept from step to step (`flat.FlatWork`). Scales (`scales`) multiply the grid
 per tensor or per output channel; they broadcast over each parameter's view.
 
+A float phase (`float_phase = True`, which the trainer sets for the first steps of a run with
+`float_fraction`): BC, SR and R step the quantized parameters as FP does, the base optimizer on
+w_r (BC, which still clips it) or on w_b (SR, R), and nothing is rounded, so the model holds
+float weights (BC's w_b = clip(w_r)) and no flips are counted. When it ends
+(`end_float_phase`) the base optimizer's state of the quantized parameters starts afresh, and
+the next step rounds as the method does. Training from float weights first is how quantized
+networks are usually built from trained float ones (docs/speedrun.md, "Training in float
+first").
+
 Moving or casting the model after the optimizer was built (`model.to(device)`, `.double()`,
 `.to(memory_format=torch.channels_last)`) replaces the parameters' memory. Every step,
 `zero_grad`, `state_dict` and diagnostic first checks pointers (no values) and follows such a
@@ -91,6 +100,7 @@ from qtrain.quant.uniforms import check_size, check_source, counter_uniforms, dr
 
 MODES = ("fp", "bc", "sr", "r", "bop", "bop2")
 FLIPPING = ("bop", "bop2")
+FLOAT_PHASE = ("bc", "sr", "r")  # the modes that can train in float first (`float_phase`)
 BUFFERS = {"bc": ("latent",), "bop": ("m",), "bop2": ("m", "v")}  # flat state kept per mode
 
 
@@ -190,6 +200,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._segments = None
         self._segmented: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._steps = 0
+        self.float_phase = False  # module doc; set by the trainer from `float_fraction`
         if self.quantized:
             self._rehome_parameters()
         self.reset_flip_stats()
@@ -343,13 +354,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def _update_latent_scales_and_weights(self, count_flips: bool = True) -> None:
         """BC after the base step: clip w_r, measure absmean scales, then w_b = Q(w_r)."""
         count_flips = count_flips and self._counting
-        latent = self._buffers["latent"]
-        if self.scale in FIXED and self.scale != "none":
-            for w_r, s in zip(self._views("latent"), self._scales, strict=True):
-                hi = broadcastable(s.to(w_r.dtype) * self.grid.hi, w_r)
-                w_r.clamp_(min=-hi, max=hi)
-        else:
-            latent.clamp_(self.grid.lo, self.grid.hi)
+        latent = self._clip_latent()
         new_wb = self._work.get("result", latent)
         measured = self.scale not in FIXED
         # A measured scale moves every step, and with it every weight's value: a flip is then a
@@ -367,6 +372,18 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         elif count_flips:
             self._count_flips(self._flat_wb, new_wb)
         self._flat_wb.copy_(new_wb)
+
+    def _clip_latent(self) -> torch.Tensor:
+        """BC's clip of w_r in place: to the scaled grid's range with a fixed scale, to the
+        unscaled one with a measured scale (`scales` module doc); returns the flat w_r."""
+        latent = self._buffers["latent"]
+        if self.scale in FIXED and self.scale != "none":
+            for w_r, s in zip(self._views("latent"), self._scales, strict=True):
+                hi = broadcastable(s.to(w_r.dtype) * self.grid.hi, w_r)
+                w_r.clamp_(min=-hi, max=hi)
+        else:
+            latent.clamp_(self.grid.lo, self.grid.hi)
+        return latent
 
     def _levels(self, w: torch.Tensor) -> torch.Tensor:
         """The grid multiple m of every weight w = s·m·Δ under the current scales (flat)."""
@@ -396,7 +413,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if self.mode == "fp" or not self.quantized:
             return self.base.step(closure)
         self._steps += 1  # this process's steps, which `fused_quant = "auto"` weighs
-        self._counting = self.track_flips and self.flips.due()
+        # a float step moves no weight between grid levels: nothing to count
+        self._counting = self.track_flips and self.flips.due() and not self.float_phase
         self.flips.advance()
         self._follow_model()
         loss = None
@@ -405,7 +423,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 loss = closure()
             # a closure may move the model (rare, but then the buffers must follow it)
             self._follow_model()
-        if self.mode == "bc":
+        if self.float_phase and self.mode in FLOAT_PHASE:
+            self._float_step()
+        elif self.mode == "bc":
             self._bc_step()
         elif self.mode in FLIPPING:
             self._flip_step()
@@ -414,6 +434,12 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _bc_step(self) -> None:
+        self._base_step_on_latent()
+        if not self._fused_bc():
+            self._update_latent_scales_and_weights()
+
+    def _base_step_on_latent(self) -> None:
+        """The base step with each quantized parameter pointing at its w_r (BC)."""
         for p, wr in zip(self.quantized, self._views("latent"), strict=True):
             p.data = wr
         try:
@@ -421,8 +447,25 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         finally:
             for p, wb in zip(self.quantized, self._wb_views, strict=True):
                 p.data = wb
-        if not self._fused_bc():
-            self._update_latent_scales_and_weights()
+
+    def _float_step(self) -> None:
+        """A step of the float phase (module doc): FP's step, BC's w_r still clipped."""
+        if self.mode != "bc":
+            self.base.step()
+            return
+        self._base_step_on_latent()
+        self._flat_wb.copy_(self._clip_latent())
+
+    def end_float_phase(self) -> None:
+        """Leave the float phase (module doc): the base optimizer's state of the quantized
+        parameters (Adam's moments and step count, SGD's momentum) starts afresh, since the
+        gradients at grid weights differ in scale from those at the float weights it was
+        kept for; the next `step` rounds. The trainer calls it at the phase's last step
+        whether or not this process took the float steps (a run resumed there), so that it
+        is a function of the step alone."""
+        self.float_phase = False
+        for p in self.quantized:
+            self.base.state.pop(p, None)
 
     def _rounding_step(self, stochastic: bool) -> None:
         old = None

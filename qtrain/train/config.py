@@ -54,6 +54,7 @@ from qtrain.data.augment import Augmentation
 from qtrain.models.act_quant import ACT_NORMS
 from qtrain.quant.activations import ACT_BITS
 from qtrain.train.ema import check_ema_decay, check_ema_horizon
+from qtrain.train.float_first import check_float_fraction
 from qtrain.train.losses import check_label_smoothing
 from qtrain.train.tta import check_tta
 
@@ -132,6 +133,8 @@ BC = Scope("BinaryConnect (bc-*) methods", lambda c: _method(c).mode == "bc", _M
 FLIPS = Scope("bop-adam and bop2-adam", lambda c: _method(c).mode in ("bop", "bop2"), _METHOD)
 BOP2 = Scope("bop2-adam", lambda c: _method(c).mode == "bop2", _METHOD)
 ADAM = Scope("Adam and AdamW methods", lambda c: _method(c).base != "sgd", _METHOD)
+ROUNDS = Scope("methods that put float weights on the grid (bc-*, sr-*, r-*)",
+               lambda c: _method(c).mode in ("bc", "sr", "r"), _METHOD)  # fmt: skip
 ROUNDS_STOCHASTICALLY = Scope(
     "methods that round stochastically (sr-*, bc-* with bc_stochastic)",
     lambda c: _method(c).mode == "sr" or (_method(c).mode == "bc" and c.bc_stochastic),
@@ -297,6 +300,9 @@ class RunConfig:
                             "hash of each weight's index under keys drawn from that stream, "
                             "made inside the fused rounding step; qtrain.quant.uniforms)",
                             applies=ROUNDS_STOCHASTICALLY, values="torch or counter")  # fmt: skip
+    float_fraction: float = _key(0.0, "method", "train the quantized weights in float for this "
+                                 "fraction of the run's steps first, then quantize them "
+                                 "(qtrain.train.float_first; 0: off)", applies=ROUNDS)  # fmt: skip
     bop_gamma: float | None = _key(None, "method", "Bop's γ (None: the method's default)",
                                    applies=FLIPS)  # fmt: skip
     bop_tau: float | None = _key(None, "method", "Bop's τ (None: the method's default)",
@@ -468,6 +474,7 @@ class RunConfig:
 
     def _validate_fast_training(self) -> None:
         check_label_smoothing(self.label_smoothing)
+        check_float_fraction(self.float_fraction)
         check_ema_decay(self.ema_decay)
         check_ema_horizon(self.ema_horizon)
         if self.ema_decay and self.ema_horizon:

@@ -84,6 +84,7 @@ from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
 from qtrain.train.ema import WeightEMA, horizon_decay
 from qtrain.train.evaluation import evaluate
+from qtrain.train.float_first import float_steps
 from qtrain.train.losses import training_loss
 from qtrain.train.parts import (
     load_splits,
@@ -165,6 +166,7 @@ class Trainer:
             c, self.splits, self.held_out, self.device, self.dist
         )
         self.total_steps, self.epochs = run_length(c, len(self.train_loader))
+        self.float_steps = float_steps(c.float_fraction, self.total_steps)
         if c.fit_to_budget:
             budget_fit.check_fittable(c, len(self.train_loader))
         self.width_fit: dict | None = None  # with fit_width, what a new run measured
@@ -434,6 +436,7 @@ class Trainer:
                 break
             if side is not None:
                 x = downscale(x, side)
+            self._set_float_phase(steps_before + sums.batch)
             loss, logits, y = self.optimizer_step(x, y)
             if self.per_step:
                 self.scheduler.step()
@@ -545,6 +548,9 @@ class Trainer:
         """Make the run as long as `fit` chose: its steps, epochs and schedule from now on."""
         per_epoch = len(self.train_loader)
         self.total_steps = fit.total_steps(per_epoch)
+        planned, _ = run_length(self.config, per_epoch)
+        self.float_steps = float_steps(self.config.float_fraction, planned,
+                                       fit.first_steps(per_epoch))  # fmt: skip
         self.epochs = math.ceil(self.total_steps / per_epoch)
         redraw_run_schedule(self.config, self.scheduler, self.epochs,
                             fit.first_steps(per_epoch), fit.redraws())  # fmt: skip
@@ -552,6 +558,20 @@ class Trainer:
             self.ema.decay = self._ema_decay(self.total_steps)
         if self._progress_lines is not None:
             self._progress_lines.total_steps = self.total_steps
+
+    def _set_float_phase(self, step: int) -> None:
+        """`float_fraction`'s phase for the step about to be taken (`float_first`): float
+        before step F, the method's own steps from F on, the optimizer's state of the
+        quantized weights restarted at F."""
+        if not self.float_steps:
+            return
+        if step == self.float_steps:
+            self.optimizer.end_float_phase()
+            fraction = self.config.float_fraction
+            self.log(f"step {step}: the float phase ends (float_fraction {fraction:g}); "
+                     "the weights are quantized from here on")  # fmt: skip
+        else:
+            self.optimizer.float_phase = step < self.float_steps
 
     def optimizer_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """One step of the method on the batch (x, y): the training loss (with the teacher's

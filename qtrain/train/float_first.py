@@ -1,0 +1,36 @@
+"""Training in float first (`float_fraction`): the first steps of a quantized run train float
+weights, then the method quantizes them.
+
+With f = `float_fraction` and S the run's length in optimizer steps, the steps 0 … F − 1,
+
+    F = round(f · S),
+
+take FP's step on the quantized parameters (BC on w_r, which it still clips; SR and R on w_b,
+unrounded: `QuantizedOptimizer.float_phase`), so the model holds float weights. At step F the
+base optimizer's state of those parameters restarts (`QuantizedOptimizer.end_float_phase`) and
+from then on every step is the method's own. This is quantization-aware training from float
+weights (docs/paper.md §6) inside one run and one schedule: the float phase learns at float's
+pace while the learning rate is high, and the quantized phase ends the run on the grid.
+
+S is the run's length as planned from its config, or, with `fit_to_budget`, as the first fit
+chose it when that is shorter (a fit never lengthens the recipe). Refits do not move F. So F
+never moves past a step already taken in the quantized phase, and it is a function of the
+config and the recorded fit alone: a resumed run switches at the very step an uninterrupted
+one does, and restarts the moments there even when it resumed exactly at F.
+"""
+
+from __future__ import annotations
+
+from qtrain.train.checks import check_fraction
+
+
+def check_float_fraction(value: float) -> float:
+    """`value` when it is a fraction of the run in [0, 1) (0: off)."""
+    return check_fraction("float_fraction", value, "a fraction of the run's steps trained in "
+                          "float before the method quantizes; 0 turns it off")  # fmt: skip
+
+
+def float_steps(fraction: float, planned_steps: int, first_fit_steps: int | None = None) -> int:
+    """F = round(f · S) (module doc): S the planned length, or the first fit's when shorter."""
+    length = planned_steps if first_fit_steps is None else min(planned_steps, first_fit_steps)
+    return round(fraction * length)

@@ -1,0 +1,127 @@
+"""Training in float first (`float_fraction`, qtrain.train.float_first): the float phase's
+steps, the switch at step F = round(f·S) with the optimizer's state restarted there, F after a
+fit, and a run resumed exactly at F."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fit_budget import (  # noqa: F401  (slow_clock is a fixture)
+    STEPS_PER_EPOCH,
+    comparable,
+    crash_at_step,
+    quiet,
+    slow_clock,
+    speed_config,
+)
+from test_methods import small_net, train_steps
+
+from qtrain.base.errors import UserError
+from qtrain.methods import create
+from qtrain.train import rundir
+from qtrain.train.checkpoint import load_checkpoint
+from qtrain.train.float_first import float_steps
+from qtrain.train.trainer import Trainer
+
+
+def quantized(model) -> list[torch.Tensor]:
+    return [model[0].weight, model[3].weight]
+
+
+def on_binary_grid(w: torch.Tensor) -> bool:
+    return bool(((w == 1) | (w == -1)).all())
+
+
+def test_the_switch_is_a_fraction_of_the_planned_length_or_of_a_shorter_first_fit():
+    assert float_steps(0.3, 100) == 30
+    assert float_steps(0.0, 100) == 0
+    assert float_steps(0.3, 100, first_fit_steps=50) == 15
+    # a fit never moves F later than planned, so no quantized step can turn float again
+    assert float_steps(0.3, 100, first_fit_steps=200) == 30
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, float("nan"), "half"])
+def test_a_fraction_outside_zero_to_one_is_refused_in_one_sentence(value):
+    with pytest.raises(UserError, match=r"float_fraction must be"):
+        speed_config(float_fraction=value).validate()
+
+
+def test_bc_trains_float_weights_then_rounds_them_with_its_moments_restarted():
+    model = small_net()
+    opt = create("bc-adam", model, lr=0.05, seed=1)
+    start = [w.detach().clone() for w in quantized(model)]
+    opt.float_phase = True
+    train_steps(model, opt, 3)
+    for w, w_r, w0 in zip(quantized(model), opt.latent_weights(), start, strict=True):
+        assert torch.equal(w, w_r)  # the model holds w_r, clipped to ±1, unrounded
+        assert not on_binary_grid(w) and bool((w.abs() <= 1).all())
+        assert not torch.equal(w, w0)  # and it trains
+    assert opt.flips.steps == 0  # nothing moves between grid levels in float
+    assert all(len(opt.base.state[p]) > 0 for p in quantized(model))
+    head = model[8].weight
+    head_moments = opt.base.state[head]["exp_avg"].clone()
+
+    opt.end_float_phase()
+    assert all(len(opt.base.state[p]) == 0 for p in quantized(model))
+    assert torch.equal(opt.base.state[head]["exp_avg"], head_moments)  # float layers keep theirs
+    train_steps(model, opt, 1, first_batch=3)
+    assert all(on_binary_grid(w) for w in quantized(model))
+    assert int(opt.base.state[quantized(model)[0]]["step"]) == 1  # Adam's count restarted
+    assert opt.flips.steps == 1
+
+
+def test_sr_steps_its_weights_unrounded_in_the_float_phase_then_rounds_them():
+    model = small_net()
+    opt = create("sr-adam", model, lr=0.05, seed=1)
+    assert all(on_binary_grid(w) for w in quantized(model))  # SR starts on the grid
+    opt.float_phase = True
+    train_steps(model, opt, 2)
+    assert not any(on_binary_grid(w) for w in quantized(model))
+    opt.end_float_phase()
+    train_steps(model, opt, 1, first_batch=2)
+    assert all(on_binary_grid(w) for w in quantized(model))
+
+
+def float_config(**changes):
+    # 4 epochs of 7 steps, F = round(0.5 · 28) = 14: the switch opens the third epoch
+    return speed_config(epochs=4, time_budget_s=None, fit_to_budget=False, float_fraction=0.5,
+                        **changes)  # fmt: skip
+
+
+def test_a_run_trains_in_float_until_step_f_and_quantized_after(tmp_path):
+    lines = []
+    run = Trainer(float_config(), tmp_path / "run", log=lambda *a, **k: lines.append(str(a[0])))
+    records = run.run()
+    assert run.float_steps == 14
+    assert any(line.startswith("step 14: the float phase ends") for line in lines)
+    assert [r["flip_rate"] == 0 for r in records] == [True, True, False, False]
+    assert [r["wb_wr_gap"] == 0 for r in records] == [True, True, False, False]
+    state = load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)["model_state"]
+    convs = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 4]
+    assert convs and all(on_binary_grid(w) for w in convs[1:])  # [0]: the whitening filters
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_run_resumed_exactly_at_the_switch_restarts_the_moments_as_an_uninterrupted_one(
+    tmp_path,
+):
+    config = float_config(checkpoint_every_steps=1)
+    reference = Trainer(config, tmp_path / "ref", log=quiet).run()
+    # the 15th step call crashes: the checkpoint holds 14 steps, all of them float
+    crash_at_step(Trainer(config, tmp_path / "crash", log=quiet), 15)
+    saved = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)["training"]
+    assert (saved["epoch"], saved["sums"]["batch"]) == (2, 0)
+    resumed = Trainer(config, tmp_path / "crash", log=quiet).run(resume=True)
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in reference]
+    ref_state = load_checkpoint(tmp_path / "ref" / rundir.CHECKPOINT)["model_state"]
+    new_state = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)["model_state"]
+    assert all(torch.equal(ref_state[k], new_state[k]) for k in ref_state)
+
+
+def test_a_fitted_run_switches_at_the_fraction_of_its_first_fit(tmp_path, slow_clock):  # noqa: F811
+    slow_clock(0.5)  # the first epoch's speed fits 38 of the recipe's 70 steps
+    run = Trainer(speed_config(float_fraction=0.5, refit_to_budget=False), tmp_path / "run",
+                  log=quiet)  # fmt: skip
+    assert run.float_steps == 35  # as planned, before the fit
+    run.run()
+    assert run.total_steps == 38 and run.float_steps == 19
