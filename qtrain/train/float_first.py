@@ -9,8 +9,9 @@ take FP's step on the quantized parameters (BC on w_r, which it still clips; SR 
 unrounded: `QuantizedOptimizer.float_phase`), so the model holds float weights. At step F the
 base optimizer's state of those parameters restarts (`QuantizedOptimizer.end_float_phase`) and
 from then on every step is the method's own. This is quantization-aware training from float
-weights (docs/paper.md §6) inside one run and one schedule: the float phase learns at float's
-pace while the learning rate is high, and the quantized phase ends the run on the grid.
+weights (as `init_from` starts from a trained float model, docs/lm.md) inside one run and one
+schedule: the float phase learns at float's pace while the learning rate is high, and the
+quantized phase ends the run on the grid (docs/speedrun.md, "Training in float first").
 
 S is the run's length as planned from its config, or, with `fit_to_budget`, as the first fit
 chose it when that is shorter (a fit never lengthens the recipe). Refits do not move F. So F
