@@ -125,3 +125,30 @@ def test_a_fitted_run_switches_at_the_fraction_of_its_first_fit(tmp_path, slow_c
     assert run.float_steps == 35  # as planned, before the fit
     run.run()
     assert run.total_steps == 38 and run.float_steps == 19
+
+
+def test_the_switch_leaves_at_least_one_quantized_step():
+    assert float_steps(0.9, 4) == 3  # round(3.6) = 4 would leave none
+    assert float_steps(0.5, 1) == 0
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("method", ["bc-adam", "sr-adam"])
+def test_a_run_cut_by_its_budget_in_the_float_phase_reports_weights_on_the_grid(
+    tmp_path,
+    slow_clock,  # noqa: F811
+    method,
+):
+    slow_clock(0.5)  # 20 s of budget: 40 of the 70 steps, all inside F = 63
+    lines = []
+    config = speed_config(method=method, fit_to_budget=False, float_fraction=0.9)
+    run = Trainer(config, tmp_path / "run", log=lambda *a, **k: lines.append(str(a[0])))
+    records = run.run()
+    assert records[-1]["step"] < run.float_steps == 63
+    assert any("stops in its float phase" in line for line in lines)
+    state = load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)["model_state"]
+    convs = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 4]
+    assert all(on_binary_grid(w) for w in convs[1:])  # [0]: the whitening filters
+    model = run.model
+    assert all(on_binary_grid(p.detach()) for p in run.optimizer.quantized)
+    assert model is not None

@@ -467,6 +467,17 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         for p in self.quantized:
             self.base.state.pop(p, None)
 
+    def round_float_weights(self) -> None:
+        """Put the float phase's weights on the grid now, for a run that ends inside its
+        float phase (a time budget's cut): BC's w_b = Q(w_r) as its step rounds (w_r kept),
+        SR's and R's w_b to the nearest level (their only copy, so the float values are
+        gone). The float phase is over."""
+        self.float_phase = False
+        if self.mode == "bc":
+            self._update_latent_scales_and_weights(count_flips=False)
+        elif self.mode in FLOAT_PHASE:
+            self._round(self._flat_wb, stochastic=False, out=self._flat_wb)
+
     def _rounding_step(self, stochastic: bool) -> None:
         old = None
         if self._counting:

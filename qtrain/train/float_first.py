@@ -17,7 +17,9 @@ S is the run's length as planned from its config, or, with `fit_to_budget`, as t
 chose it when that is shorter (a fit never lengthens the recipe). Refits do not move F. So F
 never moves past a step already taken in the quantized phase, and it is a function of the
 config and the recorded fit alone: a resumed run switches at the very step an uninterrupted
-one does, and restarts the moments there even when it resumed exactly at F.
+one does, and restarts the moments there even when it resumed exactly at F. A run cut by its
+time budget inside the float phase rounds its weights onto the grid before its last record
+(`QuantizedOptimizer.round_float_weights`), so that what it reports and keeps is quantized.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def check_float_fraction(value: float) -> float:
 
 
 def float_steps(fraction: float, planned_steps: int, first_fit_steps: int | None = None) -> int:
-    """F = round(f · S) (module doc): S the planned length, or the first fit's when shorter."""
+    """F = round(f · S) (module doc), S the planned length or the first fit's when shorter,
+    and at most S − 1: a run always ends with a quantized step."""
     length = planned_steps if first_fit_steps is None else min(planned_steps, first_fit_steps)
-    return round(fraction * length)
+    return max(0, min(round(fraction * length), length - 1))

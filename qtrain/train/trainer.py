@@ -619,10 +619,15 @@ class Trainer:
         # which are also the ones the checkpoint keeps.
         self.dist.broadcast_buffers(self.model)
         final = state.epoch + 1 >= self.epochs or state.stopped is not None
+        step = state.epoch * len(self.train_loader) + sums.batch
+        if final and step < self.float_steps:
+            # a run cut inside its float phase reports, and keeps, weights on the grid
+            opt.round_float_weights()
+            self.log(f"the run stops in its float phase (step {step} of {self.float_steps}); "
+                     "its weights are rounded onto the grid for the last record")  # fmt: skip
         started = time.perf_counter()
         val, test = self._evaluate(final)
         eval_seconds = time.perf_counter() - started
-        step = state.epoch * len(self.train_loader) + sums.batch
         record = epoch_record(state, step, lr, opt, val, test, self.text, eval_seconds,
                               self._side(state.epoch))  # fmt: skip
         state.metrics.append(record)
