@@ -460,9 +460,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         """Leave the float phase (module doc): the base optimizer's state of the quantized
         parameters (Adam's moments and step count, SGD's momentum) starts afresh, since the
         gradients at grid weights differ in scale from those at the float weights it was
-        kept for; the next `step` rounds. The trainer calls it at the phase's last step
-        whether or not this process took the float steps (a run resumed there), so that it
-        is a function of the step alone."""
+        kept for; the next `step` rounds. The trainer calls it before step F, the first
+        quantized one, whether or not this process took the float steps (a run resumed
+        there), so that the restart is a function of the step alone."""
         self.float_phase = False
         for p in self.quantized:
             self.base.state.pop(p, None)
