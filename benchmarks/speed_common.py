@@ -119,21 +119,30 @@ def interleave(variants: dict[str, Callable[[int], None]], rounds: int) -> dict[
 class StepClock:
     """Seconds spent inside an optimizer's `step()` per round, read by its step hooks (host
     time: on the CPU the work itself; on a GPU only the time to queue it). `lap()` ends a
-    round; `laps` holds one total per round, in order."""
+    round; `laps` holds one total per round, in order.
+
+    A subclass whose `step` calls `super().step()` fires the hooks again inside the outer
+    call (torch wraps each class's `step` that has had an instance); only the outermost
+    call is timed."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, clock=time.perf_counter) -> None:
         self.laps: list[float] = []
         self._clock = clock
         self._spent = 0.0
         self._started = 0.0
+        self._depth = 0
         optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
 
     def _pre(self, *_) -> None:
-        self._started = self._clock()
+        if self._depth == 0:
+            self._started = self._clock()
+        self._depth += 1
 
     def _post(self, *_) -> None:
-        self._spent += self._clock() - self._started
+        self._depth -= 1
+        if self._depth == 0:
+            self._spent += self._clock() - self._started
 
     def lap(self) -> None:
         self.laps.append(self._spent)

@@ -68,7 +68,8 @@ def test_interleave_times_each_variant_once_a_round_after_one_warm_up(speed_comm
 
 def test_step_clock_counts_the_time_inside_each_step_and_ends_a_lap_per_round(speed_common):
     """bench_lm's split of a step: what the hooks read is the optimizer's step alone, summed
-    over a round's steps and restarted at each lap (a fake clock the steps move by 2 s)."""
+    over a round's steps and restarted at each lap (a fake clock the steps move by 2 s),
+    the outer call only where the hooks fire again inside it (`super().step()`)."""
     now = [0.0]
 
     class TwoSecondSGD(torch.optim.SGD):
@@ -78,6 +79,7 @@ def test_step_clock_counts_the_time_inside_each_step_and_ends_a_lap_per_round(sp
 
     w = torch.nn.Parameter(torch.ones(3))
     w.grad = torch.ones(3)
+    torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)  # SGD.step hooked too
     optimizer = TwoSecondSGD([w], lr=0.1)
     clock = speed_common.StepClock(optimizer, clock=lambda: now[0])
     for steps in (3, 1, 0):
