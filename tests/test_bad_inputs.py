@@ -266,6 +266,17 @@ def checkpoint_weight_edited(folder, trained, monkeypatch):
     torch.save(record, path)
 
 
+def checkpoint_in_float_phase(folder, trained, monkeypatch):
+    """The run's checkpoint as one saved before step F of `float_fraction` 0.5 looks: not
+    finished, its quantized weights still float (tests/test_float_first.py saves a real one)."""
+    checkpoint_weight_edited(folder, trained, monkeypatch)
+    path = folder / "run" / rundir.CHECKPOINT
+    record = torch.load(path, weights_only=True)
+    record["config"]["float_fraction"] = 0.5
+    record["training"]["finished"] = False
+    torch.save(record, path)
+
+
 def packed_truncated(folder, trained, monkeypatch):
     packed = (trained.parent / "model.safetensors").read_bytes()
     (folder / "m.safetensors").write_bytes(packed[:2000])
@@ -468,6 +479,9 @@ CASES = [
     Case("export", "a quantized run's weight changed after training",
          "export run --format packed --out m", "so the checkpoint was changed after training",
          checkpoint_weight_edited),
+    Case("export", "a run interrupted inside its float phase",
+         "export run --format packed --out m", "the run was saved inside its float phase",
+         checkpoint_in_float_phase),
     Case("export", "truncated packed file", "summary m.safetensors",
          "m.safetensors is not a readable safetensors file",
          packed_truncated),

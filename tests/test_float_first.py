@@ -17,6 +17,8 @@ from test_fit_budget import (  # noqa: F401  (slow_clock is a fixture)
 from test_methods import small_net, train_steps
 
 from qtrain.base.errors import UserError
+from qtrain.cli import main
+from qtrain.export.packed import save_packed
 from qtrain.methods import create
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
@@ -152,3 +154,19 @@ def test_a_run_cut_by_its_budget_in_the_float_phase_reports_weights_on_the_grid(
     model = run.model
     assert all(on_binary_grid(p.detach()) for p in run.optimizer.quantized)
     assert model is not None
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_run_saved_inside_its_float_phase_is_exported_after_it_finishes(tmp_path, capsys):
+    config = float_config(checkpoint_every_steps=1)
+    crash_at_step(Trainer(config, tmp_path / "run", log=quiet), 10)  # 9 float steps saved
+    record = load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)
+    with pytest.raises(UserError, match=r"saved inside its float phase \(float_fraction=0.5\)"):
+        save_packed(tmp_path / "m.safetensors", record)
+    assert not (tmp_path / "m.safetensors").exists()
+    onnx = ["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    assert main(onnx) == 2
+    assert "inside its float phase" in capsys.readouterr().err
+    Trainer(config, tmp_path / "run", log=quiet).run(resume=True)
+    save_packed(tmp_path / "m.safetensors", load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT))
+    assert (tmp_path / "m.safetensors").stat().st_size > 0

@@ -32,7 +32,7 @@ from qtrain.export.onnx import (
     input_shape,
     reads_tokens,
 )
-from qtrain.export.packed import save_packed
+from qtrain.export.packed import float_phase_refusal, save_packed
 from qtrain.export.summary import human_bytes
 from qtrain.quant import Grid
 
@@ -132,16 +132,24 @@ def _export(args: argparse.Namespace, source: Path, out: Path) -> int:
                 f"--input-size must be a positive number of {unit}{limit}, got {args.input_size}"
             )
         shape = (args.input_size,) if tokens else (shape[0], args.input_size, args.input_size)
-    export_onnx(
-        model,
-        out,
-        shape,
-        opset=args.opset,
-        quantized=record["quantized"],
-        grid=Grid.from_dict(record["method"]["grid"]),
-        weights=args.onnx_weights,
-        tokens=tokens,
-    )
+    grid = Grid.from_dict(record["method"]["grid"])
+    try:
+        export_onnx(
+            model,
+            out,
+            shape,
+            opset=args.opset,
+            quantized=record["quantized"],
+            grid=grid,
+            weights=args.onnx_weights,
+            tokens=tokens,
+        )
+    except UserError as e:  # packed weights off the grid: say why when the run can say it
+        where = f"the quantized weights are not all on the grid {grid.describe()}"
+        reason = float_phase_refusal(where, record)
+        if reason is None:
+            raise
+        raise reason from e
     kind = "tokens" if tokens else "images"
     print(
         f"wrote {out}: {human_bytes(out.stat().st_size)}, input {kind} [batch, "

@@ -122,7 +122,7 @@ def save_packed(path: str | Path, record: dict) -> None:
                 f"the checkpoint lists quantized parameter {name!r}, which model "
                 f"{record['model']['name']!r} does not have; the checkpoint is damaged"
             )
-        packed, quantized[name] = _pack_weight(name, state[name], grid, record["method"])
+        packed, quantized[name] = _pack_weight(name, state[name], grid, record)
         tensors.update(packed)
     header = {
         "format": FORMAT,
@@ -207,9 +207,10 @@ def _is_local_path(value: object) -> bool:
 
 
 def _pack_weight(
-    name: str, weight: torch.Tensor, grid: Grid, method: dict
+    name: str, weight: torch.Tensor, grid: Grid, record: dict
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """({name: packed uint8 codes[, name:scale: [1] or [C]]}, metadata entry) of a weight.
+    """({name: packed uint8 codes[, name:scale: [1] or [C]]}, metadata entry) of a weight of
+    the checkpoint `record`.
 
     Codes on the record's grid when the weight is exactly on it, else codes and scales
     (`qtrain.export.scales.scaled_codes`: one or one per output channel, multiplying the
@@ -232,7 +233,7 @@ def _pack_weight(
         return {name: pack_codes(grid.to_codes(weight), grid.code_bits)}, entry
     found = scaled_codes(weight, grid)
     if found is None:  # restoring from codes (with any scales) would change the weight
-        raise _off_grid(name, grid, method)
+        raise _off_grid(name, grid, record)
     packed = {
         name: pack_codes(found.codes, grid.code_bits),
         name + SCALE_SUFFIX: found.scale.contiguous(),
@@ -243,9 +244,11 @@ def _pack_weight(
     return packed, entry
 
 
-def _off_grid(name: str, grid: Grid, method: dict) -> PackedFormatError:
+def _off_grid(name: str, grid: Grid, record: dict) -> PackedFormatError:
     """The refusal of a weight that no codes restore: a full-precision run never put it on the
-    grid; a quantized run did, so its checkpoint was changed after training."""
+    grid; a run stopped inside its float phase (`float_fraction`) has not put it there yet; a
+    quantized run that finished did, so its checkpoint was changed after training."""
+    method = record["method"]
     where = (
         f"quantized parameter {name!r} is not exactly on the grid {grid.describe()}, nor on it "
         "with one scale per tensor or per output channel"
@@ -259,10 +262,31 @@ def _off_grid(name: str, grid: Grid, method: dict) -> PackedFormatError:
             f"{where}: method {method['name']!r} trains in full precision, so its weights "
             "cannot be packed; export a checkpoint written by a quantized method (bc, sr or r)"
         )
+    in_float_phase = float_phase_refusal(where, record)
+    if in_float_phase is not None:
+        return in_float_phase
     return PackedFormatError(
         f"{where}, although method {method.get('name')!r} keeps its weights there, so the "
         "checkpoint was changed after training; export it with {format} and {onnx_weights}, "
         "which stores the weights as they are",
+        format="format=onnx",
+        onnx_weights="onnx_weights=float",
+    )
+
+
+def float_phase_refusal(where: str, record: dict) -> PackedFormatError | None:
+    """The refusal of off-grid weights (`where` says which) of a run that was saved before it
+    finished and trains in float first (`float_fraction`): its checkpoint may hold the float
+    phase's weights, which the method puts on the grid only at step F. None for other runs."""
+    fraction = (record.get("config") or {}).get("float_fraction") or 0
+    if not fraction or (record.get("training") or {}).get("finished", True):
+        return None
+    return PackedFormatError(
+        f"{where}: the run was saved inside its float phase (float_fraction={fraction:g}), "
+        "before its weights were put on the grid; finish it (its training command with "
+        "{resume}) and export again, or export the float weights with {format} and "
+        "{onnx_weights}",
+        resume="resume=True",
         format="format=onnx",
         onnx_weights="onnx_weights=float",
     )
