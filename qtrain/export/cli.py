@@ -146,7 +146,7 @@ def _export(args: argparse.Namespace, source: Path, out: Path) -> int:
         )
     except UserError as e:  # packed weights off the grid: say why when the run can say it
         where = f"the quantized weights are not all on the grid {grid.describe()}"
-        reason = float_phase_refusal(where, record)
+        reason = float_phase_refusal(where, record) if grid.bounded else None
         if reason is None:
             raise
         raise reason from e
