@@ -18,7 +18,7 @@ from test_methods import small_net, train_steps
 
 from qtrain.base.errors import UserError
 from qtrain.cli import main
-from qtrain.export.packed import save_packed
+from qtrain.export.packed import load_packed, save_packed
 from qtrain.methods import create
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
@@ -167,6 +167,10 @@ def test_a_run_saved_inside_its_float_phase_is_exported_after_it_finishes(tmp_pa
     onnx = ["export", str(tmp_path / "run"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
     assert main(onnx) == 2
     assert "inside its float phase" in capsys.readouterr().err
-    Trainer(config, tmp_path / "run", log=quiet).run(resume=True)
-    save_packed(tmp_path / "m.safetensors", load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT))
-    assert (tmp_path / "m.safetensors").stat().st_size > 0
+    assert not (tmp_path / "m.onnx").exists()
+    Trainer(config, tmp_path / "run", log=quiet).run(resume=True)  # through F to the end
+    finished = load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)
+    save_packed(tmp_path / "m.safetensors", finished)
+    unpacked = load_packed(tmp_path / "m.safetensors").state_dict()
+    assert finished["quantized"]
+    assert all(torch.equal(unpacked[n], finished["model_state"][n]) for n in finished["quantized"])
