@@ -317,15 +317,18 @@ def test_training_flops_count_forward_and_the_gradients_autograd_computes():
 
 def test_variants_keep_the_recipe_and_change_only_what_they_name():
     recipe = speed_config(method="bc-adam", scale="he", val_images=64, time_budget_s=30.0,
-                          crop_padding=2, crop_fill="reflect", flip="alternating")  # fmt: skip
+                          crop_padding=2, crop_fill="reflect", flip="alternating",
+                          float_fraction=0.3)  # fmt: skip
     fp = float_variant(recipe)
     assert (fp.method, fp.scale, fp.model, fp.lr) == ("fp-adam", "none", "speednet", recipe.lr)
+    assert fp.float_fraction == 0.0  # an fp method has no float phase to end (and refuses one)
     assert (fp.crop_padding, fp.crop_fill, fp.flip) == (2, "reflect", "alternating")
     paper = paper_variant(recipe, epochs=3)
     assert (paper.model, paper.width, paper.method, paper.epochs) == ("vgg9", 0.25, "bc-adam", 3)
     assert (paper.time_budget_s, paper.val_images, paper.dataset) == (30.0, 64, "synthetic")
     # the paper's recipe keeps its own crop and flip (the usual 4-pixel crop, random flips)
     assert (paper.crop_padding, paper.crop_fill, paper.flip) == (4, "zeros", "random")
+    assert paper.float_fraction == 0.0  # the paper trains binary from the first step
 
 
 def test_run_speedrun_writes_a_markdown_table_over_seeds(tmp_path):

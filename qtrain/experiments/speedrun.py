@@ -122,9 +122,10 @@ def final_test_accuracy(records: list[dict]) -> float | None:
 
 
 def float_variant(config: RunConfig) -> RunConfig:
-    """The same recipe with float weights: the fp-* twin of the method, no scale."""
+    """The same recipe with float weights: the fp-* twin of the method, no scale, and no float
+    phase (all of it is float)."""
     base = config.method.split("-", 1)[1]
-    return config.replace(method=f"fp-{base}", scale="none")
+    return config.replace(method=f"fp-{base}", scale="none", float_fraction=0.0)
 
 
 def paper_variant(config: RunConfig, epochs: int) -> RunConfig:
