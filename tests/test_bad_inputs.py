@@ -336,7 +336,7 @@ CASES = [
     Case("cli", "SR's uniforms for a method that rounds deterministically",
          "{syn} --set sr_uniforms=counter --out o",
          "sr_uniforms applies to methods that round stochastically (sr-*, bc-* with "
-         "bc_stochastic), not to method 'bc-adam' without bc_stochastic; leave it at 'torch'"),
+         "bc_stochastic), not to method 'bc-adam' without bc_stochastic; set it to 'torch'"),
     Case("cli", "a flip-count cadence below one step", "{syn} --set flip_every=0 --out o",
          "flip_every must be a whole number of steps, 1 or more (1 counts every step), got 0"),
     Case("cli", "unknown flip", "{syn} --set flip=alternate --out o",
@@ -520,7 +520,7 @@ CASES = [
     Case("cli", "sample of an image model", "sample run", "trained on images", with_run),
     Case("config", "a key of Adam on an SGD method",
          "{syn} --method bc-sgd --set beta2=0.99 --out o",
-         "beta2 applies to Adam and AdamW methods, not to method 'bc-sgd'; leave it at 0.999"),
+         "beta2 applies to Adam and AdamW methods, not to method 'bc-sgd'; set it to 0.999"),
     Case("config", "an image key on text",
          "{gpt} --set text_file=a.txt --set augment=true --out o",
          "augment applies to image data sets, not to data set 'shakespeare-char'", with_text),
@@ -560,7 +560,7 @@ CASES = [
     Case("cli", "a speedrun without a time budget",
          "speedrun --set time_budget_s=none --budget smoke --out s",
          "fit_to_budget applies to runs with a time_budget_s, not to a run without "
-         "time_budget_s; leave it at False"),
+         "time_budget_s; set it to False"),
     Case("cli", "a speedrun that chooses its width without fitting its length",
          "speedrun --set fit_to_budget=false --budget smoke --out s",
          "fit_width chooses the width from the time budget that fit_to_budget fits the run "
@@ -596,7 +596,7 @@ CASES = [
          "distill_temperature must be a finite number > 0"),
     Case("config", "distillation key without a teacher", "{syn} --set distill_weight=0.3 --out o",
          "distill_weight applies to runs that distill (distill_from set), not to a run without "
-         "distill_from; leave it at 0.5"),
+         "distill_from; set it to 0.5"),
     Case("checkpoint", "resume with another teacher",
          "{gpt} --set text_file=a.txt --set distill_from=gpt2 --out kd --resume",
          "the teacher at gpt2 is not the one the run in kd started with", with_distilled_run),

@@ -590,7 +590,7 @@ def train_args(tmp_path, *settings) -> list[str]:
          "least 7, or turn fit_to_budget off"),
         (("fit_to_budget=true",),
          "fit_to_budget applies to runs with a time_budget_s, not to a run without "
-         "time_budget_s; leave it at False"),
+         "time_budget_s; set it to False"),
         (("fit_to_budget=true", "time_budget_s=60", "max_steps=5"),
          "fit_to_budget chooses the number of epochs, but max_steps sets the run's length; "
          "leave max_steps unset or turn fit_to_budget off"),

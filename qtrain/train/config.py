@@ -590,8 +590,8 @@ def inapplicable(config: RunConfig) -> str | None:
         value = getattr(config, name)
         if scope is None or value == f.default or scope.test(config):
             continue
-        leave = "leave it unset" if f.default is None else f"leave it at {f.default!r}"
-        return f"{name} applies to {scope.phrase}, not to {scope.subject(config)}; {leave}"
+        fix = "leave it unset" if f.default is None else f"set it to {f.default!r}"
+        return f"{name} applies to {scope.phrase}, not to {scope.subject(config)}; {fix}"
     return None
 
 
