@@ -78,7 +78,7 @@ def test_md5_mismatch_leaves_nothing_behind(tmp_path, archive_site):
         data.load("cifar10", root=root, download=True, url=url)  # the official MD5
     message = str(info.value)
     assert CIFAR10.md5 in message and "deleted" in message
-    assert list(root.iterdir()) == []
+    assert not root.exists()  # nor the folder made for it
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
@@ -89,7 +89,19 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
     url = f"http://127.0.0.1:{port}/{CIFAR10.archive}"
     with pytest.raises(data.DownloadError, match="could not download .*network connection"):
         data.load("cifar10", root=root, download=True, url=url)
-    assert list(root.iterdir()) == []
+    assert not root.exists()  # nor the folder made for it
+
+
+def test_a_failed_download_removes_only_the_folders_it_made(tmp_path, archive_site):
+    url, _ = archive_site
+    kept = tmp_path / "data"  # exists before, empty: stays
+    kept.mkdir()
+    with pytest.raises(data.ChecksumError):
+        data.load("cifar10", root=kept / "cifar" / "v1", download=True, url=url)  # wrong MD5
+    assert kept.is_dir() and list(kept.iterdir()) == []
+    with pytest.raises(data.ChecksumError):
+        data.load("cifar10", root=kept, download=True, url=url)
+    assert kept.is_dir() and list(kept.iterdir()) == []
 
 
 def test_missing_file_on_server_reports_the_http_status(tmp_path, archive_site):
@@ -97,7 +109,7 @@ def test_missing_file_on_server_reports_the_http_status(tmp_path, archive_site):
     root = tmp_path / "cache"
     with pytest.raises(data.DownloadError, match="HTTP 404"):
         data.load("cifar10", root=root, download=True, url=url + ".missing", md5=md5)
-    assert list(root.iterdir()) == []
+    assert not root.exists()  # nor the folder made for it
 
 
 def test_truncated_transfer_is_detected(tmp_path, archive_site):
@@ -111,7 +123,7 @@ def test_truncated_transfer_is_detected(tmp_path, archive_site):
     finally:
         server.shutdown()
         server.server_close()
-    assert list(root.iterdir()) == []
+    assert not root.exists()  # nor the folder made for it
 
 
 def test_no_download_without_permission(tmp_path, archive_site):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import qtrain.data as data
 from qtrain.experiments import table1
 from qtrain.experiments.demo import run_demo
 from qtrain.experiments.methods import LABEL_ORDER, PAPER_METHODS
@@ -127,6 +128,24 @@ def test_finished_cells_are_skipped_and_interrupted_ones_resumed(tmp_path):
     table = (tmp_path / "report" / "table.md").read_text()
     assert "| r |" in table and "smaller by" in table
     assert summary["model_sizes"]["r"]["packed_bytes"] < summary["model_sizes"]["r"]["float_bytes"]
+
+
+def test_a_call_that_fails_before_training_leaves_no_folders_of_its_own(tmp_path):
+    """A cell whose data cannot be read fails before it trains: the folders this call made
+    for it go (its label.json alone is no output), a finished cell's folder stays."""
+    good = Cell("good", tiny_cell(table1.row_config("vgg9-cifar10", PAPER_METHODS[1], "short",
+                                                    0, None, False)), "r", "BC-ADAM")  # fmt: skip
+    bad_config = good.config.replace(dataset="cifar10", data_dir=str(tmp_path / "no-data"))
+    bad = Cell("bad/seed0", bad_config, "r", "BC-ADAM")
+    folder = tmp_path / "runs" / "exp"
+    with pytest.raises(data.DatasetNotFoundError):
+        run_cells([bad], folder, quiet)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "no-data").exists()
+    run_cells([good], folder, quiet)
+    with pytest.raises(data.DatasetNotFoundError):
+        run_cells([good, bad], folder, quiet)
+    assert sorted(path.name for path in folder.iterdir()) == ["good"]
+    assert rundir.is_finished(folder / "good")
 
 
 def test_unknown_rows_and_budgets_are_refused():

@@ -54,7 +54,7 @@ class FolderLock:
     def __init__(self, folder: str | Path, out: str = "output") -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
-        self._created = _missing_folders(self.folder)
+        self._created = missing_folders(self.folder)
         fd = None
         try:
             _make_folder(self.folder)
@@ -71,7 +71,7 @@ class FolderLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except FileNotFoundError:  # a releasing holder removed the folder it had made
-                self._created = _missing_folders(self.folder)
+                self._created = missing_folders(self.folder)
                 _make_folder(self.folder)
                 continue
             try:
@@ -119,7 +119,7 @@ def _unlock(path: Path, fd: int | None, created: list[Path], owner: int) -> None
             break
 
 
-def _missing_folders(folder: Path) -> list[Path]:
+def missing_folders(folder: Path) -> list[Path]:
     """`folder` and those of its parents that do not exist yet, deepest first."""
     missing = []
     for path in (folder, *folder.parents):

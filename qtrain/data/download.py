@@ -9,6 +9,7 @@ file or folder being written, not a download error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -21,6 +22,7 @@ import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
 
+from qtrain.base.folder_lock import missing_folders
 from qtrain.base.io import MACHINE_ERRNOS, WriteError, write_error
 
 from .errors import ChecksumError, CorruptDataError, DownloadError
@@ -120,26 +122,44 @@ def extract_archive(archive: Path, root: Path, folder: str) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def download_folder(root: Path):
+    """Make ``root`` (and its missing parents) for a download; when the block fails, remove
+    the folders made here again where they are empty, so a download that cannot reach the
+    network leaves no empty data folder behind."""
+    made = missing_folders(root)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        yield root
+    except BaseException:
+        for folder in made:  # deepest first; one that holds anything stays, and its parents
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def download_and_extract(
     url: str, md5: str, root: Path, archive_name: str, folder: str, timeout: float = 60.0
 ) -> Path:
     """Download ``url`` into ``root``, check its ``md5``, extract ``folder`` from it.
 
     The archive itself is deleted afterwards (only the extracted folder is kept); nothing at
-    all is left behind when any step fails.
+    all is left behind when any step fails, not even the folders made for ``root``.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{archive_name}.", suffix=".part", dir=root)
-    os.close(handle)
-    part = Path(name)
-    try:
-        log.info("downloading %s to %s", url, root)
-        got = fetch(url, part, timeout)
-        if got != md5:
-            raise ChecksumError(
-                f"the archive downloaded from {url} has MD5 {got}, not the expected {md5}, "
-                "so it was deleted; retry, or fetch the official archive by hand"
-            )
-        return extract_archive(part, root, folder)
-    finally:
-        part.unlink(missing_ok=True)
+    with download_folder(root):
+        handle, name = tempfile.mkstemp(prefix=f".{archive_name}.", suffix=".part", dir=root)
+        os.close(handle)
+        part = Path(name)
+        try:
+            log.info("downloading %s to %s", url, root)
+            got = fetch(url, part, timeout)
+            if got != md5:
+                raise ChecksumError(
+                    f"the archive downloaded from {url} has MD5 {got}, not the expected {md5}, "
+                    "so it was deleted; retry, or fetch the official archive by hand"
+                )
+            return extract_archive(part, root, folder)
+        finally:
+            part.unlink(missing_ok=True)

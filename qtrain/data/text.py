@@ -29,7 +29,7 @@ import torch
 from qtrain.base.errors import UserError
 from qtrain.base.streams import stream_seed
 
-from .download import fetch
+from .download import download_folder, fetch
 from .errors import ChecksumError, DataError, DatasetNotFoundError
 
 if TYPE_CHECKING:
@@ -93,19 +93,19 @@ def shakespeare_path(root: Path, download: bool, url: str = SHAKESPEARE_URL,
             data_dir="data_dir",
             download="download=True",
         )
-    root.mkdir(parents=True, exist_ok=True)
-    part = root / f".{SHAKESPEARE_FILE}.part"
-    try:
-        fetch(url, part)
-        got = hashlib.sha256(part.read_bytes()).hexdigest()
-        if got != sha256:
-            raise ChecksumError(
-                f"the file downloaded from {url} has SHA-256 {got}, not the expected {sha256}, "
-                "so it was deleted; retry, or fetch the file by hand"
-            )
-        part.replace(target)
-    finally:
-        part.unlink(missing_ok=True)
+    with download_folder(root):
+        part = root / f".{SHAKESPEARE_FILE}.part"
+        try:
+            fetch(url, part)
+            got = hashlib.sha256(part.read_bytes()).hexdigest()
+            if got != sha256:
+                raise ChecksumError(
+                    f"the file downloaded from {url} has SHA-256 {got}, not the expected "
+                    f"{sha256}, so it was deleted; retry, or fetch the file by hand"
+                )
+            part.replace(target)
+        finally:
+            part.unlink(missing_ok=True)
     return target
 
 

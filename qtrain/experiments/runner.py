@@ -23,10 +23,12 @@ starting once the cells it needs have finished (`qtrain.experiments.parallel`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtrain.base.errors import UserError
+from qtrain.base.folder_lock import missing_folders
 from qtrain.base.names import unknown_name
 from qtrain.train import rundir
 from qtrain.train.config import ConfigError, RunConfig, load_toml, portable_change
@@ -151,33 +153,52 @@ def check_jobs(jobs) -> int:
     return jobs
 
 
+def remove_untrained(created: list[Path]) -> None:
+    """Remove the folders of `created` (made by this invocation) that hold nothing but their
+    label, deepest first, so that a run that fails before training (a data folder that does
+    not exist, a download that cannot reach the network) leaves no empty run folders behind;
+    a folder with anything else in it (a checkpoint, a finished run) stays."""
+    for path in sorted(set(created), key=lambda path: len(path.parts), reverse=True):
+        if path.is_dir() and [entry.name for entry in path.iterdir()] == [LABEL]:
+            (path / LABEL).unlink()
+        with contextlib.suppress(OSError):  # not empty, or gone
+            path.rmdir()
+
+
 def run_cells(cells: list[Cell], folder: Path, log=print, jobs: int = 1) -> list[Finished]:
     """Check every cell, then skip, resume or train each, in turn or with `jobs` workers at
     once; the finished cells of this invocation with their records, in the order of `cells`.
-    `log` None trains silently."""
+    `log` None trains silently. When the call fails, the folders it made that hold nothing
+    but their label are removed (`remove_untrained`)."""
     check_jobs(jobs)
     echo = log is not None
     log = log or _silent
     check_cells(cells, folder)
-    to_train = []
-    for cell in cells:
-        run_dir = folder / cell.path
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # Written first, so a folder never holds training output without its label.
-        rundir.write_json(run_dir / LABEL, cell.label)
-        if rundir.is_finished(run_dir):
-            log(f"skip {run_dir} (finished)")
-            continue
-        to_train.append((cell, (run_dir / rundir.CHECKPOINT).exists()))
-    if jobs > 1 and len(to_train) > 1:
-        from qtrain.experiments.parallel import train_in_parallel
-
-        train_in_parallel(to_train, folder, jobs, log, echo)
-    else:
-        for cell, resume in to_train:
+    created: list[Path] = []
+    try:
+        to_train = []
+        for cell in cells:
             run_dir = folder / cell.path
-            log(f"{'resume' if resume else 'train'} {run_dir}")
-            train_cell(cell.config, run_dir, resume, log)
+            created += missing_folders(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # Written first, so a folder never holds training output without its label.
+            rundir.write_json(run_dir / LABEL, cell.label)
+            if rundir.is_finished(run_dir):
+                log(f"skip {run_dir} (finished)")
+                continue
+            to_train.append((cell, (run_dir / rundir.CHECKPOINT).exists()))
+        if jobs > 1 and len(to_train) > 1:
+            from qtrain.experiments.parallel import train_in_parallel
+
+            train_in_parallel(to_train, folder, jobs, log, echo)
+        else:
+            for cell, resume in to_train:
+                run_dir = folder / cell.path
+                log(f"{'resume' if resume else 'train'} {run_dir}")
+                train_cell(cell.config, run_dir, resume, log)
+    except BaseException:
+        remove_untrained(created)
+        raise
     return [
         Finished(cell, folder / cell.path, rundir.read_metrics(folder / cell.path))
         for cell in cells
