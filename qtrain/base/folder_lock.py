@@ -112,10 +112,16 @@ def _unlock(path: Path, fd: int | None, created: list[Path], owner: int) -> None
         if os.getpid() == owner:  # a forked child that exits must not delete its parent's file
             path.unlink(missing_ok=True)  # while locked: nobody else holds this file
         os.close(fd)
-    for folder in created:
+    remove_empty_folders(created)
+
+
+def remove_empty_folders(made: list[Path]) -> None:
+    """Remove the folders of `made` (deepest first, as `missing_folders` lists them) up to the
+    first that is not empty: a folder with output stays, and so do its parents."""
+    for folder in made:
         try:
             folder.rmdir()
-        except OSError:  # not empty (or gone): a folder with output stays
+        except OSError:  # not empty (or gone)
             break
 
 

@@ -22,7 +22,7 @@ import urllib.request
 import zlib
 from pathlib import Path, PurePosixPath
 
-from qtrain.base.folder_lock import missing_folders
+from qtrain.base.folder_lock import missing_folders, remove_empty_folders
 from qtrain.base.io import MACHINE_ERRNOS, WriteError, write_error
 
 from .errors import ChecksumError, CorruptDataError, DownloadError
@@ -132,11 +132,7 @@ def download_folder(root: Path):
     try:
         yield root
     except BaseException:
-        for folder in made:  # deepest first; one that holds anything stays, and its parents
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty_folders(made)
         raise
 
 
