@@ -85,10 +85,13 @@ VARIANTS = {
 
 
 def preset_trainer(folder: Path, run_dir: Path, args, **changes) -> Trainer:
-    """The preset on `args.images` training images, one epoch a round, no validation split."""
+    """The preset on `args.images` training images, one epoch a round, no validation split.
+
+    Without its float phase (`float_fraction` 0): every step of a binary row is a binary
+    one, and the float row (FP-ADAM) times the steps of that phase."""
     values = {**load_toml("speedrun-binary"), "data_dir": str(folder), "device": "cpu",
               "width": args.width, "train_subset": args.images, "val_images": 0, "epochs": 1,
-              "threads": args.threads, **changes}  # fmt: skip
+              "threads": args.threads, "float_fraction": 0.0, **changes}  # fmt: skip
     return Trainer(RunConfig(**values), run_dir, log=lambda *a, **k: None, progress=False)
 
 

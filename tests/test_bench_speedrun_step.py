@@ -1,0 +1,47 @@
+"""benchmarks/bench_speedrun_step.py builds a trainer for every row it can time: a change to
+the preset that makes one of its variants an invalid config is caught here, not on the day the
+benchmark is run for the record."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from qtrain.train.config import load_toml
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_speedrun_step", BENCHMARKS / "bench_speedrun_step.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_every_variant_builds_a_trainer_whose_steps_are_the_ones_its_row_names(bench, tmp_path):
+    import speed_common
+
+    folder = speed_common.write_synthetic_cifar10(tmp_path / "data", images_per_file=16)  # 80 training images
+    args = argparse.Namespace(width=0.125, images=64, threads=1)
+    preset = load_toml("speedrun-binary")
+    assert preset["float_fraction"] > 0  # what the rows below must leave out
+    rows = bench.variants(preset, [32], ["bf16", "fp32"])
+    assert {"binary, bf16", "float, bf16", "binary, fp32", "binary, fp32, batch 32"} <= set(rows)
+    for i, (name, changes) in enumerate(rows.items()):
+        trainer = bench.preset_trainer(folder, tmp_path / str(i), args, **changes)
+        config = trainer.config
+        assert config.method == ("fp-adam" if name.startswith("float") else preset["method"])
+        assert trainer.float_steps == 0, name  # a binary row times binary steps only
+        assert config.amp == ("off" if "fp32" in name else "bf16"), name
