@@ -33,7 +33,8 @@ def bench():
 def test_every_variant_builds_a_trainer_whose_steps_are_the_ones_its_row_names(bench, tmp_path):
     import speed_common
 
-    folder = speed_common.write_synthetic_cifar10(tmp_path / "data", images_per_file=16)  # 80 training images
+    # 5 files of 16 training images: one batch of the preset's 64
+    folder = speed_common.write_synthetic_cifar10(tmp_path / "data", images_per_file=16)
     args = argparse.Namespace(width=0.125, images=64, threads=1)
     preset = load_toml("speedrun-binary")
     assert preset["float_fraction"] > 0  # what the rows below must leave out
