@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from qtrain.base import cpu_isa
 from qtrain.train import devices, rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import ConfigError, RunConfig, load_toml
@@ -26,8 +27,9 @@ def quiet(*_args, **_kwargs):
 
 @pytest.fixture(params=[True, False], ids=["native-bf16", "no-native-bf16"])
 def native(request, monkeypatch):
-    """This CPU with native bf16 (AVX-512 BF16 / AMX) or without (AVX2), by oneDNN's check."""
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: request.param)
+    """This CPU with native bf16 (AVX-512 BF16 / AMX) or without (AVX2, or AVX-512 without
+    BF16), by `qtrain.base.cpu_isa`'s check (tests/test_cpu_isa.py checks that one)."""
+    monkeypatch.setattr(cpu_isa, "has_native_bf16", lambda: request.param)
     return request.param
 
 
@@ -40,6 +42,20 @@ def test_auto_resolves_by_the_devices_capability(native, monkeypatch):
         assert cuda.amp == ("bf16" if cuda_bf16 else "off")
     for explicit in ("off", "bf16"):  # an explicit value is what it says, everywhere
         assert devices.resolve_amp(TINY.replace(amp=explicit), torch.device("cpu")).amp == explicit
+
+
+def test_auto_is_float32_on_avx512_without_bf16_where_onednn_would_emulate_bf16(monkeypatch):
+    """oneDNN accepts bf16 on any AVX-512 CPU (its check says yes) but emulates it without
+    AVX-512 BF16, 2.56x slower than float32 in the speedrun's step: auto must not take it."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert devices.resolve_amp(TINY, torch.device("cpu")).amp == "off"
+    assert "no native bf16" in devices.slow_bf16_note(torch.device("cpu"), "bf16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert devices.resolve_amp(TINY, torch.device("cpu")).amp == "bf16"
+    assert devices.slow_bf16_note(torch.device("cpu"), "bf16") is None
 
 
 def test_a_run_records_compares_and_exports_the_resolved_precision(native, tmp_path):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from qtrain.base import cpu_isa
 from qtrain.cli import main
 from qtrain.data.holdout import sample_images, validation_loader
 from qtrain.evaluate import evaluate_file
@@ -379,7 +380,7 @@ def test_speedrun_command_runs_a_preset_and_names_bad_arguments(tmp_path, capsys
 
 
 def test_bf16_on_a_cpu_without_native_support_is_named_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(cpu_isa, "has_native_bf16", lambda: False)
     lines = []
     Trainer(speed_config(epochs=1, amp="bf16"), tmp_path / "a", log=lines.append).run()
     assert sum("no native bf16" in line for line in lines) == 1

@@ -3,8 +3,9 @@
 Device and dtype are chosen here, at the edge; the library code below follows its inputs.
 
 ``amp = "auto"`` is resolved once, when a run is created, to what this machine computes fast:
-"bf16" on CUDA with bf16 support and on CPUs with native bf16 (AVX-512 BF16 or AMX, as oneDNN
-reports it, which honours ONEDNN_MAX_CPU_ISA), "off" (float32) elsewhere. The resolved value is
+"bf16" on CUDA with bf16 support and on CPUs with native bf16 (AVX-512 BF16 or AMX that oneDNN
+may use under ONEDNN_MAX_CPU_ISA, `qtrain.base.cpu_isa`), "off" (float32) elsewhere, AVX-512
+without BF16 included: oneDNN emulates bf16 there, slower than float32. The resolved value is
 what the run records in config.toml and its checkpoint, compares on resume and exports, so a
 run's precision never changes with the machine it is resumed or evaluated on. Runs made before
 "auto" was resolved recorded the word itself, which then meant bf16 on CUDA and float32 on the
@@ -17,6 +18,7 @@ import contextlib
 
 import torch
 
+from qtrain.base import cpu_isa
 from qtrain.base.errors import UserError
 from qtrain.train.config import RunConfig
 
@@ -45,10 +47,11 @@ def synchronize(device: torch.device) -> None:
 
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 arithmetic is native: CUDA with bf16 support, or a CPU with AVX-512
-    BF16 or AMX (oneDNN's check, limited by ONEDNN_MAX_CPU_ISA like the kernels it picks)."""
+    BF16 or AMX that oneDNN may use (`qtrain.base.cpu_isa`: limited by ONEDNN_MAX_CPU_ISA
+    like the kernels it picks; AVX-512 without BF16 emulates bf16 and does not count)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device.type == "cpu" and cpu_isa.has_native_bf16()
 
 
 def resolve_amp(config: RunConfig, device: torch.device) -> RunConfig:
@@ -91,9 +94,9 @@ def autocast_context(device: torch.device, amp: str):
 
 def slow_bf16_note(device: torch.device, amp: str) -> str | None:
     """A one-line note when bf16 autocast is asked for on a CPU without native bf16 support
-    (AVX-512 BF16 or AMX, as oneDNN reports it): it still computes the same, but emulated,
-    slower than float32. None otherwise."""
-    if device.type != "cpu" or amp != "bf16" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    (AVX-512 BF16 or AMX, `native_bf16`): it still computes the same, but emulated, slower
+    than float32. None otherwise."""
+    if device.type != "cpu" or amp != "bf16" or native_bf16(device):
         return None
     return (
         "note: this CPU has no native bf16 (AVX-512 BF16 or AMX), so amp=bf16 runs slower "
