@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_common import machine_line, median  # noqa: E402
 
-from qtrain.models.conv_grad import SMALL_OUTPUT, cpu_has_amx, weight_grad  # noqa: E402
+from qtrain.base.cpu_isa import has_native_bf16  # noqa: E402
+from qtrain.models.conv_grad import SMALL_OUTPUT, weight_grad  # noqa: E402
 
 # (in channels, out channels, side of the input) of speednet ×1's 3×3 convolutions
 SPEEDNET_CONVS = ((24, 64, 31), (64, 64, 15), (64, 256, 15), (256, 256, 7), (256, 256, 7),
@@ -91,14 +92,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"speednet x1's 3x3 convolutions, batch {args.batch}, {args.rounds} interleaved "
-          f"calls each; {machine_line()}; AMX usable: {cpu_has_amx()}")  # fmt: skip
+          f"calls each; {machine_line()}; native bf16 usable: {has_native_bf16()}")  # fmt: skip
     print(f"{'dtype':9s} {'conv':>8s} {'side':>5s} {'library ms':>11s} {'im2col ms':>10s} "
           f"{'im2col ÷ library':>17s} {'rel. diff':>10s} {'im2col_grad takes':>18s}")  # fmt: skip
     for dtype in args.dtypes:
         for in_channels, out_channels, side in dict.fromkeys(SPEEDNET_CONVS):
             library, ours, difference = compare(args.batch, in_channels, out_channels, side,
                                                 dtype, args.rounds)  # fmt: skip
-            takes = dtype == torch.bfloat16 and cpu_has_amx() and side * side <= SMALL_OUTPUT
+            takes = dtype == torch.bfloat16 and has_native_bf16() and side * side <= SMALL_OUTPUT
             print(f"{str(dtype).removeprefix('torch.'):9s} {in_channels:>3d}→{out_channels:<4d} "
                   f"{side:>5d} {library:11.2f} {ours:10.2f} {ours / library:16.2f}x "
                   f"{difference:10.1e} {'yes' if takes else 'no':>18s}")  # fmt: skip

@@ -1,7 +1,7 @@
 """The im2col weight gradient of small convolutions (qtrain.models.conv_grad).
 
 Gᵀ·im2col(x) is the weight gradient of the convolution for every geometry (float64, against
-autograd's), a model's convolutions take it only on a CPU with AMX (patched here), and
+autograd's), a model's convolutions take it only on a CPU with native bf16 (patched here), and
 SmallOutputConv2d takes it exactly where its rule says (bf16 on the CPU, at most 64 output
 positions per image, while training) and is nn.Conv2d everywhere else.
 """
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.base import cpu_isa
 from qtrain.models import conv_grad
 from qtrain.models.conv_grad import SmallOutputConv2d, im2col_weight_grads, weight_grad
 
@@ -46,10 +47,10 @@ def test_the_im2col_product_is_the_weight_gradient(kernel, stride, padding, dila
     torch.testing.assert_close(ours, weight.grad, rtol=1e-12, atol=1e-12)
 
 
-def conv_pair(monkeypatch, amx: bool, **options) -> tuple[nn.Conv2d, nn.Conv2d, list]:
-    """(nn.Conv2d, the same after `im2col_weight_grads`, the calls of weight_grad), with
-    cpu_has_amx patched to `amx`."""
-    monkeypatch.setattr(conv_grad, "cpu_has_amx", lambda: amx)
+def conv_pair(monkeypatch, native: bool, **options) -> tuple[nn.Conv2d, nn.Conv2d, list]:
+    """(nn.Conv2d, the same after `im2col_weight_grads`, the calls of weight_grad), on a CPU
+    with native bf16 or without (`cpu_isa.has_native_bf16` patched to `native`)."""
+    monkeypatch.setattr(cpu_isa, "has_native_bf16", lambda: native)
     calls = []
     real = conv_grad.weight_grad
 
@@ -81,8 +82,10 @@ def images(side: int) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def test_small_bf16_outputs_on_amx_take_the_im2col_path_with_the_same_values(monkeypatch):
-    plain, small, calls = conv_pair(monkeypatch, amx=True)
+def test_small_bf16_outputs_with_native_bf16_take_the_im2col_path_with_the_same_values(
+    monkeypatch,
+):
+    plain, small, calls = conv_pair(monkeypatch, native=True)
     x = images(8)  # 64 output positions: the largest the rule takes
     (y0, gx0, gw0, gb0), (y1, gx1, gw1, gb1) = run(plain, x, True), run(small, x, True)
     assert len(calls) == 1
@@ -101,7 +104,7 @@ def test_the_compiled_network_computes_the_eager_gradients(monkeypatch):
         torch.compile(lambda t: t * 2 + 1, fullgraph=True)(torch.ones(3))
     except Exception as error:  # inductor reports a missing toolchain in several ways
         pytest.skip(f"torch.compile does not work here: {type(error).__name__}: {error}")
-    monkeypatch.setattr(conv_grad, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(cpu_isa, "has_native_bf16", lambda: True)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
     net = im2col_weight_grads(net.to(memory_format=torch.channels_last))
@@ -122,10 +125,12 @@ def test_the_compiled_network_computes_the_eager_gradients(monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-2 * a.abs().max().item())
 
 
-@pytest.mark.parametrize("case", ["large output", "float32", "no AMX", "no grad", "frozen"])
+@pytest.mark.parametrize("case", ["large output", "float32", "no native bf16", "no grad",
+                                  "frozen"])  # fmt: skip
 def test_elsewhere_a_small_output_conv_is_nn_conv2d_to_the_bit(monkeypatch, case):
-    plain, small, calls = conv_pair(monkeypatch, amx=case != "no AMX")
-    assert (type(small) is nn.Conv2d) == (case == "no AMX")  # without AMX nothing converts
+    plain, small, calls = conv_pair(monkeypatch, native=case != "no native bf16")
+    # without native bf16 nothing converts
+    assert (type(small) is nn.Conv2d) == (case == "no native bf16")
     x, amp = images(9 if case == "large output" else 8), case != "float32"
     if case == "frozen":
         for conv in (plain, small):
@@ -140,7 +145,7 @@ def test_elsewhere_a_small_output_conv_is_nn_conv2d_to_the_bit(monkeypatch, case
 
 
 def test_only_plain_convolutions_are_converted_and_the_state_dict_is_unchanged(monkeypatch):
-    monkeypatch.setattr(conv_grad, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(cpu_isa, "has_native_bf16", lambda: True)
 
     class Custom(nn.Conv2d):
         pass
@@ -154,18 +159,3 @@ def test_only_plain_convolutions_are_converted_and_the_state_dict_is_unchanged(m
                                         nn.Conv2d, nn.Linear]  # fmt: skip
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-
-
-@pytest.mark.parametrize("limit, amx", [("ALL", True), ("AVX2", False), ("avx512_core_bf16",
-                                        False), ("AVX512_CORE_AMX", True)])  # fmt: skip
-def test_amx_counts_only_where_onednn_may_use_it(monkeypatch, limit, amx):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
-    conv_grad.cpu_has_amx.cache_clear()
-    try:
-        assert conv_grad.cpu_has_amx() is amx
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        conv_grad.cpu_has_amx.cache_clear()
-        assert conv_grad.cpu_has_amx() is False
-    finally:
-        conv_grad.cpu_has_amx.cache_clear()

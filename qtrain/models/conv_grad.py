@@ -15,35 +15,26 @@ On a CPU with AMX, oneDNN's bf16 weight-gradient kernel is slow where the output
 positions: the late layers of CIFAR networks (8×8 and less). For speednet's 256→256
 convolutions at 7×7 and 3×3 it ran at 543 and 154 GFLOP/s, where the im2col product, the
 copy of the patches included, ran at 817 and 629; at 15×15 and above oneDNN was the faster
-(benchmarks/bench_conv_grad.py). In float32 the product was slower with AVX-512 and, at
-7×7, with AVX2; bf16 without AMX is not measured. So `im2col_grad` takes this path for
-bf16 on a CPU with AMX, for outputs of at most `SMALL_OUTPUT` positions per image, and the
-library's kernel elsewhere; the input gradient stays the library's. Both paths sum the same
-products in another order, so their weight gradients agree to the rounding of bf16, not to
-the bit.
+(benchmarks/bench_conv_grad.py). With AVX-512 BF16 and no AMX (an AMD EPYC of Zen 5) the
+product took 0.95× oneDNN's time at 7×7 and 0.46× at 3×3, and 1.4-2.7× at 15×15 and above.
+In float32 the product was slower with AVX-512 and, at 7×7, with AVX2. So `im2col_grad`
+takes this path for bf16 on a CPU with native bf16 (`qtrain.base.cpu_isa`), for outputs of
+at most `SMALL_OUTPUT` positions per image, and the library's kernel elsewhere; the input
+gradient stays the library's. Both paths sum the same products in another order, so their
+weight gradients agree to the rounding of bf16, not to the bit.
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.base import cpu_isa
+
 # An output of at most 8×8 positions per image: the matrix product was faster at 7×7 and 3×3,
 # oneDNN at 15×15 and above.
 SMALL_OUTPUT = 64
-
-
-@functools.cache
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles and oneDNN may use them: ONEDNN_MAX_CPU_ISA set to an
-    ISA below AMX (the AVX2 stand-in of docs/speed.md, AVX512_CORE_BF16) rules them out, as
-    it does in oneDNN's own kernels."""
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return torch.cpu._is_amx_tile_supported() and (limit == "ALL" or "AMX" in limit)
 
 
 def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
@@ -104,7 +95,7 @@ class _Im2colWeightGrad(torch.autograd.Function):
 class SmallOutputConv2d(nn.Conv2d):
     """nn.Conv2d whose weight gradient, in bf16 on the CPU for outputs of at most
     SMALL_OUTPUT positions per image, is the im2col matrix product; the library's elsewhere.
-    `im2col_weight_grads` makes a model's convolutions such where the CPU has AMX.
+    `im2col_weight_grads` makes a model's convolutions such where the CPU has native bf16.
 
     The same module otherwise: its parameters, state_dict and forward values are nn.Conv2d's
     (the forward pass is F.conv2d either way)."""
@@ -144,10 +135,11 @@ def eligible(module: nn.Module) -> bool:
 
 
 def im2col_weight_grads(model: nn.Module) -> nn.Module:
-    """`model` with every eligible nn.Conv2d made a SmallOutputConv2d where this CPU has AMX
-    (unchanged elsewhere), in place: the same parameters, buffers and hooks, only the class
-    changes, so a checkpoint or an exported model cannot tell the two apart. Returns it."""
-    if cpu_has_amx():
+    """`model` with every eligible nn.Conv2d made a SmallOutputConv2d where this CPU has native
+    bf16 (unchanged elsewhere), in place: the same parameters, buffers and hooks, only the
+    class changes, so a checkpoint or an exported model cannot tell the two apart. Returns
+    it."""
+    if cpu_isa.has_native_bf16():
         for module in model.modules():
             if eligible(module):
                 module.__class__ = SmallOutputConv2d

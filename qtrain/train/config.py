@@ -405,7 +405,8 @@ class RunConfig:
                     "resolved value")  # fmt: skip
     channels_last: bool = _key(True, "machine", "channels-last memory layout (images)", MACHINE)
     compile: bool = _key(False, "machine", "run the model through torch.compile", MACHINE)
-    im2col_grad: bool = _key(True, "machine", "on a CPU with AMX, the bf16 weight gradient of "
+    im2col_grad: bool = _key(True, "machine", "on a CPU with native bf16 (AVX-512 BF16, "
+                             "AMX), the bf16 weight gradient of "
                              "a convolution with at most 64 output positions per image as one "
                              "im2col matrix product, faster there than oneDNN's "
                              "(qtrain.models.conv_grad)", MACHINE)  # fmt: skip
