@@ -10,8 +10,9 @@ the speedrun's step ran 2.56× slower in bf16 than in float32
 
 ONEDNN_MAX_CPU_ISA caps the instruction sets oneDNN dispatches (the AVX2 stand-in of
 docs/speed.md sets it to AVX2); a capability counts only where the cap allows it, as in
-oneDNN's own kernels. The cap's names are oneDNN's: those at or above AVX-512 BF16 name BF16,
-FP16 (which includes it), AMX or AVX10 (`allows`); ALL, DEFAULT or no cap allow everything.
+oneDNN's own kernels. The cap's names are oneDNN's, in any case: those at or above AVX-512
+BF16 name BF16, FP16 (which includes it), AMX or AVX10 (`allows`); ALL, DEFAULT, no cap or a
+name oneDNN does not know (which it ignores) allow everything.
 """
 
 from __future__ import annotations
@@ -25,9 +26,19 @@ import torch
 BF16_ISA_WORDS = ("BF16", "FP16", "AMX", "AVX10")
 
 
+# the values of ONEDNN_MAX_CPU_ISA that oneDNN knows (the aliases of AVX10 included)
+ONEDNN_ISAS = frozenset({
+    "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL",
+    "DEFAULT",
+})  # fmt: skip
+
+
 def onednn_isa_cap() -> str:
-    """ONEDNN_MAX_CPU_ISA in capitals; "ALL" where unset or empty."""
-    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() or "ALL"
+    """ONEDNN_MAX_CPU_ISA in capitals; "ALL" where unset, empty or a name oneDNN ignores."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return cap if cap in ONEDNN_ISAS else "ALL"
 
 
 def allows(words: tuple[str, ...]) -> bool:
