@@ -3,28 +3,13 @@ trainer's loop does the work it is timed for, and the clock waits for the GPU's 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def speed_common():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "speed_common", BENCHMARKS / "speed_common.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def speed_common(benchmark_module):
+    return benchmark_module("speed_common")
 
 
 @pytest.fixture

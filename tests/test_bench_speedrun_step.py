@@ -5,29 +5,15 @@ benchmark is run for the record."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from qtrain.train.config import load_toml
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_speedrun_step", BENCHMARKS / "bench_speedrun_step.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+def bench(benchmark_module):
+    return benchmark_module("bench_speedrun_step")
 
 
 def test_every_variant_builds_a_trainer_whose_steps_are_the_ones_its_row_names(bench, tmp_path):
