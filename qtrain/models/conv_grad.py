@@ -16,8 +16,8 @@ positions: the late layers of CIFAR networks (8×8 and less). For speednet's 256
 convolutions at 7×7 and 3×3 it ran at 543 and 154 GFLOP/s, where the im2col product, the
 copy of the patches included, ran at 817 and 629; at 15×15 and above oneDNN was the faster
 (benchmarks/bench_conv_grad.py). With AVX-512 BF16 and no AMX (an AMD EPYC of Zen 5) the
-product took 0.95× oneDNN's time at 7×7 and 0.46× at 3×3, and 1.4-2.7× at 15×15 and above.
-In float32 the product was slower with AVX-512 and, at 7×7, with AVX2. So `im2col_grad`
+product took 0.95-1.00× oneDNN's time at 7×7, 0.29-0.46× at 3×3 and 1.4-3.2× at 15×15 and
+above. In float32 the product was slower with AVX-512 and, at 7×7, with AVX2. So `im2col_grad`
 takes this path for bf16 on a CPU with native bf16 (`qtrain.base.cpu_isa`), for outputs of
 at most `SMALL_OUTPUT` positions per image, and the library's kernel elsewhere; the input
 gradient stays the library's. Both paths sum the same products in another order, so their
