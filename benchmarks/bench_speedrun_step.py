@@ -88,10 +88,13 @@ def preset_trainer(folder: Path, run_dir: Path, args, **changes) -> Trainer:
     """The preset on `args.images` training images, one epoch a round, no validation split.
 
     Without its float phase (`float_fraction` 0): every step of a binary row is a binary
-    one, and the float row (FP-ADAM) times the steps of that phase."""
+    one, and the float row (FP-ADAM) times the steps of that phase. The rows named bf16 set
+    amp = "bf16" rather than the preset's "auto", which resolves to float32 on a CPU without
+    native bf16 (AVX2, or AVX-512 without BF16), where what bf16 costs is the question."""
     values = {**load_toml("speedrun-binary"), "data_dir": str(folder), "device": "cpu",
               "width": args.width, "train_subset": args.images, "val_images": 0, "epochs": 1,
-              "threads": args.threads, "float_fraction": 0.0, **changes}  # fmt: skip
+              "threads": args.threads, "float_fraction": 0.0, "amp": "bf16",
+              **changes}  # fmt: skip
     return Trainer(RunConfig(**values), run_dir, log=lambda *a, **k: None, progress=False)
 
 
