@@ -61,9 +61,11 @@ def test_native_bf16_and_amx_count_only_where_the_cpu_has_them_and_onednn_may_us
 
 def test_the_real_check_follows_an_isa_cap_in_a_fresh_process():
     """The stand-ins set the cap in the environment of a new process, as a user does: under
-    AVX512_CORE and AVX2 (in any case) nothing counts, whatever this CPU has."""
-    code = ("import torch; from qtrain.base import cpu_isa; print(cpu_isa.has_native_bf16(), "
-            "cpu_isa.has_amx(), torch.ops.mkldnn._is_mkldnn_bf16_supported())")  # fmt: skip
+    AVX512_CORE and AVX2 (in any case) nothing counts, whatever this CPU has, and `auto`
+    (`devices.native_bf16`) picks float32 as it would on such a CPU."""
+    code = ("import torch; from qtrain.base import cpu_isa; from qtrain.train import devices; "
+            "print(devices.native_bf16(torch.device('cpu')), cpu_isa.has_amx(), "
+            "torch.ops.mkldnn._is_mkldnn_bf16_supported())")  # fmt: skip
     for cap in ("AVX2", "avx2", "AVX512_CORE"):
         env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
