@@ -1,6 +1,7 @@
 """Training in float first (`float_fraction`, qtrain.train.float_first): the float phase's
 steps, the switch at step F = round(f·S) with the optimizer's state restarted there, F after a
-fit, and a run resumed exactly at F."""
+fit, and a run resumed exactly at F; the ramp onto the grid after it (`quant_ramp`): the
+blended weights, their λ, a run resumed and one cut on the ramp."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from qtrain.export.packed import load_packed, save_packed
 from qtrain.methods import create
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
-from qtrain.train.float_first import float_steps
+from qtrain.train.config import inapplicable
+from qtrain.train.float_first import float_steps, grid_weight, ramp_steps
 from qtrain.train.trainer import Trainer
 
 
@@ -86,8 +88,8 @@ def test_sr_steps_its_weights_unrounded_in_the_float_phase_then_rounds_them():
 
 def float_config(**changes):
     # 4 epochs of 7 steps, F = round(0.5 · 28) = 14: the switch opens the third epoch
-    return speed_config(epochs=4, time_budget_s=None, fit_to_budget=False, float_fraction=0.5,
-                        **changes)  # fmt: skip
+    return speed_config(**{"epochs": 4, "time_budget_s": None, "fit_to_budget": False,
+                           "float_fraction": 0.5, **changes})  # fmt: skip
 
 
 def test_a_run_trains_in_float_until_step_f_and_quantized_after(tmp_path):
@@ -174,3 +176,129 @@ def test_a_run_saved_inside_its_float_phase_is_exported_after_it_finishes(tmp_pa
     unpacked = load_packed(tmp_path / "m.safetensors").state_dict()
     assert finished["quantized"]
     assert all(torch.equal(unpacked[n], finished["model_state"][n]) for n in finished["quantized"])
+
+
+# -- the ramp onto the grid (quant_ramp) -------------------------------------------------------
+def test_the_ramp_takes_r_of_the_run_after_f_and_leaves_the_last_step_on_the_grid():
+    assert ramp_steps(0.1, 30, 100) == 10
+    assert ramp_steps(0.1, 30, 100, first_fit_steps=50) == 5  # the same S as F's
+    assert ramp_steps(0.5, 60, 100) == 39  # F + R = 99: step 99, the last, is on the grid
+    assert ramp_steps(0.0, 30, 100) == 0
+    # λ_s = (s − F + 1)/(R + 1): R + 1 equal parts from the float weights (0) to the grid (1)
+    assert [grid_weight(s, 2, 3) for s in range(7)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [grid_weight(s, 0, 0) for s in range(2)] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"quant_ramp": 1.0}, r"quant_ramp must be in \[0, 1\)"),
+        ({"quant_ramp": "x"}, r"quant_ramp must be a number"),
+        ({"float_fraction": 0.6, "quant_ramp": 0.4}, r"add up to the whole run.*less than 1"),
+    ],
+)
+def test_an_impossible_ramp_is_refused_in_one_sentence(changes, message):
+    with pytest.raises(UserError, match=message):
+        speed_config(**changes).validate()
+
+
+def test_a_ramp_is_refused_for_methods_without_latent_weights():
+    assert inapplicable(speed_config(quant_ramp=0.1)) is None
+    sentence = inapplicable(speed_config(method="sr-adam", quant_ramp=0.1))
+    assert sentence.startswith("quant_ramp applies to BinaryConnect (bc-*) methods")
+
+
+def test_a_bc_step_on_the_ramp_writes_the_blend_of_w_r_and_its_rounding_and_counts_no_flips():
+    model = small_net()
+    opt = create("bc-adam", model, lr=0.05, seed=1)
+    opt.hold_float_weights()
+    assert all(torch.equal(w, w_r) for w, w_r in zip(quantized(model), opt.latent_weights(),
+                                                     strict=True))  # fmt: skip
+    opt.grid_weight = 0.25
+    train_steps(model, opt, 2)
+    for w, w_r in zip(quantized(model), opt.latent_weights(), strict=True):
+        assert torch.equal(w, torch.lerp(w_r, torch.sign(w_r), 0.25))
+        assert not on_binary_grid(w)
+    assert opt.flips.steps == 0
+    opt.grid_weight, opt.starts_on_grid = 1.0, False  # the first step back on the grid
+    train_steps(model, opt, 1, first_batch=2)
+    assert all(on_binary_grid(w) for w in quantized(model)) and opt.flips.steps == 0
+    opt.starts_on_grid = True
+    train_steps(model, opt, 1, first_batch=3)
+    assert opt.flips.steps == 1
+
+
+def ramp_config(**changes):
+    # 4 epochs of 7 steps: F = round(0.25 · 28) = 7, R = 7, on the grid from step 14
+    return float_config(float_fraction=0.25, quant_ramp=0.25, **changes)
+
+
+def test_a_run_ramps_its_weights_onto_the_grid_and_ends_there(tmp_path):
+    lines = []
+    run = Trainer(ramp_config(), tmp_path / "run", log=lambda *a, **k: lines.append(str(a[0])))
+    records = run.run()
+    assert (run.float_steps, run.ramp_steps) == (7, 7)
+    assert any(line.startswith("step 7: the float phase ends") and "over 7 steps" in line
+               for line in lines)  # fmt: skip
+    # flips only from step 15 on: the epochs of the float phase and of the ramp have none
+    assert [r["flip_rate"] == 0 for r in records] == [True, True, False, False]
+    assert records[0]["wb_wr_gap"] == 0 and records[1]["wb_wr_gap"] > 0
+    assert all(on_binary_grid(p.detach()) for p in run.optimizer.quantized)
+
+
+def test_a_ramp_from_the_first_step_starts_from_the_float_weights(tmp_path):
+    seen, lines = [], []
+    run = Trainer(float_config(float_fraction=0.0, quant_ramp=0.25), tmp_path / "run",
+                  log=lambda *a, **k: lines.append(str(a[0])))  # fmt: skip
+    first = run.optimizer.quantized[0]
+
+    def record(module, _inputs):
+        if module.training:  # step k's forward pass: the weights step k − 1 wrote
+            seen.append(first.detach().clone())
+
+    run.model.register_forward_pre_hook(record)
+    run.run()
+    assert run.ramp_steps == 7
+    assert (
+        "step 0: the weights start in float, moving onto the grid over 7 steps (quant_ramp "
+        "0.25)" in lines
+    )
+    # the first forward pass sees clip(w_r) (what init_from loads), the next λ = 1/8 … 7/8 of
+    # the way to the grid, and the ninth the grid
+    latent_start = seen[0]
+    assert not on_binary_grid(latent_start) and bool((latent_start.abs() < 1).any())
+    assert not any(on_binary_grid(w) for w in seen[1:8]) and on_binary_grid(seen[8])
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_run_resumed_on_the_ramp_is_the_uninterrupted_one_to_the_bit(tmp_path):
+    config = ramp_config(checkpoint_every_steps=1)
+    reference = Trainer(config, tmp_path / "ref", log=quiet).run()
+    crash_at_step(Trainer(config, tmp_path / "crash", log=quiet), 11)  # 10 steps saved, λ = 4/8
+    resumed = Trainer(config, tmp_path / "crash", log=quiet).run(resume=True)
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in reference]
+    ref_state = load_checkpoint(tmp_path / "ref" / rundir.CHECKPOINT)["model_state"]
+    new_state = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)["model_state"]
+    assert all(torch.equal(ref_state[k], new_state[k]) for k in ref_state)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_run_cut_on_the_ramp_reports_weights_on_the_grid_and_is_not_exported_before(
+    tmp_path,
+    slow_clock,  # noqa: F811
+):
+    slow_clock(0.5)  # 20 s of budget: 40 of the 70 steps; F = 7, on the grid from step 63
+    lines = []
+    config = speed_config(fit_to_budget=False, float_fraction=0.1, quant_ramp=0.8,
+                          checkpoint_every_steps=1)  # fmt: skip
+    crash_at_step(Trainer(config, tmp_path / "run", log=quiet), 20)
+    record = load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)
+    with pytest.raises(UserError, match=r"inside its float phase \(float_fraction=0.1\) or its "
+                       r"ramp onto the grid \(quant_ramp=0.8\)"):  # fmt: skip
+        save_packed(tmp_path / "m.safetensors", record)
+    run = Trainer(config, tmp_path / "run", log=lambda *a, **k: lines.append(str(a[0])))
+    records = run.run(resume=True)
+    assert records[-1]["step"] < run.float_steps + run.ramp_steps == 63
+    assert any("stops in its ramp onto the grid" in line for line in lines)
+    assert all(on_binary_grid(p.detach()) for p in run.optimizer.quantized)
+    save_packed(tmp_path / "m.safetensors", load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT))

@@ -72,6 +72,7 @@ def test_every_field_is_classified_and_the_identity_holds_what_changes_the_numbe
         "optimizer_impl",  # the same formula rounded differently in the last bit
         "sr_uniforms",  # another stream of uniforms, another sequence of roundings
         "float_fraction",  # which steps train float weights
+        "quant_ramp",  # which steps train blended weights
         *("momentum_min", "label_smoothing", "ema_decay", "whiten_init", "tta", "val_images"),
         *("tta_each_epoch", "resize_min_side", "resize_until", "ema_horizon"),
         "fit_to_budget",  # the schedule is drawn over the epochs it chooses

@@ -123,9 +123,9 @@ def final_test_accuracy(records: list[dict]) -> float | None:
 
 def float_variant(config: RunConfig) -> RunConfig:
     """The same recipe with float weights: the fp-* twin of the method, no scale, and no float
-    phase (all of it is float)."""
+    phase or ramp onto the grid (all of it is float)."""
     base = config.method.split("-", 1)[1]
-    return config.replace(method=f"fp-{base}", scale="none", float_fraction=0.0)
+    return config.replace(method=f"fp-{base}", scale="none", float_fraction=0.0, quant_ramp=0.0)
 
 
 def paper_variant(config: RunConfig, epochs: int) -> RunConfig:

@@ -276,16 +276,19 @@ def _off_grid(name: str, grid: Grid, record: dict) -> PackedFormatError:
 
 def float_phase_refusal(where: str, record: dict) -> PackedFormatError | None:
     """The refusal of off-grid weights (`where` says which) of a run that was saved before it
-    finished and trains in float first (`float_fraction`): its checkpoint may hold the float
-    phase's weights, which the method puts on the grid only at step F. None for other runs."""
-    fraction = (record.get("config") or {}).get("float_fraction") or 0
-    if not fraction or (record.get("training") or {}).get("finished", True):
+    finished and trains in float first (`float_fraction`) or ramps its weights onto the grid
+    (`quant_ramp`): its checkpoint may hold weights that the method puts on the grid only at
+    step F + R. None for other runs."""
+    config = record.get("config") or {}
+    fraction, ramp = config.get("float_fraction") or 0, config.get("quant_ramp") or 0
+    if not (fraction or ramp) or (record.get("training") or {}).get("finished", True):
         return None
+    phases = [f"its float phase (float_fraction={fraction:g})"] if fraction else []
+    phases += [f"its ramp onto the grid (quant_ramp={ramp:g})"] if ramp else []
     return PackedFormatError(
-        f"{where}: the run was saved inside its float phase (float_fraction={fraction:g}), "
-        "before its weights were put on the grid; finish it (its training command with "
-        "{resume}) and export again, or export the float weights with {format} and "
-        "{onnx_weights}",
+        f"{where}: the run was saved inside {' or '.join(phases)}, before its weights were "
+        "put on the grid; finish it (its training command with {resume}) and export again, "
+        "or export the float weights with {format} and {onnx_weights}",
         resume="resume=True",
         format="format=onnx",
         onnx_weights="onnx_weights=float",

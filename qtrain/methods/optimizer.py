@@ -39,7 +39,10 @@ float weights (BC's w_b = clip(w_r)) and no flips are counted. When it ends
 (`end_float_phase`) the base optimizer's state of the quantized parameters starts afresh, and
 the next step rounds as the method does. Training from float weights first is how quantized
 networks are usually built from trained float ones (docs/speedrun.md, "Training in float
-first").
+first"). A ramp onto the grid (`grid_weight` = λ < 1, which the trainer sets from
+`quant_ramp`, BC only): the step writes w_b = w_r + λ(Q(w_r) − w_r) instead of Q(w_r). Flips
+are counted only by steps that start from weights on the grid and write weights on it
+(`starts_on_grid`, set by the trainer, and λ = 1).
 
 Moving or casting the model after the optimizer was built (`model.to(device)`, `.double()`,
 `.to(memory_format=torch.channels_last)`) replaces the parameters' memory. Every step,
@@ -201,6 +204,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._segmented: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._steps = 0
         self.float_phase = False  # module doc; set by the trainer from `float_fraction`
+        self.grid_weight = 1.0  # λ of a ramp onto the grid (module doc; `quant_ramp`)
+        self.starts_on_grid = True  # whether the weights this step starts from are on the grid
         if self.quantized:
             self._rehome_parameters()
         self.reset_flip_stats()
@@ -413,8 +418,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if self.mode == "fp" or not self.quantized:
             return self.base.step(closure)
         self._steps += 1  # this process's steps, which `fused_quant = "auto"` weighs
-        # a float step moves no weight between grid levels: nothing to count
-        self._counting = self.track_flips and self.flips.due() and not self.float_phase
+        # flips are moves between grid levels: a step from or to weights off the grid has none
+        on_grid = self.starts_on_grid and not self.float_phase and self.grid_weight == 1
+        self._counting = self.track_flips and self.flips.due() and on_grid
         self.flips.advance()
         self._follow_model()
         loss = None
@@ -427,6 +433,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             self._float_step()
         elif self.mode == "bc":
             self._bc_step()
+            if self.grid_weight < 1:
+                self._blend_with_latent()
         elif self.mode in FLIPPING:
             self._flip_step()
         else:
@@ -456,6 +464,20 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         self._base_step_on_latent()
         self._flat_wb.copy_(self._clip_latent())
 
+    def _blend_with_latent(self) -> None:
+        """A step of a ramp onto the grid: w_b ← w_r + λ(w_b − w_r), w_b = Q(w_r) on entry."""
+        latent = self._buffers["latent"]
+        torch.lerp(latent, self._flat_wb, self.grid_weight, out=self._flat_wb)
+
+    def hold_float_weights(self) -> None:
+        """Let the model hold BC's float weights clip(w_r), as a float phase's step leaves
+        them: the trainer calls it before the first step of a run that starts in float or on a
+        ramp, whose first forward pass would otherwise see Q(w_r). SR and R hold their only
+        copy already."""
+        if self.mode == "bc":
+            self._follow_model()
+            self._flat_wb.copy_(self._clip_latent())
+
     def end_float_phase(self) -> None:
         """Leave the float phase (module doc): the base optimizer's state of the quantized
         parameters (Adam's moments and step count, SGD's momentum) starts afresh, since the
@@ -468,11 +490,12 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             self.base.state.pop(p, None)
 
     def round_float_weights(self) -> None:
-        """Put the float phase's weights on the grid now, for a run that ends inside its
-        float phase (a time budget's cut): BC's w_b = Q(w_r) as its step rounds (w_r kept),
-        SR's and R's w_b to the nearest level (their only copy, so the float values are
-        gone). The float phase is over."""
+        """Put the weights on the grid now, for a run that ends inside its float phase or its
+        ramp onto the grid (a time budget's cut): BC's w_b = Q(w_r) as its step rounds (w_r
+        kept), SR's and R's w_b to the nearest level (their only copy, so the float values
+        are gone). The float phase and the ramp are over."""
         self.float_phase = False
+        self.grid_weight = 1.0
         if self.mode == "bc":
             self._update_latent_scales_and_weights(count_flips=False)
         elif self.mode in FLOAT_PHASE:

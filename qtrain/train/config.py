@@ -54,7 +54,7 @@ from qtrain.data.augment import Augmentation
 from qtrain.models.act_quant import ACT_NORMS
 from qtrain.quant.activations import ACT_BITS
 from qtrain.train.ema import check_ema_decay, check_ema_horizon
-from qtrain.train.float_first import check_float_fraction
+from qtrain.train.float_first import check_float_fraction, check_quant_ramp
 from qtrain.train.losses import check_label_smoothing
 from qtrain.train.tta import check_tta
 
@@ -303,6 +303,10 @@ class RunConfig:
     float_fraction: float = _key(0.0, "method", "train the quantized weights in float for this "
                                  "fraction of the run's steps first, then quantize them "
                                  "(qtrain.train.float_first; 0: off)", applies=ROUNDS)  # fmt: skip
+    quant_ramp: float = _key(0.0, "method", "after the float phase (or from the start), move "
+                             "BC's weights onto the grid over this fraction of the run's steps: "
+                             "w_r + λ(Q(w_r) − w_r), λ rising linearly to 1 (qtrain.train."
+                             "float_first; 0: at once)", applies=BC)  # fmt: skip
     bop_gamma: float | None = _key(None, "method", "Bop's γ (None: the method's default)",
                                    applies=FLIPS)  # fmt: skip
     bop_tau: float | None = _key(None, "method", "Bop's τ (None: the method's default)",
@@ -476,6 +480,13 @@ class RunConfig:
     def _validate_fast_training(self) -> None:
         check_label_smoothing(self.label_smoothing)
         check_float_fraction(self.float_fraction)
+        check_quant_ramp(self.quant_ramp)
+        if self.float_fraction + self.quant_ramp >= 1:
+            raise ConfigError(
+                f"float_fraction ({self.float_fraction:g}) and quant_ramp ({self.quant_ramp:g}) "
+                "add up to the whole run, so no step would train on the grid; make their sum "
+                "less than 1"
+            )
         check_ema_decay(self.ema_decay)
         check_ema_horizon(self.ema_horizon)
         if self.ema_decay and self.ema_horizon:

@@ -13,13 +13,25 @@ weights (as `init_from` starts from a trained float model, docs/lm.md) inside on
 schedule: the float phase learns at float's pace while the learning rate is high, and the
 quantized phase ends the run on the grid (docs/speedrun.md, "Training in float first").
 
+A ramp onto the grid (`quant_ramp` = r, BC only, which keeps w_r) spreads the switch over the
+R = round(r · S) steps F … F + R − 1 after it: step s writes the model's weights
+
+    w_b = w_r + λ_s · (Q(w_r) − w_r),    λ_s = (s − F + 1) / (R + 1),
+
+so they move from the float weights (λ = 0, the float phase's) to the grid (λ = 1, from step
+F + R on) in R + 1 equal parts, while BC trains w_r from the gradient at w_b as always. This
+is the "λ warm-up" with which float language models are fine-tuned to ternary weights
+(Hugging Face's 1.58-bit fine-tuning, 2024), here after a float phase of the same run, or from
+a float model's weights (`init_from`, F = 0). The last step is always on the grid (R ≤ S − 1 − F).
+
 S is the run's length as planned from its config, or, with `fit_to_budget`, as the first fit
 chose it when that is shorter (a fit never lengthens the recipe). Refits do not move F. So F
 never moves past a step already taken in the quantized phase, and it is a function of the
 config and the recorded fit alone: a resumed run switches at the very step an uninterrupted
-one does, and restarts the moments there even when it resumed exactly at F. A run cut by its
-time budget inside the float phase rounds its weights onto the grid before its last record
-(`QuantizedOptimizer.round_float_weights`), so that what it reports and keeps is quantized.
+one does, and restarts the moments there even when it resumed exactly at F; R is fixed
+with F, from the same S. A run cut by its time budget before step F + R rounds its weights onto
+the grid before its last record (`QuantizedOptimizer.round_float_weights`), so that what it
+reports and keeps is quantized.
 """
 
 from __future__ import annotations
@@ -33,8 +45,38 @@ def check_float_fraction(value: float) -> float:
                           "float before the method quantizes; 0 turns it off")  # fmt: skip
 
 
+def check_quant_ramp(value: float) -> float:
+    """`value` when it is a fraction of the run in [0, 1) (0: off)."""
+    hint = "a fraction of the run's steps over which BC's weights move onto the grid; 0: at once"
+    return check_fraction("quant_ramp", value, hint)
+
+
+def _length(planned_steps: int, first_fit_steps: int | None) -> int:
+    """S: the planned length, or the first fit's when shorter (a fit never lengthens it)."""
+    return planned_steps if first_fit_steps is None else min(planned_steps, first_fit_steps)
+
+
 def float_steps(fraction: float, planned_steps: int, first_fit_steps: int | None = None) -> int:
     """F = round(f · S) (module doc), S the planned length or the first fit's when shorter,
     and at most S − 1: a run always ends with a quantized step."""
-    length = planned_steps if first_fit_steps is None else min(planned_steps, first_fit_steps)
+    length = _length(planned_steps, first_fit_steps)
     return max(0, min(round(fraction * length), length - 1))
+
+
+def ramp_steps(
+    ramp: float, float_steps: int, planned_steps: int, first_fit_steps: int | None = None
+) -> int:
+    """R = round(r · S) (module doc), S as for F, and at most S − 1 − F: the run's last step
+    writes weights on the grid."""
+    length = _length(planned_steps, first_fit_steps)
+    return max(0, min(round(ramp * length), length - 1 - float_steps))
+
+
+def grid_weight(step: int, float_steps: int, ramp_steps: int) -> float:
+    """λ_s of the weights step `step` writes (module doc): 0 in the float phase, (s − F + 1) /
+    (R + 1) on the ramp, 1 from step F + R on."""
+    if step < float_steps:
+        return 0.0
+    if step >= float_steps + ramp_steps:
+        return 1.0
+    return (step - float_steps + 1) / (ramp_steps + 1)

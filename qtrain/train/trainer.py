@@ -84,7 +84,7 @@ from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
 from qtrain.train.ema import WeightEMA, horizon_decay
 from qtrain.train.evaluation import evaluate
-from qtrain.train.float_first import float_steps
+from qtrain.train.float_first import float_steps, grid_weight, ramp_steps
 from qtrain.train.losses import training_loss
 from qtrain.train.parts import (
     load_splits,
@@ -167,6 +167,7 @@ class Trainer:
         )
         self.total_steps, self.epochs = run_length(c, len(self.train_loader))
         self.float_steps = float_steps(c.float_fraction, self.total_steps)
+        self.ramp_steps = ramp_steps(c.quant_ramp, self.float_steps, self.total_steps)
         if c.fit_to_budget:
             budget_fit.check_fittable(c, len(self.train_loader))
         self.width_fit: dict | None = None  # with fit_width, what a new run measured
@@ -436,7 +437,7 @@ class Trainer:
                 break
             if side is not None:
                 x = downscale(x, side)
-            self._set_float_phase(steps_before + sums.batch)
+            self._set_quantization_phase(steps_before + sums.batch)
             loss, logits, y = self.optimizer_step(x, y)
             if self.per_step:
                 self.scheduler.step()
@@ -549,8 +550,9 @@ class Trainer:
         per_epoch = len(self.train_loader)
         self.total_steps = fit.total_steps(per_epoch)
         planned, _ = run_length(self.config, per_epoch)
-        self.float_steps = float_steps(self.config.float_fraction, planned,
-                                       fit.first_steps(per_epoch))  # fmt: skip
+        first = fit.first_steps(per_epoch)
+        self.float_steps = float_steps(self.config.float_fraction, planned, first)
+        self.ramp_steps = ramp_steps(self.config.quant_ramp, self.float_steps, planned, first)
         self.epochs = math.ceil(self.total_steps / per_epoch)
         redraw_run_schedule(self.config, self.scheduler, self.epochs,
                             fit.first_steps(per_epoch), fit.redraws())  # fmt: skip
@@ -559,19 +561,28 @@ class Trainer:
         if self._progress_lines is not None:
             self._progress_lines.total_steps = self.total_steps
 
-    def _set_float_phase(self, step: int) -> None:
-        """`float_fraction`'s phase for the step about to be taken (`float_first`): float
-        before step F, the method's own steps from F on, the optimizer's state of the
-        quantized weights restarted at F."""
-        if not self.float_steps:
+    def _set_quantization_phase(self, step: int) -> None:
+        """`float_fraction`'s and `quant_ramp`'s phase for the step about to be taken
+        (`float_first`): float before step F, the optimizer's state of the quantized weights
+        restarted at F, the weights blended onto the grid with λ_s until step F + R, the
+        method's own steps from there on."""
+        start, ramp = self.float_steps, self.ramp_steps
+        if not start and not ramp:
             return
-        if step == self.float_steps:
-            self.optimizer.end_float_phase()
-            fraction = self.config.float_fraction
-            self.log(f"step {step}: the float phase ends (float_fraction {fraction:g}); "
-                     "the weights are quantized from here on")  # fmt: skip
+        opt, c = self.optimizer, self.config
+        onto_grid = f", moving onto the grid over {ramp} steps (quant_ramp {c.quant_ramp:g})"
+        if step == 0:
+            opt.hold_float_weights()  # so that the first forward pass sees float weights too
+            if not start:
+                self.log(f"step 0: the weights start in float{onto_grid}")
+        if start and step == start:
+            opt.end_float_phase()
+            ends = f"step {step}: the float phase ends (float_fraction {c.float_fraction:g})"
+            self.log(f"{ends}; the weights are quantized from here on{onto_grid if ramp else ''}")
         else:
-            self.optimizer.float_phase = step < self.float_steps
+            opt.float_phase = step < start
+        opt.grid_weight = grid_weight(step, start, ramp)
+        opt.starts_on_grid = step - 1 >= start + ramp
 
     def optimizer_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """One step of the method on the batch (x, y): the training loss (with the teacher's
@@ -620,11 +631,14 @@ class Trainer:
         self.dist.broadcast_buffers(self.model)
         final = state.epoch + 1 >= self.epochs or state.stopped is not None
         step = state.epoch * len(self.train_loader) + sums.batch
-        if final and step < self.float_steps:
-            # a run cut inside its float phase reports, and keeps, weights on the grid
+        on_grid_from = self.float_steps + self.ramp_steps
+        if final and step < on_grid_from:
+            # a run cut inside its float phase or its ramp reports, and keeps, weights on the grid
             opt.round_float_weights()
-            self.log(f"the run stops in its float phase (step {step} of {self.float_steps}); "
-                     "its weights are rounded onto the grid for the last record")  # fmt: skip
+            where = "float phase" if step < self.float_steps else "ramp onto the grid"
+            self.log(f"the run stops in its {where} (step {step}; on the grid from step "
+                     f"{on_grid_from}); its weights are rounded onto the grid for the last "
+                     "record")  # fmt: skip
         started = time.perf_counter()
         val, test = self._evaluate(final)
         eval_seconds = time.perf_counter() - started
