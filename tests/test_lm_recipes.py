@@ -39,6 +39,7 @@ def test_every_row_trains_the_same_total_number_of_steps(tmp_path):
             assert cell.config.distill_from == str(folder / "fp" / f"seed{seed}")
         assert (cell.config.act_bits == 8) == ("-a8" in cell.path)
         assert (cell.config.grid, cell.config.policy) == ("ternary", "linear")
+        assert cell.config.quant_ramp == (0.3 if cell.path.split("/")[0].endswith("-ramp30") else 0)
     short = by_path["fp90-bc-adamw/seed1"].config
     assert (short.max_steps, short.warmup_steps) == (200, 20)
     assert by_path["fp-stage90/seed1"].config.max_steps == 1800

@@ -15,15 +15,18 @@ AdamW steps of 12 × 64 characters), every row at the same total number of steps
 | FP 50% → BC 50%         | 0.5 S       | 0.5 S           | the float run at 0.5 S    |
 | … + distillation        | as above    | as above        | teacher: the FP row       |
 | FP 90% → SR, → R 10%    | 0.9 S       | 0.1 S           | the float run at 0.9 S    |
+| FP 50% → BC 50%, ramped | 0.5 S       | 0.5 S           | the float run at 0.5 S    |
 
-each quantized row twice: weights only (W1.58) and with 8-bit activations (W1.58A8,
-`act_bits = 8` with its RMSNorm). The quantized phase is a run of its own (`init_from` the
-float stage): ternary grid, BitNet's per-matrix absmean scale for BC (latent weights start
-at the float values); SR and R keep no latent weights, so they take the fixed He scale and
-start from the float weights rounded onto that grid. A phase's learning rate follows the
-preset's schedule over the phase's own steps (warm-up min(100, steps/10), cosine to 1e-4),
-as a fine-tuning run does. The float stages are shared by the rows that start from them:
-each is one cell, trained once per seed.
+each quantized row twice: weights only (W1.58) and with 8-bit activations (W1.58A8, `act_bits =
+8` with its RMSNorm). The "ramped onto the grid" rows move the float start onto the grid over
+the first 30% of the quantized phase (`quant_ramp = 0.3`, the "λ warm-up" of Hugging Face's
+1.58-bit fine-tuning; docs/lm.md), with and without distillation. The quantized phase is a run
+of its own (`init_from` the float stage): ternary grid, BitNet's per-matrix absmean scale for
+BC (latent weights start at the float values); SR and R keep no latent weights, so they take
+the fixed He scale and start from the float weights rounded onto that grid. A phase's learning
+rate follows the preset's schedule over the phase's own steps (warm-up min(100, steps/10),
+cosine to 1e-4), as a fine-tuning run does. The float stages are shared by the rows that start
+from them: each is one cell, trained once per seed.
 
 Distillation (`distill_from`): the loss is (1 − λ)·CE + λ·τ²·KL(teacher ‖ student) with the
 library's defaults τ = 1, λ = 0.5, the teacher being the FP row's model of the same seed. The
@@ -62,21 +65,24 @@ SCALES = {"bc-adamw": "absmean-tensor", "sr-adamw": "he", "r-adamw": "he"}
 @dataclass(frozen=True)
 class Recipe:
     """One row: the share of the steps trained in float, then `method` for the rest, with
-    `act_bits`-bit activations (None: float) and distillation from the FP row or not."""
+    `act_bits`-bit activations (None: float), distillation from the FP row or not, and the
+    share of the quantized phase over which the weights move onto the grid (`quant_ramp`)."""
 
     name: str
     method: str
     float_share: float
     act_bits: int | None = None
     distill: bool = False
+    ramp: float = 0.0
 
     @property
     def slug(self) -> str:
-        """Folder name, e.g. 'fp90-bc-adamw-a8-kd'."""
+        """Folder name, e.g. 'fp90-bc-adamw-a8-kd' or 'fp50-bc-adamw-kd-ramp30'."""
         if self.method.startswith("fp"):
             return "fp"
         share = f"fp{round(100 * self.float_share)}-" if self.float_share else "scratch-"
         tail = ("-a8" if self.act_bits else "") + ("-kd" if self.distill else "")
+        tail += f"-ramp{round(100 * self.ramp)}" if self.ramp else ""
         return f"{share}{self.method}{tail}"
 
     @property
@@ -88,8 +94,13 @@ class Recipe:
         return f"int{self.act_bits}" if self.act_bits else "float"
 
 
-def _both(name: str, method: str, share: float, distill: bool = False) -> tuple[Recipe, ...]:
-    return (Recipe(name, method, share, None, distill), Recipe(name, method, share, 8, distill))
+def _both(
+    name: str, method: str, share: float, distill: bool = False, ramp: float = 0.0
+) -> tuple[Recipe, ...]:
+    return (
+        Recipe(name, method, share, None, distill, ramp),
+        Recipe(name, method, share, 8, distill, ramp),
+    )
 
 
 RECIPES = (
@@ -101,6 +112,14 @@ RECIPES = (
     *_both("FP 50% → BC 50% + distillation", "bc-adamw", 0.5, distill=True),
     *_both("FP 90% → SR 10%", "sr-adamw", 0.9),
     *_both("FP 90% → R 10%", "r-adamw", 0.9),
+    *_both("FP 50% → BC 50%, ramped onto the grid", "bc-adamw", 0.5, ramp=0.3),
+    *_both(
+        "FP 50% → BC 50% + distillation, ramped onto the grid",
+        "bc-adamw",
+        0.5,
+        distill=True,
+        ramp=0.3,
+    ),
 )
 
 BUDGETS = {
@@ -169,6 +188,7 @@ def recipe_cell(recipe: Recipe, base: dict, seed: int, folder: Path) -> runner.C
         "scale": SCALES[recipe.method],
         "max_steps": steps,
         "act_bits": recipe.act_bits,
+        "quant_ramp": recipe.ramp,
     }
     needs = []
     if first:
