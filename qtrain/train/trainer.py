@@ -570,7 +570,8 @@ class Trainer:
         if not start and not ramp:
             return
         opt, c = self.optimizer, self.config
-        onto_grid = f", moving onto the grid over {ramp} steps (quant_ramp {c.quant_ramp:g})"
+        steps = f"{ramp} step" + ("" if ramp == 1 else "s")
+        onto_grid = f", moving onto the grid over {steps} (quant_ramp {c.quant_ramp:g})"
         if step == 0:
             opt.hold_float_weights()  # so that the first forward pass sees float weights too
             if not start:
