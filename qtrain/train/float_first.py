@@ -63,20 +63,18 @@ def float_steps(fraction: float, planned_steps: int, first_fit_steps: int | None
     return max(0, min(round(fraction * length), length - 1))
 
 
-def ramp_steps(
-    ramp: float, float_steps: int, planned_steps: int, first_fit_steps: int | None = None
-) -> int:
-    """R = round(r · S) (module doc), S as for F, and at most S − 1 − F: the run's last step
-    writes weights on the grid."""
+def ramp_steps(ramp: float, f: int, planned_steps: int, first_fit_steps: int | None = None) -> int:
+    """R = round(r · S) (module doc), S as for F = `f`, and at most S − 1 − F: the run's last
+    step writes weights on the grid."""
     length = _length(planned_steps, first_fit_steps)
-    return max(0, min(round(ramp * length), length - 1 - float_steps))
+    return max(0, min(round(ramp * length), length - 1 - f))
 
 
-def grid_weight(step: int, float_steps: int, ramp_steps: int) -> float:
-    """λ_s of the weights step `step` writes (module doc): 0 in the float phase, (s − F + 1) /
-    (R + 1) on the ramp, 1 from step F + R on."""
-    if step < float_steps:
+def grid_weight(step: int, f: int, r: int) -> float:
+    """λ_s of the weights step s = `step` writes (module doc), F = `f`, R = `r`: 0 in the float
+    phase, (s − F + 1) / (R + 1) on the ramp, 1 from step F + R on."""
+    if step < f:
         return 0.0
-    if step >= float_steps + ramp_steps:
+    if step >= f + r:
         return 1.0
-    return (step - float_steps + 1) / (ramp_steps + 1)
+    return (step - f + 1) / (r + 1)
