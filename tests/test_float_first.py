@@ -71,6 +71,8 @@ def test_bc_trains_float_weights_then_rounds_them_with_its_moments_restarted():
     train_steps(model, opt, 1, first_batch=3)
     assert all(on_binary_grid(w) for w in quantized(model))
     assert int(opt.base.state[quantized(model)[0]]["step"]) == 1  # Adam's count restarted
+    assert opt.flips.steps == 0  # from float weights to the grid: no flips to count
+    train_steps(model, opt, 1, first_batch=4)
     assert opt.flips.steps == 1
 
 

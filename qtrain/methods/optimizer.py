@@ -42,7 +42,8 @@ networks are usually built from trained float ones (docs/speedrun.md, "Training 
 first"). A ramp onto the grid (`grid_weight` = λ < 1, which the trainer sets from
 `quant_ramp`, BC only): the step writes w_b = w_r + λ(Q(w_r) − w_r) instead of Q(w_r). Flips
 are counted only by steps that start from weights on the grid and write weights on it
-(`starts_on_grid`, set by the trainer, and λ = 1).
+(`starts_on_grid`: kept by each step and by `end_float_phase`, and set by the trainer before
+its steps so that a resumed run counts as an uninterrupted one; and λ = 1).
 
 Moving or casting the model after the optimizer was built (`model.to(device)`, `.double()`,
 `.to(memory_format=torch.channels_last)`) replaces the parameters' memory. Every step,
@@ -439,6 +440,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             self._flip_step()
         else:
             self._rounding_step(stochastic=self.mode == "sr")
+        # what the next step starts from (the trainer sets it anew before each of its steps)
+        self.starts_on_grid = not self.float_phase and self.grid_weight == 1
         return loss
 
     def _bc_step(self) -> None:
@@ -486,6 +489,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         quantized one, whether or not this process took the float steps (a run resumed
         there), so that the restart is a function of the step alone."""
         self.float_phase = False
+        self.starts_on_grid = False  # the next step starts from the float weights
         for p in self.quantized:
             self.base.state.pop(p, None)
 
