@@ -20,6 +20,9 @@ its weight average where it keeps one):
                  the preset's "auto" compiles only once eager steps have lost the compile
                  time). A compiled row's first round, untimed, pays the compilation (printed);
                  without a C++ compiler for inductor the compiled rows are left out
+- "contiguous"   the binary ones with `channels_last = false`: activations in PyTorch's
+                 default NCHW layout rather than the preset's NHWC, which oneDNN's
+                 convolutions take without reordering where its kernels prefer it
 - "fused Adam"   the binary ones with the base optimizer's kernels the preset does not use
                  (`optimizer_impl`): PyTorch's one-kernel Adam where the preset has "foreach",
                  "foreach Adam" where it has "fused"
@@ -81,6 +84,8 @@ VARIANTS = {
     "binary, fp32, model compiled": {"amp": "off", "compile": True},
     "binary, bf16, rounding compiled": {"fused_quant": "on"},
     "binary, fp32, rounding compiled": {"amp": "off", "fused_quant": "on"},
+    "binary, bf16, contiguous": {"channels_last": False},
+    "binary, fp32, contiguous": {"amp": "off", "channels_last": False},
 }
 
 

@@ -31,10 +31,17 @@ def test_every_variant_builds_a_trainer_whose_steps_are_the_ones_its_row_names(
     preset = load_toml("speedrun-binary")
     assert preset["float_fraction"] > 0  # what the rows below must leave out
     rows = bench.variants(preset, [32], ["bf16", "fp32"])
-    assert {"binary, bf16", "float, bf16", "binary, fp32", "binary, fp32, batch 32"} <= set(rows)
+    assert {
+        "binary, bf16",
+        "float, bf16",
+        "binary, fp32",
+        "binary, fp32, batch 32",
+        "binary, fp32, contiguous",
+    } <= set(rows)
     for i, (name, changes) in enumerate(rows.items()):
         trainer = bench.preset_trainer(folder, tmp_path / str(i), args, **changes)
         config = trainer.config
         assert config.method == ("fp-adam" if name.startswith("float") else preset["method"])
         assert trainer.float_steps == 0, name  # a binary row times binary steps only
         assert config.amp == ("off" if "fp32" in name else "bf16"), name
+        assert config.channels_last == ("contiguous" not in name), name
