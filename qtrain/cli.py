@@ -155,7 +155,7 @@ def cmd_speedrun(args) -> int:
     variants = ("binary",) + ("float",) * args.float + ("paper",) * args.paper_recipe
     run_speedrun(config, Path(args.out), budget=args.budget, seeds=args.seeds,
                  variants=variants, paper_epochs=args.paper_epochs,
-                 targets=args.targets)  # fmt: skip
+                 targets=args.targets, jobs=args.jobs)  # fmt: skip
     return 0
 
 
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of training per run (the time_budget_s key)")  # fmt: skip
     p.add_argument("--targets", type=_targets, default=(85.0, 90.0),
                    help="accuracies to time, in percent (default 85,90)")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, one process each (default 1); a run that leaves "
+                   "threads unset then takes its share of the cores")  # fmt: skip
     p.add_argument("--out", default="runs/speedrun", help="output folder (default runs/speedrun)")
     p.set_defaults(func=cmd_speedrun)
 

@@ -561,6 +561,8 @@ CASES = [
          "runs one seed; leave --seeds out"),
     Case("cli", "zero seeds", "reproduce methods --budget smoke --seeds 0 --out rep",
          "--seeds must be a whole number >= 1, got 0"),
+    Case("cli", "no runs at a time", "speedrun --budget smoke --jobs 0 --out s",
+         "--jobs must be a whole number >= 1, got 0"),
     Case("cli", "unknown demo budget", "demo --budget smok --out d",
          "unknown demo budget 'smok' (did you mean 'smoke'?)"),
     Case("cli", "a speedrun without a time budget",

@@ -12,6 +12,7 @@ from qtrain.base import cpu_isa
 from qtrain.cli import main
 from qtrain.data.holdout import sample_images, validation_loader
 from qtrain.evaluate import evaluate_file
+from qtrain.experiments import speedrun
 from qtrain.experiments.speedrun import (
     accuracy_curve,
     epochs_cell,
@@ -22,6 +23,7 @@ from qtrain.experiments.speedrun import (
     narrower_hint,
     paper_variant,
     run_speedrun,
+    share_cores,
 )
 from qtrain.export import load, save_packed
 from qtrain.models.whitening import image_patches, whitening_filters
@@ -365,6 +367,55 @@ def test_run_speedrun_writes_a_markdown_table_over_seeds(tmp_path):
     assert json.loads(json.dumps(again)) == json.loads(json.dumps(results))
 
 
+@pytest.mark.slow
+def test_runs_trained_at_once_repeat_the_numbers_of_runs_trained_in_turn(tmp_path, monkeypatch):
+    config = speed_config(epochs=1, val_images=64)
+    in_turn = run_speedrun(config, tmp_path / "a", seeds=2, targets=(50.0,), log=quiet)
+    workers, real_run_cells = [], speedrun.run_cells
+
+    def run_cells(*args, jobs=1, **kwargs):  # the real one, noting how many train at once
+        workers.append(jobs)
+        return real_run_cells(*args, jobs=jobs, **kwargs)
+
+    monkeypatch.setattr(speedrun, "run_cells", run_cells)
+    lines = []
+    at_once = run_speedrun(config, tmp_path / "b", seeds=2, targets=(50.0,), jobs=3,
+                           log=lines.append)  # fmt: skip
+    assert workers == [2]  # jobs=3 for 2 runs: 2 at once, each with its own 1 thread
+    cores = speedrun.available_cores()
+    assert lines[0] == f"2 runs train at once, 1 thread each on {cores} core{'s' * (cores > 1)}"
+    assert [r["final_test_accuracy"] for r in at_once] == [
+        r["final_test_accuracy"] for r in in_turn
+    ]
+    for seed in (0, 1):
+        a, b = (rundir.read_metrics(tmp_path / x / "speedrun-full" / "binary" / f"seed{seed}")
+                for x in "ab")  # fmt: skip
+        assert comparable(a) == comparable(b)
+    lines.clear()  # finished runs are read back, not counted among those that train at once
+    run_speedrun(config, tmp_path / "b", seeds=2, targets=(50.0,), jobs=2, log=lines.append)
+    assert not any("at once" in line for line in lines) and workers == [2, 1]
+
+
+def test_runs_at_once_take_their_share_of_the_cores_unless_threads_is_set(monkeypatch):
+    monkeypatch.setattr(speedrun, "available_cores", lambda: 8)
+    lines = []
+    assert share_cores(speed_config(threads=0), 1, lines.append).threads == 0  # in turn
+    assert share_cores(speed_config(threads=0), 3, lines.append).threads == 2  # ⌊8 / 3⌋
+    assert share_cores(speed_config(threads=0), 16, lines.append).threads == 1  # at least one
+    assert share_cores(speed_config(threads=4), 2, lines.append).threads == 4  # the user's own
+    assert lines == [
+        "3 runs train at once, 2 threads each on 8 cores",
+        "16 runs train at once, 1 thread each on 8 cores",
+        "2 runs train at once, 4 threads each on 8 cores",
+    ]
+    budgeted = speed_config(threads=0, time_budget_s=60.0)
+    share_cores(budgeted, 2, lines.append)
+    assert lines[-1] == (
+        "2 runs train at once, 4 threads each on 8 cores; each fits its time budget to the "
+        "speed it gets beside the others"
+    )
+
+
 def test_speedrun_command_runs_a_preset_and_names_bad_arguments(tmp_path, capsys):
     args = ["speedrun", "--model", "speednet", "--width", "0.125", "--dataset", "synthetic",
             "--epochs", "1", "--batch-size", "64", "--set", "device=cpu",
@@ -377,6 +428,10 @@ def test_speedrun_command_runs_a_preset_and_names_bad_arguments(tmp_path, capsys
     assert main([*args[:-2], "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--seeds" in err[0]
+    assert main([*args[:-2], "--jobs", "0", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--jobs" in err[0]
+    assert not (tmp_path / "y").exists()
 
 
 def test_bf16_on_a_cpu_without_native_support_is_named_once(tmp_path, monkeypatch):

@@ -36,6 +36,11 @@ schedule ends inside the budget, and again at each later epoch's end where the m
 speed has drifted (`qtrain.train.budget_fit`); with `fit_width` (the preset's)
 each run first chooses its width from the measured speed of three (`qtrain.train.width_fit`).
 table.json holds each run's fit, width and machine.
+
+Runs at once: with `jobs` N > 1 up to N runs train at once in worker processes
+(`runner.run_cells`), and a config that leaves `threads` to PyTorch gives each ⌊cores / N⌋
+(`share_cores`); under a time budget each run fits its schedule to the speed it gets beside
+the others.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from qtrain.experiments.runner import (
     Budget,
     Cell,
     Finished,
+    available_cores,
+    check_jobs,
     check_seeds,
     experiment_folder,
     pick_budget,
@@ -183,12 +190,14 @@ def run_speedrun(
     variants: tuple[str, ...] = ("binary",),
     paper_epochs: int = 12,
     targets: tuple[float, ...] = TARGETS,
+    jobs: int = 1,
     log=print,
 ) -> list[dict]:
-    """Run every variant over `seeds` seeds (from config.seed on) under `budget`; write
-    table.md and table.json into OUT/speedrun-<budget>."""
+    """Run every variant over `seeds` seeds (from config.seed on) under `budget`, `jobs` runs
+    at once (`share_cores`); write table.md and table.json into OUT/speedrun-<budget>."""
     chosen = pick_budget(BUDGETS, budget, "speedrun")
     seeds = check_seeds(seeds, chosen)
+    check_jobs(jobs)
     for variant in variants:
         if variant not in VARIANTS:
             raise unknown_name("speedrun variant", variant, VARIANTS)
@@ -197,11 +206,15 @@ def run_speedrun(
             f"{{targets}} must be accuracies in (0, 100], got {targets}", targets="targets"
         )
     config = config.replace(**chosen.settings)
-    configs = {v: variant_config(config, v, paper_epochs) for v in variants}  # fail fast
     folder = experiment_folder(out, "speedrun", budget)
+    paths = [cell_path(variant, config.seed + k) for variant in variants for k in range(seeds)]
+    # no more at once than there are runs left to train
+    jobs = min(jobs, max(1, sum(not rundir.is_finished(folder / path) for path in paths)))
+    config = share_cores(config, jobs, log)
+    configs = {v: variant_config(config, v, paper_epochs) for v in variants}  # fail fast
     cells = [
         Cell(
-            f"{variant}/seed{config.seed + k}",
+            cell_path(variant, config.seed + k),
             variant_cfg.replace(seed=config.seed + k),
             variant,
             variant_cfg.method,
@@ -210,7 +223,7 @@ def run_speedrun(
         for k in range(seeds)
     ]
     results = []
-    for finished in run_cells(cells, folder, log):
+    for finished in run_cells(cells, folder, log, jobs=jobs):
         results.append(result(finished, targets))
         r = results[-1]
         reached = "  ".join(f"{t:g}%: " + _minutes(r[f"minutes_to_{t:g}"]) for t in targets)
@@ -226,6 +239,27 @@ def run_speedrun(
     log(table)
     log(f"wrote {folder / 'table.md'} and {folder / 'table.json'}")
     return results
+
+
+def cell_path(variant: str, seed: int) -> str:
+    """A run's folder below the experiment folder."""
+    return f"{variant}/seed{seed}"
+
+
+def share_cores(config: RunConfig, jobs: int, log) -> RunConfig:
+    """The config each of `jobs` runs trains with when they train at once: one that leaves
+    `threads` to PyTorch (0, every core) takes ⌊cores / jobs⌋ threads (at least one), so that
+    the runs do not oversubscribe the cores; an explicit `threads` is kept. Under a time budget
+    the runs share the machine, and each fits its schedule to the speed it measures beside
+    the others, as a run beside any other program does."""
+    if jobs == 1:
+        return config
+    cores = available_cores()
+    threads = config.threads or max(1, cores // jobs)
+    shared = "; each fits its time budget to the speed it gets beside the others"
+    log(f"{jobs} runs train at once, {threads} thread{'s' * (threads > 1)} each on "
+        f"{cores} core{'s' * (cores > 1)}{shared if config.time_budget_s else ''}")  # fmt: skip
+    return config.replace(threads=threads)
 
 
 def narrower_hint(runs: list[dict], config: RunConfig) -> str | None:
