@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -131,3 +132,78 @@ def test_no_download_without_permission(tmp_path, archive_site):
     with pytest.raises(data.DatasetNotFoundError, match="download=True"):
         data.load("cifar10", root=tmp_path / "cache", url=url, md5=md5)
     assert not (tmp_path / "cache").exists()
+
+
+class CountingHandler(QuietHandler):
+    """Counts the GETs it answers, each after a pause long enough for every caller to start;
+    the first `truncate` of them (a class attribute) send half of the body."""
+
+    gets = 0
+    truncate = 0
+    lock = threading.Lock()
+
+    def do_GET(self):
+        with CountingHandler.lock:
+            CountingHandler.gets += 1
+            cut = CountingHandler.gets <= CountingHandler.truncate
+        time.sleep(0.3)
+        if cut:
+            TruncatingHandler.do_GET(self)
+        else:
+            super().do_GET()
+
+
+def load_at_once(callers: int, root: Path, url: str, md5: str) -> list:
+    """Load CIFAR-10 with `download=True` from `callers` threads started together; each
+    thread's splits or the error it raised."""
+    start = threading.Barrier(callers)
+    outcomes = [None] * callers
+
+    def call(index: int) -> None:
+        start.wait()
+        try:
+            outcomes[index] = data.load("cifar10", root=root, download=True, url=url, md5=md5)
+        except Exception as error:  # collected for the test to look at
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+@pytest.fixture
+def counting_site(tmp_path, archive_site):
+    """The archive of `archive_site` served by a `CountingHandler`; yields (url, md5)."""
+    _, md5 = archive_site
+    CountingHandler.gets, CountingHandler.truncate = 0, 0
+    server, base = serve(tmp_path / "site", CountingHandler)
+    yield f"{base}/{CIFAR10.archive}", md5
+    server.shutdown()
+    server.server_close()
+
+
+def test_processes_that_find_cifar_missing_at_once_download_it_once(tmp_path, counting_site):
+    """The workers of `--jobs N` take turns: one downloads, the others read its folder (a
+    thread's lock is its own open file, so threads contend for it as processes do)."""
+    url, md5 = counting_site
+    root = tmp_path / "cache"
+    first, *others = load_at_once(3, root, url, md5)
+    assert CountingHandler.gets == 1
+    for splits in others:
+        assert torch.equal(splits.train.images, first.train.images)
+    assert [p.name for p in root.iterdir()] == [CIFAR10.folder]  # no lock file, no temporaries
+
+
+def test_the_next_in_line_downloads_when_the_first_download_fails(tmp_path, counting_site):
+    url, md5 = counting_site
+    CountingHandler.truncate = 1
+    root = tmp_path / "cache"
+    outcomes = load_at_once(2, root, url, md5)
+    failed = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(failed) == 1 and isinstance(failed[0], data.DownloadError)
+    assert len(outcomes[0 if failed[0] is outcomes[1] else 1].train) == 100
+    assert CountingHandler.gets == 2
+    assert [p.name for p in root.iterdir()] == [CIFAR10.folder]

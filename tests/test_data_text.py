@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from test_data_download import serve
+from test_data_download import CountingHandler, serve
 
 import qtrain.data as data
 from qtrain.data.text import TRAIN_FRACTION, load_text
@@ -128,3 +129,33 @@ def test_download_checks_the_sha256_and_keeps_nothing_bad(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_processes_that_find_shakespeare_missing_at_once_download_it_once(tmp_path):
+    """Three callers started together: one download (they would otherwise write one
+    temporary file at once), the same text for all, nothing but the file left."""
+    site = tmp_path / "site"
+    site.mkdir()
+    body = random_text(2000, seed=6).encode()
+    (site / "input.txt").write_bytes(body)
+    CountingHandler.gets, CountingHandler.truncate = 0, 0
+    server, base = serve(site, CountingHandler)
+    root, start, texts = tmp_path / "cache", threading.Barrier(3), []
+
+    def call() -> None:
+        start.wait()
+        texts.append(data.load("shakespeare-char", root, download=True, url=f"{base}/input.txt",
+                               sha256=hashlib.sha256(body).hexdigest(), block_size=8))  # fmt: skip
+
+    try:
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert CountingHandler.gets == 1 and len(texts) == 3
+    assert all(t.sha256 == hashlib.sha256(body).hexdigest() for t in texts)
+    assert [p.name for p in root.iterdir()] == ["input.txt"]

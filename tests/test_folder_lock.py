@@ -11,12 +11,14 @@ more, and as processes where the exit code and output of the process are the poi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,6 +111,25 @@ def test_a_held_folder_refuses_another_process_naming_the_holder(tmp_path):
             FolderLock(run, out="run")
         assert str(refused.value).startswith(f"{run} is in use by process {proc.pid} (python -c")
         assert str(refused.value).endswith("; wait for it to finish or choose another run folder")
+
+
+def test_a_waiting_lock_takes_the_folder_when_its_holder_dies(tmp_path, caplog):
+    """`wait=True` (turn-taking, as data downloads use it) blocks instead of refusing, says
+    whom it waits for, and holds the folder once the holder is gone."""
+    run = tmp_path / "data"
+    with holder(run) as proc:
+        taken = []
+        waiter = threading.Thread(target=lambda: taken.append(FolderLock(run, wait=True)))
+        with caplog.at_level(logging.INFO, logger="qtrain.base.folder_lock"):
+            waiter.start()
+            time.sleep(0.5)
+            assert waiter.is_alive() and not taken  # still waiting while the holder lives
+    waiter.join(timeout=START_LIMIT_S)
+    assert len(taken) == 1
+    assert (run / LOCK_FILE).read_text().startswith(f"{os.getpid()}\n")
+    assert f"waiting for process {proc.pid} (python -c" in caplog.text
+    taken[0].release()
+    assert list(run.iterdir()) == []  # the lock file goes; the folder was the holder's
 
 
 def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path):

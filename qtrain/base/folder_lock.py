@@ -3,7 +3,9 @@
 `FolderLock(folder)` creates the folder if needed and takes `flock(LOCK_EX | LOCK_NB)` on
 FOLDER/.qtrain.lock, then writes its process id and command line into that file. A second
 process (or a second lock in the same process) is refused at once with a `UserError` naming
-the folder and the holder's pid and command; it never waits.
+the folder and the holder's pid and command. `FolderLock(folder, wait=True)` waits for the
+holder instead (logging once whom it waits for): the turn-taking of processes that may each
+have to write the same thing, such as a data set that several workers find missing at once.
 
 The lock belongs to the open file, so the OS drops it when the holder exits in any way,
 SIGKILL and power loss included: a lock file left behind by a killed process never blocks (the
@@ -20,6 +22,7 @@ apart; the folder is still created.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import stat
@@ -36,6 +39,8 @@ try:
 except ImportError:  # Windows: no locking (module docstring)
     fcntl = None
 
+log = logging.getLogger(__name__)
+
 LOCK_FILE = ".qtrain.lock"
 # The holder writes its pid just after locking; a contender that reads the file in between
 # looks again for up to this long before it says "another process".
@@ -46,13 +51,15 @@ class FolderLock:
     """An exclusive lock on `folder` (module docstring), taken on construction.
 
     `out` is the library's name for the folder setting in the refusal ("choose another run
-    folder"); the command line shows its flag (`--out`). Use it as a context manager, or call
+    folder"); the command line shows its flag (`--out`). With `wait`, a held lock is waited
+    for rather than refused. Use it as a context manager, or call
     `release()`; releasing twice is harmless, and a lock dropped without it is released when
     it is garbage-collected or the interpreter exits.
     """
 
-    def __init__(self, folder: str | Path, out: str = "output") -> None:
+    def __init__(self, folder: str | Path, out: str = "output", wait: bool = False) -> None:
         self.folder = Path(folder)
+        self._wait = wait
         self.path = self.folder / LOCK_FILE
         self._created = missing_folders(self.folder)
         fd = None
@@ -78,12 +85,15 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
-                os.close(fd)
-                raise UserError(
-                    f"{_shown(self.folder)} is in use by {holder}; wait for it to finish or "
-                    "choose another {out} folder",
-                    out=out,
-                ) from None
+                if not self._wait:
+                    os.close(fd)
+                    raise UserError(
+                        f"{_shown(self.folder)} is in use by {holder}; wait for it to finish or "
+                        "choose another {out} folder",
+                        out=out,
+                    ) from None
+                log.info("waiting for %s, which is writing into %s", holder, self.folder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             if _names_file(self.path, fd):
                 break
             os.close(fd)  # locked a file its holder deleted on release: lock the new one

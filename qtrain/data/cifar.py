@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qtrain.base.folder_lock import FolderLock
+
 from .arrays import ArrayDataset, DataSplits, channel_stats
 from .download import download_and_extract, extract_archive
 from .errors import CorruptDataError, DatasetNotFoundError, UnsafePickleError
@@ -272,20 +274,23 @@ def load_cifar(
     folder = root / spec.folder
     if not folder.is_dir():
         archive = root / spec.archive
-        if archive.is_file():
-            extract_archive(archive, root, spec.folder)
-        elif download:
-            download_and_extract(
-                url or os.environ.get(spec.url_env) or spec.url,
-                md5 or spec.md5,
-                root,
-                spec.archive,
-                spec.folder,
-            )
-        else:
+        if not archive.is_file() and not download:
             raise DatasetNotFoundError(
                 f"{spec.title} was not found in {root}: put {spec.archive} (from {spec.url}) "
                 f"or its extracted folder {spec.folder} there, or fetch it with {{download}}",
                 download="download=True",
             )
+        # Processes that find the folder missing at once (the workers of `--jobs N`) take
+        # turns: the first extracts or downloads it, the others then find it in place.
+        with FolderLock(root, wait=True):
+            if archive.is_file() and not folder.is_dir():
+                extract_archive(archive, root, spec.folder)
+            elif not folder.is_dir():
+                download_and_extract(
+                    url or os.environ.get(spec.url_env) or spec.url,
+                    md5 or spec.md5,
+                    root,
+                    spec.archive,
+                    spec.folder,
+                )
     return read_cifar(folder, spec)

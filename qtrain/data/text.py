@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from qtrain.base.errors import UserError
+from qtrain.base.folder_lock import FolderLock
 from qtrain.base.streams import stream_seed
 
-from .download import download_folder, fetch
+from .download import fetch
 from .errors import ChecksumError, DataError, DatasetNotFoundError
 
 if TYPE_CHECKING:
@@ -93,7 +94,12 @@ def shakespeare_path(root: Path, download: bool, url: str = SHAKESPEARE_URL,
             data_dir="data_dir",
             download="download=True",
         )
-    with download_folder(root):
+    # Processes that find the file missing at once (the workers of `--jobs N`) take turns:
+    # the first downloads it, the others then find it in place. The lock also makes the
+    # folder for the download and removes it again when the download fails.
+    with FolderLock(root, wait=True):
+        if target.is_file():
+            return target
         part = root / f".{SHAKESPEARE_FILE}.part"
         try:
             fetch(url, part)
