@@ -328,6 +328,10 @@ CASES = [
          "{syn} --set activations=binary --out o", "does not support binary activations"),
     Case("cli", "Bop on a grid other than binary", "{syn} --method bop-adam --grid ternary --out o",
          "needs the binary grid"),
+    Case("cli", "speednet's order of BatchNorm and the pool on another model",
+         "{syn} --set norm_after_pool=true --out o",
+         "norm_after_pool applies to image models that take it (speednet), not to model "
+         "'tiny_mlp'; set it to False"),
     Case("cli", "Bop settings for another method", "{syn} --set bop_tau=1e-6 --out o",
          "bop_tau applies to bop-adam and bop2-adam, not to method 'bc-adam'; leave it unset"),
     Case("cli", "unknown source of SR's uniforms",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrain import methods, models
+from qtrain.base.errors import UserError
 from qtrain.data.holdout import hold_out, sample_images
 from qtrain.data.synthetic import make_synthetic
 from qtrain.models.speednet import SpeedNet
@@ -22,8 +23,13 @@ from qtrain.models.whitening import (
     whitening_filters,
 )
 from qtrain.quant import parse_grid, round_nearest
+from qtrain.train import rundir
+from qtrain.train.checkpoint import load_checkpoint
+from qtrain.train.config import RunConfig, inapplicable
 from qtrain.train.ema import WeightEMA, check_ema_decay, check_ema_horizon, horizon_decay
 from qtrain.train.losses import check_label_smoothing, training_loss
+from qtrain.train.rebuild import build_model
+from qtrain.train.trainer import Trainer
 from qtrain.train.tta import shift, tta_logits
 
 
@@ -106,6 +112,72 @@ def test_speednet_trains_with_binary_weights_on_the_grid():
     for name, p in net.named_parameters():
         if name in methods.quantized_parameter_names(net, "conv"):
             assert set(p.unique().tolist()) <= {-1.0, 1.0}, name
+
+
+def speednets_in_both_orders() -> tuple[nn.Module, nn.Module]:
+    """speednet ×0.125 with BatchNorm before and after the pool, the same weights, and
+    running statistics drawn at random (positive variances) shared by both."""
+    nets = []
+    for after in (False, True):
+        torch.manual_seed(0)
+        nets.append(models.create("speednet", width=0.125, options={"norm_after_pool": after}))
+    before, after = nets
+    generator = torch.Generator().manual_seed(1)
+    for m in before.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(generator=generator)
+            m.running_var.uniform_(0.5, 2.0, generator=generator)
+    values = list(before.state_dict().values())
+    assert [v.shape for v in values] == [v.shape for v in after.state_dict().values()]
+    after.load_state_dict(dict(zip(after.state_dict(), values, strict=True)))
+    return before, after
+
+
+def test_norm_after_pool_is_the_same_function_in_eval_mode():
+    """BN without a learned scale and its shift are increasing in x, so they commute with the
+    max-pool, to the bit (rounding is monotonic too)."""
+    before, after = speednets_in_both_orders()
+    assert not before.config.norm_after_pool and after.config.norm_after_pool
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(before.eval()(x), after.eval()(x))
+
+
+def test_norm_after_pool_takes_the_batch_statistics_of_the_pooled_map():
+    before, after = speednets_in_both_orders()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    conv, pool = after.blocks[1][0], after.blocks[1][1]
+    assert isinstance(pool, nn.MaxPool2d) and isinstance(after.blocks[1][2], nn.BatchNorm2d)
+    norm_before, norm_after = before.blocks[1][1], after.blocks[1][2]
+    start = norm_after.running_mean.clone()
+    with torch.no_grad():
+        features = conv(after.blocks[0](after.whiten(x)))
+        before.train()(x), after.train()(x)
+    momentum = norm_after.momentum
+    for norm, seen in ((norm_before, features), (norm_after, pool(features))):
+        expected = (1 - momentum) * start + momentum * seen.mean((0, 2, 3))
+        torch.testing.assert_close(norm.running_mean, expected)
+
+
+def test_norm_after_pool_is_speednets_alone_and_its_runs_rebuild_with_it(tmp_path):
+    assert inapplicable(RunConfig(model="vgg9", norm_after_pool=True)) == (
+        "norm_after_pool applies to image models that take it (speednet), not to model 'vgg9'; "
+        "set it to False"
+    )
+    with pytest.raises(UserError, match="model 'vgg9' has no option norm_after_pool"):
+        models.create("vgg9", options={"norm_after_pool": True})
+    config = RunConfig(model="speednet", width=0.125, dataset="synthetic", norm_after_pool=True,
+                       epochs=1, batch_size=128, device="cpu", threads=1, amp="off",
+                       channels_last=False).validate()  # fmt: skip
+    trainer = Trainer(config, tmp_path / "run", log=lambda *a, **k: None)
+    trainer.run()
+    record = load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)
+    assert record["model"]["options"] == {"norm_after_pool": True}
+    rebuilt = build_model(record)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert rebuilt.config.norm_after_pool
+        assert torch.equal(rebuilt(x), trainer.model.eval()(x))
 
 
 # -- label smoothing ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from qtrain.base.names import unknown_name
 
 from .activations import check_activations
 
-Factory = Callable[..., nn.Module]  # (num_classes, width, in_channels[, activations=])
+Factory = Callable[..., nn.Module]  # (num_classes, width, in_channels[, activations=, **options])
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class ModelInfo:
     dataset: str  # the data set the model is meant for (a `qtrain.data` name or "imagenet")
     binary_activations: bool = False  # accepts activations="binary"
     modality: str = "image"  # "image" or "text" (token ids in, next-token logits out)
-    options: tuple[str, ...] = ()  # size options the factory takes (text models)
+    options: tuple[str, ...] = ()  # options the factory takes (sizes of a text model)
     # what a checkpoint records of a text model (attributes of its `config`), when not `options`
     record_options: tuple[str, ...] | None = None
     context: Callable[[dict], int] | None = None  # default context from the options
@@ -135,17 +135,20 @@ def create(
 
     ``activations="binary"`` makes the input of every convolution but the first sign(x)
     (`qtrain.models.activations`); the parameters, and so the quantization policy, are the
-    same as with "float". ``options`` size a text model (its `ModelInfo.options`; None values
-    mean the model's defaults); ``num_classes`` is its vocabulary size.
+    same as with "float". ``options`` are the model's own settings (its `ModelInfo.options`:
+    a text model's sizes, speednet's `norm_after_pool`; None values mean the model's
+    defaults); for a text model ``num_classes`` is its vocabulary size.
     """
     _check_name(name)
     options = {key: value for key, value in (options or {}).items() if value is not None}
     if _INFOS[name].modality == "text":
         return _create_text_model(name, num_classes, width, in_channels, activations, options)
-    if options:
+    unknown = sorted(set(options) - set(_INFOS[name].options))
+    if unknown:
+        takes = ", ".join(_INFOS[name].options) or "none"
         raise UserError(
-            f"model {name!r} has no option {', '.join(sorted(options))}; those size the text "
-            "model gpt only, leave them unset"
+            f"model {name!r} has no option {', '.join(unknown)} (its options: {takes}); "
+            "leave it unset"
         )
     _check_activations(name, activations)
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width):
@@ -156,8 +159,8 @@ def create(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{label} must be a positive integer, got {value!r}")
     if _INFOS[name].binary_activations:
-        return _FACTORIES[name](num_classes, float(width), in_channels, activations=activations)
-    return _FACTORIES[name](num_classes, float(width), in_channels)
+        options["activations"] = activations
+    return _FACTORIES[name](num_classes, float(width), in_channels, **options)
 
 
 def _create_text_model(

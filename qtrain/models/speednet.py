@@ -8,6 +8,8 @@ is scaled by ``width``):
     block 1  conv3×3 24→64,  BN, +b, max-pool 2, GELU, conv3×3 64→64,   BN, +b, GELU  [.., 15, 15]
     block 2  conv3×3 64→256, BN, +b, max-pool 2, GELU, conv3×3 256→256, BN, +b, GELU  [.., 7, 7]
     block 3  conv3×3 256→256, …, max-pool 2, …                                        [.., 3, 3]
+
+(with ``norm_after_pool``: conv3×3, max-pool 2, BN, +b, GELU, … in each block)
     head     global max-pool, linear 256→classes (no bias), logits × 1/9
 
 Sources and the choices made here:
@@ -17,11 +19,15 @@ Sources and the choices made here:
 - BatchNorm without a learned scale, a learned shift b per channel (airbench trains only the
   BN bias; McDonnell 2018 trains neither, with 1-bit weights); running-statistics momentum
   0.4 in PyTorch's convention (airbench's "0.6") for its few hundred steps.
-- airbench pools before the first BatchNorm of a block; here BN comes right after every
-  convolution, as in all of qtrain's networks. With no learned scale, BN and its shift are
-  x ↦ (x − μ)/σ + b with σ > 0, increasing in x, so they commute with the max-pool; only
-  the statistics are taken over the un-pooled map. The pool stays before the GELU, which is
-  not monotonic (its minimum is near x = −0.75).
+- airbench pools before the first BatchNorm of a block; by default BN comes right after every
+  convolution here, as in all of qtrain's networks, and ``norm_after_pool = True`` takes
+  airbench's order. With no learned scale, BN and its shift are x ↦ (x − μ)/σ + b with
+  σ > 0, increasing in x, so they commute with the max-pool: the two orders differ only in
+  the batch statistics (over the pooled map, or the map four times as large before it), and
+  in eval mode, with the same running statistics, they compute the same function. Pooling
+  first normalises a quarter of the values, which took a sixth off a training step of the
+  preset (docs/speedrun.md, "The order of BatchNorm and the pool"). The pool stays before
+  the GELU, which is not monotonic (its minimum is near x = −0.75).
 - airbench initialises part of each convolution as a Dirac (identity) kernel. Binary weights
   cannot hold one (the zeros of a Dirac kernel round to ±1), so speednet keeps PyTorch's
   default initialisation.
@@ -34,8 +40,12 @@ quantized: a fixed change of basis of the input, `qtrain.models.whitening`), the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from qtrain.base.errors import UserError
 
 from .registry import register_model, scaled
 from .whitening import PatchWhitening
@@ -66,27 +76,35 @@ def conv_norm(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """conv_norm, 2×2 max-pool, GELU, conv_norm, GELU: [B, C, H, W] → [B, C', H/2, W/2]."""
-    return nn.Sequential(
-        *conv_norm(in_channels, out_channels),
-        nn.MaxPool2d(2),
-        nn.GELU(),
-        *conv_norm(out_channels, out_channels),
-        nn.GELU(),
-    )
+def conv_block(in_channels: int, out_channels: int, norm_after_pool: bool) -> nn.Sequential:
+    """conv_norm, 2×2 max-pool, GELU, conv_norm, GELU: [B, C, H, W] → [B, C', H/2, W/2]; with
+    `norm_after_pool` the first conv_norm's BN and shift come after the pool."""
+    conv, *norm = conv_norm(in_channels, out_channels)
+    first = [conv, nn.MaxPool2d(2), *norm] if norm_after_pool else [conv, *norm, nn.MaxPool2d(2)]
+    return nn.Sequential(*first, nn.GELU(), *conv_norm(out_channels, out_channels), nn.GELU())
+
+
+@dataclass(frozen=True)
+class SpeedNetConfig:
+    """speednet's own settings (a model option, recorded in checkpoints as the GPT's sizes)."""
+
+    norm_after_pool: bool = False
 
 
 class SpeedNet(nn.Module):
     """Patch whitening, three conv blocks, global max-pool, a scaled bias-free linear head."""
 
-    def __init__(self, num_classes: int, width: float, in_channels: int) -> None:
+    def __init__(
+        self, num_classes: int, width: float, in_channels: int, config: SpeedNetConfig = None
+    ) -> None:
         super().__init__()
+        self.config = config = config or SpeedNetConfig()
         self.whiten = PatchWhitening(in_channels, WHITEN_KERNEL)
         channels = [self.whiten.out_channels] + [scaled(w, width) for w in WIDTHS]
+        blocks = zip(channels, channels[1:], strict=False)
         self.blocks = nn.Sequential(
             nn.GELU(),
-            *(conv_block(a, b) for a, b in zip(channels, channels[1:], strict=False)),
+            *(conv_block(a, b, config.norm_after_pool) for a, b in blocks),
             nn.AdaptiveMaxPool2d(1),
         )
         self.head = nn.Linear(channels[-1], num_classes, bias=False)
@@ -96,7 +114,9 @@ class SpeedNet(nn.Module):
         return self.head(torch.flatten(self.blocks(self.whiten(x)), 1)) * LOGIT_SCALE
 
 
-@register_model("speednet")
-def speednet(num_classes: int, width: float, in_channels: int) -> nn.Module:
+@register_model("speednet", options=("norm_after_pool",))
+def speednet(num_classes: int, width: float, in_channels: int, norm_after_pool: bool = False):
     """Fast-training CIFAR net (airbench94 shape): whitening + 6 conv (64-256-256) + 1 linear."""
-    return SpeedNet(num_classes, width, in_channels)
+    if not isinstance(norm_after_pool, bool):
+        raise UserError(f"norm_after_pool must be true or false, got {norm_after_pool!r}")
+    return SpeedNet(num_classes, width, in_channels, SpeedNetConfig(norm_after_pool))

@@ -147,11 +147,11 @@ PER_STEP = Scope(
 )
 
 
-def _text_model_option(key: str, takers: str = "gpt") -> Scope:
-    """The scope of a text model's option `key`; `takers` names the models whose `options`
-    hold it (a test compares it with the registry)."""
+def _model_option(key: str, takers: str = "gpt", kind: str = "text") -> Scope:
+    """The scope of a model's option `key`; `takers` names the (`kind`) models whose
+    `options` hold it (a test compares it with the registry)."""
     return Scope(
-        f"text models that take it ({takers})",
+        f"{kind} models that take it ({takers})",
         lambda c: key in _model_options(c),
         lambda c: f"model {c.model!r}",
     )
@@ -239,30 +239,34 @@ class RunConfig:
     model: str = _key("vgg9", "model", "network name (qtrain list models)")
     width: float = _key(1.0, "model", "channel width multiplier")
     activations: str = _key("float", "model", "float, or binary activations (sign)")
+    norm_after_pool: bool = _key(False, "model", "BatchNorm after each block's max-pool "
+                                 "(airbench's order), not before it",
+                                 applies=_model_option("norm_after_pool", "speednet",
+                                                            "image"))  # fmt: skip
     init_from: str | None = _key(None, "model", "start from the weights of a trained model of "
                                  "this architecture: a run folder, checkpoint, packed file or "
                                  "Hugging Face folder (checked by SHA-256 on resume)",
                                  same=_both_set_or_neither)  # fmt: skip
     # -- text model: None takes the model's default (qtrain.models.gpt.GPTConfig)
     n_layer: int | None = _key(None, "text model", "transformer blocks",
-                               applies=_text_model_option("n_layer"))  # fmt: skip
+                               applies=_model_option("n_layer"))  # fmt: skip
     n_head: int | None = _key(None, "text model", "attention heads per block",
-                              applies=_text_model_option("n_head"))  # fmt: skip
+                              applies=_model_option("n_head"))  # fmt: skip
     n_embd: int | None = _key(None, "text model", "width of the residual stream",
-                              applies=_text_model_option("n_embd"))  # fmt: skip
+                              applies=_model_option("n_embd"))  # fmt: skip
     block_size: int | None = _key(None, "text model", "the context, in tokens (hf: the training "
                                   "window, default min(256, the model's context))",
-                                  applies=_text_model_option("block_size", "gpt, hf"))  # fmt: skip
+                                  applies=_model_option("block_size", "gpt, hf"))  # fmt: skip
     dropout: float | None = _key(None, "text model", "dropout probability",
-                                 applies=_text_model_option("dropout"))  # fmt: skip
+                                 applies=_model_option("dropout"))  # fmt: skip
     bias: bool | None = _key(None, "text model", "biases in linear layers and norms",
-                             applies=_text_model_option("bias"))  # fmt: skip
+                             applies=_model_option("bias"))  # fmt: skip
     tie_weights: bool | None = _key(None, "text model", "the head shares the token embedding",
-                                    applies=_text_model_option("tie_weights"))  # fmt: skip
+                                    applies=_model_option("tie_weights"))  # fmt: skip
     hf_path: str | None = _key(None, "text model", "folder of a Hugging Face causal LM for model "
                                "hf (config.json, weights, tokenizer): it may move, its config "
                                "is checked on resume", RUN,
-                               applies=_text_model_option("hf_path", "hf"))  # fmt: skip
+                               applies=_model_option("hf_path", "hf"))  # fmt: skip
     # -- data
     dataset: str = _key("cifar10", "data", "data set name (qtrain list datasets)")
     data_dir: str | None = _key(None, "data", "folder holding the data set", MACHINE)

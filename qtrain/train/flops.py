@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from qtrain import data as qdata
 from qtrain import models
 from qtrain.train.config import RunConfig
-from qtrain.train.settings import image_size
+from qtrain.train.settings import image_size, model_options
 
 # BatchNorm in training mode needs more than one value per channel; the count is per image.
 _IMAGES = 2
@@ -40,7 +40,8 @@ def training_flop_per_image(config: RunConfig, side: int | None = None) -> int:
     # a set whose classes are known only once built is counted with 10: the head is a
     # negligible share of the count
     model = models.create(config.model, num_classes=info.num_classes or 10, width=config.width,
-                          in_channels=info.in_channels, activations=config.activations)  # fmt: skip
+                          in_channels=info.in_channels, activations=config.activations,
+                          options=model_options(config))  # fmt: skip
     model.train()
     side = side or image_size(config)
     x = torch.randn(_IMAGES, info.in_channels, side, side)

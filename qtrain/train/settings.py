@@ -42,7 +42,8 @@ def image_size(config: RunConfig) -> int:
 
 
 def model_options(config: RunConfig | dict) -> dict:
-    """The size options of `config` that its model takes and that are set (None = default)."""
+    """The options of `config` that its model takes (`ModelInfo.options`) and that are set
+    (None = the model's default)."""
     values = config if isinstance(config, dict) else config.to_dict()
     options = models.model_info(values["model"]).options
     return {key: values[key] for key in options if values.get(key) is not None}

@@ -175,9 +175,9 @@ def _device_of(model) -> torch.device:
 
 
 def _resolved_model_options(name: str, model) -> dict:
-    """Every size option of a text model, defaults included, so a rebuild needs no
-    defaults of the version that reads the checkpoint (the hf model: the config dict its
-    folder held and the window); {} for an image model."""
+    """Every option of the model, defaults included, so a rebuild needs no defaults of the
+    version that reads the checkpoint (a text model's sizes; the hf model: the config dict its
+    folder held and the window; speednet's `norm_after_pool`); {} for a model without any."""
     stored = models.model_info(name).stored_options
     return {option: getattr(model.config, option) for option in stored}
 
