@@ -23,6 +23,9 @@ its weight average where it keeps one):
 - "contiguous"   the binary ones with `channels_last = false`: activations in PyTorch's
                  default NCHW layout rather than the preset's NHWC, which oneDNN's
                  convolutions take without reordering where its kernels prefer it
+- "BN before the pool"  the binary ones with speednet's other order of BatchNorm and the
+                 block's max-pool (`norm_after_pool`; "BN after the pool" where the preset
+                 has it before): the preset normalises the pooled map, a quarter of the values
 - "fused Adam"   the binary ones with the base optimizer's kernels the preset does not use
                  (`optimizer_impl`): PyTorch's one-kernel Adam where the preset has "foreach",
                  "foreach Adam" where it has "fused"
@@ -118,14 +121,24 @@ def other_impl(preset: dict) -> str:
     return "foreach" if preset.get("optimizer_impl", "foreach") == "fused" else "fused"
 
 
+def other_order(preset: dict) -> tuple[str, dict]:
+    """The order of BatchNorm and the pool the preset does not use: its row's label and
+    config change (the "BN before the pool" rows)."""
+    after = not preset.get("norm_after_pool", False)
+    return f"BN {'after' if after else 'before'} the pool", {"norm_after_pool": after}
+
+
 def variants(preset: dict, batch_sizes: list[int], precisions: list[str]) -> dict[str, dict]:
-    """name → config changes: VARIANTS, the binary ones with the other optimizer kernels, then
-    the binary ones again at each other batch size, with a warm-up of the same number of
-    images; only the `precisions` rows."""
+    """name → config changes: VARIANTS, the binary ones with the other optimizer kernels and
+    the other order of BatchNorm and the pool, then the binary ones again at each other batch
+    size, with a warm-up of the same number of images; only the `precisions` rows."""
     out = dict(VARIANTS)
     other = other_impl(preset)
     out[f"binary, bf16, {other} Adam"] = {"optimizer_impl": other}
     out[f"binary, fp32, {other} Adam"] = {"amp": "off", "optimizer_impl": other}
+    order, change = other_order(preset)
+    out[f"binary, bf16, {order}"] = change
+    out[f"binary, fp32, {order}"] = {"amp": "off", **change}
     preset_batch, warmup_steps = preset["batch_size"], preset["warmup_steps"]
     for batch in batch_sizes:
         if batch != preset_batch:

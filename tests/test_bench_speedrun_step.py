@@ -37,6 +37,7 @@ def test_every_variant_builds_a_trainer_whose_steps_are_the_ones_its_row_names(
         "binary, fp32",
         "binary, fp32, batch 32",
         "binary, fp32, contiguous",
+        "binary, fp32, BN before the pool",
     } <= set(rows)
     for i, (name, changes) in enumerate(rows.items()):
         trainer = bench.preset_trainer(folder, tmp_path / str(i), args, **changes)
@@ -45,3 +46,5 @@ def test_every_variant_builds_a_trainer_whose_steps_are_the_ones_its_row_names(
         assert trainer.float_steps == 0, name  # a binary row times binary steps only
         assert config.amp == ("off" if "fp32" in name else "bf16"), name
         assert config.channels_last == ("contiguous" not in name), name
+        assert config.norm_after_pool == ("BN before the pool" not in name), name
+        assert trainer.model.config.norm_after_pool == config.norm_after_pool, name
