@@ -8,9 +8,9 @@ is scaled by ``width``):
     block 1  conv3×3 24→64,  BN, +b, max-pool 2, GELU, conv3×3 64→64,   BN, +b, GELU  [.., 15, 15]
     block 2  conv3×3 64→256, BN, +b, max-pool 2, GELU, conv3×3 256→256, BN, +b, GELU  [.., 7, 7]
     block 3  conv3×3 256→256, …, max-pool 2, …                                        [.., 3, 3]
-
-(with ``norm_after_pool``: conv3×3, max-pool 2, BN, +b, GELU, … in each block)
     head     global max-pool, linear 256→classes (no bias), logits × 1/9
+
+With ``norm_after_pool`` each block starts conv3×3, max-pool 2, BN, +b, GELU (airbench's order).
 
 Sources and the choices made here:
 
@@ -25,9 +25,10 @@ Sources and the choices made here:
   σ > 0, increasing in x, so they commute with the max-pool: the two orders differ only in
   the batch statistics (over the pooled map, or the map four times as large before it), and
   in eval mode, with the same running statistics, they compute the same function. Pooling
-  first normalises a quarter of the values, which took a sixth off a training step of the
-  preset (docs/speedrun.md, "The order of BatchNorm and the pool"). The pool stays before
-  the GELU, which is not monotonic (its minimum is near x = −0.75).
+  first normalises a quarter of the values of those three maps: the preset's training step
+  took 4% less time in float32 and 7% less in bf16 (docs/speedrun.md, "Where the time
+  goes"). The pool stays before the GELU, which is not monotonic (its minimum is near
+  x = −0.75).
 - airbench initialises part of each convolution as a Dirac (identity) kernel. Binary weights
   cannot hold one (the zeros of a Dirac kernel round to ±1), so speednet keeps PyTorch's
   default initialisation.
@@ -95,7 +96,7 @@ class SpeedNet(nn.Module):
     """Patch whitening, three conv blocks, global max-pool, a scaled bias-free linear head."""
 
     def __init__(
-        self, num_classes: int, width: float, in_channels: int, config: SpeedNetConfig = None
+        self, num_classes: int, width: float, in_channels: int, config: SpeedNetConfig | None = None
     ) -> None:
         super().__init__()
         self.config = config = config or SpeedNetConfig()

@@ -167,6 +167,8 @@ def _picks_layers(config: RunConfig) -> bool:
     return _quantized(config) or config.act_bits is not None
 
 
+SPEEDNET_ORDER = _model_option("norm_after_pool", "speednet", "image")
+
 ACT_QUANT = Scope("runs that set act_bits", lambda c: c.act_bits is not None,
                   lambda c: "a run without act_bits")  # fmt: skip
 
@@ -241,8 +243,7 @@ class RunConfig:
     activations: str = _key("float", "model", "float, or binary activations (sign)")
     norm_after_pool: bool = _key(False, "model", "BatchNorm after each block's max-pool "
                                  "(airbench's order), not before it",
-                                 applies=_model_option("norm_after_pool", "speednet",
-                                                            "image"))  # fmt: skip
+                                 applies=SPEEDNET_ORDER)  # fmt: skip
     init_from: str | None = _key(None, "model", "start from the weights of a trained model of "
                                  "this architecture: a run folder, checkpoint, packed file or "
                                  "Hugging Face folder (checked by SHA-256 on resume)",
