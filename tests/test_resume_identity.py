@@ -65,6 +65,7 @@ def test_every_field_is_classified_and_the_identity_holds_what_changes_the_numbe
         *("model", "width", "dataset", "method", "grid", "delta", "policy", "batch_size"),
         *("lr", "schedule", "weight_decay", "momentum", "bc_stochastic", "train_subset"),
         *("augment", "seed", "epochs", "amp", "scale", "activations"),
+        "norm_after_pool",  # speednet's order of BatchNorm and the pool: its batch statistics
         *("crop_padding", "crop_fill", "flip"),  # which pixels a training step sees
         *("bop_gamma", "bop_tau", "bop_sigma"),
         *("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "tie_weights"),
