@@ -132,6 +132,28 @@ def test_a_waiting_lock_takes_the_folder_when_its_holder_dies(tmp_path, caplog):
     assert list(run.iterdir()) == []  # the lock file goes; the folder was the holder's
 
 
+def test_a_waiting_lock_on_a_folder_its_own_thread_holds_does_not_wait_for_itself(tmp_path):
+    """A run whose data folder is its run folder: the download's waiting lock comes at once,
+    and releasing it leaves the run's lock in place."""
+    with FolderLock(tmp_path / "run", out="run"):
+        done = []
+        inner = threading.Thread(
+            target=lambda: done.append(FolderLock(tmp_path / "run", wait=True))
+        )
+        with FolderLock(tmp_path / "run", wait=True):
+            pass
+        assert (tmp_path / "run" / LOCK_FILE).read_text().startswith(f"{os.getpid()}\n")
+        with pytest.raises(UserError, match="is in use by process"):  # without wait: refused
+            FolderLock(tmp_path / "run")
+        inner.start()  # another thread is not the holder: it waits
+        inner.join(timeout=0.5)
+        assert inner.is_alive() and not done
+    inner.join(timeout=START_LIMIT_S)
+    assert len(done) == 1
+    done[0].release()
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path):
     with holder(tmp_path) as proc:
         pass  # killed with SIGKILL: it never released

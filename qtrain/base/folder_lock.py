@@ -6,6 +6,9 @@ process (or a second lock in the same process) is refused at once with a `UserEr
 the folder and the holder's pid and command. `FolderLock(folder, wait=True)` waits for the
 holder instead (logging once whom it waits for): the turn-taking of processes that may each
 have to write the same thing, such as a data set that several workers find missing at once.
+A waiting lock on a folder that the same thread already holds is taken at once without
+locking again (a run whose data folder is its own run folder would otherwise wait for
+itself forever).
 
 The lock belongs to the open file, so the OS drops it when the holder exits in any way,
 SIGKILL and power loss included: a lock file left behind by a killed process never blocks (the
@@ -27,6 +30,7 @@ import os
 import shlex
 import stat
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -42,6 +46,8 @@ except ImportError:  # Windows: no locking (module docstring)
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".qtrain.lock"
+# (thread, lock file) of every lock this process holds, so a waiting lock can tell its own
+_HELD: set[tuple[int, str]] = set()
 # The holder writes its pid just after locking; a contender that reads the file in between
 # looks again for up to this long before it says "another process".
 HOLDER_WAIT_S = 1.0
@@ -62,15 +68,18 @@ class FolderLock:
         self._wait = wait
         self.path = self.folder / LOCK_FILE
         self._created = missing_folders(self.folder)
-        fd = None
+        fd, held = None, (threading.get_ident(), os.path.abspath(self.path))
         try:
             _make_folder(self.folder)
-            if fcntl is not None:
+            if fcntl is not None and not (wait and held in _HELD):
                 fd = self._lock(out)
+                _HELD.add(held)
         except BaseException:
-            _unlock(self.path, None, self._created, os.getpid())
+            _unlock(self.path, None, self._created, os.getpid(), held)
             raise
-        self._finalizer = weakref.finalize(self, _unlock, self.path, fd, self._created, os.getpid())
+        self._finalizer = weakref.finalize(
+            self, _unlock, self.path, fd, self._created, os.getpid(), held
+        )
 
     def _lock(self, out: str) -> int:
         """The locked file's descriptor, with this process's pid and command line in it."""
@@ -116,9 +125,11 @@ class FolderLock:
         self.release()
 
 
-def _unlock(path: Path, fd: int | None, created: list[Path], owner: int) -> None:
-    """`FolderLock.release` of the lock file `path` open as `fd` (None: none was locked)."""
+def _unlock(path: Path, fd: int | None, created: list[Path], owner: int, held: tuple) -> None:
+    """`FolderLock.release` of the lock file `path` open as `fd` (None: none was locked, or
+    a waiting lock found the folder held by its own thread)."""
     if fd is not None:
+        _HELD.discard(held)
         if os.getpid() == owner:  # a forked child that exits must not delete its parent's file
             path.unlink(missing_ok=True)  # while locked: nobody else holds this file
         os.close(fd)
