@@ -82,3 +82,23 @@ def test_a_file_that_is_no_model_is_refused_in_one_sentence(tmp_path):
     path.write_text("not a model")
     with pytest.raises(CheckpointError, match="neither a qtrain checkpoint nor a packed model"):
         load(path)
+
+
+def test_a_run_with_its_first_convolution_in_float_loads_with_its_logits(tmp_path):
+    config = RunConfig(
+        model="tiny_cnn", dataset="synthetic", method="bc-adam", epochs=1, batch_size=64,
+        width=0.25, lr=0.01, device="cpu", channels_last=False, augment=False,
+        policy="conv-except-first",
+    )  # fmt: skip
+    trainer = Trainer(config, tmp_path / "run", log=lambda *a, **k: None)
+    trainer.run()
+    record = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    every = methods.quantized_parameter_names(trainer.model, "conv")
+    assert record["quantized"] == every[1:]
+    save_packed(tmp_path / "packed.safetensors", record)
+    for source in (tmp_path / "run", tmp_path / "packed.safetensors"):
+        loaded = load(source)
+        assert_same_logits(trainer.model.eval(), loaded)
+        weights = dict(loaded.named_parameters())
+        assert not torch.equal(weights[every[0]].abs(), torch.ones_like(weights[every[0]]))
+        assert all(torch.equal(weights[n].abs(), torch.ones_like(weights[n])) for n in every[1:])

@@ -488,3 +488,19 @@ def test_flips_count_changes_of_level_not_the_drift_of_a_measured_scale(grid, sc
 
 def broadcast(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return s.reshape(s.shape + (1,) * (w.dim() - s.dim())) if s.dim() else s
+
+
+def test_conv_except_first_keeps_the_first_convolution_in_full_precision():
+    model = small_net()
+    assert quantized_parameter_names(model, "conv-except-first") == ["3.weight"]
+    opt = create("bc-adam", model, lr=0.05, policy="conv-except-first")
+    assert opt.num_quantized == 8 * 8 * 9
+    stem = model[0].weight.detach().clone()
+    train_steps(model, opt, 3)
+    assert binary().contains(model[3].weight.detach())
+    assert not binary().contains(model[0].weight.detach())  # float values, never rounded
+    assert not torch.equal(model[0].weight, stem)  # trained, by the full-precision group
+    speednet = models.create("speednet", 10, 0.5, 3)
+    every = quantized_parameter_names(speednet, "conv")
+    assert quantized_parameter_names(speednet, "conv-except-first") == every[1:]
+    assert every[0] == "blocks.1.0.weight"  # the first trainable convolution; whitening is frozen

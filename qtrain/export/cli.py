@@ -87,7 +87,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
     model_options = summary.add_argument_group("for a model name only")
     model_options.add_argument("--grid", help="grid: binary, ternary or <k>bit (default binary)")
-    model_options.add_argument("--policy", help="quantized parameters: conv, conv+linear, all")
+    model_options.add_argument(
+        "--policy", help="quantized parameters: conv, conv-except-first, conv+linear, linear, all"
+    )
     model_options.add_argument(
         "--scale", help="none (default) or a scaled grid (he, absmean, absmean-tensor)"
     )

@@ -5,12 +5,19 @@ full precision (docs/paper.md §2). BitNet b1.58 quantizes the linear layers of 
 blocks and keeps embeddings, LayerNorms and the output head in full precision (§6). The policy
 is an option:
 
-| policy        | quantized parameters                                               |
-|---------------|--------------------------------------------------------------------|
-| `conv`        | weights of every nn.Conv1d/2d/3d (and transposed variants)         |
-| `conv+linear` | the above plus the weights of every nn.Linear                      |
-| `linear`      | weights of every nn.Linear outside the model's full-precision part |
-| `all`         | every trainable parameter (norms, embeddings and biases too)       |
+| policy              | quantized parameters                                               |
+|---------------------|--------------------------------------------------------------------|
+| `conv`              | weights of every nn.Conv1d/2d/3d (and transposed variants)         |
+| `conv-except-first` | `conv`'s weights but the first, in the model's parameter order     |
+| `conv+linear`       | `conv`'s weights plus those of every nn.Linear                     |
+| `linear`            | weights of every nn.Linear outside the model's full-precision part |
+| `all`               | every trainable parameter (norms, embeddings and biases too)       |
+
+`conv-except-first` keeps the first convolution (the stem, the layer that sees the input)
+in full precision, as binary networks often do (Rastegari et al. 2016, "XNOR-Net"; the last
+layer, a linear classifier, is in full precision under `conv` already). It holds few of the
+weights (speednet: 0.7% of the convolution weights at width 1), and on the speedrun's
+validation split it scored +0.56 points over `conv` (docs/speedrun.md, "More settings").
 
 A model declares its full-precision part with a class or instance attribute
 ``full_precision_modules``: a tuple of submodule names (as in ``model.named_modules()``), e.g.
@@ -44,7 +51,7 @@ from torch import nn
 from qtrain.base.errors import UserError
 from qtrain.base.names import unknown_name
 
-POLICIES = ("conv", "conv+linear", "linear", "all")
+POLICIES = ("conv", "conv-except-first", "conv+linear", "linear", "all")
 
 
 def check_policy(policy: str) -> str:
@@ -118,7 +125,8 @@ def quantized_parameter_names(model: nn.Module, policy: str = "conv") -> list[st
             _check_no_conv1d(model, policy)
             layer_types += (nn.Linear,)
         chosen = _weights_of(model, layer_types)
-    return [name for name, p in model.named_parameters() if id(p) in chosen and p.requires_grad]
+    names = [name for name, p in model.named_parameters() if id(p) in chosen and p.requires_grad]
+    return names[1:] if policy == "conv-except-first" else names
 
 
 def split_parameters(

@@ -288,8 +288,9 @@ class RunConfig:
                                when=_quantized)  # fmt: skip
     scale: str = _key("none", "method", "weight scale: none, he, absmean, absmean-tensor",
                       when=_quantized)  # fmt: skip
-    policy: str = _key("conv", "method", "which parameters are quantized: conv, linear, "
-                       "conv+linear, all", when=_picks_layers)  # fmt: skip
+    policy: str = _key("conv", "method", "which parameters are quantized: conv, "
+                       "conv-except-first, linear, conv+linear, all",
+                       when=_picks_layers)  # fmt: skip
     act_bits: int | None = _key(None, "method", "quantize the inputs of the policy's linear "
                                 "layers to this many bits per token, 2..8 (8: BitNet's A8; "
                                 "None: float inputs)", values=ACT_BITS_VALUES)  # fmt: skip
