@@ -503,4 +503,4 @@ def test_conv_except_first_keeps_the_first_convolution_in_full_precision():
     speednet = models.create("speednet", 10, 0.5, 3)
     every = quantized_parameter_names(speednet, "conv")
     assert quantized_parameter_names(speednet, "conv-except-first") == every[1:]
-    assert every[0] == "blocks.1.0.weight"  # the first trainable convolution; whitening is frozen
+    assert every[0] == "blocks.1.0.weight"  # the whitening filters are a buffer, not a conv
