@@ -35,9 +35,10 @@ Sources and the choices made here:
 
 Quantization: under the paper's ``conv`` policy every convolution weight (six tensors) is
 quantized; the speedrun preset's ``conv-except-first`` keeps the first of them (the stem,
-``blocks.1.0``) in float too. What stays in float under either: the whitening filters (a frozen buffer, never trained or
-quantized: a fixed change of basis of the input, `qtrain.models.whitening`), the linear head
-(as in the paper), the BN shifts and the whitening bias.
+``blocks.1.0``) in float too. What stays in float under either: the whitening filters (a
+frozen buffer, never trained or quantized: a fixed change of basis of the input,
+`qtrain.models.whitening`), the linear head (as in the paper), the BN shifts and the whitening
+bias.
 """
 
 from __future__ import annotations
