@@ -17,8 +17,9 @@ is an option:
 in full precision, as binary networks often do (Rastegari et al. 2016, "XNOR-Net"; the last
 layer, a linear classifier, is in full precision under `conv` already). It holds few of the
 weights (speednet: 0.7% of the convolution weights at width 1), and on the speedrun's
-validation split it scored +0.56 points over `conv` at width 0.5 and +0.53 at width 1, every
-seed, so the speedrun preset uses it (docs/speedrun.md, "Training in float first").
+validation split it scored over `conv` by +0.56 points at width 0.5, +0.85 at width 0.75 and
++0.53 at width 1, every seed, so the speedrun preset uses it (docs/speedrun.md, "Training in
+float first").
 
 A model declares its full-precision part with a class or instance attribute
 ``full_precision_modules``: a tuple of submodule names (as in ``model.named_modules()``), e.g.
