@@ -1,6 +1,6 @@
 """amp = "auto" resolves once, at a run's creation, to the precision this machine computes
 fast (bf16 on CUDA and on CPUs with native bf16, float32 elsewhere); the run records the
-resolved value, compares it on resume and exports it."""
+resolved value, compares it on resume and exports it, and keeps it on another machine."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qtrain.base import cpu_isa
+from qtrain.experiments.runner import Cell, run_cells
 from qtrain.train import devices, rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import ConfigError, RunConfig, load_toml
@@ -64,6 +65,43 @@ def test_a_run_records_compares_and_exports_the_resolved_precision(native, tmp_p
     other = "off" if native else "bf16"
     with pytest.raises(ConfigError, match=f"amp='{resolved}', not '{other}'"):
         train(more.replace(amp=other), tmp_path / "run", resume=True, log=quiet)
+
+
+def test_a_run_moved_to_another_kind_of_cpu_keeps_the_precision_it_began_with(
+    native, monkeypatch, tmp_path
+):
+    """auto is resolved once, at creation: resumed where the other precision would be chosen
+    (a run begun on a CPU with native bf16 continued on one without, or the other way), the
+    run continues in its own, and a bf16 one says that it now trains slower."""
+    began = "bf16" if native else "off"
+    train(TINY, tmp_path / "run", log=quiet)
+    monkeypatch.setattr(cpu_isa, "has_native_bf16", lambda: not native)  # the other machine
+    lines = []
+    more = TINY.replace(epochs=2)
+    metrics = train(more, tmp_path / "run", resume=True, log=lambda *a, **k: lines.append(a))
+    assert len(metrics) == 2
+    assert load_toml(tmp_path / "run" / rundir.CONFIG)["amp"] == began
+    assert load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)["config"]["amp"] == began
+    notes = [line for line in lines if "continues in bf16, as it began" in str(line[0])]
+    assert len(notes) == (1 if native else 0)
+    other = "off" if native else "bf16"  # asked for explicitly, the other one is refused
+    with pytest.raises(ConfigError, match=f"amp='{began}', not '{other}'"):
+        train(more.replace(epochs=3, amp=other), tmp_path / "run", resume=True, log=quiet)
+
+
+def test_an_experiment_reads_back_a_run_finished_on_another_kind_of_cpu(
+    native, monkeypatch, tmp_path
+):
+    """Printing an experiment's table again on another machine reads its finished runs back
+    instead of refusing them for the precision that machine would choose."""
+    cell = Cell("run", TINY, row="tiny", method="fp")
+    first = run_cells([cell], tmp_path, log=None)
+    monkeypatch.setattr(cpu_isa, "has_native_bf16", lambda: not native)
+    again = run_cells([cell], tmp_path, log=None)
+    assert again[0].metrics == first[0].metrics
+    other = "off" if native else "bf16"
+    with pytest.raises(ConfigError, match=f"holds a run with amp='{'bf16' if native else 'off'}'"):
+        run_cells([Cell("run", TINY.replace(amp=other), row="tiny", method="fp")], tmp_path)
 
 
 def test_a_run_made_before_auto_was_resolved_resumes_at_its_precision(tmp_path):

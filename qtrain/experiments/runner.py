@@ -115,7 +115,8 @@ def check_cells(cells: list[Cell], folder: Path) -> None:
             continue
         device = resolve_device(cell.config.device)
         saved = resolve_saved_amp(load_toml(run_dir / rundir.CONFIG), device)
-        change = portable_change(saved, adopt_saved_width(resolve_amp(cell.config, device), saved))
+        config = adopt_saved_width(resolve_amp(cell.config, device, saved), saved)
+        change = portable_change(saved, config)
         if change is not None:
             key, before, after = change
             raise ConfigError(

@@ -7,9 +7,10 @@ Device and dtype are chosen here, at the edge; the library code below follows it
 may use under ONEDNN_MAX_CPU_ISA, `qtrain.base.cpu_isa`), "off" (float32) elsewhere, AVX-512
 without BF16 included: oneDNN emulates bf16 there, slower than float32. The resolved value is
 what the run records in config.toml and its checkpoint, compares on resume and exports, so a
-run's precision never changes with the machine it is resumed or evaluated on. Runs made before
-"auto" was resolved recorded the word itself, which then meant bf16 on CUDA and float32 on the
-CPU (`resolve_saved_amp`).
+run's precision never changes with the machine it is resumed or evaluated on: a run that asks
+for "auto" again there takes the recorded value (`resolve_amp` with the saved config). Runs made
+before "auto" was resolved recorded the word itself, which then meant bf16 on CUDA and float32
+on the CPU (`resolve_saved_amp`).
 """
 
 from __future__ import annotations
@@ -54,11 +55,16 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_isa.has_native_bf16()
 
 
-def resolve_amp(config: RunConfig, device: torch.device) -> RunConfig:
-    """`config` with ``amp = "auto"`` replaced by "bf16" where `native_bf16(device)`, else
-    "off"; an explicit "off" or "bf16" is kept."""
+def resolve_amp(config: RunConfig, device: torch.device, saved: dict | None = None) -> RunConfig:
+    """`config` with ``amp = "auto"`` replaced by the precision its run computes in: the one
+    the run folder's `saved` config records when there is one (auto is resolved once, when
+    the run is created, so a run resumed or read back on another machine keeps it), else
+    "bf16" where `native_bf16(device)` and "off" elsewhere. An explicit "off" or "bf16" is
+    kept, and compared with the saved one like any other setting."""
     if config.amp != "auto":
         return config
+    if saved is not None:
+        return config.replace(amp=resolve_saved_amp(saved, device)["amp"])
     return config.replace(amp="bf16" if native_bf16(device) else "off")
 
 
@@ -92,12 +98,18 @@ def autocast_context(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
-def slow_bf16_note(device: torch.device, amp: str) -> str | None:
-    """A one-line note when bf16 autocast is asked for on a CPU without native bf16 support
+def slow_bf16_note(device: torch.device, amp: str, resumed: bool = False) -> str | None:
+    """A one-line note when bf16 autocast runs on a CPU without native bf16 support
     (AVX-512 BF16 or AMX, `native_bf16`): it still computes the same, but emulated, slower
-    than float32. None otherwise."""
+    than float32. A new run is told that float32 is faster; a `resumed` one, which keeps the
+    precision it began with, that it continues at bf16's speed. None otherwise."""
     if device.type != "cpu" or amp != "bf16" or native_bf16(device):
         return None
+    if resumed:
+        return (
+            "note: this run continues in bf16, as it began, but this CPU has no native bf16 "
+            "(AVX-512 BF16 or AMX), so it trains slower here than in float32"
+        )
     return (
         "note: this CPU has no native bf16 (AVX-512 BF16 or AMX), so amp=bf16 runs slower "
         "than float32; amp=off is faster here"

@@ -135,8 +135,6 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = self.dist.device or resolve_device(config.device)
-        self.config = config = resolve_amp(config, self.device)  # the precision it records
-        set_tf32(self.device, config.amp)
         if config.compile and not compiler_found(self.device):
             raise UserError(
                 f"compile = true needs inductor's compiler for {self.device.type} (a C++ "
@@ -160,6 +158,10 @@ class Trainer:
         if self.text and self.dist.enabled:
             raise UserError("text data sets train in one process; run without torchrun")
         self._lock = self._lock_run_dir()  # before any data is read
+        self.saved = self._saved_config()
+        # the precision it records: auto resolved on this machine, or a resumed run's
+        self.config = c = resolve_amp(c, self.device, self.saved)
+        set_tf32(self.device, c.amp)
         self.teacher = self._load_teacher()
         self.splits, self.held_out = load_splits(c)
         self.train_loader, self.test_loader, self.val_loader = make_loaders(
@@ -202,9 +204,8 @@ class Trainer:
         on the first batch (rank 0's choice, for every rank)."""
         choice = None
         if self.dist.is_main:
-            created = self.run_dir / rundir.CONFIG
-            if created.is_file():
-                choice = {"width": adopt_saved_width(config, load_toml(created)).width}
+            if self.saved is not None:
+                choice = {"width": adopt_saved_width(config, self.saved).width}
             else:
                 batch = next(iter(self.train_loader.epoch(0)))
                 measured = width_fit.fit_width(config, self.splits, batch,
@@ -214,6 +215,13 @@ class Trainer:
         choice = self.dist.broadcast_object(choice)
         self.width_fit = choice.get("fit")
         return config.replace(width=choice["width"])
+
+    def _saved_config(self) -> dict | None:
+        """The config.toml the run folder holds (written once, when its run was created),
+        rank 0's on every rank; None for a new run."""
+        created = self.run_dir / rundir.CONFIG
+        saved = load_toml(created) if self.dist.is_main and created.is_file() else None
+        return self.dist.broadcast_object(saved)
 
     def _load_teacher(self) -> Teacher | None:
         """The teacher distill_from names, on the device, after checking that its context
@@ -349,7 +357,7 @@ class Trainer:
             # the set-up (the width's probe, whitening) is part of the recipe's time: epoch 1's
             # seconds hold it
             state = TrainState(sums=EpochSums(seconds=self.setup_seconds), width_fit=self.width_fit)
-        note = slow_bf16_note(self.device, c.amp)
+        note = slow_bf16_note(self.device, c.amp, resumed=resume and checkpoint_exists)
         if note and self.dist.is_main:
             self.log(note)
         # without a terminal (a log file, a pipe): a progress line every 30 s instead of a bar
@@ -719,5 +727,6 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs
     if resume and (dist is None or not dist.enabled) and created.is_file():
         device = resolve_device(config.validate().device)
         saved = resolve_saved_amp(load_toml(created), device)
-        check_same_identity(saved, adopt_saved_width(resolve_amp(config, device), saved), run_dir)
+        config = adopt_saved_width(resolve_amp(config, device, saved), saved)
+        check_same_identity(saved, config, run_dir)
     return Trainer(config, run_dir, **kwargs).run(resume=resume)
