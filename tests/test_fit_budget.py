@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from qtrain.cli import main
-from qtrain.experiments.speedrun import run_speedrun
+from qtrain.experiments.speedrun import machines_lines, run_speedrun
 from qtrain.methods.optimizer import QuantizedOptimizer
-from qtrain.train import budget_fit, parts, rundir, state, trainer, width_fit
+from qtrain.train import budget_fit, hardware, parts, rundir, state, trainer, width_fit
 from qtrain.train.budget_fit import MARGIN, Fit, fitted_steps
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import ConfigError, RunConfig, load_toml
@@ -88,8 +88,9 @@ def slow_clock(monkeypatch):
     return install
 
 
-def crash_at_step(run: Trainer, step: int) -> None:
-    """Run `run` until its optimizer's `step`-th step raises (a crash before that step)."""
+def crash_at_step(run: Trainer, step: int, resume: bool = False) -> None:
+    """Run `run` (resumed when `resume`) until its optimizer's `step`-th step raises (a crash
+    before that step)."""
     real_step, calls = run.optimizer.step, {"n": 0}
 
     def step_then_crash():
@@ -100,7 +101,7 @@ def crash_at_step(run: Trainer, step: int) -> None:
 
     run.optimizer.step = step_then_crash
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run.run()
+        run.run(resume=resume)
 
 
 def comparable(record: dict) -> dict:
@@ -139,20 +140,9 @@ def test_a_fit_recorded_in_whole_epochs_still_reads():
     """A checkpoint's fit from before steps were fitted has no steps: whole epochs."""
     old = Fit.from_dict({"epochs": 5, "recipe_epochs": 10, "budget_s": 20.0,
                          "first_epoch_seconds": 3.5, "setup_seconds": 0.0, "margin": MARGIN,
-                         "machine": budget_fit.machine(torch.device("cpu"))})  # fmt: skip
+                         "machine": hardware.record(torch.device("cpu"))})  # fmt: skip
     assert old.total_steps(7) == 35 and old.epochs_trained() == 5.0
     assert "fitted to the time budget: 5 of 10 epochs (the first took 3.5 s" in old.describe()
-
-
-def test_the_machine_names_the_cpu_generation(tmp_path):
-    """The name "AMD EPYC" alone does not tell two generations apart; their numbers do."""
-    cpuinfo = tmp_path / "cpuinfo"
-    block = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
-    cpuinfo.write_text((block + "model name\t: AMD EPYC\n\n").format(0) + block.format(1))
-    assert budget_fit.cpu_name(cpuinfo) == "AMD EPYC (family 26, model 2)"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n")
-    assert budget_fit.cpu_name(cpuinfo) == "Intel(R) Xeon(R) Platinum 8480+"
-    assert budget_fit.cpu_name(tmp_path / "absent")  # whatever `platform` knows
 
 
 # -- on a slowed-down clock ------------------------------------------------------------------
@@ -416,7 +406,45 @@ def test_a_speedrun_table_names_each_runs_fit_and_machine(tmp_path, slow_clock):
     results = run_speedrun(speed_config(), tmp_path, seeds=2, targets=(50.0,), log=quiet)
     fitted = [(r["seed"], r["epochs"], r["fit"]["steps"]) for r in results]
     assert fitted == [(0, 38 / STEPS_PER_EPOCH, 38), (1, 38 / STEPS_PER_EPOCH, 38)]
-    assert results[0]["fit"]["machine"] == budget_fit.machine(torch.device("cpu"))
+    here = hardware.record(torch.device("cpu"))
+    assert results[0]["fit"]["machine"] == here
+    assert [r["machines"] for r in results] == [[{"step": 0, "machine": here}]] * 2
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_run_resumed_on_another_machine_keeps_its_fit_and_records_the_move(
+    tmp_path, slow_clock, monkeypatch
+):
+    """Resumed on a machine unlike the one it last trained on, a fitted run keeps its fit and
+    ends as the uninterrupted run, but adds the step and the new machine to its trail, says
+    so, and the speedrun table names both; resumed again there, it adds nothing."""
+    config = speed_config(checkpoint_every_steps=1)
+    slow_clock(0.5)
+    reference = Trainer(config, tmp_path / "ref", log=quiet).run()
+    crash_at_step(Trainer(config, tmp_path / "run", log=quiet), 2 * STEPS_PER_EPOCH + 3)
+    here = hardware.record(torch.device("cpu"))
+    elsewhere = {**here, "isa": "AVX2", "native_bf16": False, "threads": 2}
+    monkeypatch.setattr(hardware, "record", lambda device: elsewhere)
+    lines = []
+
+    def log(*args, **_kwargs):
+        lines.append(str(args[0]))
+
+    crash_at_step(Trainer(config, tmp_path / "run", log=log), 4, resume=True)
+    resumed = Trainer(config, tmp_path / "run", log=log).run(resume=True)
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in reference]
+    summary = json.loads((tmp_path / "run" / rundir.SUMMARY).read_text())
+    reference_summary = json.loads((tmp_path / "ref" / rundir.SUMMARY).read_text())
+    assert summary["fit"] == reference_summary["fit"]
+    assert reference_summary["machines"] == [{"step": 0, "machine": here}]
+    moved_at = 2 * STEPS_PER_EPOCH + 2  # the last step checkpointed before the crash
+    assert summary["machines"] == [{"step": 0, "machine": here},
+                                   {"step": moved_at, "machine": elsewhere}]  # fmt: skip
+    said = [line for line in lines if "on another machine" in line]
+    assert len(said) == 1 and f"at step {moved_at} " in said[0] and "AVX2, threads 2" in said[0]
+    table = "\n".join(machines_lines([{"variant": "binary", "seed": 3, **summary}]))
+    assert f"Trained on {hardware.text(here)} (seeds: binary 3)." in table
+    assert f"binary seed 3 resumed at step {moved_at} on {hardware.text(elsewhere)}" in table
 
 
 # -- choosing the width --------------------------------------------------------------------------

@@ -35,7 +35,7 @@ step, at the end of its first epoch, from that epoch's time on this machine, so 
 schedule ends inside the budget, and again at each later epoch's end where the machine's
 speed has drifted (`qtrain.train.budget_fit`); with `fit_width` (the preset's)
 each run first chooses its width from the measured speed of three (`qtrain.train.width_fit`).
-table.json holds each run's fit, width and machine.
+table.json holds each run's fit, width and machines; table.md names the machines.
 
 Runs at once: with `jobs` N > 1 up to N runs train at once in worker processes
 (`runner.run_cells`), and a config that leaves `threads` to PyTorch gives each ⌊cores / N⌋
@@ -64,7 +64,7 @@ from qtrain.experiments.runner import (
     run_cells,
 )
 from qtrain.report.tables import format_cell
-from qtrain.train import rundir, width_fit
+from qtrain.train import hardware, rundir, width_fit
 from qtrain.train.budget_fit import Fit
 from qtrain.train.config import RunConfig, from_dict, keys, load_toml
 from qtrain.train.flops import cumulative_training_flops, training_flop_per_image
@@ -153,10 +153,12 @@ def variant_config(config: RunConfig, variant: str, paper_epochs: int) -> RunCon
 
 
 def result(finished: Finished, targets) -> dict:
-    """One row of table.json: the run's final accuracy, minutes, FLOPs and curve."""
+    """One row of table.json: the run's final accuracy, minutes, FLOPs, curve, fit and the
+    machines it trained on."""
     # the run's own config: with fit_width it records the width the run chose
     config, records = from_dict(load_toml(finished.run_dir / rundir.CONFIG)), finished.metrics
-    fit = _fit_of(finished.run_dir)
+    summary = _summary_of(finished.run_dir)
+    fit = summary.get("fit")
     flops = cumulative_training_flops(config, records)
 
     def pflop(total: int | None) -> float | None:
@@ -173,6 +175,7 @@ def result(finished: Finished, targets) -> dict:
         "eval_minutes": _eval_minutes(records),
         "epochs": Fit.from_dict(fit).epochs_trained() if fit else len(records),
         "fit": fit,
+        "machines": summary.get("machines", []),
         "curve": accuracy_curve(records),
         **{f"minutes_to_{t:g}": minutes_to(records, t) for t in targets},
         "gflop_per_image": training_flop_per_image(config) / 1e9,
@@ -303,8 +306,31 @@ def results_markdown(results: list[dict], targets) -> str:
         evaluating = [r["eval_minutes"] for r in runs]
         cells.append("not timed" if None in evaluating else format_cell(evaluating))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += machines_lines(results)
     lines += ["", curve_markdown(by_variant)]
     return "\n".join(lines) + "\n"
+
+
+def machines_lines(results: list[dict]) -> list[str]:
+    """Where the runs trained (`qtrain.train.hardware`), after a blank line: one line per
+    machine the runs began on, with their seeds, and one for each run resumed on another,
+    whose minutes then add seconds of two machines. None for runs that kept no trail."""
+    began: dict[str, list[str]] = {}
+    moves = []
+    for r in results:
+        trail = r["machines"]
+        if not trail:
+            continue
+        began.setdefault(hardware.text(trail[0]["machine"]), []).append(
+            f"{r['variant']} {r['seed']}"
+        )
+        moves += [
+            f"{r['variant']} seed {r['seed']} resumed at step {later['step']:,} on "
+            f"{hardware.text(later['machine'])}: its minutes add two machines' seconds."
+            for later in trail[1:]
+        ]
+    lines = [f"Trained on {where} (seeds: {', '.join(runs)})." for where, runs in began.items()]
+    return ["", *lines, *moves] if lines else []
 
 
 def models_cell(runs: list[dict]) -> str:
@@ -362,10 +388,10 @@ def _eval_minutes(records: list[dict]) -> float | None:
     return None if None in seconds else sum(seconds) / 60.0
 
 
-def _fit_of(run_dir: Path) -> dict | None:
-    """The fit of a run's length to its budget, from its summary.json (None: not fitted)."""
+def _summary_of(run_dir: Path) -> dict:
+    """A finished run's summary.json ({} where it has none)."""
     path = run_dir / rundir.SUMMARY
-    return json.loads(path.read_text()).get("fit") if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _minutes(value: float | None) -> str:

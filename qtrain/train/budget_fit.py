@@ -63,22 +63,22 @@ The first epoch must train the same whatever the choice: an epoch schedule's fac
 is 1 for every E; a per-step schedule's first epoch must lie inside its warm-up (W ≥ n),
 where the factor (s+1)/(W+1) does not depend on the run's length (`check_fittable`). The
 choice is kept in the checkpoint (`Fit`, with the machine it was measured on), so a resumed
-run keeps it bit for bit; summary.json and the log name it.
+run keeps it bit for bit; summary.json and the log name it. A run resumed on another machine
+keeps it too: its refits follow the new machine's speed, and its trail of machines
+(`qtrain.train.hardware`) says where each part of it was timed.
 """
 
 from __future__ import annotations
 
 import math
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 
 from qtrain.base.errors import UserError
+from qtrain.train import hardware
 from qtrain.train.config import RunConfig
-from qtrain.train.devices import native_bf16
 from qtrain.train.flops import StepCost
 from qtrain.train.resizing import side_at
 from qtrain.train.schedules import PER_STEP
@@ -102,7 +102,7 @@ class Fit:
     first_epoch_seconds: float
     setup_seconds: float
     margin: float
-    machine: dict
+    machine: dict  # `hardware.record` of where the first epoch was timed
     steps: int | None = None
     steps_per_epoch: int | None = None
     side_cost: dict | None = None  # a resized run's measured `SideCost`
@@ -139,7 +139,6 @@ class Fit:
 
     def describe(self) -> str:
         """One line: the choice and what it came from."""
-        m = self.machine
         length = f"{self.epochs} of {self.recipe_epochs} epochs"
         if self.steps is not None and self.steps != self.epochs * self.steps_per_epoch:
             length = (f"{self.steps} steps, {self.epochs_trained():.2f} of {self.recipe_epochs} "
@@ -147,8 +146,8 @@ class Fit:
         line = (
             f"fitted to the time budget: {length} (the "
             f"first took {self.first_epoch_seconds:.1f} s of {self.budget_s:g} s, set-up "
-            f"{self.setup_seconds:.1f} s included{self._step_note()}; {m['cpu']}, {m['isa']}, "
-            f"threads {m['threads']}, {m['device']})"
+            f"{self.setup_seconds:.1f} s included{self._step_note()}; "
+            f"{hardware.text(self.machine)})"
         )
         if self.side_cost is not None:
             c = SideCost(**self.side_cost)
@@ -284,7 +283,7 @@ def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
                          setup_seconds, grain, epoch_cost=cost,
                          mid_epoch_seconds=mid_epoch_seconds)  # fmt: skip
     return Fit(math.ceil(steps / steps_per_epoch), config.epochs, budget, first_epoch_seconds,
-               setup_seconds, MARGIN, machine(device), steps, steps_per_epoch,
+               setup_seconds, MARGIN, hardware.record(device), steps, steps_per_epoch,
                side_cost.to_dict() if side_cost is not None else None, width_fit,
                mid_epoch_seconds)  # fmt: skip
 
@@ -347,41 +346,3 @@ def check_fittable(config: RunConfig, steps_per_epoch: int) -> None:
             f"its {steps_per_epoch}; set warmup_steps to at least {steps_per_epoch}, or turn "
             "fit_to_budget off"
         )
-
-
-def machine(device: torch.device) -> dict:
-    """Where the run was timed: the CPU's model name, the instruction set torch's CPU kernels
-    use (which honours ATEN_CPU_CAPABILITY), native bf16 on `device`, threads, the device (a
-    GPU by its name) and torch's version."""
-    name = str(device)
-    if device.type == "cuda":
-        name += f" ({torch.cuda.get_device_name(device)})"
-    return {
-        "cpu": cpu_name(),
-        "isa": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": native_bf16(device),
-        "threads": torch.get_num_threads(),
-        "device": name,
-        "torch": str(torch.__version__),  # a str: TorchVersion is no type a checkpoint holds
-    }
-
-
-def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The CPU's model name from `cpuinfo`, with its family and model numbers where it gives
-    them (a cloud VM's "AMD EPYC" named CPUs whose bf16 speedrun steps differed 1.9-fold,
-    docs/speedrun.md); else what `platform` knows."""
-    fields: dict[str, str] = {}
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if not line.strip():
-                break  # the first processor's block
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = fields.get("model name")
-    if not name:
-        return platform.processor() or platform.machine() or "unknown"
-    if fields.get("cpu family") and fields.get("model"):
-        name += f" (family {fields['cpu family']}, model {fields['model']})"
-    return name

@@ -100,11 +100,16 @@ def format_record(r: dict, epochs: int) -> str:
 
 
 def run_summary(
-    config: RunConfig, metrics: list[dict], num_quantized: int, fit: dict | None = None
+    config: RunConfig,
+    metrics: list[dict],
+    num_quantized: int,
+    fit: dict | None = None,
+    machines: list[dict] | None = None,
 ) -> dict:
     """summary.json of a run: its config, final and best errors (a text run's bits per
-    character), total seconds, the number of quantized parameters, and with fit_to_budget the
-    fit of its epochs (`qtrain.train.budget_fit.Fit`)."""
+    character), total seconds, the number of quantized parameters, the machines it trained on
+    (`qtrain.train.hardware`), and with fit_to_budget the fit of its epochs
+    (`qtrain.train.budget_fit.Fit`)."""
     last = metrics[-1] if metrics else {}
     return {
         "config": config.to_dict(),
@@ -117,6 +122,7 @@ def run_summary(
         "final_val_error": last.get("val_error"),
         "seconds": sum(m["seconds"] for m in metrics),
         "num_quantized": num_quantized,
+        "machines": list(machines or []),
         **({"fit": fit} if fit is not None else {}),
         **(
             {

@@ -49,6 +49,7 @@ class TrainState:
     stopped: str | None = None  # why the run ended before its last epoch ("time budget")
     fit: dict | None = None  # with fit_to_budget, once chosen: `budget_fit.Fit.to_dict()`
     width_fit: dict | None = None  # with fit_width, what the new run measured (`width_fit`)
+    machines: list = field(default_factory=list)  # where it trained (`hardware.moved`)
 
 
 class RankSums:
@@ -130,6 +131,7 @@ def checkpoint_payload(
             "stopped": state.stopped,
             "fit": state.fit,
             "width_fit": state.width_fit,
+            "machines": list(state.machines),
         },
     }
 
@@ -213,6 +215,7 @@ def restore_state(
         stopped=training.get("stopped"),
         fit=training.get("fit"),
         width_fit=training.get("width_fit"),
+        machines=list(training.get("machines", [])),
     )
 
 

@@ -67,7 +67,7 @@ from qtrain.base.errors import UserError
 from qtrain.base.folder_lock import FolderLock
 from qtrain.base.inductor import compiler_found, torch_compile
 from qtrain.base.signals import stop_requests
-from qtrain.train import budget_fit, loggers, rundir, width_fit
+from qtrain.train import budget_fit, hardware, loggers, rundir, width_fit
 from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import RunConfig, check_same_identity, load_toml
 from qtrain.train.devices import (
@@ -346,6 +346,7 @@ class Trainer:
             self.log(
                 f"resuming {self.run_dir} at epoch {state.epoch + 1}, batch {state.sums.batch}"
             )
+            self._follow_machine(state)
         elif checkpoint_exists and not resume:
             raise UserError(
                 f"{self.run_dir} already holds a run; continue it with {{resume}} "
@@ -357,6 +358,7 @@ class Trainer:
             # the set-up (the width's probe, whitening) is part of the recipe's time: epoch 1's
             # seconds hold it
             state = TrainState(sums=EpochSums(seconds=self.setup_seconds), width_fit=self.width_fit)
+            self._follow_machine(state)
         note = slow_bf16_note(self.device, c.amp, resumed=resume and checkpoint_exists)
         if note and self.dist.is_main:
             self.log(note)
@@ -400,7 +402,7 @@ class Trainer:
             tracker.close()
         if self.dist.is_main:
             summary = run_summary(self.config, state.metrics, self.optimizer.num_quantized,
-                                  state.fit)  # fmt: skip
+                                  state.fit, state.machines)  # fmt: skip
             rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
         # A stop asked for after the last step (during the final evaluation or save) finds the
         # run finished; the process still stops, so that an experiment starts no next cell.
@@ -509,6 +511,20 @@ class Trainer:
         chosen = budget_fit.Fit.from_dict(state.fit)
         self._apply_fit(chosen)
         self.log(chosen.describe())
+
+    def _follow_machine(self, state: TrainState) -> None:
+        """Start the run's trail of machines with this one, or, resumed on a machine unlike
+        the one it last trained on, add this one from the step it resumes at and say so
+        (`hardware.moved`). Rank 0's machine, for every rank."""
+        trail = None
+        if self.dist.is_main:
+            here = hardware.record(self.device)
+            trail = hardware.moved(state.machines, here, self._steps_done(state))
+            if trail is not None and len(trail) > 1:
+                self.log(hardware.describe_move(trail))
+        trail = self.dist.broadcast_object(trail)
+        if trail is not None:
+            state.machines = trail
 
     def _refits_now(self, state: TrainState) -> bool:
         """Whether the run's length is to be fitted again at the end of this later epoch
