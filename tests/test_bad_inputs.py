@@ -40,6 +40,11 @@ TINY_GPT = (
     "--set max_steps=2 --set eval_every=2 --set eval_batches=1 --set device=cpu"
 )
 GPT = f"train --model gpt --dataset shakespeare-char {TINY_GPT}"
+# two epochs fitted to a time budget (the first inside the warm-up, as fitting requires)
+FITTED = (
+    "--epochs 2 --set time_budget_s={budget} --set fit_to_budget=true "
+    "--set schedule=warmup-linear --set warmup_steps=8"
+)
 TEXT = "".join(chr(97 + (i * 7) % 26) for i in range(400))  # 26 letters, 400 characters
 
 
@@ -184,6 +189,13 @@ def with_distilled_run(folder, trained, monkeypatch):
         argv = [*shlex.split(GPT), *text, *extra, "--out", folder / out]
         with contextlib.redirect_stdout(io.StringIO()):
             assert main([str(a) for a in argv]) == 0
+
+
+def with_fitted_run(folder, trained, monkeypatch):
+    """fitted/: a finished two-epoch run whose schedule was fitted to a 1000-s budget."""
+    argv = [*shlex.split(f"{SYNTHETIC} {FITTED.format(budget=1000)}"), "--out", folder / "fitted"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(a) for a in argv]) == 0
 
 
 def with_other_run_in_an_experiment(folder, trained, monkeypatch):
@@ -471,6 +483,10 @@ CASES = [
          "trained with lr=0.01, not 0.5", with_run),
     Case("checkpoint", "resume with more epochs of a step schedule",
          "{syn} --epochs 3 --out run --resume", "trained with epochs=1, not 3", with_run),
+    Case("checkpoint", "resume a run fitted to its time budget with another budget",
+         "{syn} " + FITTED.format(budget=2000) + " --out fitted --resume",
+         "fitted its schedule to time_budget_s=1000 at the end of its first epoch, not 2000; "
+         "resume with --set time_budget_s=1000", with_fitted_run),
     Case("checkpoint", "new run into an existing run", "{syn} --out run",
          "already holds a run; continue it with --resume or choose another --out folder", with_run),
     Case("checkpoint", "resume from a damaged checkpoint", "{syn} --out run --resume",

@@ -447,6 +447,32 @@ def test_a_run_resumed_on_another_machine_keeps_its_fit_and_records_the_move(
     assert f"binary seed 3 resumed at step {moved_at} on {hardware.text(elsewhere)}" in table
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("budget", [10.0, 40.0], ids=["shorter", "longer"])
+def test_a_fitted_run_resumed_with_another_budget_is_refused_and_kept(tmp_path, slow_clock, budget):
+    """Its steps and rates were drawn for its budget: a longer one would go unused, a shorter
+    one would cut it with its rate high. Refused before anything is written; the same
+    budget resumes. A run resumed inside its first epoch, not fitted yet, fits to the new."""
+    config = speed_config(checkpoint_every_steps=1)
+    slow_clock(0.5)
+    crash_at_step(Trainer(config, tmp_path / "run", log=quiet), 2 * STEPS_PER_EPOCH + 3)
+    files = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()}
+    other = config.replace(time_budget_s=budget)
+    with pytest.raises(
+        ConfigError,
+        match=f"fitted its schedule to time_budget_s=20 at the end "
+        f"of its first epoch, not {budget:g}; resume with time_budget_s=20",
+    ):
+        Trainer(other, tmp_path / "run", log=quiet).run(resume=True)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir()} == files
+    assert Trainer(config, tmp_path / "run", log=quiet).run(resume=True)[-1]["lr"] == 0.0
+
+    crash_at_step(Trainer(config, tmp_path / "early", log=quiet), 4)
+    Trainer(other, tmp_path / "early", log=quiet).run(resume=True)
+    fit = json.loads((tmp_path / "early" / rundir.SUMMARY).read_text())["fit"]
+    assert fit["budget_s"] == budget
+
+
 # -- choosing the width --------------------------------------------------------------------------
 def test_the_width_rule_trains_the_widest_that_fits_its_share_of_the_recipe():
     widths = [1.0, 0.75, 0.5]

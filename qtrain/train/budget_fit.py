@@ -78,7 +78,7 @@ import torch
 
 from qtrain.base.errors import UserError
 from qtrain.train import hardware
-from qtrain.train.config import RunConfig
+from qtrain.train.config import ConfigError, RunConfig
 from qtrain.train.flops import StepCost
 from qtrain.train.resizing import side_at
 from qtrain.train.schedules import PER_STEP
@@ -333,6 +333,23 @@ def resized_epoch_cost(config: RunConfig, steps_per_epoch: int, side_cost: SideC
 
     cost = side_cost.step_cost(StepCost(config, reference=side_cost.min_side))
     return lambda epoch, steps: cost(side(epoch, steps))
+
+
+def check_same_budget(fit: dict | None, config: RunConfig, run_dir) -> None:
+    """A ConfigError when a run whose schedule was fitted to its time budget resumes with
+    another: its steps and learning rates were drawn for that budget, so a longer one would go
+    unused and a shorter one would cut the run with its rate still high. A run not fitted yet
+    (resumed inside its first epoch) fits to the budget it has at that epoch's end."""
+    if fit is None or fit["budget_s"] == config.time_budget_s:
+        return
+    before = fit["budget_s"]
+    raise ConfigError(
+        f"cannot resume: the run in {run_dir} fitted its schedule to time_budget_s={before:g} "
+        f"at the end of its first epoch, not {config.time_budget_s:g}; resume with "
+        "{time_budget_s} or start a new {out} folder",
+        time_budget_s=f"time_budget_s={before:g}",
+        out="run",
+    )
 
 
 def check_fittable(config: RunConfig, steps_per_epoch: int) -> None:

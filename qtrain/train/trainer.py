@@ -307,6 +307,7 @@ class Trainer:
             self.ema.decay = self._ema_decay(total)
         state = restore_state(record, self.config, self.run_dir, self.splits, self.model,
                               self.optimizer, self.scheduler, self.ema)  # fmt: skip
+        budget_fit.check_same_budget(state.fit, self.config, self.run_dir)
         start = check_same_start(record, self.config, self.run_dir)
         if start is not None:
             self.sources["init_from"] = start
