@@ -442,8 +442,10 @@ def test_a_run_resumed_on_another_machine_keeps_its_fit_and_records_the_move(
                                    {"step": moved_at, "machine": elsewhere}]  # fmt: skip
     said = [line for line in lines if "on another machine" in line]
     assert len(said) == 1 and f"at step {moved_at} " in said[0] and "AVX2, threads 2" in said[0]
-    table = "\n".join(machines_lines([{"variant": "binary", "seed": 3, **summary}]))
-    assert f"Trained on {hardware.text(here)} (seeds: binary 3)." in table
+    row = {"variant": "binary", "seed": 3, "amp": "off", **summary}
+    table = "\n".join(machines_lines([row, {**row, "seed": 4, "amp": "bf16"}]))
+    assert f"Trained on {hardware.text(here)}, in float32 (seeds: binary 3)." in table
+    assert f"Trained on {hardware.text(here)}, in bf16 (seeds: binary 4)." in table
     assert f"binary seed 3 resumed at step {moved_at} on {hardware.text(elsewhere)}" in table
 
 

@@ -168,6 +168,7 @@ def result(finished: Finished, targets) -> dict:
         "variant": finished.cell.row,
         "model": f"{config.model} ×{config.width:g}",
         "method": config.method,
+        "amp": config.amp,
         "seed": config.seed,
         "accuracy_on": "val" if config.val_images else "test",
         "final_test_accuracy": final_test_accuracy(records),
@@ -312,18 +313,19 @@ def results_markdown(results: list[dict], targets) -> str:
 
 
 def machines_lines(results: list[dict]) -> list[str]:
-    """Where the runs trained (`qtrain.train.hardware`), after a blank line: one line per
-    machine the runs began on, with their seeds, and one for each run resumed on another,
-    whose minutes then add seconds of two machines. None for runs that kept no trail."""
+    """Where and in which precision the runs trained (`qtrain.train.hardware`), after a blank
+    line: one line per machine and precision the runs began with, with their seeds, and one for
+    each run resumed on another machine, whose minutes then add seconds of two. None for runs
+    that kept no trail."""
     began: dict[str, list[str]] = {}
     moves = []
     for r in results:
         trail = r["machines"]
         if not trail:
             continue
-        began.setdefault(hardware.text(trail[0]["machine"]), []).append(
-            f"{r['variant']} {r['seed']}"
-        )
+        precision = {"bf16": "bf16", "off": "float32"}.get(r["amp"], r["amp"])
+        where = f"{hardware.text(trail[0]['machine'])}, in {precision}"
+        began.setdefault(where, []).append(f"{r['variant']} {r['seed']}")
         moves += [
             f"{r['variant']} seed {r['seed']} resumed at step {later['step']:,} on "
             f"{hardware.text(later['machine'])}: its minutes add two machines' seconds."
