@@ -1,9 +1,10 @@
 """The machine a run trains on, and the trail of machines a resumed run has trained on.
 
-A run's seconds are its machine's: the same step took 0.034 s on one thread of a Zen 5 with
-native bf16 and 0.12 s under its AVX2 stand-in, so a time or a time-fitted schedule names
-where it was measured. `record` describes the machine as a run sees it (the CPU and its
-generation, the instruction set torch's kernels use, native bf16, threads, device, torch).
+A run's seconds are its machine's (the speedrun's step takes several times longer on an
+AVX2-only CPU than on one with native bf16, docs/speedrun.md), so a time or a time-fitted
+schedule names where it was measured. `record` describes the machine as a run sees it (the CPU
+and its generation, the instruction set torch's kernels use, native bf16, threads, device,
+torch).
 
 A run starts its trail with the machine it was created on (step 0), and each resume on a
 machine that differs from the last in any entry appends the step it resumed at and the new

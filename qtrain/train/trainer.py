@@ -744,6 +744,6 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs
     if resume and (dist is None or not dist.enabled) and created.is_file():
         device = resolve_device(config.validate().device)
         saved = resolve_saved_amp(load_toml(created), device)
-        config = adopt_saved_width(resolve_amp(config, device, saved), saved)
-        check_same_identity(saved, config, run_dir)
+        resumed = adopt_saved_width(resolve_amp(config, device, saved), saved)
+        check_same_identity(saved, resumed, run_dir)
     return Trainer(config, run_dir, **kwargs).run(resume=resume)
