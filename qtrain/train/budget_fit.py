@@ -64,8 +64,9 @@ is 1 for every E; a per-step schedule's first epoch must lie inside its warm-up 
 where the factor (s+1)/(W+1) does not depend on the run's length (`check_fittable`). The
 choice is kept in the checkpoint (`Fit`, with the machine it was measured on), so a resumed
 run keeps it bit for bit; summary.json and the log name it. A run resumed on another machine
-keeps it too: its refits follow the new machine's speed, and its trail of machines
-(`qtrain.train.hardware`) says where each part of it was timed.
+keeps it too; the epoch it resumes in is timed partly on each machine, so the refit at that
+epoch's end may miss by their difference, and the refits after it follow the new machine's
+speed. Its trail of machines (`qtrain.train.hardware`) says where each part was timed.
 """
 
 from __future__ import annotations
