@@ -492,6 +492,19 @@ def test_the_width_rule_trains_the_widest_that_fits_its_share_of_the_recipe():
     assert width_fit.candidate_widths(0.5) == [0.5, 0.375, 0.25]
 
 
+@pytest.mark.parametrize(("steps", "says"), [
+    ([2.0, 1.0, 0.5], "width 0.75 chosen for the time budget: the widest predicted to train at "
+                      "least 65% of the recipe's 14 epochs (width: epochs, 1: 4.8, 0.75: 9.5"),
+    ([9.0, 5.0, 3.0], "width 0.5 chosen for the time budget: the narrowest, as none is "
+                      "predicted to train 65% of the recipe's 14 epochs (width: epochs, 1: 1.1"),
+])  # fmt: skip
+def test_the_width_line_says_why_the_width_was_chosen(steps, says):
+    widths = [1.0, 0.75, 0.5]
+    chosen, predicted = width_fit.choose(widths, steps, 14, 10, 100.0, 0.0)
+    fit = width_fit.WidthFit(widths, steps, predicted, 14, chosen, width_fit.MIN_SHARE, 1.5)
+    assert says in fit.describe()
+
+
 class Ticks:
     """A clock that reads 0, 1, 2, … seconds at successive calls."""
 

@@ -76,10 +76,16 @@ class WidthFit:
         each = ", ".join(
             f"{w:g}: {e:.1f}" for w, e in zip(self.widths, self.predicted_epochs, strict=True)
         )
+        share = f"{self.min_share:.0%} of the recipe's {self.recipe_epochs} epochs"
+        chosen = self.predicted_epochs[self.widths.index(self.chosen)]
+        why = (
+            f"the widest predicted to train at least {share}"
+            if chosen >= self.min_share * self.recipe_epochs
+            else f"the narrowest, as none is predicted to train {share}"
+        )
         return (
-            f"width {self.chosen:g} chosen for the time budget: the widest predicted to train at "
-            f"least {self.min_share:.0%} of the recipe's {self.recipe_epochs} epochs (width: "
-            f"epochs, {each}; measured in {self.seconds:.1f} s)"
+            f"width {self.chosen:g} chosen for the time budget: {why} (width: epochs, {each}; "
+            f"measured in {self.seconds:.1f} s)"
         )
 
 
