@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 
 from qtrain.train import hardware
+from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
+from qtrain.train.config import RunConfig
+from qtrain.train.trainer import train
 
 
 def test_the_machine_names_the_cpu_generation(tmp_path):
@@ -38,3 +41,19 @@ def test_the_trail_grows_only_when_the_machine_changes():
         assert trail == [{"step": 0, "machine": here}]  # not changed in place
         assert hardware.moved(longer, elsewhere, 240) is None
         assert "at step 120 " in hardware.describe_move(longer)
+
+
+def test_a_checkpoint_from_before_trails_resumes_without_one(tmp_path):
+    """Where such a run began is unknown, so it claims no machine; a new run starts its trail."""
+    config = RunConfig(model="tiny_mlp", dataset="synthetic", epochs=1, batch_size=64,
+                       device="cpu", schedule="constant")  # fmt: skip
+    train(config, tmp_path / "run", log=lambda *a, **k: None)
+    path = tmp_path / "run" / "checkpoint.pt"
+    record = load_checkpoint(path)
+    assert record["training"]["machines"] == [
+        {"step": 0, "machine": hardware.record(torch.device("cpu"))}
+    ]
+    del record["training"]["machines"]
+    save_checkpoint(path, record)
+    train(config.replace(epochs=2), tmp_path / "run", resume=True, log=lambda *a, **k: None)
+    assert load_checkpoint(path)["training"]["machines"] == []

@@ -9,7 +9,8 @@ torch).
 A run starts its trail with the machine it was created on (step 0), and each resume on a
 machine that differs from the last in any entry appends the step it resumed at and the new
 machine (`moved`): the checkpoint keeps the trail, summary.json and the speedrun's table.json
-report it, so a run whose epochs were timed on two machines is never read as one machine's.
+report it, so a run whose epochs were timed on two machines is never read as one machine's. A
+run checkpointed before trails were kept has none, and gets none: where it began is unknown.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def text(machine: dict) -> str:
 
 def moved(trail: list[dict], here: dict, step: int) -> list[dict] | None:
     """`trail` ({"step", "machine"} entries, in order) with the machine `here` from `step` on
-    appended, when `here` differs from the trail's last machine in any entry (or the trail is
-    empty: a run checkpointed before trails were kept); None when the run has not moved."""
+    appended, when `here` differs from the trail's last machine in any entry or the trail is
+    empty (a new run's); None when the run has not moved."""
     if trail and trail[-1]["machine"] == here:
         return None
     return [*trail, {"step": step, "machine": here}]

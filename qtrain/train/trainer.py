@@ -347,7 +347,7 @@ class Trainer:
             self.log(
                 f"resuming {self.run_dir} at epoch {state.epoch + 1}, batch {state.sums.batch}"
             )
-            self._follow_machine(state)
+            self._follow_machine(state, resumed=True)
         elif checkpoint_exists and not resume:
             raise UserError(
                 f"{self.run_dir} already holds a run; continue it with {{resume}} "
@@ -359,7 +359,7 @@ class Trainer:
             # the set-up (the width's probe, whitening) is part of the recipe's time: epoch 1's
             # seconds hold it
             state = TrainState(sums=EpochSums(seconds=self.setup_seconds), width_fit=self.width_fit)
-            self._follow_machine(state)
+            self._follow_machine(state, resumed=False)
         note = slow_bf16_note(self.device, c.amp, resumed=resume and checkpoint_exists)
         if note and self.dist.is_main:
             self.log(note)
@@ -513,10 +513,13 @@ class Trainer:
         self._apply_fit(chosen)
         self.log(chosen.describe())
 
-    def _follow_machine(self, state: TrainState) -> None:
-        """Start the run's trail of machines with this one, or, resumed on a machine unlike
+    def _follow_machine(self, state: TrainState, resumed: bool) -> None:
+        """Start a new run's trail of machines with this one, or, resumed on a machine unlike
         the one it last trained on, add this one from the step it resumes at and say so
-        (`hardware.moved`). Rank 0's machine, for every rank."""
+        (`hardware.moved`); a run resumed from a checkpoint without a trail (written before
+        trails were kept) keeps none. Rank 0's machine, for every rank."""
+        if resumed and not state.machines:
+            return
         trail = None
         if self.dist.is_main:
             here = hardware.record(self.device)
