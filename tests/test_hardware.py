@@ -27,6 +27,10 @@ def test_the_record_says_what_sets_a_steps_speed():
     assert set(here) == {"cpu", "isa", "native_bf16", "threads", "device", "torch"}
     assert here["threads"] == torch.get_num_threads() and here["device"] == "cpu"
     assert hardware.text(here).endswith(f", threads {here['threads']}, cpu")
+    # ONEDNN_MAX_CPU_ISA can take native bf16 away under the same ISA: the line tells them apart
+    capped = {**here, "isa": "AVX512", "native_bf16": False}
+    assert "AVX512, threads" in hardware.text(capped)
+    assert "AVX512 with native bf16, threads" in hardware.text({**capped, "native_bf16": True})
 
 
 def test_the_trail_grows_only_when_the_machine_changes():

@@ -41,8 +41,14 @@ def record(device: torch.device) -> dict:
 
 
 def text(machine: dict) -> str:
-    """A `record` as the log names it: CPU, ISA, threads and device."""
-    return f"{machine['cpu']}, {machine['isa']}, threads {machine['threads']}, {machine['device']}"
+    """A `record` as the log names it: CPU, ISA (and native bf16), threads and device. Native
+    bf16 is named because ONEDNN_MAX_CPU_ISA can take it away without changing the ISA torch's
+    own kernels report."""
+    bf16 = " with native bf16" if machine.get("native_bf16") else ""
+    return (
+        f"{machine['cpu']}, {machine['isa']}{bf16}, threads {machine['threads']}, "
+        f"{machine['device']}"
+    )
 
 
 def moved(trail: list[dict], here: dict, step: int) -> list[dict] | None:
