@@ -168,12 +168,18 @@ def _targets(text: str) -> tuple[float, ...]:
         ) from None
 
 
+def _note(line: str) -> None:
+    """A note for the reader on standard error, so that standard output holds the result only
+    (`qtrain eval --json` piped into another program)."""
+    print(line, file=sys.stderr)
+
+
 def cmd_eval(args) -> int:
     from qtrain.evaluate import evaluate_file
 
     batch = {"batch_size": args.batch_size} if args.batch_size is not None else {}
     result = evaluate_file(args.checkpoint, data_dir=args.data_dir, tta=args.tta,
-                           weights=args.weights, split=args.split, **batch)  # fmt: skip
+                           weights=args.weights, split=args.split, log=_note, **batch)  # fmt: skip
     if "val_bpc" in result:
         score = (f"validation loss {result['val_loss']:.4f} ({result['val_bpc']:.3f} bits per "
                  f"character) over {result['images']} tokens")  # fmt: skip

@@ -26,6 +26,7 @@ from qtrain.data.holdout import hold_out, validation_loader
 from qtrain.data.tokens import TokenizerSpec
 from qtrain.export.loading import load_any_model
 from qtrain.train.config import EVAL_BATCH, RunConfig
+from qtrain.train.devices import slow_bf16_note
 from qtrain.train.evaluation import evaluate
 from qtrain.train.settings import data_options, is_text
 from qtrain.train.tta import check_tta
@@ -100,6 +101,7 @@ def evaluate_file(
     tta: str | None = None,
     weights: str = "reported",
     split: str = "test",
+    log=None,
 ) -> dict:
     """Evaluate a checkpoint, run folder or packed file on its data set's test split, or on
     the validation split its run held out (`split="val"`: keys val_error and val_loss).
@@ -107,7 +109,8 @@ def evaluate_file(
     By default as the run evaluated itself: the reported weights (its weight average when it
     kept one), its test-time augmentation and its autocast setting, so an image run's test
     (or validation) error here equals the one in its last record. `tta` and
-    `weights="live"` override.
+    `weights="live"` override. `log`, when given, gets a one-line note before a bf16 run is
+    evaluated on a CPU that emulates bf16 (`slow_bf16_note`).
     """
     if tta is not None:
         check_tta(tta)
@@ -129,8 +132,11 @@ def evaluate_file(
     model = model.to(torch_device)
     if not is_text(config["dataset"]) and _channels_last(config):
         model = model.to(memory_format=torch.channels_last)
-    result = evaluate(model, loader, torch_device, config.get("amp", "off"),
-                      tta=tta)  # fmt: skip
+    amp = config.get("amp", "off")
+    note = slow_bf16_note(torch_device, amp, kept="is evaluated")
+    if note and log is not None:
+        log(note)
+    result = evaluate(model, loader, torch_device, amp, tta=tta)
     dataset = record["config"]["dataset"]
     summary = {
         "model": record["model"]["name"],

@@ -4,10 +4,13 @@ resolved value, compares it on resume and exports it, and keeps it on another ma
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from qtrain.base import cpu_isa
+from qtrain.cli import main
 from qtrain.experiments.runner import Cell, run_cells
 from qtrain.train import devices, rundir
 from qtrain.train.checkpoint import load_checkpoint
@@ -82,7 +85,9 @@ def test_a_run_moved_to_another_kind_of_cpu_keeps_the_precision_it_began_with(
     assert len(metrics) == 2
     assert load_toml(tmp_path / "run" / rundir.CONFIG)["amp"] == began
     assert load_checkpoint(tmp_path / "run" / rundir.CHECKPOINT)["config"]["amp"] == began
-    notes = [line for line in lines if "continues in bf16, as it began" in str(line[0])]
+    notes = [
+        line for line in lines if "continues in bf16, the precision it trained in" in str(line[0])
+    ]
     assert len(notes) == (1 if native else 0)
     other = "off" if native else "bf16"  # asked for explicitly, the other one is refused
     with pytest.raises(ConfigError, match=f"amp='{began}', not '{other}'"):
@@ -102,6 +107,19 @@ def test_an_experiment_reads_back_a_run_finished_on_another_kind_of_cpu(
     other = "off" if native else "bf16"
     with pytest.raises(ConfigError, match=f"holds a run with amp='{'bf16' if native else 'off'}'"):
         run_cells([Cell("run", TINY.replace(amp=other), row="tiny", method="fp")], tmp_path)
+
+
+def test_eval_of_a_bf16_run_where_bf16_is_emulated_says_so_on_stderr(monkeypatch, tmp_path, capsys):
+    """`qtrain eval` evaluates at the run's precision; where that is emulated, slower, a note on
+    standard error says so, and standard output holds the result only."""
+    train(TINY.replace(amp="bf16"), tmp_path / "run", log=quiet)
+    for native in (False, True):
+        monkeypatch.setattr(cpu_isa, "has_native_bf16", lambda v=native: v)
+        assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["test_error"] is not None
+        said = "this run is evaluated in bf16, the precision it trained in, but this CPU has no"
+        assert (said in err) == (not native)
 
 
 def test_a_run_made_before_auto_was_resolved_resumes_at_its_precision(tmp_path):

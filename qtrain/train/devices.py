@@ -98,17 +98,18 @@ def autocast_context(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
-def slow_bf16_note(device: torch.device, amp: str, resumed: bool = False) -> str | None:
+def slow_bf16_note(device: torch.device, amp: str, kept: str | None = None) -> str | None:
     """A one-line note when bf16 autocast runs on a CPU without native bf16 support
     (AVX-512 BF16 or AMX, `native_bf16`): it still computes the same, but emulated, slower
-    than float32. A new run is told that float32 is faster; a `resumed` one, which keeps the
-    precision it began with, that it continues at bf16's speed. None otherwise."""
+    than float32. A new run is told that float32 is faster; a run that keeps the precision it
+    began with is told what it `kept` doing in it ("continues" after a resume, "is evaluated"
+    by `qtrain eval`). None otherwise."""
     if device.type != "cpu" or amp != "bf16" or native_bf16(device):
         return None
-    if resumed:
+    if kept:
         return (
-            "note: this run continues in bf16, as it began, but this CPU has no native bf16 "
-            "(AVX-512 BF16 or AMX), so it trains slower here than in float32"
+            f"note: this run {kept} in bf16, the precision it trained in, but this CPU has no "
+            "native bf16 (AVX-512 BF16 or AMX), so that is slower here than float32"
         )
     return (
         "note: this CPU has no native bf16 (AVX-512 BF16 or AMX), so amp=bf16 runs slower "

@@ -360,7 +360,8 @@ class Trainer:
             # seconds hold it
             state = TrainState(sums=EpochSums(seconds=self.setup_seconds), width_fit=self.width_fit)
             self._follow_machine(state, resumed=False)
-        note = slow_bf16_note(self.device, c.amp, resumed=resume and checkpoint_exists)
+        kept = "continues" if resume and checkpoint_exists else None
+        note = slow_bf16_note(self.device, c.amp, kept)
         if note and self.dist.is_main:
             self.log(note)
         # without a terminal (a log file, a pipe): a progress line every 30 s instead of a bar
