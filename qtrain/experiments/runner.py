@@ -31,9 +31,7 @@ from qtrain.base.errors import UserError
 from qtrain.base.folder_lock import missing_folders
 from qtrain.base.names import unknown_name
 from qtrain.train import rundir
-from qtrain.train.config import ConfigError, RunConfig, load_toml, portable_change
-from qtrain.train.devices import resolve_amp, resolve_device, resolve_saved_amp
-from qtrain.train.width_fit import adopt_saved_width
+from qtrain.train.config import ConfigError, RunConfig, portable_change
 
 LABEL = "label.json"  # {"row": ..., "method": ...}: how tables and legends name the cell
 
@@ -99,6 +97,7 @@ def check_cells(cells: list[Cell], folder: Path) -> None:
     folder is made) or whose folder holds another run (a ConfigError, module docstring);
     ValueError for two cells given one folder, or a cell needing one that is not before it."""
     from qtrain.train.preflight import check_config
+    from qtrain.train.trainer import as_saved_run
 
     for cell in cells:
         check_config(cell.config)
@@ -113,10 +112,7 @@ def check_cells(cells: list[Cell], folder: Path) -> None:
         run_dir = folder / cell.path
         if not (run_dir / rundir.CONFIG).is_file():
             continue
-        device = resolve_device(cell.config.device)
-        saved = resolve_saved_amp(load_toml(run_dir / rundir.CONFIG), device)
-        config = adopt_saved_width(resolve_amp(cell.config, device, saved), saved)
-        change = portable_change(saved, config)
+        change = portable_change(*as_saved_run(cell.config, run_dir / rundir.CONFIG))
         if change is not None:
             key, before, after = change
             raise ConfigError(

@@ -736,6 +736,15 @@ class Trainer:
         self._stop_signal = signum
 
 
+def as_saved_run(config: RunConfig, created: Path) -> tuple[dict, RunConfig]:
+    """The config.toml `created` of an existing run (with the precision it ran with,
+    `resolve_saved_amp`), and `config` as that run trains it: an ``amp = "auto"`` and a width
+    left to `fit_width` take the values the run recorded; everything else is compared."""
+    device = resolve_device(config.validate().device)
+    saved = resolve_saved_amp(load_toml(created), device)
+    return saved, adopt_saved_width(resolve_amp(config, device, saved), saved)
+
+
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs) -> list[dict]:
     """Train `config` into `run_dir` and return the per-epoch metrics.
 
@@ -746,8 +755,5 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, **kwargs
     dist = kwargs.get("dist")
     created = Path(run_dir) / rundir.CONFIG
     if resume and (dist is None or not dist.enabled) and created.is_file():
-        device = resolve_device(config.validate().device)
-        saved = resolve_saved_amp(load_toml(created), device)
-        resumed = adopt_saved_width(resolve_amp(config, device, saved), saved)
-        check_same_identity(saved, resumed, run_dir)
+        check_same_identity(*as_saved_run(config, created), run_dir)
     return Trainer(config, run_dir, **kwargs).run(resume=resume)
