@@ -136,6 +136,26 @@ def test_a_step_is_timed_in_the_second_half_of_the_first_epoch():
     assert budget_fit.step_seconds(1, 3.0, 1.0, 2.5) == 2.0  # no second half: the mean
 
 
+def test_after_a_move_the_second_half_of_the_new_machines_steps_is_timed():
+    """Resumed on another machine at batch b of n steps: t_mid at m' = b + ⌊(n − b)/2⌋, and
+    t_step = (t_e − t_mid) / (n − m'); no window with under 2 steps left. A fit records m'
+    (`timed_from`), and one recorded before it did reads as timed from the middle step."""
+    assert [budget_fit.mid_step(7, b) for b in range(7)] == [3, 4, 4, 5, 5, 6, None]
+    # 7 steps in 9 s, the last two 1.5 s each: t_mid = 6 s at the end of step 5
+    assert budget_fit.step_seconds(7, 9.0, 0.0, 6.0, timed_from=5) == 1.5
+    assert budget_fit.step_seconds(7, 9.0, 0.0, 6.0) == 0.75  # from step 3: (9 − 6) / 4
+    config, cpu = speed_config(), torch.device("cpu")
+    moved = budget_fit.fit(config, 7, 9.0, 0.0, cpu, mid_epoch_seconds=6.0, timed_from=5)
+    assert moved.steps == 7 + 6 and moved.timed_from == 5  # ⌊(19 − 9) / 1.5⌋
+    assert "set-up 0.0 s included, 1.5 s a step in its second half;" in moved.describe()
+    assert Fit.from_dict(json.loads(json.dumps(moved.to_dict()))) == moved
+    old = {k: v for k, v in moved.to_dict().items() if k != "timed_from"}
+    assert Fit.from_dict(old).timed_from is None
+    assert ", 0.75 s a step in its second half;" in Fit.from_dict(old).describe()
+    refitted = budget_fit.refit(moved, config, 13, 15.0, 1, 7, 6.0, 4.5, timed_from=6)
+    assert refitted.refits[0]["step_seconds"] == 1.5  # (6 − 4.5) / (7 − 6)
+
+
 def test_a_fit_recorded_in_whole_epochs_still_reads():
     """A checkpoint's fit from before steps were fitted has no steps: whole epochs."""
     old = Fit.from_dict({"epochs": 5, "recipe_epochs": 10, "budget_s": 20.0,

@@ -109,6 +109,7 @@ class Fit:
     side_cost: dict | None = None  # a resized run's measured `SideCost`
     width_fit: dict | None = None  # with fit_width, the `WidthFit` that chose the width
     mid_epoch_seconds: float | None = None  # t_mid; None in a fit from the epoch's mean step
+    timed_from: int | None = None  # after a move, the step t_mid was read at (None: ⌊n/2⌋)
     refits: tuple[dict, ...] = ()  # `Refit.to_dict()` of each later epoch that changed it
 
     def to_dict(self) -> dict:
@@ -162,7 +163,8 @@ class Fit:
         if self.mid_epoch_seconds is None or not self.steps_per_epoch:
             return ""
         t_step = step_seconds(self.steps_per_epoch, self.first_epoch_seconds,
-                              self.setup_seconds, self.mid_epoch_seconds)  # fmt: skip
+                              self.setup_seconds, self.mid_epoch_seconds,
+                              self.timed_from)  # fmt: skip
         return f", {t_step:.3g} s a step in its second half"
 
 
@@ -187,17 +189,22 @@ class Refit:
                 f"{self.spent_seconds:.1f} s of {budget_s:g} s spent")  # fmt: skip
 
 
-def mid_step(steps_per_epoch: int) -> int | None:
-    """m = ⌊n/2⌋, the step of the first epoch at whose end the trainer reads t_mid; None when
-    the epoch has no second half to time (n < 2)."""
-    return steps_per_epoch // 2 if steps_per_epoch >= 2 else None
+def mid_step(steps_per_epoch: int, start: int = 0) -> int | None:
+    """m = b + ⌊(n − b)/2⌋, the step of an epoch of n steps at whose end the trainer reads
+    t_mid: the middle of the steps a machine trains in it from its batch b = `start` on (0: all
+    of them, m = ⌊n/2⌋); None when those have no second half to time (n − b < 2)."""
+    left = steps_per_epoch - start
+    return start + left // 2 if left >= 2 else None
 
 
 def step_seconds(steps_per_epoch: int, first_epoch_seconds: float, setup_seconds: float,
-                 mid_epoch_seconds: float | None = None) -> float:  # fmt: skip
-    """t_step: (t₁ − t_mid) / (n − m) with t_mid, else the first epoch's mean step
-    (t₁ − t_setup) / n (module docstring)."""
-    n, m = steps_per_epoch, mid_step(steps_per_epoch)
+                 mid_epoch_seconds: float | None = None,
+                 timed_from: int | None = None) -> float:  # fmt: skip
+    """t_step: (t₁ − t_mid) / (n − m) with t_mid read at the end of step m = `timed_from`
+    (None: the middle step, ⌊n/2⌋), else the epoch's mean step (t₁ − t_setup) / n (module
+    docstring)."""
+    n = steps_per_epoch
+    m = mid_step(n) if timed_from is None else timed_from
     if mid_epoch_seconds is None or m is None:
         return (first_epoch_seconds - setup_seconds) / n
     return (first_epoch_seconds - mid_epoch_seconds) / (n - m)
@@ -213,16 +220,18 @@ def fitted_steps(
     margin: float = MARGIN,
     epoch_cost: Callable[[int, int], float] | None = None,
     mid_epoch_seconds: float | None = None,
+    timed_from: int | None = None,
 ) -> int:
     """n + g·⌊(B·(1 − margin) − t₁) / (g·t_step)⌋ within [n, E·n] (module docstring), with
-    n = `steps_per_epoch`, g = `grain` and t_step from `mid_epoch_seconds` (`step_seconds`).
+    n = `steps_per_epoch`, g = `grain` and t_step from `mid_epoch_seconds`, read at the end of
+    step `timed_from` (`step_seconds`).
 
     With `epoch_cost` (c(e, N): a step of epoch e in a run of N steps costs c·t_step), the
     most N (a multiple of g past n, at most E·n) with t₁ + t_step·Σ_{k=n}^{N−1} c(⌊k/n⌋, N)
     ≤ B·(1 − margin); at least n."""
     n = steps_per_epoch
     room = budget_s * (1.0 - margin) - first_epoch_seconds
-    t_step = step_seconds(n, first_epoch_seconds, setup_seconds, mid_epoch_seconds)
+    t_step = step_seconds(n, first_epoch_seconds, setup_seconds, mid_epoch_seconds, timed_from)
     return most_steps(room, n, recipe_epochs * n, t_step, n, grain, epoch_cost)
 
 
@@ -266,12 +275,13 @@ def _later_cost(steps: int, done: int, n: int, epoch_cost: Callable[[int, int], 
 
 def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
         setup_seconds: float, device: torch.device, side_cost: SideCost | None = None,
-        width_fit: dict | None = None, mid_epoch_seconds: float | None = None) -> Fit:  # fmt: skip
+        width_fit: dict | None = None, mid_epoch_seconds: float | None = None,
+        timed_from: int | None = None) -> Fit:  # fmt: skip
     """The fit of the run `config`, of `steps_per_epoch`, whose first epoch took
-    `first_epoch_seconds` (`mid_epoch_seconds` at its middle step): to the step for a
-    per-step schedule, else to whole epochs. A resized run passes its measured `side_cost`,
-    whose seconds are set-up; a run that chose its width, the `width_fit` that chose it
-    (recorded with the fit)."""
+    `first_epoch_seconds` (`mid_epoch_seconds` at the end of its step `timed_from`, None: its
+    middle step): to the step for a per-step schedule, else to whole epochs. A resized run
+    passes its measured `side_cost`, whose seconds are set-up; a run that chose its width, the
+    `width_fit` that chose it (recorded with the fit)."""
     budget = config.time_budget_s
     grain = 1 if config.schedule in PER_STEP else steps_per_epoch
     cost = None
@@ -282,22 +292,24 @@ def fit(config: RunConfig, steps_per_epoch: int, first_epoch_seconds: float,
             mid_epoch_seconds += side_cost.seconds
     steps = fitted_steps(budget, config.epochs, steps_per_epoch, first_epoch_seconds,
                          setup_seconds, grain, epoch_cost=cost,
-                         mid_epoch_seconds=mid_epoch_seconds)  # fmt: skip
+                         mid_epoch_seconds=mid_epoch_seconds,
+                         timed_from=timed_from)  # fmt: skip
     return Fit(math.ceil(steps / steps_per_epoch), config.epochs, budget, first_epoch_seconds,
                setup_seconds, MARGIN, hardware.record(device), steps, steps_per_epoch,
                side_cost.to_dict() if side_cost is not None else None, width_fit,
-               mid_epoch_seconds)  # fmt: skip
+               mid_epoch_seconds, timed_from)  # fmt: skip
 
 
 def refit(fit_so_far: Fit, config: RunConfig, steps_done: int, spent_seconds: float,
           epoch: int, epoch_steps: int, epoch_seconds: float,
-          mid_epoch_seconds: float | None = None) -> Fit | None:  # fmt: skip
+          mid_epoch_seconds: float | None = None,
+          timed_from: int | None = None) -> Fit | None:  # fmt: skip
     """`fit_so_far` with the length chosen again at the end of the 0-based `epoch` (its
-    `epoch_steps` steps took `epoch_seconds`, `mid_epoch_seconds` at its middle step: t_step
-    as `step_seconds` gives it), after `steps_done` steps and `spent_seconds` of training
-    (module docstring); None when the current length is predicted to end inside
-    the band, when the choice stays, or when the run cannot be refitted (an epoch schedule, a
-    fit in whole epochs)."""
+    `epoch_steps` steps took `epoch_seconds`, `mid_epoch_seconds` at the end of its step
+    `timed_from`, None: its middle step; t_step as `step_seconds` gives it), after
+    `steps_done` steps and `spent_seconds` of training (module docstring); None when the
+    current length is predicted to end inside the band, when the choice stays, or when the run
+    cannot be refitted (an epoch schedule, a fit in whole epochs)."""
     n = fit_so_far.steps_per_epoch
     if config.schedule not in PER_STEP or not n or epoch_steps <= 0:
         return None
@@ -305,7 +317,7 @@ def refit(fit_so_far: Fit, config: RunConfig, steps_done: int, spent_seconds: fl
     cost = None
     if fit_so_far.side_cost is not None:
         cost = resized_epoch_cost(config, n, SideCost(**fit_so_far.side_cost))
-    t_step = step_seconds(epoch_steps, epoch_seconds, 0.0, mid_epoch_seconds)
+    t_step = step_seconds(epoch_steps, epoch_seconds, 0.0, mid_epoch_seconds, timed_from)
     t_step /= cost(epoch, current) if cost else 1.0
     budget, margin = fit_so_far.budget_s, fit_so_far.margin
     left = _later_cost(current, steps_done, n, cost) if cost else current - steps_done
