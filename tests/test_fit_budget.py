@@ -1,7 +1,8 @@
 """`fit_to_budget`: the rule's arithmetic, a fitted run that ends its schedule inside its
 budget on a slowed-down clock while the unfitted one is cut (to the step for a per-step
 schedule, to whole epochs for an epoch schedule), a first epoch that does not depend on the
-fit, the fit kept bit for bit through a resume, and the refusals."""
+fit, the fit kept bit for bit through a resume, the epoch a run moves to another machine in
+timed on that machine, and the refusals."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from qtrain.experiments.speedrun import machines_lines, run_speedrun
 from qtrain.methods.optimizer import QuantizedOptimizer
 from qtrain.train import budget_fit, hardware, parts, rundir, state, trainer, width_fit
 from qtrain.train.budget_fit import MARGIN, Fit, fitted_steps
-from qtrain.train.checkpoint import load_checkpoint
+from qtrain.train.checkpoint import load_checkpoint, save_checkpoint
 from qtrain.train.config import ConfigError, RunConfig, load_toml
 from qtrain.train.records import MEASURED_KEYS
 from qtrain.train.schedules import warmup_cosine_factor, warmup_linear_factor
@@ -467,6 +468,142 @@ def test_a_run_resumed_on_another_machine_keeps_its_fit_and_records_the_move(
     assert f"Trained on {hardware.text(here)}, in float32 (seeds: binary 3)." in table
     assert f"Trained on {hardware.text(here)}, in bf16 (seeds: binary 4)." in table
     assert f"binary seed 3 resumed at step {moved_at} on {hardware.text(elsewhere)}" in table
+
+
+def move_to_a_slower_machine(monkeypatch, clock: FakeClock, step: float = 1.5,
+                             first: float | None = None) -> dict:  # fmt: skip
+    """Make the runs from here on train on another machine (AVX2, 2 threads: `hardware.record`)
+    whose steps take `step` s on `clock`, its process's first one `first` s (kernel choice,
+    caches); returns the machine."""
+    elsewhere = {**hardware.record(torch.device("cpu")), "isa": "AVX2", "native_bf16": False,
+                 "threads": 2}  # fmt: skip
+    monkeypatch.setattr(hardware, "record", lambda device: elsewhere)
+    clock.steps, clock.step = 0, step
+    clock.slow_steps, clock.slow_step = (1, first) if first is not None else (0, 0.0)
+    return elsewhere
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_an_epoch_that_moves_past_its_middle_refits_from_the_new_machines_steps(
+    tmp_path, slow_clock, monkeypatch
+):
+    """Epoch 3 (steps 15-21, middle step 3) trains 5 steps at 0.5 s and moves to a machine
+    3x slower: 1.5 s a step, 2 s its process's first. The refit at the epoch's end times the
+    new machine's steps after m' = 5 + ⌊2/2⌋ = 6: 1.5 s, so from 13 s spent 13 + ⌊6 / 1.5⌋ = 25
+    steps, which end at 19 s. Its window from the middle step would mix the old machine's two
+    steps and the new process's first: (2·0.5 + 2 + 1.5) / 4 = 1.125 s, 26 steps, 20.5 s."""
+    config = speed_config(checkpoint_every_steps=1)
+    clock = slow_clock(0.5)
+    crash_at_step(Trainer(config, tmp_path, log=quiet), 2 * STEPS_PER_EPOCH + 6)  # 5 of 7
+    move_to_a_slower_machine(monkeypatch, clock, 1.5, first=2.0)
+    lines = []
+    records = Trainer(config, tmp_path, log=lines.append).run(resume=True)
+    fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
+    assert fit["refits"] == [{"epoch": 3, "step": 21, "steps": 25, "was": 38,
+                              "spent_seconds": 13.0, "step_seconds": 1.5}]  # fmt: skip
+    assert records[-1]["step"] == 25 and records[-1].get("stopped") is None
+    assert records[-1]["lr"] == 0.0
+    assert sum(r["seconds"] for r in records) == 19.0 <= 20.0 * (1 - MARGIN)
+    assert sum("re-fitted to the time budget after epoch 3: 25 steps (was 38); 1.5 s a step"
+               in line for line in lines) == 1  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_move_with_under_two_steps_left_waits_for_the_next_epoch_to_refit(
+    tmp_path, slow_clock, monkeypatch
+):
+    """Moved for the last step of epoch 2 (budget 30 s: 57 steps fitted), there is no second
+    half to time on the new machine: no refit then, and epoch 3, trained wholly on it at
+    1.5 s a step, refits from 19 s spent to 21 + ⌊9.5 / 1.5⌋ = 27 steps, which end at 28 s.
+    From the middle step, epoch 2's refit would have taken (3·0.5 + 2) / 4 = 0.875 s a step."""
+    config = speed_config(checkpoint_every_steps=1, time_budget_s=30.0)
+    clock = slow_clock(0.5)
+    crash_at_step(Trainer(config, tmp_path, log=quiet), STEPS_PER_EPOCH + 7)  # 6 of 7
+    move_to_a_slower_machine(monkeypatch, clock, 1.5, first=2.0)
+    lines = []
+    records = Trainer(config, tmp_path, log=lines.append).run(resume=True)
+    fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
+    assert fit["steps"] == 57
+    assert fit["refits"] == [{"epoch": 3, "step": 21, "steps": 27, "was": 57,
+                              "spent_seconds": 19.0, "step_seconds": 1.5}]  # fmt: skip
+    assert [line for line in lines if line.startswith("no refit")] == [
+        "no refit to the time budget after epoch 2: it moved to this machine for its last "
+        "step, too few to time; the refit waits for the next epoch, which trains wholly on "
+        "this machine"
+    ]
+    assert records[-1]["step"] == 27 and records[-1].get("stopped") is None
+    assert sum(r["seconds"] for r in records) == 28.0 <= 30.0 * (1 - MARGIN)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_first_epoch_moved_for_its_last_step_is_fitted_from_its_mean_step(
+    tmp_path, slow_clock, monkeypatch
+):
+    """The fit must be made: 6 steps at 0.5 s and one at 2 s, t₁ = 5 s, give 5/7 s a step and
+    7 + ⌊14 / (5/7)⌋ = 26 steps; epoch 2, at 1.5 s a step, refits that to 14 + ⌊3.5 / 1.5⌋ = 16,
+    which end at 18.5 s."""
+    config = speed_config(checkpoint_every_steps=1)
+    clock = slow_clock(0.5)
+    crash_at_step(Trainer(config, tmp_path, log=quiet), 7)  # 6 of 7
+    elsewhere = move_to_a_slower_machine(monkeypatch, clock, 1.5, first=2.0)
+    records = Trainer(config, tmp_path, log=quiet).run(resume=True)
+    fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
+    assert fit["steps"] == 26 and fit["machine"] == elsewhere
+    assert (fit["first_epoch_seconds"], fit["mid_epoch_seconds"], fit["timed_from"]) == (
+        5.0, None, None)  # fmt: skip
+    assert [(r["epoch"], r["steps"], r["step_seconds"]) for r in fit["refits"]] == [(2, 16, 1.5)]
+    assert records[-1]["step"] == 16 and sum(r["seconds"] for r in records) == 18.5
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_second_crash_after_a_move_keeps_the_epochs_window(tmp_path, slow_clock, monkeypatch):
+    """Moved at step 4 of epoch 3 (window from m' = 4 + ⌊3/2⌋ = 5), crashed again after step 6
+    and resumed on the same machine: the window and its t_mid stay (in the checkpoint), and
+    the run ends as the one that crashed once, refitted from 1.5 s a step to 24 steps."""
+    config = speed_config(checkpoint_every_steps=1)
+    clock = slow_clock(0.5)
+    crash_at_step(Trainer(config, tmp_path / "once", log=quiet), 2 * STEPS_PER_EPOCH + 5)
+    with monkeypatch.context() as patched:
+        move_to_a_slower_machine(patched, clock, 1.5)
+        once = Trainer(config, tmp_path / "once", log=quiet).run(resume=True)
+
+    clock.steps, clock.step = 0, 0.5
+    crash_at_step(Trainer(config, tmp_path / "twice", log=quiet), 2 * STEPS_PER_EPOCH + 5)
+    move_to_a_slower_machine(monkeypatch, clock, 1.5)
+    crash_at_step(Trainer(config, tmp_path / "twice", log=quiet), 3, resume=True)
+    saved = load_checkpoint(tmp_path / "twice" / rundir.CHECKPOINT)["training"]
+    twice = Trainer(config, tmp_path / "twice", log=quiet).run(resume=True)
+    summaries = [json.loads((tmp_path / run / rundir.SUMMARY).read_text())
+                 for run in ("once", "twice")]  # fmt: skip
+    assert [(r["steps"], r["step_seconds"]) for r in summaries[1]["fit"]["refits"]] == [(24, 1.5)]
+    assert summaries[0]["fit"] == summaries[1]["fit"]
+    assert [comparable(r) for r in twice] == [comparable(r) for r in once]
+    assert [r["seconds"] for r in twice] == [r["seconds"] for r in once]
+    assert len(summaries[1]["machines"]) == 2 and twice[-1]["step"] == 24
+    # the second crash's checkpoint: the move's batch, and t_mid read after step 5 (3.5 s)
+    assert (saved["epoch"], saved["sums"]["batch"], saved["sums"]["moved_at"]) == (2, 6, 4)
+    assert saved["sums"]["mid_seconds"] == 4 * 0.5 + 1.5
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_checkpoint_from_before_moves_were_timed_resumes_on_another_machine(
+    tmp_path, slow_clock, monkeypatch
+):
+    """A checkpoint without the epoch's `moved_at` and the fit's `timed_from` (written before
+    they were kept) resumes, and its epoch is timed on the new machine: moved at step 5 of
+    epoch 3, from 12.5 s spent at 1.5 s a step to 21 + ⌊6.5 / 1.5⌋ = 25 steps, in 18.5 s."""
+    config = speed_config(checkpoint_every_steps=1)
+    clock = slow_clock(0.5)
+    crash_at_step(Trainer(config, tmp_path, log=quiet), 2 * STEPS_PER_EPOCH + 6)
+    path = tmp_path / rundir.CHECKPOINT
+    record = load_checkpoint(path)
+    del record["training"]["sums"]["moved_at"], record["training"]["fit"]["timed_from"]
+    save_checkpoint(path, record)
+    move_to_a_slower_machine(monkeypatch, clock, 1.5)
+    records = Trainer(config, tmp_path, log=quiet).run(resume=True)
+    fit = json.loads((tmp_path / rundir.SUMMARY).read_text())["fit"]
+    assert [(r["steps"], r["step_seconds"]) for r in fit["refits"]] == [(25, 1.5)]
+    assert records[-1]["step"] == 25 and sum(r["seconds"] for r in records) == 18.5
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")

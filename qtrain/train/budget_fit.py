@@ -64,9 +64,19 @@ is 1 for every E; a per-step schedule's first epoch must lie inside its warm-up 
 where the factor (s+1)/(W+1) does not depend on the run's length (`check_fittable`). The
 choice is kept in the checkpoint (`Fit`, with the machine it was measured on), so a resumed
 run keeps it bit for bit; summary.json and the log name it. A run resumed on another machine
-keeps it too; the epoch it resumes in is timed partly on each machine, so the refit at that
-epoch's end may miss by their difference, and the refits after it follow the new machine's
-speed. Its trail of machines (`qtrain.train.hardware`) says where each part was timed.
+keeps it too, and its trail of machines (`qtrain.train.hardware`) says where each part was
+timed. The epoch it moves in is timed by the same rule over the steps the new machine trains
+in it: resumed at batch b > 0 of the epoch's n steps, t_mid is read when step
+m' = b + ⌊(n − b)/2⌋ ends (m' ≥ ⌊n/2⌋, in the epoch's second half still), and t_step is
+(t_e − t_mid) / (n − m'), t_e the epoch's seconds: the new machine's alone (the checkpoint
+keeps b, the fit m' as `Fit.timed_from`). The old machine's steps would mix its speed into a
+refit that must predict the new one's, so that it missed the budget by their difference (at
+the last refit, the run would be cut with its rate high); the new process's first steps pay
+for its kernel choice and caches, as a run's first steps do. With fewer than 2 steps left
+(n − b < 2) there is no second half to time: that epoch's refit waits for the next epoch's,
+which times the new machine alone, and a first epoch, which must be fitted, takes its mean
+step. A resume on the same machine, a second one inside that epoch included, keeps the
+epoch's window: its start is in the checkpoint.
 """
 
 from __future__ import annotations

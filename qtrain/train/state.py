@@ -36,6 +36,9 @@ class EpochSums:
     seconds: float = 0.0
     batch: int = 0  # next batch index
     mid_seconds: float | None = None  # a fitted run: seconds at its middle step (`budget_fit`)
+    # resumed on another machine at this batch (> 0): the middle step is that of the steps
+    # trained from here on (`budget_fit.mid_step`)
+    moved_at: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

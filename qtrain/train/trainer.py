@@ -442,8 +442,9 @@ class Trainer:
         lines = self._progress_lines if bar is None else None
         steps_before = state.epoch * len(self.train_loader)
         side = self._side(state.epoch)
-        # t_mid, for the fit at the end of the first epoch and the refits after later ones
-        mid = budget_fit.mid_step(length) if c.fit_to_budget else None
+        # t_mid, for the fit at the end of the first epoch and the refits after later ones: at
+        # the middle of the steps this machine trains in the epoch (all, unless it moved here)
+        mid = budget_fit.mid_step(length, sums.moved_at or 0) if c.fit_to_budget else None
         for x, y in batches:
             if sums.batch >= length:
                 break
@@ -503,12 +504,12 @@ class Trainer:
     def _fit_to_budget(self, state: TrainState) -> None:
         """Choose the run's length from the first epoch's seconds (rank 0's, for every rank),
         keep the choice in `state` (so in every checkpoint) and draw the schedule over it."""
-        fit = None
+        fit, sums = None, state.sums
         if self.dist.is_main:
             side_cost = self._measure_side_cost(state) if self.config.resize_min_side else None
-            fit = budget_fit.fit(self.config, len(self.train_loader), state.sums.seconds,
+            fit = budget_fit.fit(self.config, len(self.train_loader), sums.seconds,
                                  self.setup_seconds, self.device, side_cost, self.width_fit,
-                                 state.sums.mid_seconds).to_dict()  # fmt: skip
+                                 sums.mid_seconds, _timed_from(sums)).to_dict()  # fmt: skip
         state.fit = self.dist.broadcast_object(fit)
         chosen = budget_fit.Fit.from_dict(state.fit)
         self._apply_fit(chosen)
@@ -516,8 +517,9 @@ class Trainer:
 
     def _follow_machine(self, state: TrainState, resumed: bool) -> None:
         """Start a new run's trail of machines with this one, or, resumed on a machine unlike
-        the one it last trained on, add this one from the step it resumes at and say so
-        (`hardware.moved`); a run resumed from a checkpoint without a trail (written before
+        the one it last trained on, add this one from the step it resumes at, say so
+        (`hardware.moved`) and, resumed inside an epoch, time that epoch's steps from here on
+        (`budget_fit`); a run resumed from a checkpoint without a trail (written before
         trails were kept) keeps none. Rank 0's machine, for every rank."""
         if resumed and not state.machines:
             return
@@ -528,8 +530,13 @@ class Trainer:
             if trail is not None and len(trail) > 1:
                 self.log(hardware.describe_move(trail))
         trail = self.dist.broadcast_object(trail)
-        if trail is not None:
-            state.machines = trail
+        if trail is None:
+            return
+        state.machines = trail
+        if resumed and state.sums.batch > 0:
+            # the old machine's speed is not this one's: a t_mid it read is dropped, and the
+            # epoch's refit times the second half of the steps trained here
+            state.sums.moved_at, state.sums.mid_seconds = state.sums.batch, None
 
     def _refits_now(self, state: TrainState) -> bool:
         """Whether the run's length is to be fitted again at the end of this later epoch
@@ -545,13 +552,19 @@ class Trainer:
     def _refit_to_budget(self, state: TrainState) -> None:
         """Choose the run's length again from this epoch's seconds (rank 0's, for every rank);
         when it changes, keep the refit in `state.fit` and redraw the rest of the schedule."""
+        sums = state.sums
+        if sums.moved_at is not None and budget_fit.mid_step(sums.batch, sums.moved_at) is None:
+            self.log(f"no refit to the time budget after epoch {state.epoch + 1}: it moved to "
+                     "this machine for its last step, too few to time; the refit waits for the "
+                     "next epoch, which trains wholly on this machine")  # fmt: skip
+            return
         refitted = None
         if self.dist.is_main:
-            spent = sum(m["seconds"] for m in state.metrics) + state.sums.seconds
+            spent = sum(m["seconds"] for m in state.metrics) + sums.seconds
             made = budget_fit.refit(budget_fit.Fit.from_dict(state.fit), self.config,
-                                    self._steps_done(state), spent, state.epoch,
-                                    state.sums.batch, state.sums.seconds,
-                                    state.sums.mid_seconds)  # fmt: skip
+                                    self._steps_done(state), spent, state.epoch, sums.batch,
+                                    sums.seconds, sums.mid_seconds,
+                                    _timed_from(sums))  # fmt: skip
             refitted = made.to_dict() if made is not None else None
         refitted = self.dist.broadcast_object(refitted)
         if refitted is None:
@@ -564,14 +577,13 @@ class Trainer:
     def _measure_side_cost(self, state: TrainState) -> SideCost:
         """What a step costs at the full side against the first epoch's (`side_cost`), on the
         run's first batch; its seconds join the first epoch's, so the budget counts them."""
-        c, per_epoch = self.config, len(self.train_loader)
-        step_seconds = budget_fit.step_seconds(
-            per_epoch, state.sums.seconds, self.setup_seconds, state.sums.mid_seconds
-        )
+        c, per_epoch, sums = self.config, len(self.train_loader), state.sums
+        step_seconds = budget_fit.step_seconds(per_epoch, sums.seconds, self.setup_seconds,
+                                               sums.mid_seconds, _timed_from(sums))  # fmt: skip
         batch = next(iter(self.train_loader.epoch(0)))
         cost = measure_side_cost(self.model, batch, c.resize_min_side, image_size(c),
                                  step_seconds, c.amp, self.device)  # fmt: skip
-        state.sums.seconds += cost.seconds
+        sums.seconds += cost.seconds
         return cost
 
     def _apply_fit(self, fit: budget_fit.Fit) -> None:
@@ -734,6 +746,13 @@ class Trainer:
 
     def _request_stop(self, signum: int) -> None:
         self._stop_signal = signum
+
+
+def _timed_from(sums: EpochSums) -> int | None:
+    """The step at whose end the epoch that `sums` ends read its t_mid, for `budget_fit`: None
+    for its middle step (or no t_mid); after a move, the middle of the steps trained since
+    (`budget_fit.mid_step`)."""
+    return budget_fit.mid_step(sums.batch, sums.moved_at) if sums.moved_at is not None else None
 
 
 def as_saved_run(config: RunConfig, created: Path) -> tuple[dict, RunConfig]:
