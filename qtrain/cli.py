@@ -68,7 +68,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         "--download",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fetch a missing CIFAR archive (default: yes for `qtrain train`)",
+        help="fetch a missing data set (default: yes for `qtrain train`)",
     )
     p.add_argument(
         "--compile",

@@ -108,6 +108,21 @@ def test_an_unusable_text_file_is_one_sentence(tmp_path, content, message):
         data.load("shakespeare-char", tmp_path, block_size=64, text_file=str(path))
 
 
+def test_a_data_folder_with_tinyshakespeare_in_it_serves_as_the_folder_itself(tmp_path):
+    """One --data-dir for every data set: input.txt in its tinyshakespeare folder is found (no
+    download is tried), with the same splits as the folder itself gives; input.txt directly
+    in the folder comes first."""
+    nested = tmp_path / "data" / "tinyshakespeare"
+    nested.mkdir(parents=True)
+    (nested / "input.txt").write_text(random_text(2000, seed=7))
+    from_parent = data.load("shakespeare-char", tmp_path / "data", block_size=8)
+    from_folder = data.load("shakespeare-char", nested, block_size=8)
+    assert torch.equal(from_parent.train, from_folder.train) and len(from_parent.train) == 1800
+    assert from_parent.sha256 == from_folder.sha256
+    (tmp_path / "data" / "input.txt").write_text(random_text(1000, seed=8))
+    assert len(data.load("shakespeare-char", tmp_path / "data", block_size=8).train) == 900
+
+
 def test_download_checks_the_sha256_and_keeps_nothing_bad(tmp_path):
     site = tmp_path / "site"
     site.mkdir()

@@ -25,7 +25,7 @@ from .holdout import sample_images
 from .imagenet import load_imagenet
 from .loader import Batch
 from .synthetic import make_synthetic
-from .text import load_shakespeare
+from .text import SHAKESPEARE_FOLDER, load_shakespeare
 
 DATA_ENV = "QTRAIN_DATA"
 
@@ -163,7 +163,7 @@ for _info in (
                 "tokens, 65 symbols (or any UTF-8 text_file; model hf may read it with its "
                 "tokenizer)", 1, None, 65, load_shakespeare,
                 ("block_size", "text_file", "tokenizer", "max_vocab", "url", "sha256"),
-                folder="tinyshakespeare",
+                folder=SHAKESPEARE_FOLDER,
                 modality="text", examples=(1_003_854, 111_540)),
 ):  # fmt: skip
     register_dataset(_info)

@@ -41,6 +41,8 @@ SHAKESPEARE_URL = (
 )
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SHAKESPEARE_FILE = "input.txt"
+# the subfolder of a data folder that holds input.txt (as the default data folder does)
+SHAKESPEARE_FOLDER = "tinyshakespeare"
 TRAIN_FRACTION = 0.9
 # Fixed seed of the validation windows: the same windows for every run (see the module doc).
 EVAL_SEED = int.from_bytes(hashlib.blake2b(b"qtrain/text-eval", digest_size=8).digest(), "little")
@@ -77,7 +79,9 @@ def read_text(path: str | Path) -> str:
 
 def shakespeare_path(root: Path, download: bool, url: str = SHAKESPEARE_URL,
                      sha256: str = SHAKESPEARE_SHA256) -> Path:  # fmt: skip
-    """input.txt of tiny Shakespeare: `root` itself (a file), `root`/input.txt, else downloaded.
+    """input.txt of tiny Shakespeare: `root` itself (a file), `root`/input.txt,
+    `root`/tinyshakespeare/input.txt (one data folder for every data set, as CIFAR's
+    cifar-10-batches-py lies in it), else downloaded into `root`.
 
     A download goes to a temporary file beside the target, is checked against `sha256`, and
     is renamed into place only when it matches (else deleted).
@@ -85,8 +89,9 @@ def shakespeare_path(root: Path, download: bool, url: str = SHAKESPEARE_URL,
     if root.is_file():
         return root
     target = root / SHAKESPEARE_FILE
-    if target.is_file():
-        return target
+    for found in (target, root / SHAKESPEARE_FOLDER / SHAKESPEARE_FILE):
+        if found.is_file():
+            return found
     if not download:
         raise DatasetNotFoundError(
             f"tiny Shakespeare not found: {target} does not exist; put input.txt there, pass "
