@@ -62,6 +62,8 @@ def run_label(run: Path, config: dict) -> tuple[str, str]:
 
 
 LABEL = ("row", "method")  # the entries of label.json
+# Above the table: what its cells are (a speedrun's own table counts accuracy, this one error)
+CAPTION = "Test error %, each run's last record (mean ± std over seeds):\n\n"
 # What the report reads of every metrics record: an integer epoch, numbers for the errors and
 # seconds; test_error is null in the records of a run with a validation split before its end.
 RECORD_KEYS = {"epoch": "an integer", "train_error": "a number", "test_error": "a number or "
@@ -161,7 +163,7 @@ def write_report(loaded: list[dict], out: Path, log=print) -> dict:
         for r in runs
     ]
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results, list(METHOD_ORDER))
+    table = CAPTION + markdown_table(results, list(METHOD_ORDER))
     sizes = model_sizes(runs)
     if sizes:
         table += "\nModel size (quantized weights packed at their code width):\n\n"
