@@ -5,6 +5,8 @@ blended weights, their λ, a run resumed and one cut on the ramp."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_fit_budget import (  # noqa: F401  (slow_clock is a fixture)
@@ -24,7 +26,7 @@ from qtrain.methods import create
 from qtrain.train import rundir
 from qtrain.train.checkpoint import load_checkpoint
 from qtrain.train.config import inapplicable
-from qtrain.train.float_first import float_steps, grid_weight, ramp_steps
+from qtrain.train.float_first import float_steps, grid_weight, phases, ramp_steps
 from qtrain.train.trainer import Trainer
 
 
@@ -131,6 +133,55 @@ def test_a_fitted_run_switches_at_the_fraction_of_its_first_fit(tmp_path, slow_c
     assert run.float_steps == 35  # as planned, before the fit
     run.run()
     assert run.total_steps == 38 and run.float_steps == 19
+
+
+def test_a_refit_before_the_switch_moves_it_with_the_run_and_one_after_it_does_not():
+    # planned 100 steps, first fit 80, f = 0.3, r = 0.1: F = 24, R = 8
+    assert phases(0.3, 0.1, 100, 80) == (24, 8)
+    assert phases(0.3, 0.1, 100, 80, [(14, 50)]) == (15, 5)  # in float: F and R follow
+    assert phases(0.3, 0.1, 100, 80, [(14, 40)]) == (14, 4)  # round(12) is past: F at once
+    assert phases(0.3, 0.1, 100, 80, [(14, 120)]) == (30, 10)  # longer, within the plan
+    assert phases(0.3, 0.1, 100, 80, [(28, 30)]) == (24, 5)  # on the ramp: it ends at step 29
+    assert phases(0.3, 0.1, 100, 80, [(28, 90)]) == (24, 8)  # ... and never lengthens
+    assert phases(0.3, 0.1, 100, 80, [(40, 45)]) == (24, 8)  # on the grid: nothing moves
+    assert phases(0.3, 0.1, 100, 80, [(14, 14)]) == (24, 8)  # no step left: the run is cut
+    assert phases(0.3, 0.0, 100, 80, [(10, 60), (17, 40)]) == (17, 0)  # in order: 18, then 17
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_run_that_slows_in_its_float_phase_keeps_its_share_of_quantized_steps(
+    tmp_path,
+    slow_clock,  # noqa: F811
+):
+    """From step 8 a step takes 0.75 s instead of 0.5: the refit after epoch 2 (8.75 s spent)
+    cuts the first fit's 38 steps to 14 + ⌊10.25 / 0.75⌋ = 27. With F = round(0.7 · 38) = 27
+    kept from the first fit, the whole run would train in float and end with its weights
+    rounded untrained; F follows the refit to round(0.7 · 27) = 19. A run crashed with
+    exactly 19 steps done resumes at the new switch as the uninterrupted one."""
+    config = speed_config(float_fraction=0.7, checkpoint_every_steps=1)
+    clock = slow_clock(0.5)
+    clock.drift_from, clock.drift_step = 8, 0.75
+    lines = []
+    run = Trainer(config, tmp_path / "ref", log=lambda *a, **k: lines.append(str(a[0])))
+    reference = run.run()
+    fit = json.loads((tmp_path / "ref" / rundir.SUMMARY).read_text())["fit"]
+    assert (fit["steps"], [(r["step"], r["steps"]) for r in fit["refits"]]) == (38, [(14, 27)])
+    assert (run.total_steps, run.float_steps) == (27, 19)
+    assert any(line.startswith("step 19: the float phase ends") for line in lines)
+    assert not any("stops in its float phase" in line for line in lines)
+    assert reference[-1]["step"] == 27 and reference[-1]["lr"] == 0.0
+    assert sum(r["seconds"] for r in reference) == 3.5 + 20 * 0.75 == 18.5
+    assert all(on_binary_grid(p.detach()) for p in run.optimizer.quantized)
+
+    clock.steps = 0
+    crash_at_step(Trainer(config, tmp_path / "crash", log=quiet), 20)
+    saved = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)["training"]
+    assert saved["epoch"] * STEPS_PER_EPOCH + saved["sums"]["batch"] == 19
+    resumed = Trainer(config, tmp_path / "crash", log=quiet).run(resume=True)
+    assert [comparable(r) for r in resumed] == [comparable(r) for r in reference]
+    ref_state = load_checkpoint(tmp_path / "ref" / rundir.CHECKPOINT)["model_state"]
+    new_state = load_checkpoint(tmp_path / "crash" / rundir.CHECKPOINT)["model_state"]
+    assert all(torch.equal(ref_state[k], new_state[k]) for k in ref_state)
 
 
 def test_the_switch_leaves_at_least_one_quantized_step():

@@ -25,13 +25,25 @@ is the "λ warm-up" with which float language models are fine-tuned to ternary w
 a float model's weights (`init_from`, F = 0). The last step is always on the grid (R ≤ S − 1 − F).
 
 S is the run's length as planned from its config, or, with `fit_to_budget`, as the first fit
-chose it when that is shorter (a fit never lengthens the recipe). Refits do not move F. So F
-never moves past a step already taken in the quantized phase, and it is a function of the
-config and the recorded fit alone: a resumed run switches at the very step an uninterrupted
-one does, and restarts the moments there even when it resumed exactly at F; R is fixed
-with F, from the same S. A run cut by its time budget before step F + R rounds its weights onto
-the grid before its last record (`QuantizedOptimizer.round_float_weights`), so that what it
-reports and keeps is quantized.
+chose it when that is shorter (a fit never lengthens the recipe). A refit (`refit_to_budget`)
+at step a to the length S' moves the switch with the run while the run has not reached it:
+
+    a < F:          F' = max(a, round(f · min(S', planned))),  R' = round(r · min(S', planned))
+    F ≤ a < F + R:  F' = F,  R' = min(R, S' − 1 − F)  (when a step is left, S' > a)
+    a ≥ F + R:      nothing moves
+
+(F' and R' capped as above, so the last step is on the grid; a refit that leaves no step moves
+nothing, and the run is cut there). So the run keeps its share f of float steps when its
+machine slows down or speeds up in the float phase (or ends the phase at once, f·S' < a): with
+F fixed at the first fit, a run that slowed 3x early trained most of its shortened length in
+float, and one refitted to fewer steps than F ended in its float phase, its weights rounded
+onto the grid untrained (a speedrun moved to a slower CPU in its second epoch ended at 18%
+accuracy that way). F never moves to a step already taken, on the ramp λ only grows, and both
+are a function of the config and the recorded fit with its refits alone: a resumed run switches
+at the very step an uninterrupted one does, and restarts the moments there even when it resumed
+exactly at F. A run cut by its time budget before step F + R rounds its weights onto the grid
+before its last record (`QuantizedOptimizer.round_float_weights`), so that what it reports and
+keeps is quantized.
 """
 
 from __future__ import annotations
@@ -68,6 +80,22 @@ def ramp_steps(ramp: float, f: int, planned_steps: int, first_fit_steps: int | N
     step writes weights on the grid."""
     length = _length(planned_steps, first_fit_steps)
     return max(0, min(round(ramp * length), length - 1 - f))
+
+
+def phases(fraction: float, ramp: float, planned_steps: int, first_fit_steps: int | None = None,
+           redraws: tuple[tuple[int, int], ...] | list = ()) -> tuple[int, int]:  # fmt: skip
+    """(F, R) of a run (module doc): from S, the planned length or the first fit's when
+    shorter, then moved by each refit (a, S') of `redraws`, in order, as the module doc says."""
+    f = float_steps(fraction, planned_steps, first_fit_steps)
+    r = ramp_steps(ramp, f, planned_steps, first_fit_steps)
+    for at, steps in redraws:
+        length = min(planned_steps, steps)
+        if at < f and steps > at:  # in float: the switch follows the length, never into the past
+            f = max(at, float_steps(fraction, length))
+            r = ramp_steps(ramp, f, length)
+        elif at < f + r and steps > at:  # on the ramp: it ends by the last step (λ only grows)
+            r = min(r, length - 1 - f)
+    return f, r
 
 
 def grid_weight(step: int, f: int, r: int) -> float:

@@ -84,7 +84,7 @@ from qtrain.train.distributed import DistributedContext
 from qtrain.train.divergence import DivergenceWatch
 from qtrain.train.ema import WeightEMA, horizon_decay
 from qtrain.train.evaluation import evaluate
-from qtrain.train.float_first import float_steps, grid_weight, ramp_steps
+from qtrain.train.float_first import float_steps, grid_weight, phases, ramp_steps
 from qtrain.train.losses import training_loss
 from qtrain.train.parts import (
     load_splits,
@@ -591,9 +591,9 @@ class Trainer:
         per_epoch = len(self.train_loader)
         self.total_steps = fit.total_steps(per_epoch)
         planned, _ = run_length(self.config, per_epoch)
-        first = fit.first_steps(per_epoch)
-        self.float_steps = float_steps(self.config.float_fraction, planned, first)
-        self.ramp_steps = ramp_steps(self.config.quant_ramp, self.float_steps, planned, first)
+        c, first = self.config, fit.first_steps(per_epoch)
+        self.float_steps, self.ramp_steps = phases(c.float_fraction, c.quant_ramp, planned,
+                                                   first, fit.redraws())  # fmt: skip
         self.epochs = math.ceil(self.total_steps / per_epoch)
         redraw_run_schedule(self.config, self.scheduler, self.epochs,
                             fit.first_steps(per_epoch), fit.redraws())  # fmt: skip
