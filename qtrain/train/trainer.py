@@ -595,8 +595,7 @@ class Trainer:
         self.float_steps, self.ramp_steps = phases(c.float_fraction, c.quant_ramp, planned,
                                                    first, fit.redraws())  # fmt: skip
         self.epochs = math.ceil(self.total_steps / per_epoch)
-        redraw_run_schedule(self.config, self.scheduler, self.epochs,
-                            fit.first_steps(per_epoch), fit.redraws())  # fmt: skip
+        redraw_run_schedule(c, self.scheduler, self.epochs, first, fit.redraws())
         if self.ema is not None:
             self.ema.decay = self._ema_decay(self.total_steps)
         if self._progress_lines is not None:
