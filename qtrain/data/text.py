@@ -94,8 +94,9 @@ def shakespeare_path(root: Path, download: bool, url: str = SHAKESPEARE_URL,
             return found
     if not download:
         raise DatasetNotFoundError(
-            f"tiny Shakespeare not found: {target} does not exist; put input.txt there, pass "
-            "its folder as {data_dir}, or fetch it with {download}",
+            f"tiny Shakespeare not found: {target} does not exist; put input.txt there (or in "
+            f"its {SHAKESPEARE_FOLDER} folder), pass its folder as {{data_dir}}, or fetch it "
+            "with {download}",
             data_dir="data_dir",
             download="download=True",
         )
