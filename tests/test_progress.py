@@ -42,6 +42,22 @@ def test_the_time_left_never_exceeds_the_time_budget_and_a_resume_counts_from_it
     assert lines[0] == "progress: step 510/1000 (51%)  768 tokens/s  about 30 s left"
 
 
+def test_the_rate_counts_training_time_not_an_evaluation_between_two_lines():
+    """A 20-s evaluation after step 40 lengthens the wall time between two lines (31 s for 11
+    steps), not the training's rate; the time left, from wall time (61 s for 41 steps),
+    includes it, as evaluations recur."""
+    clock, lines = FakeClock(), []
+    report = ProgressLines(lines.append, total_steps=100, unit="images", clock=clock)
+    trained = 0.0
+    for step in range(1, 66):
+        clock.now += 1.0
+        trained += 1.0
+        report.step(step, 32, trained_s=trained)
+        if step == 40:
+            clock.now += 20.0  # evaluating
+    assert lines[1] == "progress: step 41/100 (41%)  32 images/s  about 1 min 28 s left"
+
+
 def test_durations_read_as_a_person_would_say_them():
     assert [format_duration(s) for s in (4.4, 61, 3599, 7500)] == [
         "4 s", "1 min 1 s", "59 min 59 s", "2 h 05 min"]  # fmt: skip

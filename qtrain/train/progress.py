@@ -47,17 +47,20 @@ class ProgressLines:
         self.started = self.last = clock()
         self.first_step: int | None = None
         self.samples_since = 0
+        self.trained_last: float | None = None  # training seconds at the last line
 
     def step(self, step: int, samples: int, trained_s: float) -> None:
         """After optimizer step `step` (1-based, of the run) that saw `samples` samples;
         `trained_s` is the run's training time so far (for the time budget)."""
+        now = self.clock()
         if self.first_step is None:
             self.first_step = step - 1  # a resumed run starts mid-way
+            self.trained_last = trained_s - (now - self.last)
         self.samples_since += samples
-        now = self.clock()
         if now - self.last < self.interval_s:
             return
-        rate = self.samples_since / max(now - self.last, 1e-9)
+        # the rate of training: an evaluation between two lines is not training time
+        rate = self.samples_since / max(trained_s - self.trained_last, 1e-9)
         per_step = (now - self.started) / max(step - self.first_step, 1)
         left = (self.total_steps - step) * per_step
         if self.budget_s is not None:
@@ -67,4 +70,4 @@ class ProgressLines:
             f"progress: step {step}/{self.total_steps} ({share:.0f}%)  {rate:,.0f} "
             f"{self.unit}/s  about {format_duration(left)} left"
         )
-        self.last, self.samples_since = now, 0
+        self.last, self.samples_since, self.trained_last = now, 0, trained_s
