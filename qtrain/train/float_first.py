@@ -35,15 +35,16 @@ at step a to the length S' moves the switch with the run while the run has not r
 (F' and R' capped as above, so the last step is on the grid; a refit that leaves no step moves
 nothing, and the run is cut there). So the run keeps its share f of float steps when its
 machine slows down or speeds up in the float phase (or ends the phase at once, f·S' < a): with
-F fixed at the first fit, a run that slowed 3x early trained most of its shortened length in
-float, and one refitted to fewer steps than F ended in its float phase, its weights rounded
-onto the grid untrained (a speedrun moved to a slower CPU in its second epoch ended at 18%
-accuracy that way). F never moves to a step already taken, on the ramp λ only grows, and both
-are a function of the config and the recorded fit with its refits alone: a resumed run switches
-at the very step an uninterrupted one does, and restarts the moments there even when it resumed
-exactly at F. A run cut by its time budget before step F + R rounds its weights onto the grid
-before its last record (`QuantizedOptimizer.round_float_weights`), so that what it reports and
-keeps is quantized.
+F fixed at the first fit, a run whose steps slow 3x after a tenth of them, refitted to S' =
+0.1·S + 0.9·S/3 = 0.4·S, would train 75% of that in float (F = 0.3·S), and one refitted to
+fewer steps than F ends in its float phase, its weights rounded onto the grid untrained (a
+speedrun moved to a slower CPU in its second epoch ended at 18% accuracy that way). F never
+moves to a step already taken, on the ramp λ only grows, and both are a function of the config
+and the recorded fit with its refits alone: a resumed run switches at the very step an
+uninterrupted one does, and restarts the moments there even when it resumed exactly at F. A run
+cut by its time budget before step F + R rounds its weights onto the grid before its last
+record (`QuantizedOptimizer.round_float_weights`), so that what it reports and keeps is
+quantized.
 """
 
 from __future__ import annotations
